@@ -1,0 +1,5 @@
+import sys
+
+from cloudnbd.cli import main
+
+sys.exit(main())

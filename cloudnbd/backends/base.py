@@ -1,0 +1,137 @@
+"""The object-store interface every backend implements, and the retry policy they share.
+
+A store is rooted at one location (a directory, or a bucket plus prefix); keys are
+relative to that root and use '/' as separator. Backends are thin translations of this
+interface; compression and encryption live in cloudnbd.codec, never here.
+
+Promises every backend keeps:
+- put() is atomic: a reader sees the old object, the new one, or none, never a mix.
+- put() returning means the object is durable in the store (the PUT was acknowledged).
+- put_if_absent() either creates the object or raises PreconditionFailed; it never
+  overwrites.
+- delete() of a missing key is not an error.
+- Errors come out as cloudnbd.errors.BackendError (or its subclasses) with a message
+  naming the store; transient failures are retried first by `retrying`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from cloudnbd.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing or stat tells about one object."""
+
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Jittered exponential backoff with an overall deadline.
+
+    deadline is in seconds from the first attempt; once it passes, the last transient
+    error is raised as a BackendError.
+    """
+
+    deadline: float = 30.0
+    initial_delay: float = 0.05
+    max_delay: float = 5.0
+
+
+class ObjectStore(ABC):
+    """A flat namespace of immutable-per-write objects under one root."""
+
+    #: human-readable location, used in every error message (never holds secrets)
+    description: str = "?"
+
+    def __init__(self, retry: RetryPolicy | None = None) -> None:
+        self.retry_policy = retry or RetryPolicy()
+        #: how many retries were taken, for metrics and tests
+        self.retries = 0
+
+    # -- the interface ---------------------------------------------------------------
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the object's bytes; ObjectNotFound if it does not exist."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Store data under key, replacing any previous object, atomically and durably."""
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> None:
+        """Create key only if it does not exist; PreconditionFailed otherwise."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove key; a missing key is fine."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Yield every object whose key starts with prefix, in key order."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size of key, or None if it does not exist."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Verify the bucket (or directory) exists and is reachable; BackendError if not."""
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove many keys; backends with batch deletes override this."""
+        for key in keys:
+            self.delete(key)
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
+        """Release connections."""
+
+    # -- retry --------------------------------------------------------------------------
+    def is_temp_failure(self, exc: BaseException) -> bool:
+        """True if exc is worth retrying (throttling, 5xx, reset connection)."""
+        return False
+
+    def retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """Run fn, retrying transient failures with jittered exponential backoff."""
+        policy = self.retry_policy
+        start = time.monotonic()
+        delay = policy.initial_delay
+        while True:
+            try:
+                return fn()
+            except BackendError:
+                raise
+            except Exception as exc:
+                if not self.is_temp_failure(exc):
+                    raise
+                elapsed = time.monotonic() - start
+                if elapsed + delay > policy.deadline:
+                    raise BackendError(
+                        f"{self.description}: {what} failed after {elapsed:.1f}s of retries: "
+                        f"{short_reason(exc)}"
+                    ) from exc
+                self.retries += 1
+                log.debug("%s: %s failed (%s); retrying in %.2fs", self.description, what,
+                          short_reason(exc), delay)
+                time.sleep(random.uniform(0, delay) + delay / 2)
+                delay = min(delay * 2, policy.max_delay)
+
+
+def short_reason(exc: BaseException) -> str:
+    """One line describing exc, for error messages."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -1,0 +1,141 @@
+"""A local directory playing the bucket: for trying cloudnbd without an account, and tests.
+
+Keys map to files under the root directory ('/' in a key becomes a subdirectory). Writes go
+to a temporary file that is fsync'd and renamed over the target, and the directory is
+fsync'd, so put() is atomic and durable like a cloud PUT.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from cloudnbd.backends.base import ObjectInfo, ObjectStore, RetryPolicy
+from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
+
+_TMP_SUFFIX = ".cloudnbd-tmp"
+
+
+class FileStore(ObjectStore):
+    """Objects as files under a directory."""
+
+    def __init__(self, root: str | os.PathLike[str], retry: RetryPolicy | None = None) -> None:
+        super().__init__(retry)
+        self.root = Path(root)
+        self.description = f"file {self.root}"
+
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+            raise BackendError(f"{self.description}: invalid object key {key!r}")
+        return self.root / key
+
+    def _fail(self, what: str, exc: OSError) -> BackendError:
+        return BackendError(f"{self.description}: {what}: {exc.strerror or exc}")
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.description}: no object {key}") from None
+        except OSError as exc:
+            raise self._fail(f"reading {key}", exc) from exc
+
+    def _write_tmp(self, path: Path, data: bytes) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
+    def _sync_dir(self, path: Path) -> None:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            tmp = self._write_tmp(path, data)
+            os.replace(tmp, path)
+            self._sync_dir(path)
+        except OSError as exc:
+            raise self._fail(f"writing {key}", exc) from exc
+
+    def put_if_absent(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            tmp = self._write_tmp(path, data)
+            try:
+                # link() fails if the target exists, which makes create-if-absent atomic
+                os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
+            self._sync_dir(path)
+        except FileExistsError:
+            raise PreconditionFailed(f"{self.description}: {key} already exists") from None
+        except OSError as exc:
+            raise self._fail(f"creating {key}", exc) from exc
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._fail(f"deleting {key}", exc) from exc
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.is_dir():
+            return
+        found: list[ObjectInfo] = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for name in filenames:
+                if name.endswith(_TMP_SUFFIX):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
+                if key.startswith(prefix):
+                    try:
+                        size = os.stat(os.path.join(dirpath, name)).st_size
+                    except FileNotFoundError:
+                        continue
+                    found.append(ObjectInfo(key, size))
+        yield from sorted(found, key=lambda info: info.key)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            return ObjectInfo(key, self._path(key).stat().st_size)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._fail(f"stat {key}", exc) from exc
+
+    def check(self) -> None:
+        # The "bucket" is the nearest existing ancestor: like a bucket, it must exist;
+        # the volume's own directory is created on first write.
+        parent = self.root
+        while not parent.exists():
+            if parent.parent == parent:
+                break
+            parent = parent.parent
+        if not parent.is_dir():
+            raise BackendError(f"{self.description}: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise BackendError(f"{self.description}: permission denied on {parent}")
+
+
+def _is_enospc(exc: OSError) -> bool:
+    return exc.errno == errno.ENOSPC

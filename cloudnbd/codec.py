@@ -1,0 +1,215 @@
+"""Chunk encoding and key wrapping: pure functions of bytes and keys.
+
+Everything cloudnbd stores in the cloud, except the clear-text parts of the metadata
+object, passes through here. docs/format.md specifies the same thing byte for byte; the
+known-answer tests in tests/test_codec.py hold the two together.
+
+Promises:
+- decode_chunk() returns exactly the bytes encode_chunk() was given for the same volume and
+  chunk index, or raises IntegrityError. A flipped bit, a truncated object, an object moved
+  to another index or copied from another volume never decodes.
+- Every encryption uses a fresh 256-bit random salt from which the AES key and nonce are
+  derived, so a (key, nonce) pair repeats only if two salts collide: with 2^64 uploads the
+  chance is about 2^-129, far beyond the 2^32 limit of random 96-bit GCM nonces under a
+  single key.
+- Compressed data is never larger than the plain data plus the fixed overhead: a chunk zstd
+  cannot shrink is stored plain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass, field
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from cloudnbd.errors import IntegrityError, WrongPassword
+
+MASTER_KEY_BYTES = 32
+VOLUME_ID_BYTES = 16
+SALT_BYTES = 32
+TAG_BYTES = 16
+
+CHUNK_MAGIC = b"CNBc"
+CHUNK_VERSION = 1
+FLAG_ZSTD = 0x01
+_KNOWN_FLAGS = FLAG_ZSTD
+
+#: magic, version, flags, reserved (must be 0), salt
+CHUNK_HEADER = struct.Struct(">4sBBH32s")
+CHUNK_OVERHEAD = CHUNK_HEADER.size + TAG_BYTES
+
+_CHUNK_INFO = b"cloudnbd chunk v1"
+_META_INFO = b"cloudnbd metadata v1"
+_SLOT_AAD = b"cloudnbd slot v1"
+_INDEX = struct.Struct(">Q")
+
+DEFAULT_ZSTD_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class VolumeKeys:
+    """The secrets of one unlocked volume. Never logged: repr hides the key."""
+
+    volume_id: bytes
+    master_key: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.volume_id) != VOLUME_ID_BYTES or len(self.master_key) != MASTER_KEY_BYTES:
+            raise ValueError("volume id must be 16 bytes and master key 32 bytes")
+
+    @property
+    def metadata_key(self) -> bytes:
+        """HMAC key that authenticates the metadata object."""
+        return _hkdf(self.master_key, None, _META_INFO + self.volume_id, 32)
+
+
+def _hkdf(key: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
+
+
+def _chunk_cipher(keys: VolumeKeys, index: int, salt: bytes) -> tuple[AESGCM, bytes, bytes]:
+    """Per-object AES key and nonce, and the associated data binding volume and index."""
+    okm = _hkdf(keys.master_key, salt, _CHUNK_INFO + keys.volume_id + _INDEX.pack(index), 44)
+    return AESGCM(okm[:32]), okm[32:], keys.volume_id + _INDEX.pack(index)
+
+
+_compressor_cache: dict[int, zstandard.ZstdCompressor] = {}
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    comp = _compressor_cache.get(level)
+    if comp is None:
+        comp = _compressor_cache[level] = zstandard.ZstdCompressor(level=level)
+    return comp
+
+
+def encode_chunk(keys: VolumeKeys, index: int, plain: bytes | memoryview,
+                 level: int = DEFAULT_ZSTD_LEVEL, salt: bytes | None = None) -> bytes:
+    """Compress (when it helps) and encrypt one chunk for storage as its object.
+
+    salt is only for known-answer tests; production callers leave it random.
+    """
+    compressed = _compressor(level).compress(plain)
+    if len(compressed) < len(plain):
+        flags, body = FLAG_ZSTD, compressed
+    else:
+        flags, body = 0, plain
+    salt = os.urandom(SALT_BYTES) if salt is None else salt
+    header = CHUNK_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, flags, 0, salt)
+    aead, nonce, binding = _chunk_cipher(keys, index, salt)
+    return header + aead.encrypt(nonce, bytes(body), header + binding)
+
+
+def decode_chunk(keys: VolumeKeys, index: int, blob: bytes, chunk_size: int) -> bytes:
+    """Authenticate, decrypt and decompress one chunk object; IntegrityError if it is bad."""
+    if len(blob) < CHUNK_OVERHEAD:
+        raise IntegrityError(f"chunk {index}: object truncated ({len(blob)} bytes)")
+    magic, version, flags, reserved, salt = CHUNK_HEADER.unpack_from(blob)
+    if magic != CHUNK_MAGIC:
+        raise IntegrityError(f"chunk {index}: not a cloudnbd chunk object")
+    if version != CHUNK_VERSION or flags & ~_KNOWN_FLAGS or reserved:
+        raise IntegrityError(f"chunk {index}: unknown chunk version {version} or flags {flags}")
+    header = blob[: CHUNK_HEADER.size]
+    aead, nonce, binding = _chunk_cipher(keys, index, salt)
+    try:
+        body = aead.decrypt(nonce, blob[CHUNK_HEADER.size:], header + binding)
+    except InvalidTag:
+        raise IntegrityError(
+            f"chunk {index}: authentication failed (corrupted, truncated, moved or foreign)"
+        ) from None
+    if flags & FLAG_ZSTD:
+        try:
+            plain = zstandard.ZstdDecompressor().decompress(body, max_output_size=chunk_size)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"chunk {index}: bad compressed data: {exc}") from None
+    else:
+        plain = body
+    if len(plain) != chunk_size:
+        raise IntegrityError(f"chunk {index}: holds {len(plain)} bytes, expected {chunk_size}")
+    return plain
+
+
+_zero_buffers: dict[int, bytes] = {}
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """True if every byte of data is zero (a memcmp against a cached zero buffer)."""
+    zeros = _zero_buffers.get(len(data))
+    if zeros is None:
+        zeros = bytes(len(data))
+        if len(data) <= 64 * 2**20:
+            _zero_buffers[len(data)] = zeros
+    return data == zeros if not isinstance(data, memoryview) else bytes(data) == zeros
+
+
+# -- key slots ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScryptParams:
+    """Memory-hard KDF parameters stored in each key slot (memory use is 128 * n * r bytes)."""
+
+    n: int = 2**17
+    r: int = 8
+    p: int = 1
+
+    def derive(self, password: str, salt: bytes) -> bytes:
+        return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=self.n, r=self.r,
+                              p=self.p, maxmem=129 * self.n * self.r * self.p + 2**20,
+                              dklen=32)
+
+
+@dataclass(frozen=True)
+class KeySlot:
+    """The master key, wrapped under a key derived from one password."""
+
+    slot: int
+    kdf: ScryptParams
+    salt: bytes
+    nonce: bytes
+    wrapped_key: bytes
+
+    def binding(self, volume_id: bytes) -> bytes:
+        """Associated data: ties the slot to its volume and its own KDF parameters."""
+        params = struct.pack(">IIII", self.slot, self.kdf.n, self.kdf.r, self.kdf.p)
+        return _SLOT_AAD + volume_id + params + self.salt
+
+
+def wrap_master_key(slot: int, password: str, master_key: bytes, volume_id: bytes,
+                    kdf: ScryptParams) -> KeySlot:
+    """Make a key slot that password opens."""
+    salt, nonce = os.urandom(16), os.urandom(12)
+    draft = KeySlot(slot, kdf, salt, nonce, b"")
+    wrapping_key = kdf.derive(password, salt)
+    wrapped = AESGCM(wrapping_key).encrypt(nonce, master_key, draft.binding(volume_id))
+    return KeySlot(slot, kdf, salt, nonce, wrapped)
+
+
+def unwrap_master_key(slot: KeySlot, password: str, volume_id: bytes) -> bytes:
+    """The master key from slot, or WrongPassword."""
+    wrapping_key = slot.kdf.derive(password, slot.salt)
+    try:
+        key = AESGCM(wrapping_key).decrypt(slot.nonce, slot.wrapped_key,
+                                           slot.binding(volume_id))
+    except InvalidTag:
+        raise WrongPassword("wrong password") from None
+    if len(key) != MASTER_KEY_BYTES:
+        raise IntegrityError("key slot holds a key of the wrong length")
+    return key
+
+
+def metadata_mac(keys: VolumeKeys, canonical: bytes) -> str:
+    """Hex HMAC-SHA256 of the canonical metadata bytes."""
+    return hmac.new(keys.metadata_key, canonical, hashlib.sha256).hexdigest()
+
+
+def verify_metadata_mac(keys: VolumeKeys, canonical: bytes, mac: str) -> None:
+    if not hmac.compare_digest(metadata_mac(keys, canonical), mac):
+        raise IntegrityError("volume metadata failed authentication: it was modified")

@@ -1,0 +1,69 @@
+"""The one exception hierarchy of cloudnbd.
+
+Every error a user can cause or meet carries a message written for that user; the CLI
+prints it as a single line and exits with the class's exit code. Internal bugs are not
+CloudnbdError and surface as tracebacks (with --debug) so they are never mistaken for
+ordinary failures.
+"""
+
+from __future__ import annotations
+
+
+class CloudnbdError(Exception):
+    """An error with a message meant for the user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(CloudnbdError):
+    """Bad command-line input: malformed size, unknown backend, missing argument."""
+
+    exit_code = 2
+
+
+class BackendError(CloudnbdError):
+    """The object store failed: unreachable, permission denied, missing bucket."""
+
+    exit_code = 3
+
+
+class ObjectNotFound(BackendError):
+    """A requested object does not exist."""
+
+
+class PreconditionFailed(BackendError):
+    """A conditional write lost: the object already exists or changed."""
+
+
+class VolumeNotFound(CloudnbdError):
+    """No volume at the given location."""
+
+    exit_code = 4
+
+
+class VolumeExists(CloudnbdError):
+    """init refused because a volume is already there."""
+
+    exit_code = 5
+
+
+class WrongPassword(CloudnbdError):
+    """No key slot opens with the given password."""
+
+    exit_code = 6
+
+
+class IntegrityError(CloudnbdError):
+    """Authenticated data failed verification: corruption, tampering or a foreign object."""
+
+    exit_code = 7
+
+
+class UnsupportedFormat(CloudnbdError):
+    """The volume was written by a newer cloudnbd (or is not a cloudnbd volume)."""
+
+    exit_code = 8

