@@ -1,0 +1,1 @@
+"""The write-back engine: local journal and cache, uploader and fetcher processes."""

@@ -1,0 +1,260 @@
+"""The local write-ahead journal: every acknowledged write, until the cloud has it.
+
+Every WRITE, TRIM and WRITE_ZEROES is appended to the journal before it is acknowledged;
+the journal is the only place new data enters the local state (clean cache files are only
+ever copies of cloud objects). The journal is a sequence of segment files
+`journal/<segment number, 16 hex>.log`, each a sequence of records:
+
+    offset size field
+    0      4    magic b"CNBJ"
+    4      1    kind: 1 = WRITE (data follows), 2 = ZERO (no data)
+    5      3    reserved, zero
+    8      8    seq: strictly increasing over the journal's life
+    16     8    volume offset
+    24     4    length in bytes
+    28     4    CRC-32 (zlib) of bytes 0..27 and the data
+    32     n    data (WRITE only; n = length)
+
+Invariants (relied on by the engine and by recovery):
+- J1 A record is acknowledged only after it is fully written to its segment (page cache);
+  a FUA write or an upload that includes a record first fsyncs its segment, so whatever
+  the cloud holds is durable in the journal until its segment is deleted.
+- J2 Segments are deleted oldest first, and only when none of their records is still
+  needed (live bytes zero, no reader pinned). The surviving segments are therefore always
+  a suffix of the journal, and replaying that suffix in seq order over the cloud contents
+  yields, for every byte, either what the cloud has or something written later.
+- J3 Recovery reads each segment until its first record that is torn or fails its CRC and
+  ignores the rest of that segment: an fsync covers a whole file, so nothing after a bad
+  record was ever fsynced, hence never uploaded or flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"CNBJ"
+RECORD = struct.Struct("<4sB3xQQII")
+_CRC_PART = struct.Struct("<4sB3xQQI")
+HEADER_BYTES = RECORD.size
+DEFAULT_SEGMENT_BYTES = 64 * 2**20
+
+
+class Kind(IntEnum):
+    WRITE = 1
+    ZERO = 2
+
+
+@dataclass(frozen=True)
+class Record:
+    """A record found by recovery; data is at (segment, data_pos) for WRITE records."""
+
+    kind: Kind
+    seq: int
+    offset: int
+    length: int
+    segment: int
+    data_pos: int
+
+
+def _segment_name(number: int) -> str:
+    return f"{number:016x}.log"
+
+
+class Journal:
+    """Append-only segment files with live-byte accounting and oldest-first deletion.
+
+    Thread-safe: the engine appends from many NBD threads and releases from its result
+    thread. Callers that need several journal operations to be atomic with their own
+    state hold their own lock around them.
+    """
+
+    def __init__(self, directory: Path, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._fds: dict[int, int] = {}
+        self._live: dict[int, int] = {}  # segment -> logical bytes still needed
+        self._pins: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}  # segment -> bytes written
+        self._active = -1
+        self._active_pos = 0
+        self.next_seq = 1
+
+    # -- recovery -------------------------------------------------------------------------
+    def segments_on_disk(self) -> list[int]:
+        found = []
+        for path in self.directory.glob("*.log"):
+            try:
+                found.append(int(path.stem, 16))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def recover(self) -> Iterator[Record]:
+        """Yield every valid record of the segments on disk, oldest first (J3).
+
+        Afterwards new records go to a fresh segment, so appends never follow a torn tail.
+        """
+        last_segment = 0
+        for number in self.segments_on_disk():
+            last_segment = number
+            fd = self._open(number)
+            size = os.fstat(fd).st_size
+            self._sizes[number] = size
+            self._live.setdefault(number, 0)
+            pos = 0
+            while pos + HEADER_BYTES <= size:
+                header = os.pread(fd, HEADER_BYTES, pos)
+                magic, kind, seq, offset, length, crc = RECORD.unpack(header)
+                if magic != MAGIC or kind not in (Kind.WRITE, Kind.ZERO):
+                    break
+                data_len = length if kind == Kind.WRITE else 0
+                if pos + HEADER_BYTES + data_len > size:
+                    break
+                check = zlib.crc32(header[: _CRC_PART.size])
+                if data_len:
+                    check = zlib.crc32(os.pread(fd, data_len, pos + HEADER_BYTES), check)
+                if check != crc:
+                    break
+                yield Record(Kind(kind), seq, offset, length, number, pos + HEADER_BYTES)
+                self.next_seq = max(self.next_seq, seq + 1)
+                pos += HEADER_BYTES + data_len
+            if pos < size:
+                log.warning("journal segment %s: ignoring %d bytes after the last valid "
+                            "record (torn or never synced)", _segment_name(number),
+                            size - pos)
+        self._active = last_segment  # the next append rolls to a new segment
+        self._active_pos = self.segment_bytes
+
+    # -- appending ------------------------------------------------------------------------
+    def _open(self, number: int) -> int:
+        fd = self._fds.get(number)
+        if fd is None:
+            fd = os.open(self.directory / _segment_name(number), os.O_RDWR | os.O_CREAT, 0o600)
+            self._fds[number] = fd
+        return fd
+
+    def _roll_if_needed(self, nbytes: int) -> None:
+        if self._active < 0 or (self._active_pos + nbytes > self.segment_bytes
+                                and self._active_pos > 0):
+            self._active += 1
+            self._active_pos = 0
+            self._open(self._active)
+            self._live.setdefault(self._active, 0)
+            self._sizes[self._active] = 0
+
+    def append(self, kind: Kind, offset: int, length: int,
+               data: memoryview | bytes | None = None) -> tuple[int, int, int]:
+        """Write one record; returns (seq, segment, data position). Not yet fsync'd."""
+        data_len = length if kind == Kind.WRITE else 0
+        with self._lock:
+            self._roll_if_needed(HEADER_BYTES + data_len)
+            seq = self.next_seq
+            self.next_seq += 1
+            part = _CRC_PART.pack(MAGIC, kind, seq, offset, length)
+            crc = zlib.crc32(part)
+            if data_len:
+                assert data is not None and len(data) == length
+                crc = zlib.crc32(data, crc)
+            header = part + struct.pack("<I", crc)
+            segment, pos = self._active, self._active_pos
+            fd = self._fds[segment]
+            buffers = [header, data] if data_len else [header]
+            written = os.pwritev(fd, buffers, pos)
+            if written != HEADER_BYTES + data_len:  # short write: disk full or I/O error
+                raise OSError(f"journal: short write ({written} bytes)")
+            self._active_pos += written
+            self._sizes[segment] = self._active_pos
+            return seq, segment, pos + HEADER_BYTES
+
+    # -- durability -----------------------------------------------------------------------
+    def sync(self, segments: set[int] | None = None) -> None:
+        """fsync the given segments (default: all)."""
+        with self._lock:
+            fds = [fd for number, fd in self._fds.items()
+                   if segments is None or number in segments]
+        for fd in fds:
+            os.fsync(fd)
+
+    def path(self, segment: int) -> Path:
+        return self.directory / _segment_name(segment)
+
+    def fd(self, segment: int) -> int:
+        return self._fds[segment]
+
+    # -- reclaiming -----------------------------------------------------------------------
+    def pin(self, segments: set[int]) -> None:
+        with self._lock:
+            for number in segments:
+                self._pins[number] = self._pins.get(number, 0) + 1
+
+    def unpin(self, segments: set[int]) -> None:
+        with self._lock:
+            for number in segments:
+                self._pins[number] -= 1
+                if not self._pins[number]:
+                    del self._pins[number]
+            self._delete_dead_locked()
+
+    def account(self, added: dict[int, int], released: dict[int, int]) -> None:
+        """Bytes of records that became needed (added) or no longer are (overwritten, or
+        uploaded: released), per segment; deletes segments that fell out of use (J2)."""
+        with self._lock:
+            for number, nbytes in added.items():
+                self._live[number] = self._live.get(number, 0) + nbytes
+            for number, nbytes in released.items():
+                self._live[number] -= nbytes
+                assert self._live[number] >= 0, "journal live accounting went negative"
+            self._delete_dead_locked()
+
+    def _delete_dead_locked(self) -> None:
+        # J2: oldest first, never the active segment, never a pinned one.
+        for number in sorted(self._live):
+            if number == self._active or self._live[number] or number in self._pins:
+                return
+            os.close(self._fds.pop(number))
+            try:
+                os.unlink(self.directory / _segment_name(number))
+            except FileNotFoundError:
+                pass
+            del self._live[number]
+            self._sizes.pop(number, None)
+
+    def reset(self) -> None:
+        """Delete every segment: only when nothing is live (after a full drain)."""
+        with self._lock:
+            assert not any(self._live.values()), "journal reset with live records"
+            for number, fd in list(self._fds.items()):
+                os.close(fd)
+                os.unlink(self.directory / _segment_name(number))
+            self._fds.clear()
+            self._live.clear()
+            self._sizes.clear()
+            self._active_pos = self.segment_bytes  # next append starts a new segment
+
+    @property
+    def bytes_on_disk(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
+
+    @property
+    def live_bytes(self) -> int:
+        with self._lock:
+            return sum(self._live.values())
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
