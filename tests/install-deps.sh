@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh Debian machine: the Debian packages
+# of the real NBD clients and tools, and the Python packages (cloudnbd itself, pytest,
+# SeaweedFS and fake-gcs-server wrappers). Idempotent; run as root or with sudo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+debs=(libnbd-bin nbdfuse python3-libnbd qemu-utils fio nbdkit nbdkit-plugin-python
+      btrfs-progs e2fsprogs fuse3 util-linux python3-boto3 prometheus rpm)
+missing=()
+for pkg in "${debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+
+python3 -m pip install -q -e '.[test]'
