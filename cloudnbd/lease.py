@@ -55,6 +55,14 @@ def describe_holder(raw: bytes) -> str:
         return "an unknown holder (the lease object is unreadable)"
 
 
+def holder(store: ObjectStore) -> str | None:
+    """Who holds the lease, or None if nobody does."""
+    try:
+        return describe_holder(store.get(LEASE_KEY))
+    except ObjectNotFound:
+        return None
+
+
 def acquire(store: ObjectStore, force: bool = False) -> Lease:
     """Take the volume's lease, or raise VolumeBusy naming the holder."""
     token = uuid.uuid4().hex

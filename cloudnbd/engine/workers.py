@@ -1,0 +1,373 @@
+"""Uploader and fetcher processes, and the pool that feeds them.
+
+Compression, encryption and every cloud request run here, never in the front process.
+Each worker has its own duplex pipe to the front (never a queue shared between workers),
+so a worker killed at any moment can only lose its own in-flight tasks: the pool notices
+the death through the process sentinel, starts a replacement and hands the lost tasks to
+it again. Tasks are idempotent (an upload PUTs or DELETEs one whole chunk object; a
+fetch rewrites one clean file), so doing one twice is harmless.
+
+Only small messages cross the pipes: chunk numbers, sequence numbers and journal
+positions. Chunk data moves through files (journal segments, clean cache files).
+
+Upload task contract (see device.Engine):
+- before its PUT, an uploader fsyncs every journal segment the task reads (journal J1);
+- the new clean file is written to a temporary name and renamed into place before the
+  result is sent; a chunk that came out all zeros is DELETEd, not stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloudnbd import codec
+from cloudnbd.backends import StoreOptions, open_store
+from cloudnbd.backends.base import ObjectStore
+from cloudnbd.codec import VolumeKeys
+from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound
+from cloudnbd.volume import chunk_key
+
+log = logging.getLogger(__name__)
+
+_mp = multiprocessing.get_context("spawn")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs; sent through its pipe at start, never via argv/env."""
+
+    backend: str
+    location: str
+    options: StoreOptions
+    keys: VolumeKeys = field(repr=False)
+    chunk_size: int
+    clean_dir: Path
+    journal_dir: Path
+    zstd_level: int = codec.DEFAULT_ZSTD_LEVEL
+    threads: int = 1
+    log_level: int = logging.WARNING
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes [start, end) of the chunk come from journal `segment` at `pos`, or are zero."""
+
+    start: int
+    end: int
+    segment: int
+    pos: int
+    zero: bool
+
+
+@dataclass(frozen=True)
+class UploadTask:
+    task_id: int
+    index: int
+    seq: int
+    base: str  # "zero": start from zeros; "clean": the clean file; "cloud": GET the object
+    pieces: tuple[Piece, ...]
+
+
+@dataclass(frozen=True)
+class FetchTask:
+    task_id: int
+    index: int
+
+
+@dataclass(frozen=True)
+class Result:
+    task_id: int
+    index: int
+    outcome: str  # "stored", "deleted", "cached", "absent", "error"
+    size: int = 0  # clean file size, or bytes sent/received
+    wire_bytes: int = 0
+    error: str | None = None
+    integrity: bool = False
+    seconds: float = 0.0
+    retries: int = 0
+
+
+class RateLimiter:
+    """A token bucket shared by all uploaders: spaces request starts so that the bytes
+    sent average out to `rate` per second."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._next = _mp.Value("d", 0.0)
+
+    def acquire(self, nbytes: int) -> None:
+        if self.rate <= 0:
+            return
+        with self._next.get_lock():
+            now = time.monotonic()
+            start = max(self._next.value, now)
+            self._next.value = start + nbytes / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+# -- inside a worker process ---------------------------------------------------------------
+
+class _Worker:
+    def __init__(self, config: WorkerConfig, limiter: RateLimiter | None) -> None:
+        self.config = config
+        self.limiter = limiter
+        self.store: ObjectStore = open_store(config.backend, config.location, config.options)
+
+    def _write_clean(self, index: int, data: bytes | bytearray, tag: str) -> None:
+        name = f"{index:016x}"
+        tmp = self.config.clean_dir / f".{name}.{tag}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.config.clean_dir / name)
+
+    def upload(self, task: UploadTask) -> Result:
+        cfg = self.config
+        started = time.monotonic()
+        retries_before = self.store.retries
+        # Segments are opened per task: the front deletes them once no longer needed, and a
+        # descriptor kept here would keep their disk space allocated.
+        fds = {segment: os.open(cfg.journal_dir / f"{segment:016x}.log", os.O_RDONLY)
+               for segment in {p.segment for p in task.pieces}}
+        try:
+            for fd in fds.values():  # journal J1: durable locally before it is in the cloud
+                os.fsync(fd)
+            plain = self._assemble(task, fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        if codec.is_zero(plain):
+            self.store.delete(chunk_key(task.index))
+            return Result(task.task_id, task.index, "deleted",
+                          seconds=time.monotonic() - started,
+                          retries=self.store.retries - retries_before)
+        blob = codec.encode_chunk(cfg.keys, task.index, plain, cfg.zstd_level)
+        if self.limiter is not None:
+            self.limiter.acquire(len(blob))
+        self.store.put(chunk_key(task.index), blob)
+        self._write_clean(task.index, plain, f"u{task.task_id}")
+        return Result(task.task_id, task.index, "stored", size=len(plain),
+                      wire_bytes=len(blob), seconds=time.monotonic() - started,
+                      retries=self.store.retries - retries_before)
+
+    def _assemble(self, task: UploadTask, fds: dict[int, int]) -> bytearray:
+        """The chunk's new plain contents: its base with the journal pieces laid over."""
+        cfg = self.config
+        plain = bytearray(cfg.chunk_size)
+        view = memoryview(plain)
+        if task.base == "clean":
+            with open(cfg.clean_dir / f"{task.index:016x}", "rb") as f:
+                f.readinto(plain)
+        elif task.base == "cloud":
+            try:
+                blob = self.store.get(chunk_key(task.index))
+                plain[:] = codec.decode_chunk(cfg.keys, task.index, blob, cfg.chunk_size)
+            except ObjectNotFound:
+                pass
+        for piece in task.pieces:
+            target = view[piece.start:piece.end]
+            if piece.zero:
+                target[:] = bytes(len(target))
+            else:
+                got = os.preadv(fds[piece.segment], [target], piece.pos)
+                if got != len(target):
+                    raise IntegrityError(f"journal segment {piece.segment} is short")
+        return plain
+
+    def fetch(self, task: FetchTask) -> Result:
+        started = time.monotonic()
+        retries_before = self.store.retries
+        try:
+            blob = self.store.get(chunk_key(task.index))
+        except ObjectNotFound:
+            return Result(task.task_id, task.index, "absent")
+        plain = codec.decode_chunk(self.config.keys, task.index, blob, self.config.chunk_size)
+        self._write_clean(task.index, plain, f"f{task.task_id}")
+        return Result(task.task_id, task.index, "cached", size=len(plain),
+                      wire_bytes=len(blob), seconds=time.monotonic() - started,
+                      retries=self.store.retries - retries_before)
+
+    def run(self, task: UploadTask | FetchTask) -> Result:
+        try:
+            if isinstance(task, UploadTask):
+                return self.upload(task)
+            return self.fetch(task)
+        except IntegrityError as exc:
+            return Result(task.task_id, task.index, "error", error=exc.message,
+                          integrity=True)
+        except CloudnbdError as exc:
+            return Result(task.task_id, task.index, "error", error=exc.message)
+        except Exception as exc:  # a bug or a local I/O error: report, keep serving
+            log.error("worker task failed: %s", traceback.format_exc())
+            return Result(task.task_id, task.index, "error", error=f"{type(exc).__name__}: "
+                          f"{exc}")
+
+
+def _worker_main(conn: multiprocessing.connection.Connection,
+                 limiter: RateLimiter | None) -> None:
+    config: WorkerConfig = conn.recv()
+    logging.basicConfig(level=config.log_level,
+                        format="cloudnbd worker: %(levelname)s: %(message)s")
+    worker = _Worker(config, limiter)
+    send_lock = threading.Lock()
+    tasks: queue.Queue[Any] = queue.Queue()
+
+    def serve() -> None:
+        while True:
+            task = tasks.get()
+            if task is None:
+                return
+            result = worker.run(task)
+            with send_lock:
+                conn.send(result)
+
+    threads = [threading.Thread(target=serve, daemon=True) for _ in range(config.threads)]
+    for thread in threads:
+        thread.start()
+    with send_lock:
+        conn.send("ready")
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            message = None
+        if message is None:
+            for _ in threads:
+                tasks.put(None)
+            for thread in threads:
+                thread.join()
+            return
+        tasks.put(message)
+
+
+# -- in the front process -------------------------------------------------------------------
+
+@dataclass
+class _Handle:
+    kind: str
+    process: Any
+    conn: multiprocessing.connection.Connection
+    in_flight: dict[int, UploadTask | FetchTask] = field(default_factory=dict)
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    ready: bool = False
+
+
+class WorkerPool:
+    """Starts, feeds, watches and restarts the uploader and fetcher processes.
+
+    on_result is called from the pool's own thread for every finished task.
+    """
+
+    def __init__(self, config: WorkerConfig, uploaders: int, fetchers: int,
+                 on_result: Callable[[str, Result], None], upload_limit: float = 0,
+                 threads_per_process: int = 1) -> None:
+        self.config = config
+        self.on_result = on_result
+        self.limiter = RateLimiter(upload_limit) if upload_limit > 0 else None
+        self.threads = threads_per_process
+        self.counts = {"upload": uploaders, "fetch": fetchers}
+        self._handles: list[_Handle] = []
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._wakeup_r, self._wakeup_w = _mp.Pipe(duplex=False)
+        self._thread = threading.Thread(target=self._watch, name="worker-pool", daemon=True)
+        self.restarts = 0
+
+    def start(self) -> None:
+        for kind, count in self.counts.items():
+            for _ in range(count):
+                self._handles.append(self._spawn(kind))
+        self._thread.start()
+
+    def _spawn(self, kind: str) -> _Handle:
+        parent, child = _mp.Pipe(duplex=True)
+        process = _mp.Process(target=_worker_main, args=(child, self.limiter),
+                              name=f"cloudnbd-{kind}er", daemon=True)
+        process.start()
+        child.close()
+        parent.send(WorkerConfig(**{**self.config.__dict__, "threads": self.threads}))
+        return _Handle(kind, process, parent)
+
+    def pids(self, kind: str) -> list[int]:
+        with self._lock:
+            return [h.process.pid for h in self._handles if h.kind == kind]
+
+    def capacity(self, kind: str) -> int:
+        return self.counts[kind] * self.threads
+
+    def submit(self, task: UploadTask | FetchTask) -> None:
+        kind = "upload" if isinstance(task, UploadTask) else "fetch"
+        with self._lock:
+            handle = min((h for h in self._handles if h.kind == kind),
+                         key=lambda h: len(h.in_flight))
+            handle.in_flight[task.task_id] = task
+        with handle.send_lock:
+            try:
+                handle.conn.send(task)
+            except (BrokenPipeError, OSError):
+                pass  # the watcher will see the death and resubmit
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                handles = list(self._handles)
+            waitables: list[Any] = [self._wakeup_r]
+            for h in handles:
+                waitables += [h.conn, h.process.sentinel]
+            ready = multiprocessing.connection.wait(waitables)
+            if self._stopping:
+                return
+            for h in handles:
+                if h.conn in ready:
+                    try:
+                        message = h.conn.recv()
+                    except (EOFError, OSError):
+                        message = None
+                    if message == "ready":
+                        h.ready = True
+                    elif isinstance(message, Result):
+                        with self._lock:
+                            h.in_flight.pop(message.task_id, None)
+                        self.on_result(h.kind, message)
+                if h.process.sentinel in ready and not h.process.is_alive():
+                    self._replace(h)
+
+    def _replace(self, dead: _Handle) -> None:
+        log.warning("%ser process %d died (exit %s); starting another", dead.kind,
+                    dead.process.pid, dead.process.exitcode)
+        self.restarts += 1
+        fresh = self._spawn(dead.kind)
+        with self._lock:
+            self._handles.remove(dead)
+            self._handles.append(fresh)
+            lost = list(dead.in_flight.values())
+        dead.conn.close()
+        for task in lost:
+            self.submit(task)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wakeup_w.send(None)
+        self._thread.join(timeout=10)
+        for h in self._handles:
+            with h.send_lock:
+                try:
+                    h.conn.send(None)
+                except (BrokenPipeError, OSError):
+                    pass
+        for h in self._handles:
+            h.process.join(timeout=30)
+            if h.process.is_alive():
+                h.process.kill()
+                h.process.join()
