@@ -44,6 +44,6 @@ def format_size(n: int) -> str:
     for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= factor:
             value = n / factor
-            text = f"{value:.0f}" if value == int(value) else f"{value:.2f}".rstrip("0")
+            text = f"{value:.2f}".rstrip("0").rstrip(".")
             return f"{text} {unit}"
     return f"{n} B"

@@ -7,7 +7,6 @@ fsync'd, so put() is atomic and durable like a cloud PUT.
 
 from __future__ import annotations
 
-import errno
 import os
 import uuid
 from collections.abc import Iterator
@@ -44,9 +43,16 @@ class FileStore(ObjectStore):
             raise self._fail(f"reading {key}", exc) from exc
 
     def _write_tmp(self, path: Path, data: bytes) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        for _ in range(100):  # a concurrent delete() may remove the emptied directory
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise OSError(f"cannot create {tmp}: its directory keeps disappearing")
         try:
             view = memoryview(data)
             while view:
@@ -95,6 +101,15 @@ class FileStore(ObjectStore):
             return
         except OSError as exc:
             raise self._fail(f"deleting {key}", exc) from exc
+        # Directories play no part in the namespace: remove the ones left empty, up to
+        # the root, as a bucket has no empty "directories" either.
+        parent = path.parent
+        while parent != self.root.parent and parent.is_relative_to(self.root):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not self.root.is_dir():
@@ -135,7 +150,3 @@ class FileStore(ObjectStore):
             raise BackendError(f"{self.description}: {parent} is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise BackendError(f"{self.description}: permission denied on {parent}")
-
-
-def _is_enospc(exc: OSError) -> bool:
-    return exc.errno == errno.ENOSPC

@@ -1,0 +1,658 @@
+"""The cloudnbd command: parse arguments, call the library, print results and errors.
+
+No business logic lives here. Every CloudnbdError becomes one line on stderr and the
+error's exit code; a traceback is shown only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cloudnbd import __version__, volume
+from cloudnbd.backends import BACKENDS, StoreOptions, open_store
+from cloudnbd.backends.base import ObjectStore, RetryPolicy
+from cloudnbd.codec import ScryptParams
+from cloudnbd.errors import CloudnbdError, UsageError
+from cloudnbd.password import get_password
+from cloudnbd.progress import Progress
+from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
+
+log = logging.getLogger("cloudnbd")
+
+LOCATION_HELP = "file: a directory; s3 and gs: BUCKET/PREFIX"
+
+
+def _store_options(args: argparse.Namespace) -> StoreOptions:
+    return StoreOptions(
+        endpoint_url=args.endpoint_url,
+        credentials_file=args.credentials,
+        interactive=sys.stdin.isatty(),
+        retry=RetryPolicy(deadline=args.timeout),
+    )
+
+
+def _store(args: argparse.Namespace, location: str | None = None) -> ObjectStore:
+    return open_store(args.backend, location or args.volume, _store_options(args))
+
+
+def _kdf(args: argparse.Namespace) -> ScryptParams:
+    return ScryptParams(n=2 ** args.kdf_cost)
+
+
+def _unlock(args: argparse.Namespace) -> volume.Volume:
+    store = _store(args)
+    volume.read_metadata(store)  # a missing or too-new volume is reported before the prompt
+    return volume.unlock(store, get_password(args.password_file))
+
+
+def _size_change_note(requested: int, rounded: int) -> str:
+    if requested == rounded:
+        return ""
+    return (f" (rounded up from {requested} bytes to a multiple of "
+            f"{format_size(volume.SIZE_ALIGNMENT)}, as NBD clients need)")
+
+
+# -- commands ------------------------------------------------------------------------------
+
+def cmd_init(args: argparse.Namespace) -> None:
+    requested = parse_size(args.size)
+    size = volume.round_size(requested)
+    volume.check_size(size)
+    chunk_size = parse_size(args.chunk_size, "chunk size")
+    volume.check_chunk_size(chunk_size)
+    store = _store(args)
+    store.check()
+    if store.stat(volume.METADATA_KEY) is not None:
+        raise volume.VolumeExists(f"a volume already exists at {store.description}")
+    password = get_password(args.password_file, confirm=True, prompt="New volume password: ")
+    created = volume.create(store, size, chunk_size, password, _kdf(args))
+    print(f"Created volume {store.description}: {format_size(size)} ({size} bytes)"
+          f"{_size_change_note(requested, size)}, chunk size {format_size(chunk_size)}.")
+    print(f"Volume id {created.meta.volume_id.hex()}. Nothing is stored until data is "
+          f"written; keep the password safe, without it the data cannot be recovered.")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    vol = _unlock(args)
+    meta = vol.meta
+    stored = list(vol.stored_chunks())
+    info = {
+        "location": vol.store.description,
+        "volume_id": meta.volume_id.hex(),
+        "format_version": meta.version,
+        "size": meta.size,
+        "chunk_size": meta.chunk_size,
+        "chunks": meta.chunk_count,
+        "stored_chunks": len(stored),
+        "stored_bytes": sum(size for _, size in stored),
+        "key_slots": [{"slot": s.slot, "kdf": "scrypt", "n": s.kdf.n, "r": s.kdf.r,
+                       "p": s.kdf.p} for s in meta.slots],
+        "generation": meta.generation,
+        "created": meta.created,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    slots = ", ".join(f"{s['slot']} (scrypt n={s['n']} r={s['r']} p={s['p']})"
+                      for s in info["key_slots"])
+    print(f"location:        {info['location']}")
+    print(f"volume id:       {info['volume_id']}")
+    print(f"format version:  {info['format_version']}")
+    print(f"size:            {format_size(meta.size)} ({meta.size} bytes)")
+    print(f"chunk size:      {format_size(meta.chunk_size)}")
+    print(f"chunks stored:   {len(stored)} of {meta.chunk_count}")
+    print(f"stored bytes:    {format_size(info['stored_bytes'])} ({info['stored_bytes']})")
+    print(f"key slots:       {slots}")
+    print(f"generation:      {meta.generation}")
+    print(f"created:         {meta.created}")
+
+
+def cmd_passwd(args: argparse.Namespace) -> None:
+    store = _store(args)
+    volume.read_metadata(store)
+    current = get_password(args.password_file, prompt="Current password: ")
+    vol = volume.unlock(store, current)
+    if args.remove is not None:
+        vol.remove_slot(args.remove)
+        print(f"Removed key slot {args.remove}.")
+        return
+    new = get_password(args.new_password_file, confirm=True, prompt="New password: ")
+    if not new:
+        raise UsageError("the new password must not be empty")
+    kdf = _kdf(args) if args.kdf_cost_given else None
+    if args.add:
+        number = vol.add_password(new, kdf)
+        print(f"Added key slot {number}.")
+    else:
+        number = vol.change_password(current, new, kdf)
+        print(f"Changed the password of key slot {number}; no data was re-encrypted.")
+
+
+def cmd_resize(args: argparse.Namespace) -> None:
+    requested = parse_size(args.size)
+    size = volume.round_size(requested)
+    volume.check_size(size)
+    vol = _unlock(args)
+    old = vol.meta.size
+    if size < old and not args.shrink:
+        raise UsageError(f"{format_size(size)} is smaller than the volume "
+                         f"({format_size(old)}); data past it would be destroyed. "
+                         f"Pass --shrink to do so")
+    vol.resize(size, allow_shrink=args.shrink)
+    if size == old:
+        print(f"Volume is already {format_size(size)} ({size} bytes).")
+    else:
+        print(f"Resized {vol.store.description} from {format_size(old)} to "
+              f"{format_size(size)} ({size} bytes){_size_change_note(requested, size)}.")
+
+
+def cmd_delete(args: argparse.Namespace) -> None:
+    store = _store(args)
+    volume.read_metadata(store)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("refusing to delete without confirmation: pass --yes")
+        answer = input(f"Delete volume {store.description} and all its data? "
+                       f"Type the volume name to confirm: ")
+        if answer.strip() != args.volume:
+            raise UsageError("not confirmed; nothing was deleted")
+    count = volume.delete(store)
+    print(f"Deleted volume {store.description} ({count} objects).")
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    store = _store(args, args.location)
+    store.check()
+    found = list(volume.find_volumes(store))
+    if args.json:
+        print(json.dumps([v.__dict__ for v in found], indent=2))
+        return
+    if not found:
+        print(f"No volumes under {store.description}.")
+    base = args.location.rstrip("/")
+    for v in found:
+        name = f"{base}/{v.location}" if v.location else base
+        if v.error:
+            print(f"{name}\t(unreadable: {v.error})")
+        else:
+            print(f"{name}\t{format_size(v.size or 0)}\tchunk {format_size(v.chunk_size or 0)}")
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    from cloudnbd.service import default_cache_root, volume_cache_dir
+
+    return volume_cache_dir(args.cache or default_cache_root(), args.backend, args.volume)
+
+
+def _serve_settings(args: argparse.Namespace) -> object:
+    from cloudnbd.engine.device import EngineSettings
+    from cloudnbd.service import ServeSettings
+
+    if args.uploaders < 1 or args.fetchers < 1:
+        raise UsageError("--uploaders and --fetchers must be at least 1")
+    max_dirty = parse_size(args.max_dirty, "--max-dirty")
+    if max_dirty < 64 * 2**20:
+        raise UsageError("--max-dirty must be at least 64MiB (the largest NBD request "
+                         "must fit)")
+    engine = EngineSettings(
+        cache_bytes=parse_size(args.cache_size, "--cache-size"), max_dirty=max_dirty,
+        writeback_delay=args.writeback_delay, flush_timeout=args.flush_timeout,
+        read_only=args.read_only)
+    return ServeSettings(
+        host=args.bind, port=args.port, socket_path=args.socket,
+        export_name=args.export_name, read_only=args.read_only, tls=args.tls,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        uploaders=args.uploaders, fetchers=args.fetchers,
+        upload_limit=parse_size(args.upload_limit, "--upload-limit") if args.upload_limit
+        else 0.0,
+        force=args.force, engine=engine)
+
+
+def _attach_hint(args: argparse.Namespace) -> str:
+    if args.socket:
+        return (f"nbd+unix:///{args.export_name}?socket={args.socket}  "
+                f"(e.g. nbdfuse DIR/disk --unix {args.socket}; "
+                f"nbd-client -unix {args.socket} /dev/nbd0 -b 4096)")
+    return (f"nbd://{args.bind}:{args.port}/{args.export_name}  "
+            f"(e.g. nbd-client {args.bind} {args.port} /dev/nbd0 -b 4096)")
+
+
+def _serve_foreground(args: argparse.Namespace) -> None:
+    """Run the server in this process until it is closed (systemd, or the daemon)."""
+    from cloudnbd.service import Service, default_cache_root
+
+    ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
+    try:
+        settings = _serve_settings(args)
+        store = _store(args)
+        volume.read_metadata(store)
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        else:
+            password = get_password(args.password_file)
+        vol = volume.unlock(store, password)
+        del password
+        service = Service(args.backend, args.volume, _store_options(args), vol,
+                          args.cache or default_cache_root(), settings)  # type: ignore[arg-type]
+        service.start()
+    except CloudnbdError as exc:
+        if ready is not None:
+            ready.write(f"error {exc.exit_code} {exc.message}\n")
+            ready.close()
+        raise
+    if ready is not None:
+        ready.write("ready\n")
+        ready.close()
+    _notify_systemd(b"READY=1")
+    log.info("serving %s", vol.store.description)
+    code = service.run_until_closed()
+    _notify_systemd(b"STOPPING=1")
+    if code:
+        raise CloudnbdError("closed with data still to upload; it is kept in the journal")
+
+
+def _notify_systemd(message: bytes) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    import socket
+
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message, address)
+
+
+def cmd_open(args: argparse.Namespace) -> None:
+    if args.foreground:
+        _serve_foreground(args)
+        return
+    _serve_settings(args)  # report bad options here, not from the daemon
+    store = _store(args)
+    volume.read_metadata(store)
+    password = None if args.password_file else get_password(None)
+    cache_dir = _cache_dir(args)
+    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_path = cache_dir / "cloudnbd.log"
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "cloudnbd", *args.argv, "--foreground",
+            "--ready-fd", str(write_end)]
+    if password is not None:
+        argv.append("--password-stdin")
+    with open(log_path, "ab") as log_file:
+        os.chmod(log_path, 0o600)
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_file,
+                                 stderr=log_file, pass_fds=(write_end,),
+                                 start_new_session=True, close_fds=True)
+    os.close(write_end)
+    assert child.stdin is not None
+    if password is not None:
+        child.stdin.write(password.encode() + b"\n")
+    child.stdin.close()
+    with os.fdopen(read_end) as ready:
+        answer = ready.readline().strip()
+    if answer == "ready":
+        print(f"Serving {store.description} at {_attach_hint(args)}")
+        print(f"Log: {log_path}. Stop with: cloudnbd close {args.backend} {args.volume}")
+        return
+    child.wait()
+    if answer.startswith("error "):
+        _, code, message = answer.split(" ", 2)
+        error = CloudnbdError(message)
+        error.exit_code = int(code)
+        raise error
+    raise CloudnbdError(f"the server failed to start (exit {child.returncode}); see "
+                        f"{log_path}")
+
+
+def cmd_close(args: argparse.Namespace) -> None:
+    from cloudnbd.control import request
+    from cloudnbd.service import control_socket
+
+    cache_dir = _cache_dir(args)
+    progress: Progress | None = None
+    outcome: dict[str, object] = {}
+    for message in request(control_socket(cache_dir), {"cmd": "close",
+                                                       "timeout": args.timeout},
+                           timeout=None):
+        if "progress" in message:
+            state = message["progress"]
+            if progress is None:
+                progress = Progress("Uploading", state["total"])
+            progress.update(state["total"] - state["left"], state["total"])
+        else:
+            outcome = message
+    if progress is not None:
+        progress.finish()
+    if "error" in outcome:
+        raise CloudnbdError(str(outcome["error"]))
+    # The server exits right after answering; wait for it to let go of the cache lock so
+    # that an open straight after close succeeds.
+    lock = os.open(cache_dir / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    finally:
+        os.close(lock)
+    print(f"Closed {args.backend} {args.volume}: everything is uploaded.")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from cloudnbd.control import request
+    from cloudnbd.service import control_socket
+
+    status = next(request(control_socket(_cache_dir(args)), {"cmd": "status"}))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return
+    print(f"location:      {status['location']} (pid {status['pid']})")
+    print(f"connections:   {status['connections']}")
+    print(f"backlog:       {format_size(status['dirty_bytes'])} in "
+          f"{status['dirty_chunks']} chunks, oldest {status['oldest_dirty_seconds']:.1f}s")
+    print(f"uploaded:      {format_size(status['uploaded_bytes'])} "
+          f"({format_size(status['uploaded_wire_bytes'])} sent)")
+    print(f"cache:         {format_size(status['cache_bytes'])} of "
+          f"{format_size(status['cache_limit'])}, {status['cache_hits']} hits, "
+          f"{status['cache_misses']} misses")
+    print(f"errors:        {status['upload_errors']} upload, {status['fetch_errors']} "
+          f"fetch, {status['integrity_errors']} integrity")
+
+
+def _progress_callback(label: str) -> tuple[Progress, Callable[[int, int], None]]:
+    progress = Progress(label, 0)
+    return progress, lambda done, total: progress.update(done, total)
+
+
+def _exclusive(vol: volume.Volume, force: bool) -> object:
+    """Hold the volume's lease around an operation that must not race a server."""
+    from cloudnbd import lease
+
+    return lease.acquire(vol.store, force=force)
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from cloudnbd import transfer
+
+    vol = _unlock(args)
+    progress, update = _progress_callback("Verifying")
+    report = transfer.verify(vol, threads=args.threads, progress=update)
+    progress.finish()
+    for index, problem in report.damaged:
+        print(f"damaged: chunk {index} ({volume.chunk_key(index)}): {problem}")
+    for index in report.beyond_end:
+        print(f"stray: chunk {index} lies past the end of the volume")
+    print(f"Checked {report.checked} chunks ({format_size(report.stored_bytes)} stored): "
+          f"{len(report.damaged)} damaged.")
+    if report.damaged:
+        raise transfer.DamagedVolume(f"{len(report.damaged)} damaged chunks; their "
+                                     f"sectors read as I/O errors")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from cloudnbd import lease, transfer
+
+    vol = _unlock(args)
+    busy = lease.holder(vol.store)
+    if busy is not None:
+        if not args.force:
+            raise lease.VolumeBusy(f"volume is open on {busy}: its newest data may not be "
+                                   f"uploaded yet. Close it first, or pass --force")
+        log.warning("exporting while the volume is open on %s", busy)
+    progress, update = _progress_callback("Exporting")
+    written = transfer.export(vol, args.file, threads=args.threads, progress=update,
+                              overwrite=args.force)
+    progress.finish()
+    print(f"Exported {format_size(vol.meta.size)} to {args.file} "
+          f"({format_size(written)} of data, the rest left sparse).")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from cloudnbd import transfer
+
+    vol = _unlock(args)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("import replaces the volume's contents: pass --yes")
+        answer = input(f"Replace the contents of {vol.store.description} with {args.file}? "
+                       f"[y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise UsageError("not confirmed; nothing was changed")
+    held = _exclusive(vol, args.force)
+    try:
+        progress, update = _progress_callback("Importing")
+        stored = transfer.import_image(vol, args.file, threads=args.threads, progress=update)
+        progress.finish()
+    finally:
+        held.release()  # type: ignore[attr-defined]
+    print(f"Imported {args.file} into {vol.store.description}: {stored} chunks stored.")
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_store_options(p: argparse.ArgumentParser, location: str | None = "volume") -> None:
+    if location is not None:
+        p.add_argument("backend", choices=BACKENDS, help="where the volume lives")
+        p.add_argument(location, help=LOCATION_HELP)
+    p.add_argument("--endpoint-url", metavar="URL",
+                   help="S3-compatible endpoint (SeaweedFS, Ceph RGW, MinIO); "
+                        "AWS_ENDPOINT_URL works too")
+    p.add_argument("--credentials", type=Path, metavar="FILE",
+                   help="cloudnbd credentials file (default ~/.config/cloudnbd/credentials)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="give up on the cloud after retrying this long (default 60)")
+
+
+def _add_cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", type=Path, metavar="DIR",
+                   help="cache and journal directory (default /var/cache/cloudnbd for "
+                        "root, else $XDG_CACHE_HOME/cloudnbd)")
+
+
+def _add_password_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--password-file", type=Path, metavar="FILE",
+                   help="read the password from FILE (mode 0600); CLOUDNBD_PASSWORD works "
+                        "too; otherwise it is asked on the terminal")
+
+
+def _add_kdf_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kdf-cost", type=int, default=None, choices=range(10, 25),
+                   metavar="N", help="scrypt cost: 2^N iterations, 128*2^N*8 bytes of "
+                                     "memory (default 17, i.e. 128 MiB)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cloudnbd",
+        description="A network block device stored, compressed and encrypted, in the "
+                    "cloud (S3, Google Cloud Storage, or a local directory).",
+        epilog=SIZE_HELP, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"cloudnbd {__version__}")
+    parser.add_argument("--debug", action="store_true", help="log debugging detail and "
+                        "show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, fn: Callable[[argparse.Namespace], None], help_text: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=description or help_text,
+                           epilog=SIZE_HELP, formatter_class=_Formatter)
+        p.set_defaults(func=fn)
+        return p
+
+    p = command("init", cmd_init, "create a new volume",
+                "Create a new, empty volume. The size is only what clients are told; "
+                "nothing is allocated in the cloud until data is written.")
+    _add_store_options(p)
+    p.add_argument("size", help="volume size, e.g. 20GB (SI) or 20GiB (IEC); rounded up "
+                                "to a multiple of 4 KiB")
+    p.add_argument("--chunk-size", default=f"{volume.DEFAULT_CHUNK_SIZE // 2**20}MiB",
+                   help="bytes per cloud object, a power of two from 64KiB to 64MiB "
+                        "(default %(default)s)")
+    _add_password_option(p)
+    _add_kdf_option(p)
+
+    p = command("info", cmd_info, "describe a volume")
+    _add_store_options(p)
+    _add_password_option(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("passwd", cmd_passwd, "change, add or remove a password (key slot)",
+                "Change the password of the key slot the current password opens, add "
+                "another key slot, or remove one. Only the metadata object is rewritten; "
+                "the data is not re-encrypted.")
+    _add_store_options(p)
+    _add_password_option(p)
+    p.add_argument("--new-password-file", type=Path, metavar="FILE",
+                   help="read the new password from FILE (mode 0600)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--add", action="store_true", help="add a key slot for a new "
+                       "password, keeping the current one")
+    group.add_argument("--remove", type=int, metavar="SLOT", help="remove key slot SLOT")
+    _add_kdf_option(p)
+
+    p = command("resize", cmd_resize, "grow (or with --shrink, shrink) a volume")
+    _add_store_options(p)
+    p.add_argument("size", help="new size, e.g. 40GB or 40GiB")
+    p.add_argument("--shrink", action="store_true", help="allow a smaller size: the data "
+                   "past the new end is deleted for good")
+    _add_password_option(p)
+
+    p = command("delete", cmd_delete, "delete a volume and all its data")
+    _add_store_options(p)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    p = command("open", cmd_open, "serve a volume over NBD",
+                "Unlock a volume and serve it over NBD, in the background unless "
+                "--foreground. Returns once the server accepts connections.")
+    _add_store_options(p)
+    _add_password_option(p)
+    p.add_argument("-p", "--port", type=int, default=10809, help="TCP port (default "
+                   "%(default)s)")
+    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                   help="address to listen on (default %(default)s; anything beyond "
+                        "loopback without TLS is warned about)")
+    p.add_argument("--socket", type=Path, metavar="PATH",
+                   help="listen on this Unix socket instead of TCP")
+    p.add_argument("--export-name", default="", metavar="NAME",
+                   help="NBD export name (default: empty, the default export)")
+    p.add_argument("--read-only", action="store_true", help="refuse writes")
+    p.add_argument("--tls", choices=("off", "on", "require"), default="off",
+                   help="STARTTLS with X.509 certificates (default off)")
+    p.add_argument("--tls-cert", type=Path, metavar="FILE")
+    p.add_argument("--tls-key", type=Path, metavar="FILE")
+    p.add_argument("--tls-ca", type=Path, metavar="FILE",
+                   help="CA to verify client certificates against")
+    _add_cache_option(p)
+    p.add_argument("--cache-size", default="2GiB", metavar="SIZE",
+                   help="bound on clean cached chunks (default %(default)s)")
+    p.add_argument("--max-dirty", default="1GiB", metavar="SIZE",
+                   help="bound on data not yet uploaded; past it writes wait "
+                        "(default %(default)s)")
+    p.add_argument("--uploaders", type=int, default=4, metavar="N",
+                   help="uploader processes (default %(default)s)")
+    p.add_argument("--fetchers", type=int, default=2, metavar="N",
+                   help="fetcher processes (default %(default)s)")
+    p.add_argument("--upload-limit", metavar="RATE",
+                   help="cap upload bandwidth, bytes per second with the size suffixes, "
+                        "e.g. 2MB or 2.5MiB (default: no cap)")
+    p.add_argument("--writeback-delay", type=float, default=0.5, metavar="SECONDS",
+                   help="upload a chunk once it has not been written for this long "
+                        "(default %(default)s)")
+    p.add_argument("--flush-timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="fail FLUSH with EIO if the cloud has not taken the data by then "
+                        "(default 0: wait for ever)")
+    p.add_argument("--force", action="store_true",
+                   help="take over a lease left by a machine that is gone")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay in the foreground (for systemd)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--password-stdin", action="store_true", help=argparse.SUPPRESS)
+
+    p = command("close", cmd_close, "upload everything and stop serving a volume",
+                "Stop accepting NBD requests, upload the whole backlog (with a progress "
+                "bar on a terminal) and stop the server. If the cloud cannot be reached "
+                "the data stays in the local journal and the next open resumes.")
+    _add_store_options(p)
+    _add_cache_option(p)
+
+    p = command("status", cmd_status, "show what a running volume is doing")
+    _add_store_options(p)
+    _add_cache_option(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("verify", cmd_verify, "download and authenticate every chunk",
+                "Download every stored chunk, check its authentication tag, and list the "
+                "damaged ones. Exits non-zero if any is damaged.")
+    _add_store_options(p)
+    _add_password_option(p)
+    p.add_argument("--threads", type=int, default=8, help="parallel downloads (default 8)")
+
+    p = command("export", cmd_export, "restore a volume to a raw image file, without NBD",
+                "Write the whole volume to FILE (a sparse raw image, or a block device). "
+                "This needs only the bucket and the password.")
+    p.add_argument("backend", choices=BACKENDS, help="where the volume lives")
+    p.add_argument("volume", help=LOCATION_HELP)
+    p.add_argument("file", type=Path, help="image file or block device to write")
+    _add_store_options(p, None)
+    _add_password_option(p)
+    p.add_argument("--threads", type=int, default=8, help="parallel downloads (default 8)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite FILE; export even if the volume is open elsewhere")
+
+    p = command("import", cmd_import, "seed a volume from a raw image file, without NBD",
+                "Replace the volume's contents with FILE (a raw image or block device). "
+                "All-zero chunks are not stored.")
+    p.add_argument("file", type=Path, help="image file or block device to read")
+    p.add_argument("backend", choices=BACKENDS, help="where the volume lives")
+    p.add_argument("volume", help=LOCATION_HELP)
+    _add_store_options(p, None)
+    _add_password_option(p)
+    p.add_argument("--threads", type=int, default=8, help="parallel uploads (default 8)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--force", action="store_true",
+                   help="import even if the volume's lease is held (a stale lease)")
+
+    p = command("list", cmd_list, "list the volumes under a directory or bucket/prefix")
+    _add_store_options(p, "location")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = [a for a in argv if a != "--debug"]
+    if "--debug" in argv:
+        args.argv.insert(0, "--debug")
+    if hasattr(args, "kdf_cost"):
+        args.kdf_cost_given = args.kdf_cost is not None
+        if args.kdf_cost is None:
+            args.kdf_cost = 17
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="cloudnbd: %(levelname)s: %(message)s")
+    try:
+        args.func(args)
+    except CloudnbdError as exc:
+        if args.debug:
+            log.exception("failed")
+        print(f"cloudnbd: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cloudnbd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
