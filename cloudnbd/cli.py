@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cloudnbd import __version__, volume
+from cloudnbd import __version__, config, volume
 from cloudnbd.backends import BACKENDS, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
 from cloudnbd.codec import ScryptParams
@@ -37,6 +37,38 @@ def _store_options(args: argparse.Namespace) -> StoreOptions:
         interactive=sys.stdin.isatty(),
         retry=RetryPolicy(deadline=args.timeout),
     )
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    """Fill args with effective settings: command line, then config files, then defaults.
+
+    Commands that take `BACKEND|NAME [VOLUME]` accept the name of a volume defined in
+    the config directory instead of a backend and location.
+    """
+    cli = {key: getattr(args, key) for key in config.SETTINGS if hasattr(args, key)}
+    name = None
+    if hasattr(args, "target"):
+        if args.volume is None:
+            name = args.target
+        elif args.target not in BACKENDS:
+            raise UsageError(f"unknown backend {args.target!r}: choose one of "
+                             f"{', '.join(BACKENDS)}, or give the NAME of a configured "
+                             f"volume alone")
+        else:
+            cli["backend"], cli["location"] = args.target, args.volume
+    elif hasattr(args, "backend"):
+        cli["backend"] = args.backend
+    settings = config.effective(name, cli, args.config_dir)
+    args.settings = settings
+    args.config_name = name
+    for key, value in settings.items():
+        if key == "location":
+            continue
+        if hasattr(args, key) or key not in ("backend",):
+            setattr(args, key, value.value)
+    if hasattr(args, "target"):
+        args.backend = settings["backend"].value
+        args.volume = settings["location"].value
 
 
 def _store(args: argparse.Namespace, location: str | None = None) -> ObjectStore:
@@ -365,6 +397,14 @@ def cmd_status(args: argparse.Namespace) -> None:
           f"fetch, {status['integrity_errors']} integrity")
 
 
+def cmd_config(args: argparse.Namespace) -> None:
+    settings = config.effective(args.name, {}, args.config_dir)
+    width = max(len(key) for key in settings)
+    for key, value in settings.items():
+        shown = "" if value.value is None else str(value.value)
+        print(f"{key:<{width}}  {shown:<30}  {value.source}")
+
+
 def _progress_callback(label: str) -> tuple[Progress, Callable[[int, int], None]]:
     progress = Progress(label, 0)
     return progress, lambda done, total: progress.update(done, total)
@@ -440,29 +480,61 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+def _setting_type(key: str) -> Callable[[str], object]:
+    parse = config.SETTINGS[key].parse
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except (ValueError, UsageError) as exc:
+            reason = exc.message if isinstance(exc, UsageError) else str(exc)
+            raise argparse.ArgumentTypeError(f"{text!r}: {reason}") from None
+    return convert
+
+
+def _add_settings(p: argparse.ArgumentParser, *keys: str) -> None:
+    """Options backed by config.SETTINGS; unset ones fall back to config, then default."""
+    for key in keys:
+        setting = config.SETTINGS[key]
+        flags = ["--" + key.replace("_", "-")]
+        if key == "port":
+            flags.insert(0, "-p")
+        default = "" if setting.default in (None, "") else f" (default {setting.default})"
+        if setting.parse is config._bool:
+            p.add_argument(*flags, dest=key, action="store_const", const=True, default=None,
+                           help=setting.help + default)
+        else:
+            metavar = {config._size: "SIZE", config._positive_int: "N", config._port: "PORT",
+                       config._float: "SECONDS", Path: "PATH"}.get(setting.parse, "VALUE")
+            p.add_argument(*flags, dest=key, type=_setting_type(key), default=None,
+                           metavar=metavar, help=setting.help + default)
+
+
 def _add_store_options(p: argparse.ArgumentParser, location: str | None = "volume") -> None:
     if location is not None:
         p.add_argument("backend", choices=BACKENDS, help="where the volume lives")
         p.add_argument(location, help=LOCATION_HELP)
-    p.add_argument("--endpoint-url", metavar="URL",
-                   help="S3-compatible endpoint (SeaweedFS, Ceph RGW, MinIO); "
-                        "AWS_ENDPOINT_URL works too")
-    p.add_argument("--credentials", type=Path, metavar="FILE",
-                   help="cloudnbd credentials file (default ~/.config/cloudnbd/credentials)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="give up on the cloud after retrying this long (default 60)")
+    _add_settings(p, "endpoint_url", "credentials", "timeout")
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    """BACKEND VOLUME, or the NAME of a volume defined in the config directory."""
+    p.add_argument("target", metavar="BACKEND|NAME",
+                   help="file, s3 or gs; or NAME, a volume defined in "
+                        "/etc/cloudnbd/volumes.d/NAME.conf")
+    p.add_argument("volume", nargs="?", metavar="VOLUME",
+                   help=LOCATION_HELP + " (omitted with NAME)")
+    _add_settings(p, "endpoint_url", "credentials", "timeout")
 
 
 def _add_cache_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", type=Path, metavar="DIR",
-                   help="cache and journal directory (default /var/cache/cloudnbd for "
-                        "root, else $XDG_CACHE_HOME/cloudnbd)")
+    _add_settings(p, "cache")
 
 
 def _add_password_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--password-file", type=Path, metavar="FILE",
-                   help="read the password from FILE (mode 0600); CLOUDNBD_PASSWORD works "
-                        "too; otherwise it is asked on the terminal")
+    p.add_argument("--password-file", dest="password_file", type=Path, default=None,
+                   metavar="FILE", help="read the password from FILE (mode 0600); "
+                   "CLOUDNBD_PASSWORD works too; otherwise it is asked on the terminal")
 
 
 def _add_kdf_option(p: argparse.ArgumentParser) -> None:
@@ -480,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cloudnbd {__version__}")
     parser.add_argument("--debug", action="store_true", help="log debugging detail and "
                         "show tracebacks")
+    parser.add_argument("--config-dir", type=Path, metavar="DIR",
+                        help="where cloudnbd.conf and volumes.d/ live (default "
+                             "/etc/cloudnbd, or $CLOUDNBD_CONFIG_DIR)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, fn: Callable[[argparse.Namespace], None], help_text: str,
@@ -502,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kdf_option(p)
 
     p = command("info", cmd_info, "describe a volume")
-    _add_store_options(p)
+    _add_target(p)
     _add_password_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -534,43 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("open", cmd_open, "serve a volume over NBD",
                 "Unlock a volume and serve it over NBD, in the background unless "
                 "--foreground. Returns once the server accepts connections.")
-    _add_store_options(p)
+    _add_target(p)
     _add_password_option(p)
-    p.add_argument("-p", "--port", type=int, default=10809, help="TCP port (default "
-                   "%(default)s)")
-    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
-                   help="address to listen on (default %(default)s; anything beyond "
-                        "loopback without TLS is warned about)")
-    p.add_argument("--socket", type=Path, metavar="PATH",
-                   help="listen on this Unix socket instead of TCP")
-    p.add_argument("--export-name", default="", metavar="NAME",
-                   help="NBD export name (default: empty, the default export)")
-    p.add_argument("--read-only", action="store_true", help="refuse writes")
-    p.add_argument("--tls", choices=("off", "on", "require"), default="off",
-                   help="STARTTLS with X.509 certificates (default off)")
-    p.add_argument("--tls-cert", type=Path, metavar="FILE")
-    p.add_argument("--tls-key", type=Path, metavar="FILE")
-    p.add_argument("--tls-ca", type=Path, metavar="FILE",
-                   help="CA to verify client certificates against")
-    _add_cache_option(p)
-    p.add_argument("--cache-size", default="2GiB", metavar="SIZE",
-                   help="bound on clean cached chunks (default %(default)s)")
-    p.add_argument("--max-dirty", default="1GiB", metavar="SIZE",
-                   help="bound on data not yet uploaded; past it writes wait "
-                        "(default %(default)s)")
-    p.add_argument("--uploaders", type=int, default=4, metavar="N",
-                   help="uploader processes (default %(default)s)")
-    p.add_argument("--fetchers", type=int, default=2, metavar="N",
-                   help="fetcher processes (default %(default)s)")
-    p.add_argument("--upload-limit", metavar="RATE",
-                   help="cap upload bandwidth, bytes per second with the size suffixes, "
-                        "e.g. 2MB or 2.5MiB (default: no cap)")
-    p.add_argument("--writeback-delay", type=float, default=0.5, metavar="SECONDS",
-                   help="upload a chunk once it has not been written for this long "
-                        "(default %(default)s)")
-    p.add_argument("--flush-timeout", type=float, default=0.0, metavar="SECONDS",
-                   help="fail FLUSH with EIO if the cloud has not taken the data by then "
-                        "(default 0: wait for ever)")
+    _add_settings(p, "port", "bind", "socket", "export_name", "read_only", "tls",
+                  "tls_cert", "tls_key", "tls_ca", "cache", "cache_size", "max_dirty",
+                  "uploaders", "fetchers", "upload_limit", "writeback_delay",
+                  "flush_timeout", "metrics")
     p.add_argument("--force", action="store_true",
                    help="take over a lease left by a machine that is gone")
     p.add_argument("--foreground", action="store_true",
@@ -582,18 +626,18 @@ def build_parser() -> argparse.ArgumentParser:
                 "Stop accepting NBD requests, upload the whole backlog (with a progress "
                 "bar on a terminal) and stop the server. If the cloud cannot be reached "
                 "the data stays in the local journal and the next open resumes.")
-    _add_store_options(p)
+    _add_target(p)
     _add_cache_option(p)
 
     p = command("status", cmd_status, "show what a running volume is doing")
-    _add_store_options(p)
+    _add_target(p)
     _add_cache_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = command("verify", cmd_verify, "download and authenticate every chunk",
                 "Download every stored chunk, check its authentication tag, and list the "
                 "damaged ones. Exits non-zero if any is damaged.")
-    _add_store_options(p)
+    _add_target(p)
     _add_password_option(p)
     p.add_argument("--threads", type=int, default=8, help="parallel downloads (default 8)")
 
@@ -622,6 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="import even if the volume's lease is held (a stale lease)")
 
+    p = command("config", cmd_config, "show the effective settings of a configured "
+                "volume and where each comes from")
+    p.add_argument("name", metavar="NAME", nargs="?",
+                   help="volume defined in volumes.d/NAME.conf (omit for the defaults)")
+
     p = command("list", cmd_list, "list the volumes under a directory or bucket/prefix")
     _add_store_options(p, "location")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -642,6 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="cloudnbd: %(levelname)s: %(message)s")
     try:
+        if args.func is not cmd_config:
+            _resolve(args)
         args.func(args)
     except CloudnbdError as exc:
         if args.debug:
