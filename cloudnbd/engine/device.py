@@ -39,7 +39,14 @@ from pathlib import Path
 from cloudnbd.engine.cache import CleanCache
 from cloudnbd.engine.extents import ChunkExtents, Extent
 from cloudnbd.engine.journal import Journal, Kind
-from cloudnbd.engine.workers import FetchTask, Piece, Result, UploadTask, WorkerPool
+from cloudnbd.engine.workers import (
+    FetchTask,
+    Piece,
+    Result,
+    UploadTask,
+    WorkerPool,
+    wait_for_orphans,
+)
 from cloudnbd.errors import CloudnbdError
 from cloudnbd.metrics import Metrics
 from cloudnbd.nbd.device import BlockDevice, DeviceError
@@ -105,6 +112,7 @@ class Engine(BlockDevice):
                  metrics: Metrics | None = None) -> None:
         self._size = size
         self.chunk_size = chunk_size
+        self.cache_dir = cache_dir
         self.settings = settings
         self.present = present
         self.journal = Journal(cache_dir / "journal", settings.segment_bytes)
@@ -132,6 +140,7 @@ class Engine(BlockDevice):
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Load the cache, replay the journal, start workers and write-back."""
+        wait_for_orphans(self.cache_dir)
         self.cache.open()
         with self._cond:
             for record in self.journal.recover():

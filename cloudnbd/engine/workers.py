@@ -10,6 +10,13 @@ fetch rewrites one clean file), so doing one twice is harmless.
 Only small messages cross the pipes: chunk numbers, sequence numbers and journal
 positions. Chunk data moves through files (journal segments, clean cache files).
 
+A worker must never outlive the front that started it: an orphan finishing an old PUT
+after a new front has uploaded newer data for the same chunk would roll the chunk back.
+So every worker asks the kernel to kill it when its parent dies (PR_SET_PDEATHSIG), and
+holds a shared lock on `workers.lock` in the cache directory for its whole life; a new
+front takes that lock exclusively before it replays the journal (wait_for_orphans), which
+waits out any worker still alive.
+
 Upload task contract (see device.Engine):
 - before its PUT, an uploader fsyncs every journal segment the task reads (journal J1);
 - the new clean file is written to a temporary name and renamed into place before the
@@ -18,6 +25,8 @@ Upload task contract (see device.Engine):
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -214,9 +223,36 @@ class _Worker:
                           f"{exc}")
 
 
+WORKERS_LOCK = "workers.lock"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)  # SIGKILL
+    except (OSError, AttributeError):
+        log.warning("cannot ask to die with the parent; relying on workers.lock")
+
+
+def wait_for_orphans(cache_dir: Path) -> None:
+    """Block until no worker of an earlier front is alive (see the module docstring)."""
+    fd = os.open(cache_dir / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _worker_main(conn: multiprocessing.connection.Connection,
-                 limiter: RateLimiter | None) -> None:
+                 limiter: RateLimiter | None, parent_pid: int) -> None:
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
     config: WorkerConfig = conn.recv()
+    lock_fd = os.open(config.journal_dir.parent / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_SH)  # held until this process exits
     logging.basicConfig(level=config.log_level,
                         format="cloudnbd worker: %(levelname)s: %(message)s")
     worker = _Worker(config, limiter)
@@ -292,7 +328,7 @@ class WorkerPool:
 
     def _spawn(self, kind: str) -> _Handle:
         parent, child = _mp.Pipe(duplex=True)
-        process = _mp.Process(target=_worker_main, args=(child, self.limiter),
+        process = _mp.Process(target=_worker_main, args=(child, self.limiter, os.getpid()),
                               name=f"cloudnbd-{kind}er", daemon=True)
         process.start()
         child.close()
