@@ -1,0 +1,1 @@
+"""The NBD protocol layer: wire format, handshake and transmission, over a BlockDevice."""

@@ -1,0 +1,608 @@
+"""The NBD server: listeners, the fixed-newstyle handshake, and the transmission phase.
+
+Threading model. One thread per connection reads requests; each request runs on a pool
+shared by all connections, so replies go out in whatever order requests finish (a FLUSH
+that waits for the cloud never holds up reads). Replies are written under a per-connection
+send lock, header and payload in one sendmsg. A connection may have at most
+MAX_IN_FLIGHT requests and MAX_IN_FLIGHT_BYTES of payload outstanding; past that its
+reader waits, so a client cannot make the server buffer without bound.
+
+Promises (the NBD protocol document, `doc/proto.md`, is the reference):
+- every request gets exactly one reply, unless its connection is dropped;
+- a request is checked completely (magic, command, flags, bounds, alignment, read-only)
+  before the device sees it; bounds checks use Python integers, so nothing overflows;
+- the payload of a rejected WRITE is read and thrown away so the stream stays in step;
+  one too large to be a sane request drops the connection instead;
+- a bad request magic or a malformed handshake drops only that connection;
+- after shutdown() begins, new requests get ESHUTDOWN and in-flight ones finish.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloudnbd.nbd import protocol as p
+from cloudnbd.nbd.device import BlockDevice, DeviceError
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT_BYTES = 128 * 2**20
+#: a WRITE payload larger than this is not drained but drops the connection
+MAX_DRAIN = 64 * 2**20
+POOL_THREADS = 32
+
+RequestHook = Callable[[str, float], None]
+
+
+class _Disconnect(Exception):
+    """End this connection (protocol violation, abort, or the peer went away)."""
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    mode: str = "off"  # off | on | require
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    def context(self) -> ssl.SSLContext | None:
+        if self.mode == "off":
+            return None
+        if self.cert is None or self.key is None:
+            raise ValueError("TLS needs a certificate and a key")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        if self.ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.ca)
+        return context
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    while view:
+        got = sock.recv_into(view)
+        if not got:
+            raise _Disconnect("peer closed the connection")
+        view = view[got:]
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_into(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def _discard(sock: socket.socket, n: int) -> None:
+    scratch = memoryview(bytearray(min(n, 1 << 20)))
+    while n:
+        chunk = scratch[: min(n, len(scratch))]
+        _recv_into(sock, chunk)
+        n -= len(chunk)
+
+
+class NbdServer:
+    """Serves one BlockDevice as one export over TCP and/or a Unix socket."""
+
+    def __init__(self, device: BlockDevice, export_name: str = "", host: str = "127.0.0.1",
+                 port: int | None = 10809, unix_path: Path | None = None,
+                 read_only: bool = False, tls: str = "off", tls_cert: Path | None = None,
+                 tls_key: Path | None = None, tls_ca: Path | None = None,
+                 description: str = "", on_request: RequestHook | None = None) -> None:
+        self.device = device
+        self.export_name = export_name
+        self.host = host
+        self.port = None if unix_path is not None else port
+        self.unix_path = unix_path
+        self.read_only = read_only or device.read_only
+        self.tls = TlsSettings(tls, tls_cert, tls_key, tls_ca)
+        self.tls_context = self.tls.context()
+        self.description = description
+        self.on_request = on_request
+        self.pool = ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="nbd")
+        self._listeners: list[socket.socket] = []
+        self._connections: set[_Connection] = set()
+        self._lock = threading.Lock()
+        self.closing = False
+        self.connections_accepted = 0
+
+    # -- what we advertise -----------------------------------------------------------------
+    @property
+    def transmission_flags(self) -> int:
+        d = self.device
+        f = p.TransmissionFlag.HAS_FLAGS | p.TransmissionFlag.SEND_DF
+        if self.read_only:
+            f |= p.TransmissionFlag.READ_ONLY
+        if d.can_flush:
+            f |= p.TransmissionFlag.SEND_FLUSH
+        if d.can_fua and not self.read_only:
+            f |= p.TransmissionFlag.SEND_FUA
+        if d.can_trim and not self.read_only:
+            f |= p.TransmissionFlag.SEND_TRIM
+        if d.can_zero and not self.read_only:
+            f |= p.TransmissionFlag.SEND_WRITE_ZEROES
+            if d.can_fast_zero:
+                f |= p.TransmissionFlag.SEND_FAST_ZERO
+        if d.can_multi_conn:
+            f |= p.TransmissionFlag.CAN_MULTI_CONN
+        if d.can_cache:
+            f |= p.TransmissionFlag.SEND_CACHE
+        return int(f)
+
+    @property
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    # -- listening -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind and start accepting in background threads."""
+        if self.unix_path is not None:
+            try:
+                self.unix_path.unlink()
+            except FileNotFoundError:
+                pass
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(str(self.unix_path))
+            finally:
+                os.umask(old_umask)
+            self._listen(sock)
+        if self.port is not None:
+            self._warn_if_exposed()
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.host, self.port))
+            except OSError as exc:
+                sock.close()
+                raise DeviceError(exc.errno or errno.EADDRINUSE,
+                                  f"cannot listen on {self.host}:{self.port}: "
+                                  f"{exc.strerror}") from None
+            self.port = sock.getsockname()[1]
+            self._listen(sock)
+
+    def _warn_if_exposed(self) -> None:
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = self.host == "localhost"
+        if not loopback and self.tls.mode != "require":
+            log.warning("serving on %s without required TLS: anyone who can reach this "
+                        "address can read and write the volume", self.host)
+
+    def _listen(self, sock: socket.socket) -> None:
+        sock.listen(64)
+        self._listeners.append(sock)
+        threading.Thread(target=self._accept, args=(sock,), name="nbd-accept",
+                         daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self.closing:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            if self.closing:
+                sock.close()
+                return
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = _Connection(self, sock)
+            with self._lock:
+                self._connections.add(connection)
+                self.connections_accepted += 1
+            threading.Thread(target=connection.run, name="nbd-conn", daemon=True).start()
+
+    def _forget(self, connection: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+
+    # -- stopping --------------------------------------------------------------------------
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting; let in-flight requests finish (new ones get ESHUTDOWN); then
+        close every connection."""
+        self.closing = True
+        for listener in self._listeners:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        if self.unix_path is not None:
+            try:
+                self.unix_path.unlink()
+            except FileNotFoundError:
+                pass
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            connection.wait_idle(timeout)
+            connection.close()
+        self.pool.shutdown(wait=True)
+
+
+class _Connection:
+    """One client: handshake, then the request loop."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock: socket.socket = sock
+        self.device = server.device
+        self.send_lock = threading.Lock()
+        self.idle = threading.Condition()
+        self.in_flight = 0
+        self.in_flight_bytes = 0
+        self.no_zeroes = False
+        self.structured = False
+        self.meta_base_allocation = False
+        self.block_size_agreed = False
+        self.tls_active = False
+        self.closed = False
+
+    # -- plumbing --------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def send(self, *parts: bytes | bytearray | memoryview) -> None:
+        with self.send_lock:
+            if self.closed:
+                return
+            try:
+                if self.tls_active:
+                    for part in parts:
+                        self.sock.sendall(part)
+                    return
+                views = [memoryview(part).cast("B") for part in parts]
+                while views:
+                    sent = self.sock.sendmsg(views)
+                    while views and sent >= len(views[0]):
+                        sent -= len(views[0])
+                        views.pop(0)
+                    if views and sent:
+                        views[0] = views[0][sent:]
+            except OSError:
+                self.close()
+
+    def run(self) -> None:
+        try:
+            if self.handshake():
+                self.transmission()
+        except _Disconnect as exc:
+            log.debug("connection ended: %s", exc)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("connection failed: %s", exc)
+        except Exception:
+            log.exception("NBD connection failed")
+        finally:
+            self.wait_idle(None)
+            self.close()
+            self.server._forget(self)
+
+    def wait_idle(self, timeout: float | None) -> None:
+        with self.idle:
+            self.idle.wait_for(lambda: self.in_flight == 0, timeout=timeout)
+
+    # -- handshake -------------------------------------------------------------------------
+    def handshake(self) -> bool:
+        """Negotiate options; True when the client entered transmission."""
+        sock = self.sock
+        flags = p.HandshakeFlag.FIXED_NEWSTYLE | p.HandshakeFlag.NO_ZEROES
+        self.send(p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, flags))
+        (client_flags,) = p.CLIENT_FLAGS.unpack(_recv(sock, 4))
+        if client_flags & ~int(p.ClientFlag.FIXED_NEWSTYLE | p.ClientFlag.NO_ZEROES):
+            raise _Disconnect(f"unknown client flags {client_flags:#x}")
+        self.no_zeroes = bool(client_flags & p.ClientFlag.NO_ZEROES)
+        while True:
+            magic, option, length = p.OPTION_HEADER.unpack(_recv(self.sock, 16))
+            if magic != p.IHAVEOPT:
+                raise _Disconnect("bad option magic")
+            if length > p.MAX_OPTION_LENGTH:
+                if length > p.MAX_OPTION_LENGTH * 16:
+                    raise _Disconnect("absurd option length")
+                _discard(self.sock, length)
+                self.reply(option, p.Reply.ERR_TOO_BIG, b"option too long")
+                continue
+            data = _recv(self.sock, length)
+            if self.server.tls.mode == "require" and not self.tls_active and option not in (
+                    p.Option.STARTTLS, p.Option.ABORT):
+                if option == p.Option.EXPORT_NAME:
+                    raise _Disconnect("EXPORT_NAME before the required STARTTLS")
+                self.reply(option, p.Reply.ERR_TLS_REQD, b"TLS is required")
+                continue
+            if self.handle_option(option, data):
+                return True
+
+    def reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        self.send(p.option_reply(option, reply, data))
+
+    def handle_option(self, option: int, data: bytes) -> bool:
+        server = self.server
+        try:
+            if option == p.Option.EXPORT_NAME:
+                name = data.decode("utf-8", errors="strict")
+                if name != server.export_name:
+                    raise _Disconnect(f"unknown export {name!r}")
+                zeroes = b"" if self.no_zeroes else bytes(124)
+                self.send(p.EXPORT_NAME_REPLY.pack(server.device.size,
+                                                   server.transmission_flags) + zeroes)
+                return True
+            if option == p.Option.ABORT:
+                self.reply(option, p.Reply.ACK)
+                raise _Disconnect("client aborted")
+            if option == p.Option.LIST:
+                if data:
+                    self.reply(option, p.Reply.ERR_INVALID, b"LIST takes no data")
+                    return False
+                self.reply(option, p.Reply.SERVER,
+                           p.server_entry(server.export_name, server.description))
+                self.reply(option, p.Reply.ACK)
+                return False
+            if option == p.Option.STARTTLS:
+                return self.starttls(data)
+            if option in (p.Option.INFO, p.Option.GO):
+                return self.info_or_go(option, data)
+            if option == p.Option.STRUCTURED_REPLY:
+                if data:
+                    self.reply(option, p.Reply.ERR_INVALID, b"takes no data")
+                    return False
+                self.structured = True
+                self.reply(option, p.Reply.ACK)
+                return False
+            if option in (p.Option.LIST_META_CONTEXT, p.Option.SET_META_CONTEXT):
+                self.meta_context(option, data)
+                return False
+        except (p.ParseError, UnicodeDecodeError) as exc:
+            self.reply(option, p.Reply.ERR_INVALID, str(exc).encode()[: p.MAX_STRING])
+            return False
+        self.reply(option, p.Reply.ERR_UNSUP, b"option not supported")
+        return False
+
+    def starttls(self, data: bytes) -> bool:
+        context = self.server.tls_context
+        if data:
+            self.reply(p.Option.STARTTLS, p.Reply.ERR_INVALID, b"takes no data")
+        elif context is None:
+            self.reply(p.Option.STARTTLS, p.Reply.ERR_POLICY, b"TLS is not configured")
+        elif self.tls_active:
+            self.reply(p.Option.STARTTLS, p.Reply.ERR_INVALID, b"TLS is already active")
+        else:
+            self.reply(p.Option.STARTTLS, p.Reply.ACK)
+            try:
+                self.sock = context.wrap_socket(self.sock, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                raise _Disconnect(f"TLS handshake failed: {exc}") from None
+            self.tls_active = True
+            # the spec resets option state negotiated before TLS
+            self.structured = False
+            self.meta_base_allocation = False
+        return False
+
+    def info_or_go(self, option: int, data: bytes) -> bool:
+        name, requests = p.parse_info_request(data)
+        server = self.server
+        if name != server.export_name:
+            self.reply(option, p.Reply.ERR_UNKNOWN, f"no export {name!r}".encode())
+            return False
+        device = server.device
+        self.reply(option, p.Reply.INFO, p.info_export(device.size, server.transmission_flags))
+        for info in set(requests):
+            if info == p.Info.NAME:
+                self.reply(option, p.Reply.INFO, p.info_name(server.export_name))
+            elif info == p.Info.DESCRIPTION:
+                self.reply(option, p.Reply.INFO, p.info_description(server.description))
+            elif info == p.Info.BLOCK_SIZE:
+                self.reply(option, p.Reply.INFO, p.info_block_size(*device.block_size))
+        self.reply(option, p.Reply.ACK)
+        if option == p.Option.GO:
+            self.block_size_agreed = p.Info.BLOCK_SIZE in requests
+            return True
+        return False
+
+    def meta_context(self, option: int, data: bytes) -> None:
+        name, queries = p.parse_meta_context_request(data)
+        if option == p.Option.SET_META_CONTEXT and not self.structured:
+            self.reply(option, p.Reply.ERR_INVALID, b"structured replies first")
+            return
+        if name != self.server.export_name:
+            self.reply(option, p.Reply.ERR_UNKNOWN, f"no export {name!r}".encode())
+            return
+        listing = option == p.Option.LIST_META_CONTEXT
+        wanted = any(q == p.BASE_ALLOCATION or (listing and q == "base:") for q in queries)
+        if listing and not queries:
+            wanted = True
+        if option == p.Option.SET_META_CONTEXT:
+            self.meta_base_allocation = wanted and self.device.can_extents
+        if wanted and self.device.can_extents:
+            self.reply(option, p.Reply.META_CONTEXT,
+                       p.meta_context(p.BASE_ALLOCATION_ID, p.BASE_ALLOCATION))
+        self.reply(option, p.Reply.ACK)
+
+    # -- transmission ----------------------------------------------------------------------
+    def transmission(self) -> None:
+        header = bytearray(p.REQUEST.size)
+        header_view = memoryview(header)
+        while True:
+            _recv_into(self.sock, header_view)
+            magic, flags, command, handle, offset, length = p.REQUEST.unpack(header)
+            if magic != p.REQUEST_MAGIC:
+                raise _Disconnect(f"bad request magic {magic:#x}")
+            if command == p.Command.DISC:
+                self.wait_idle(None)
+                raise _Disconnect("client disconnected")
+            payload: bytearray | None = None
+            error = self.check(command, flags, offset, length)
+            if command == p.Command.WRITE:
+                if length > MAX_DRAIN:
+                    raise _Disconnect("write payload too large to be drained")
+                if error:
+                    _discard(self.sock, length)
+                else:
+                    payload = bytearray(length)
+                    self._reserve(length)
+                    try:
+                        _recv_into(self.sock, memoryview(payload))
+                    except BaseException:
+                        self._release(length)
+                        raise
+            elif not error:
+                self._reserve(length if command == p.Command.READ else 0)
+            if error:
+                self.send_error(handle, error)
+                continue
+            nbytes = length if command in (p.Command.READ, p.Command.WRITE) else 0
+            self.server.pool.submit(self.execute, command, flags, handle, offset, length,
+                                    payload, nbytes)
+
+    def _reserve(self, nbytes: int) -> None:
+        with self.idle:
+            self.idle.wait_for(lambda: self.in_flight < MAX_IN_FLIGHT and (
+                self.in_flight_bytes + nbytes <= MAX_IN_FLIGHT_BYTES or not self.in_flight))
+            self.in_flight += 1
+            self.in_flight_bytes += nbytes
+
+    def _release(self, nbytes: int) -> None:
+        with self.idle:
+            self.in_flight -= 1
+            self.in_flight_bytes -= nbytes
+            self.idle.notify_all()
+
+    def check(self, command: int, flags: int, offset: int, length: int) -> int:
+        """0 if the request may reach the device, else the errno to answer with."""
+        if self.server.closing:
+            return p.ESHUTDOWN
+        try:
+            cmd = p.Command(command)
+        except ValueError:
+            return p.EINVAL
+        if flags & ~int(p.ALLOWED_FLAGS[cmd]):
+            return p.EINVAL
+        device = self.device
+        if cmd == p.Command.FLUSH:
+            return p.EINVAL if offset or length else 0
+        writes = (p.Command.WRITE, p.Command.TRIM, p.Command.WRITE_ZEROES)
+        if cmd in writes and self.server.read_only:
+            return p.EPERM
+        if flags & p.CommandFlag.DF and not self.structured:
+            return p.EINVAL
+        if cmd == p.Command.BLOCK_STATUS and not self.meta_base_allocation:
+            return p.EINVAL
+        if length == 0:
+            return p.EINVAL
+        if offset + length > device.size:
+            return p.ENOSPC if cmd in (p.Command.WRITE, p.Command.WRITE_ZEROES) else p.EINVAL
+        minimum, _, maximum = device.block_size
+        if cmd in (p.Command.READ, p.Command.WRITE) and length > maximum:
+            return p.EINVAL
+        if self.block_size_agreed and cmd != p.Command.BLOCK_STATUS and (
+                offset % minimum or length % minimum):
+            return p.EINVAL
+        return 0
+
+    def send_error(self, handle: int, error: int, message: str = "") -> None:
+        if self.structured:
+            self.send(p.structured_error(handle, error, message))
+        else:
+            self.send(p.simple_reply(handle, error))
+
+    def execute(self, command: int, flags: int, handle: int, offset: int, length: int,
+                payload: bytearray | None, nbytes: int) -> None:
+        started = time.monotonic()
+        try:
+            self._execute(command, flags, handle, offset, length, payload)
+        except DeviceError as exc:
+            code = exc.errno if exc.errno in p.WIRE_ERRNOS else p.EIO
+            log.warning("%s at %d+%d failed: %s", p.Command(command).name, offset, length,
+                        exc)
+            self.send_error(handle, code, str(exc))
+        except Exception as exc:
+            log.exception("%s at %d+%d failed", p.Command(command).name, offset, length)
+            self.send_error(handle, p.EIO, str(exc))
+        finally:
+            self._release(nbytes)
+            hook = self.server.on_request
+            if hook is not None:
+                hook(p.Command(command).name.lower(), time.monotonic() - started)
+
+    def _execute(self, command: int, flags: int, handle: int, offset: int, length: int,
+                 payload: bytearray | None) -> None:
+        device = self.device
+        fua = bool(flags & p.CommandFlag.FUA)
+        if command == p.Command.READ:
+            buf = bytearray(length)
+            device.pread_into(memoryview(buf), offset)
+            if self.structured:
+                header = p.structured_header(handle, p.ChunkType.OFFSET_DATA, 8 + length,
+                                             True)
+                self.send(header, struct.pack(">Q", offset), buf)
+            else:
+                self.send(p.simple_reply(handle), buf)
+            return
+        if command == p.Command.WRITE:
+            assert payload is not None
+            device.pwrite(memoryview(payload), offset, fua)
+        elif command == p.Command.FLUSH:
+            device.flush()
+        elif command == p.Command.TRIM:
+            device.trim(offset, length, fua)
+        elif command == p.Command.WRITE_ZEROES:
+            fast = bool(flags & p.CommandFlag.FAST_ZERO)
+            device.zero(offset, length, fua, may_trim=not flags & p.CommandFlag.NO_HOLE,
+                        fast=fast)
+        elif command == p.Command.CACHE:
+            device.cache(offset, length)
+        elif command == p.Command.BLOCK_STATUS:
+            self.block_status(handle, flags, offset, length)
+            return
+        self.send(p.simple_reply(handle) if not self.structured else
+                  p.structured_header(handle, p.ChunkType.NONE, 0, True))
+
+    def block_status(self, handle: int, flags: int, offset: int, length: int) -> None:
+        extents = [(n, f & (p.STATE_HOLE | p.STATE_ZERO))
+                   for n, f in self.device.extents(offset, length) if n > 0]
+        if not extents:
+            extents = [(length, 0)]
+        if flags & p.CommandFlag.REQ_ONE:
+            extents = extents[:1]
+        payload = p.block_status_payload(p.BASE_ALLOCATION_ID, extents)
+        self.send(p.structured_header(handle, p.ChunkType.BLOCK_STATUS, len(payload), True),
+                  payload)
+
+
+def main() -> None:
+    """Serve an in-memory device: `python -m cloudnbd.nbd.server SIZE PORT` (tests)."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    from cloudnbd.nbd.device import MemoryDevice
+
+    size, port = int(sys.argv[1]), int(sys.argv[2])
+    server = NbdServer(MemoryDevice(size), port=port)
+    server.start()
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
