@@ -124,7 +124,7 @@ class _EngineCollector(Collector):
         ratio = stats.upload_bytes / stats.upload_wire_bytes if stats.upload_wire_bytes else 1
         yield gauge("cloudnbd_compression_ratio",
                     "Plain bytes uploaded per byte sent (higher is better).", ratio)
-        cache = engine.cache
+        cache = engine.clean
         yield gauge("cloudnbd_cache_bytes", "Bytes of clean chunks cached locally.",
                     cache.bytes)
         yield gauge("cloudnbd_cache_limit_bytes", "The --cache-size bound.", cache.max_bytes)

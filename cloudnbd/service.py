@@ -212,10 +212,10 @@ class Service:
             "upload_errors": stats.upload_errors,
             "fetch_errors": stats.fetch_errors,
             "integrity_errors": stats.integrity_errors,
-            "cache_bytes": self.engine.cache.bytes,
-            "cache_limit": self.engine.cache.max_bytes,
-            "cache_hits": self.engine.cache.hits,
-            "cache_misses": self.engine.cache.misses,
+            "cache_bytes": self.engine.clean.bytes,
+            "cache_limit": self.engine.clean.max_bytes,
+            "cache_hits": self.engine.clean.hits,
+            "cache_misses": self.engine.clean.misses,
             "worker_pids": {kind: self.engine.pool.pids(kind) for kind in ("upload", "fetch")},
         }
 

@@ -48,7 +48,7 @@ def test_random_workload_matches_a_model_through_clean_close(tmp_path: Path) -> 
     assert not list((rig.cache_dir / "journal").iterdir())
     engine = rig.reopen()
     assert rig.read(0, size) == model
-    assert engine.cache.bytes > 0  # a clean stop keeps the clean cache
+    assert engine.clean.bytes > 0  # a clean stop keeps the clean cache
 
 
 def test_unflushed_writes_survive_a_process_crash(tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ class Engine(BlockDevice):
         self.settings = settings
         self.present = present
         self.journal = Journal(cache_dir / "journal", settings.segment_bytes)
-        self.cache = CleanCache(cache_dir, settings.cache_bytes)
+        self.clean = CleanCache(cache_dir, settings.cache_bytes)
         self.pool = make_pool(self._on_result)
         self.stats = EngineStats()
         self.metrics = metrics
@@ -141,7 +141,7 @@ class Engine(BlockDevice):
     def start(self) -> None:
         """Load the cache, replay the journal, start workers and write-back."""
         wait_for_orphans(self.cache_dir)
-        self.cache.open()
+        self.clean.open()
         with self._cond:
             for record in self.journal.recover():
                 self._apply(record.kind, record.offset, record.length, record.seq,
@@ -189,7 +189,7 @@ class Engine(BlockDevice):
         if clean and not self.dirty:
             self.journal.reset()
         self.journal.close()
-        self.cache.mark_clean_shutdown()
+        self.clean.mark_clean_shutdown()
 
     # -- BlockDevice: properties -----------------------------------------------------------
     @property
@@ -318,16 +318,16 @@ class Engine(BlockDevice):
                 pieces = extents.overlapping(within, end) if extents else []
                 covered = sum(p.end - p.start for p in pieces) == len(out)
                 if not covered:
-                    if self.cache.touch(index):
-                        base_fd = os.open(self.cache.path(index), os.O_RDONLY)
-                        self.cache.hits += 1
+                    if self.clean.touch(index):
+                        base_fd = os.open(self.clean.path(index), os.O_RDONLY)
+                        self.clean.hits += 1
                     elif not self.present[index]:
                         pass  # never written, or deleted when it became zeros
                     elif index in self._uploading:
                         self._cond.wait()  # E2: its clean file is about to appear
                         continue
                     else:
-                        self.cache.misses += 1
+                        self.clean.misses += 1
                         waiter = self._request_fetch_locked(index)
                 if waiter is None:
                     segments = {p.segment for p in pieces if not p.zero}
@@ -377,7 +377,7 @@ class Engine(BlockDevice):
             for index in indexes:
                 if index * self.chunk_size >= self._size:
                     break
-                if (self.present[index] and index not in self.cache
+                if (self.present[index] and index not in self.clean
                         and index not in self._uploading and index not in self._fetching):
                     self._request_fetch_locked(index)
 
@@ -433,7 +433,7 @@ class Engine(BlockDevice):
         extents = self.dirty[index]
         if extents.covers(self.chunk_size):
             base = "zero"
-        elif index in self.cache:
+        elif index in self.clean:
             base = "clean"
         elif self.present[index]:
             base = "cloud"
@@ -445,7 +445,7 @@ class Engine(BlockDevice):
                                 for e in extents.extents))
         segments = extents.segments()
         self.journal.pin(segments)
-        self.cache.pin(index)  # C4: its clean file is about to be replaced
+        self.clean.pin(index)  # C4: its clean file is about to be replaced
         self._uploading[index] = _Upload(task, segments)
         self.pool.submit(task)
 
@@ -461,7 +461,7 @@ class Engine(BlockDevice):
         index = result.index
         upload = self._uploading.pop(index)
         self.journal.unpin(upload.segments)
-        self.cache.unpin(index)
+        self.clean.unpin(index)
         self.stats.retries += result.retries
         if result.outcome == "error":
             self.stats.upload_errors += 1
@@ -483,13 +483,13 @@ class Engine(BlockDevice):
         self.journal.account({}, released)
         if result.outcome == "stored":
             self.present[index] = 1
-            self.cache.added(index, result.size)
+            self.clean.added(index, result.size)
             self.stats.uploads += 1
             self.stats.upload_bytes += result.size
             self.stats.upload_wire_bytes += result.wire_bytes
         else:
             self.present[index] = 0
-            self.cache.discard(index)
+            self.clean.discard(index)
             self.stats.deletes += 1
 
     def _fetch_done_locked(self, result: Result) -> None:
@@ -498,7 +498,7 @@ class Engine(BlockDevice):
         if result.outcome == "cached":
             if self.metrics is not None:
                 self.metrics.fetch_seconds.observe(result.seconds)
-            self.cache.added(result.index, result.size)
+            self.clean.added(result.index, result.size)
             self.stats.fetches += 1
             self.stats.fetch_wire_bytes += result.wire_bytes
         elif result.outcome == "absent":
