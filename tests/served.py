@@ -1,0 +1,133 @@
+"""Run cloudnbd for tests: the real `cloudnbd open --foreground` as a subprocess on a Unix
+socket (no port races), or the NBD layer alone over a MemoryDevice in this process.
+
+Readiness comes from the server itself (--ready-fd), never from sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from cloudnbd.nbd.device import MemoryDevice
+from cloudnbd.nbd.server import NbdServer
+
+CLI = [sys.executable, "-m", "cloudnbd"]
+KDF = ["--kdf-cost", "10"]
+
+
+def cloudnbd(*args: str, env: dict[str, str] | None = None, check: bool = True,
+             input_text: str | None = None, timeout: float = 300
+             ) -> subprocess.CompletedProcess[str]:
+    """Run the cloudnbd command; with check, fail the test with its stderr if it fails."""
+    result = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env,
+                            input=input_text, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"cloudnbd {' '.join(args)} exited {result.returncode}:\n"
+                             f"{result.stdout}{result.stderr}")
+    return result
+
+
+@dataclass
+class Served:
+    """A running `cloudnbd open` and how to reach and stop it."""
+
+    backend: str
+    location: str
+    socket: Path
+    cache: Path
+    password_file: Path
+    process: subprocess.Popen[bytes]
+    store_args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
+
+    def cli(self, command: str, *args: str, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        return cloudnbd(command, self.backend, self.location, *self.store_args, *args,
+                        env=self.env, check=check)
+
+    def close(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = self.cli("close", "--cache", str(self.cache), *args, check=check)
+        if result.returncode == 0:
+            self.process.wait(timeout=60)
+        return result
+
+    def kill(self) -> None:
+        """kill -9 the front process (its workers die with it)."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=60)
+
+    def status(self) -> dict[str, object]:
+        import json
+
+        return json.loads(self.cli("status", "--cache", str(self.cache), "--json").stdout)
+
+
+def start(tmp: Path, backend: str, location: str, password_file: Path, *extra: str,
+          store_args: list[str] | None = None, env: dict[str, str] | None = None,
+          cache: Path | None = None) -> Served:
+    """`cloudnbd open --foreground` on a Unix socket; returns once it accepts."""
+    socket_path = tmp / f"nbd-{os.urandom(3).hex()}.sock"
+    cache = cache or tmp / "cache"
+    read_end, write_end = os.pipe()
+    args = [*CLI, "open", backend, location, *(store_args or []), "--foreground",
+            "--socket", str(socket_path), "--cache", str(cache), "--password-file",
+            str(password_file), "--ready-fd", str(write_end), *extra]
+    log = open(tmp / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
+    process = subprocess.Popen(args, pass_fds=(write_end,), stdout=log, stderr=log, env=env)
+    os.close(write_end)
+    with os.fdopen(read_end) as ready:
+        answer = ready.readline().strip()
+    if answer != "ready":
+        process.wait(timeout=60)
+        raise AssertionError(f"server did not start ({answer!r}):\n"
+                             f"{(tmp / 'server.log').read_text()}")
+    return Served(backend, location, socket_path, cache, password_file, process,
+                  store_args or [], env)
+
+
+def make_password_file(tmp: Path, text: str = "correct horse battery") -> Path:
+    path = tmp / "password"
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> Path:
+    return make_password_file(tmp_path)
+
+
+@pytest.fixture
+def served(tmp_path: Path, password_file: Path) -> Iterator[Served]:
+    """A fresh 1 GiB file-backend volume, served."""
+    location = str(tmp_path / "bucket" / "vol")
+    cloudnbd("init", "file", location, "1GiB", "--password-file", str(password_file), *KDF)
+    server = start(tmp_path, "file", location, password_file, "--writeback-delay", "0.2")
+    yield server
+    if server.process.poll() is None:
+        server.close(check=False)
+        if server.process.poll() is None:
+            server.kill()
+
+
+@pytest.fixture
+def memory_server(tmp_path: Path) -> Iterator[tuple[NbdServer, MemoryDevice, str]]:
+    """The NBD layer alone over a 64 MiB MemoryDevice, in this process."""
+    device = MemoryDevice(64 * 2**20)
+    server = NbdServer(device, unix_path=tmp_path / "mem.sock", description="memory")
+    server.start()
+    yield server, device, f"nbd+unix:///?socket={tmp_path / 'mem.sock'}"
+    threading.Thread(target=server.shutdown, daemon=True).start()
