@@ -214,9 +214,8 @@ class NbdServer:
             self._connections.discard(connection)
 
     # -- stopping --------------------------------------------------------------------------
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Stop accepting; let in-flight requests finish (new ones get ESHUTDOWN); then
-        close every connection."""
+    def stop_accepting(self) -> None:
+        """No new connections; requests that arrive from now on get ESHUTDOWN."""
         self.closing = True
         for listener in self._listeners:
             try:
@@ -229,6 +228,12 @@ class NbdServer:
                 self.unix_path.unlink()
             except FileNotFoundError:
                 pass
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting; let in-flight requests finish (new ones get ESHUTDOWN); then
+        close every connection."""
+        if not self.closing:
+            self.stop_accepting()
         with self._lock:
             connections = list(self._connections)
         for connection in connections:
