@@ -100,6 +100,6 @@ def test_plain_client_is_refused_when_tls_is_required(tls_server: NbdServer) -> 
     raw._recv_exact(sock, 18)
     sock.sendall(struct.pack(">I", 3))
     sock.sendall(struct.pack(">QII", raw.IHAVEOPT, raw.OPT_GO, 6) + bytes(6))
-    _, _, reply, length = struct.unpack(">QIII", raw._recv_exact(sock, 20))
+    _, _, reply, _ = struct.unpack(">QIII", raw._recv_exact(sock, 20))
     assert reply == 0x80000005
     sock.close()
