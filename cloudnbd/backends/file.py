@@ -139,14 +139,10 @@ class FileStore(ObjectStore):
             raise self._fail(f"stat {key}", exc) from exc
 
     def check(self) -> None:
-        # The "bucket" is the nearest existing ancestor: like a bucket, it must exist;
-        # the volume's own directory is created on first write.
-        parent = self.root
-        while not parent.exists():
-            if parent.parent == parent:
-                break
-            parent = parent.parent
+        # The volume's parent directory plays the bucket: like a bucket, it must exist
+        # already; the volume's own directory is created on first write.
+        parent = self.root.absolute().parent
         if not parent.is_dir():
-            raise BackendError(f"{self.description}: {parent} is not a directory")
+            raise BackendError(f"{self.description}: directory {parent} does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise BackendError(f"{self.description}: permission denied on {parent}")

@@ -1,0 +1,133 @@
+"""Google Cloud Storage through google-cloud-storage.
+
+Application default credentials, or a service-account key file. With
+STORAGE_EMULATOR_HOST set (fake-gcs-server, the official emulator) the client talks to
+the emulator without credentials. The library's own retries are off (retry=None on every
+call); ObjectStore.retrying retries instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import google.api_core.exceptions as gexc
+import google.auth.exceptions
+import requests.exceptions
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from google.resumable_media import DataCorruption
+
+from cloudnbd.backends.base import ObjectInfo, ObjectStore, RetryPolicy
+from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
+
+T = TypeVar("T")
+_TIMEOUT = (10, 60)
+_TEMPORARY = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
+              gexc.ServiceUnavailable, gexc.GatewayTimeout, requests.exceptions.ConnectionError,
+              requests.exceptions.ChunkedEncodingError, requests.exceptions.Timeout,
+              google.auth.exceptions.TransportError, DataCorruption, ConnectionError)
+
+
+class GCSStore(ObjectStore):
+    """Objects under gs://bucket/prefix/."""
+
+    def __init__(self, bucket: str, prefix: str, credentials_file: Path | None = None,
+                 retry: RetryPolicy | None = None) -> None:
+        super().__init__(retry)
+        self.prefix = prefix.strip("/")
+        self.bucket_name = bucket
+        self.description = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
+        try:
+            if os.environ.get("STORAGE_EMULATOR_HOST"):
+                self.client = storage.Client(project="cloudnbd",
+                                             credentials=AnonymousCredentials())
+            elif credentials_file is not None:
+                self.client = storage.Client.from_service_account_json(str(credentials_file))
+            else:
+                self.client = storage.Client()
+        except google.auth.exceptions.DefaultCredentialsError:
+            raise BackendError("no Google Cloud credentials found: set up application "
+                               "default credentials (gcloud auth application-default "
+                               "login) or give a service-account key file") from None
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"cannot load Google Cloud credentials: {exc}") from None
+        self.bucket: Any = self.client.bucket(bucket)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def is_temp_failure(self, exc: BaseException) -> bool:
+        return isinstance(exc, _TEMPORARY)
+
+    def _call(self, what: str, key: str | None, fn: Callable[[], T]) -> T:
+        where = f"{self.description}: {what}" + (f" {key}" if key else "")
+        try:
+            return self.retrying(what, fn)
+        except gexc.NotFound as exc:
+            if key is None or ("bucket" in str(exc).lower() and "does not exist" in str(exc)):
+                raise BackendError(f"{self.description}: bucket {self.bucket_name!r} does "
+                                   f"not exist") from None
+            raise ObjectNotFound(f"{where}: no such object") from None
+        except gexc.PreconditionFailed:
+            raise PreconditionFailed(f"{where}: already exists") from None
+        except (gexc.Forbidden, gexc.Unauthorized) as exc:
+            raise BackendError(f"{where}: permission denied: {exc.message}") from None
+        except gexc.GoogleAPICallError as exc:
+            raise BackendError(f"{where}: {exc.code}: {exc.message}") from None
+        except google.auth.exceptions.GoogleAuthError as exc:
+            raise BackendError(f"{where}: authentication failed: {exc}") from None
+
+    def get(self, key: str) -> bytes:
+        blob = self.bucket.blob(self._key(key))
+        return self._call("GET", key, lambda: blob.download_as_bytes(
+            retry=None, timeout=_TIMEOUT, checksum="crc32c"))
+
+    def put(self, key: str, data: bytes) -> None:
+        blob = self.bucket.blob(self._key(key))
+        self._call("PUT", key, lambda: blob.upload_from_string(
+            data, content_type="application/octet-stream", retry=None, timeout=_TIMEOUT,
+            checksum="crc32c"))
+
+    def put_if_absent(self, key: str, data: bytes) -> None:
+        blob = self.bucket.blob(self._key(key))
+        self._call("conditional PUT", key, lambda: blob.upload_from_string(
+            data, content_type="application/octet-stream", if_generation_match=0,
+            retry=None, timeout=_TIMEOUT, checksum="crc32c"))
+
+    def delete(self, key: str) -> None:
+        blob = self.bucket.blob(self._key(key))
+        try:
+            self._call("DELETE", key, lambda: blob.delete(retry=None, timeout=_TIMEOUT))
+        except ObjectNotFound:
+            pass
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        token: str | None = None
+        while True:
+            def page(token: str | None = token) -> tuple[list[ObjectInfo], str | None]:
+                blobs = self.client.list_blobs(self.bucket_name, prefix=root + prefix,
+                                               page_token=token, retry=None,
+                                               timeout=_TIMEOUT, max_results=1000)
+                found = [ObjectInfo(b.name[len(root):], int(b.size or 0))
+                         for b in next(blobs.pages, [])]
+                return found, blobs.next_page_token
+            found, token = self._call("LIST", None, page)
+            yield from sorted(found, key=lambda info: info.key)
+            if not token:
+                return
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        blob = self._call("HEAD", key, lambda: self.bucket.get_blob(
+            self._key(key), retry=None, timeout=_TIMEOUT))
+        return None if blob is None else ObjectInfo(key, int(blob.size or 0))
+
+    def check(self) -> None:
+        self._call("HEAD bucket", None, lambda: self.client.get_bucket(
+            self.bucket_name, retry=None, timeout=_TIMEOUT))
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,177 @@
+"""Amazon S3 and S3-compatible stores (SeaweedFS, Ceph RGW, MinIO) through boto3.
+
+Credentials come from the SDK's standard chain unless given explicitly; the endpoint from
+--endpoint-url or AWS_ENDPOINT_URL (boto3 reads the variable itself). botocore's own
+retries are off: ObjectStore.retrying retries instead, so every retry is counted and the
+overall deadline is ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from cloudnbd.backends.base import ObjectInfo, ObjectStore, RetryPolicy
+from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
+
+T = TypeVar("T")
+
+_TEMPORARY_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+    "InternalError", "ServiceUnavailable", "ConditionalRequestConflict", "OperationAborted",
+    "RequestLimitExceeded", "BadDigest", "IncompleteBody",
+})
+_PERMISSION_CODES = frozenset({
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+    "InvalidToken", "ExpiredToken", "AccountProblem", "403",
+})
+
+
+def _status(exc: botocore.exceptions.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3Store(ObjectStore):
+    """Objects under s3://bucket/prefix/."""
+
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None,
+                 access_key: str | None = None, secret_key: str | None = None,
+                 retry: RetryPolicy | None = None) -> None:
+        super().__init__(retry)
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.description = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        config = botocore.config.Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=10, read_timeout=60, max_pool_connections=32,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session(aws_access_key_id=access_key,
+                                        aws_secret_access_key=secret_key)
+        self.client: Any = session.client(
+            "s3", endpoint_url=endpoint_url, config=config,
+            region_name=session.region_name or "us-east-1")
+        self.endpoint = self.client.meta.endpoint_url
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    # -- errors ----------------------------------------------------------------------------
+    def is_temp_failure(self, exc: BaseException) -> bool:
+        if isinstance(exc, botocore.exceptions.ClientError):
+            status = _status(exc)
+            return status >= 500 or status == 429 or _code(exc) in _TEMPORARY_CODES
+        return isinstance(exc, botocore.exceptions.ConnectionError
+                          | botocore.exceptions.IncompleteReadError
+                          | botocore.exceptions.ResponseStreamingError
+                          | botocore.exceptions.ReadTimeoutError
+                          | ConnectionError)
+
+    def _call(self, what: str, key: str | None, fn: Callable[[], T]) -> T:
+        try:
+            return self.retrying(what, fn)
+        except botocore.exceptions.ClientError as exc:
+            code, status = _code(exc), _status(exc)
+            where = f"{self.description}: {what}" + (f" {key}" if key else "")
+            if code in ("NoSuchKey", "NotFound") or (status == 404 and key is not None
+                                                     and code != "NoSuchBucket"):
+                raise ObjectNotFound(f"{where}: no such object") from None
+            if code == "NoSuchBucket" or (status == 404 and key is None):
+                raise BackendError(f"{self.description}: bucket {self.bucket!r} does not "
+                                   f"exist") from None
+            if code in _PERMISSION_CODES or status == 403:
+                raise BackendError(f"{where}: permission denied ({code or status}); check "
+                                   f"the credentials and the bucket policy") from None
+            if code == "PreconditionFailed" or status == 412:
+                raise PreconditionFailed(f"{where}: already exists") from None
+            raise BackendError(f"{where}: {code or status}: "
+                               f"{exc.response.get('Error', {}).get('Message', '')}") from None
+        except botocore.exceptions.NoCredentialsError:
+            raise BackendError(f"{self.description}: no AWS credentials found (environment, "
+                               f"~/.aws, or the cloudnbd credentials file)") from None
+        except botocore.exceptions.EndpointConnectionError as exc:
+            raise BackendError(f"{self.description}: cannot reach {self.endpoint}: "
+                               f"{exc}") from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise BackendError(f"{self.description}: {what}: {exc}") from None
+
+    # -- the interface ---------------------------------------------------------------------
+    def get(self, key: str) -> bytes:
+        def fetch() -> bytes:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            body = response["Body"]
+            data: bytes = body.read()
+            if len(data) != response.get("ContentLength", len(data)):
+                raise botocore.exceptions.IncompleteReadError(
+                    actual_bytes=len(data), expected_bytes=response["ContentLength"])
+            return data
+        return self._call("GET", key, fetch)
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call("PUT", key, lambda: self.client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data))
+
+    def put_if_absent(self, key: str, data: bytes) -> None:
+        self._call("conditional PUT", key, lambda: self.client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"))
+
+    def delete(self, key: str) -> None:
+        self._call("DELETE", key, lambda: self.client.delete_object(
+            Bucket=self.bucket, Key=self._key(key)))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        batch: list[str] = []
+        for key in keys:
+            batch.append(key)
+            if len(batch) == 1000:
+                self._delete_batch(batch)
+                batch = []
+        if batch:
+            self._delete_batch(batch)
+
+    def _delete_batch(self, keys: list[str]) -> None:
+        response = self._call("DELETE (batch)", None, lambda: self.client.delete_objects(
+            Bucket=self.bucket,
+            Delete={"Objects": [{"Key": self._key(k)} for k in keys], "Quiet": True}))
+        errors = response.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise BackendError(f"{self.description}: deleting {len(errors)} objects failed, "
+                               f"e.g. {first.get('Key')}: {first.get('Code')}")
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        token: str | None = None
+        while True:
+            args = {"Bucket": self.bucket, "Prefix": root + prefix}
+            if token:
+                args["ContinuationToken"] = token
+            page = self._call("LIST", None, lambda a=args: self.client.list_objects_v2(**a))
+            for item in page.get("Contents", []):
+                yield ObjectInfo(item["Key"][len(root):], int(item["Size"]))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            head = self._call("HEAD", key, lambda: self.client.head_object(
+                Bucket=self.bucket, Key=self._key(key)))
+        except ObjectNotFound:
+            return None
+        return ObjectInfo(key, int(head["ContentLength"]))
+
+    def check(self) -> None:
+        self._call("HEAD bucket", None, lambda: self.client.head_bucket(Bucket=self.bucket))
+
+    def close(self) -> None:
+        self.client.close()
