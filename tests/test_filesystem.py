@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests import served as serving
+from tests.servers import BackendEnv
 
 
 def sh(*args: str) -> str:
@@ -93,11 +94,14 @@ def populate(root: Path) -> None:
 @pytest.mark.parametrize("mkfs", [["mkfs.btrfs", "-q", "-f"], ["mkfs.ext4", "-q", "-F"]],
                          ids=["btrfs", "ext4"])
 def test_filesystem_survives_close_and_reopen_from_the_store(
-        tmp_path: Path, password_file: Path, mkfs: list[str]) -> None:
-    location = str(tmp_path / "bucket" / "vol")
-    serving.cloudnbd("init", "file", location, "1GiB", "--password-file",
-                     str(password_file), *serving.KDF)
-    server = serving.start(tmp_path, "file", location, password_file)
+        tmp_path: Path, password_file: Path, mkfs: list[str], backend_env: BackendEnv
+        ) -> None:
+    backend, location = backend_env.name, backend_env.new_location()
+    store_args, env = backend_env.cli_args, backend_env.env
+    serving.cloudnbd("init", backend, location, "1GiB", *store_args, "--password-file",
+                     str(password_file), *serving.KDF, env=env)
+    server = serving.start(tmp_path, backend, location, password_file,
+                           store_args=store_args, env=env)
     with mounted(server, tmp_path, mkfs) as root:
         populate(root)
         before = checksums(root)
@@ -105,7 +109,8 @@ def test_filesystem_survives_close_and_reopen_from_the_store(
     server.close()
 
     shutil.rmtree(server.cache)  # nothing local: every block must come from the store
-    again = serving.start(tmp_path, "file", location, password_file)
+    again = serving.start(tmp_path, backend, location, password_file,
+                          store_args=store_args, env=env)
     try:
         with mounted(again, tmp_path) as root:
             assert checksums(root) == before
