@@ -3,8 +3,9 @@
 The lease is the object `lease` under the volume root, created with a conditional write
 (If-None-Match: * on S3, ifGenerationMatch=0 on GCS, link() on a directory), so two
 machines racing to open the same volume cannot both win. It names its holder so that the
-refusal can say who has the volume open. A lease left behind by a crash is taken over
-only with --force.
+refusal can say who has the volume open. A lease left behind by a crash of this machine's
+own server (same host, process gone) is taken over with a warning; one held by another
+machine only with --force.
 """
 
 from __future__ import annotations
@@ -55,6 +56,20 @@ def describe_holder(raw: bytes) -> str:
         return "an unknown holder (the lease object is unreadable)"
 
 
+def _left_by_dead_local_process(raw: bytes) -> bool:
+    """True if the lease names this machine and a pid that is not running."""
+    try:
+        holder = json.loads(raw)
+        if holder["host"] != socket.gethostname():
+            return False
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, KeyError, TypeError, PermissionError, OSError):
+        return False
+    return False
+
+
 def holder(store: ObjectStore) -> str | None:
     """Who holds the lease, or None if nobody does."""
     try:
@@ -74,9 +89,15 @@ def acquire(store: ObjectStore, force: bool = False) -> Lease:
     except PreconditionFailed:
         pass
     try:
-        holder = describe_holder(store.get(LEASE_KEY))
+        raw = store.get(LEASE_KEY)
     except ObjectNotFound:  # released between our attempt and now: try once more
         store.put_if_absent(LEASE_KEY, body)
+        return Lease(store, token)
+    holder = describe_holder(raw)
+    if _left_by_dead_local_process(raw):
+        log.warning("taking over the lease left by %s, a process of this machine that no "
+                    "longer runs (it crashed)", holder)
+        store.put(LEASE_KEY, body)
         return Lease(store, token)
     if not force:
         raise VolumeBusy(f"volume is open on {holder}; if that machine is gone for good, "

@@ -82,11 +82,13 @@ class NbdClient:
                                       offset, length) + data)
         return self._handle
 
-    def recv(self, read_length: int = 0) -> tuple[int, int, bytes]:
-        """(handle, error, data) of the next simple reply."""
+    def recv(self, read_length: int | dict[int, int] = 0) -> tuple[int, int, bytes]:
+        """(handle, error, data) of the next simple reply. Replies may come in any order:
+        with several reads in flight, pass {handle: length} to read the right payload."""
         magic, error, handle = struct.unpack(">IIQ", _recv_exact(self.sock, 16))
         assert magic == SIMPLE_REPLY_MAGIC, f"bad reply magic {magic:#x}"
-        data = _recv_exact(self.sock, read_length) if read_length and not error else b""
+        length = read_length.get(handle, 0) if isinstance(read_length, dict) else read_length
+        data = _recv_exact(self.sock, length) if length and not error else b""
         return handle, error, data
 
     def _call(self, command: int, offset: int, length: int, data: bytes = b"",
