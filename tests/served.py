@@ -113,6 +113,7 @@ def password_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def served(tmp_path: Path, password_file: Path) -> Iterator[Served]:
     """A fresh 1 GiB file-backend volume, served."""
+    (tmp_path / "bucket").mkdir()
     location = str(tmp_path / "bucket" / "vol")
     cloudnbd("init", "file", location, "1GiB", "--password-file", str(password_file), *KDF)
     server = start(tmp_path, "file", location, password_file, "--writeback-delay", "0.2")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 
 import pytest
 
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectInfo, RetryPolicy
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed, UsageError
+from tests.proxy import HttpProxy
 from tests.servers import BackendEnv
 
 
@@ -82,11 +82,11 @@ def test_wrong_secret_is_permission_denied(seaweedfs: object, backend_env: Backe
 
 
 def test_transient_errors_are_retried(backend_env: BackendEnv) -> None:
-    """A proxy that answers the first two requests with 503 SlowDown; the store retries."""
+    """A proxy answers the first two requests with 503 SlowDown; the store retries."""
     if backend_env.name == "file":
         return  # nothing between us and a directory to fail
     real = backend_env.options.endpoint_url or os.environ["STORAGE_EMULATOR_HOST"]
-    proxy = FlakyProxy(real, failures=2)
+    proxy = HttpProxy(real, failures=2)
     options = StoreOptions(endpoint_url=proxy.url, retry=RetryPolicy(deadline=20,
                                                                      initial_delay=0.01))
     location = backend_env.new_location()
@@ -105,64 +105,6 @@ def test_transient_errors_are_retried(backend_env: BackendEnv) -> None:
         if backend_env.name == "gs":
             os.environ["STORAGE_EMULATOR_HOST"] = real
         proxy.close()
-
-
-class FlakyProxy:
-    """HTTP/1.1 proxy on loopback that fails the first N requests with 503, then relays."""
-
-    def __init__(self, target: str, failures: int) -> None:
-        host, port = target.removeprefix("http://").rstrip("/").split(":")
-        self.target = (host, int(port))
-        self.failures = failures
-        self.failed = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        if self.failed < self.failures:
-            self.failed += 1
-            client.recv(65536)
-            body = b"<Error><Code>SlowDown</Code><Message>slow down</Message></Error>"
-            client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml"
-                           b"\r\nConnection: close\r\nContent-Length: " +
-                           str(len(body)).encode() + b"\r\n\r\n" + body)
-            client.close()
-            return
-        try:
-            upstream = socket.create_connection(self.target)
-        except OSError:
-            client.close()
-            return
-
-        def pump(src: socket.socket, dst: socket.socket) -> None:
-            try:
-                while data := src.recv(65536):
-                    dst.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for s in (src, dst):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
-        pump(client, upstream)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_malformed_locations_are_usage_errors() -> None:

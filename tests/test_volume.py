@@ -27,6 +27,7 @@ CHUNK = 64 * 1024
 
 @pytest.fixture
 def store(tmp_path: Path) -> FileStore:
+    (tmp_path / "bucket").mkdir()  # the directory that plays the bucket must exist
     return FileStore(tmp_path / "bucket" / "vol")
 
 
@@ -166,6 +167,7 @@ def test_delete_removes_everything(store: FileStore) -> None:
 
 
 def test_find_volumes(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
     for name in ("a", "b/c"):
         volume.create(FileStore(tmp_path / name), 4 * CHUNK, CHUNK, "pw", FAST)
     found = list(volume.find_volumes(FileStore(tmp_path)))
