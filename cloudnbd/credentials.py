@@ -24,7 +24,9 @@ DEFAULT_FILE = Path("~/.config/cloudnbd/credentials")
 
 @dataclass(frozen=True)
 class S3Credentials:
-    access_key: str
+    """A static S3 key pair; its repr shows neither half."""
+
+    access_key: str = field(repr=False)
     secret_key: str = field(repr=False)
 
 
@@ -53,6 +55,22 @@ def save(path: Path, section: str, values: dict[str, str]) -> None:
         parser.write(f)
 
 
+def _option(parser: configparser.ConfigParser, path: Path, section: str, name: str) -> str:
+    value = parser.get(section, name, fallback="").strip()
+    if not value:
+        raise BackendError(f"credentials file {path}: [{section}] has no {name}")
+    return value
+
+
+def _s3_from(parser: configparser.ConfigParser, path: Path) -> S3Credentials:
+    return S3Credentials(_option(parser, path, "s3", "aws_access_key_id"),
+                         _option(parser, path, "s3", "aws_secret_access_key"))
+
+
+def _can_ask(interactive: bool) -> bool:
+    return interactive and sys.stdin.isatty()
+
+
 def _sdk_has_s3_credentials() -> bool:
     import boto3
 
@@ -72,18 +90,15 @@ def s3_credentials(explicit: Path | None, interactive: bool) -> S3Credentials | 
         parser = _read(explicit)
         if not parser.has_section("s3"):
             raise BackendError(f"credentials file {explicit} has no [s3] section")
-        section = parser["s3"]
-        return S3Credentials(section["aws_access_key_id"], section["aws_secret_access_key"])
+        return _s3_from(parser, explicit)
     if _sdk_has_s3_credentials():
         return None
     path = default_file()
     if path.exists():
         parser = _read(path)
         if parser.has_section("s3"):
-            section = parser["s3"]
-            return S3Credentials(section["aws_access_key_id"],
-                                 section["aws_secret_access_key"])
-    if not interactive:
+            return _s3_from(parser, path)
+    if not _can_ask(interactive):
         raise BackendError("no S3 credentials found: set AWS_ACCESS_KEY_ID and "
                            "AWS_SECRET_ACCESS_KEY, configure ~/.aws, or give --credentials "
                            "FILE with an [s3] section")
@@ -115,15 +130,15 @@ def gcs_credentials_file(explicit: Path | None, interactive: bool) -> Path | Non
         parser = _read(explicit)
         if not parser.has_section("gs"):
             raise BackendError(f"credentials file {explicit} has no [gs] section")
-        return Path(parser["gs"]["service_account_file"]).expanduser()
+        return Path(_option(parser, explicit, "gs", "service_account_file")).expanduser()
     if _sdk_has_gcs_credentials():
         return None
     path = default_file()
     if path.exists():
         parser = _read(path)
         if parser.has_section("gs"):
-            return Path(parser["gs"]["service_account_file"]).expanduser()
-    if not interactive:
+            return Path(_option(parser, path, "gs", "service_account_file")).expanduser()
+    if not _can_ask(interactive):
         raise BackendError("no Google Cloud credentials found: run `gcloud auth "
                            "application-default login`, set GOOGLE_APPLICATION_CREDENTIALS, "
                            "or give --credentials FILE with a [gs] section")

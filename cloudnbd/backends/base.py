@@ -82,7 +82,12 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Yield every object whose key starts with prefix, in key order."""
+        """Yield every object whose key starts with prefix, in key order.
+
+        Key order is str order, except that S3-compatible stores built on a directory tree
+        (SeaweedFS) walk it depth first: 'a/x' comes before 'a-b' there. Within one level
+        (all of chunks/, say) the order is the same everywhere.
+        """
 
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo | None:

@@ -4,6 +4,8 @@ Application default credentials, or a service-account key file. With
 STORAGE_EMULATOR_HOST set (fake-gcs-server, the official emulator) the client talks to
 the emulator without credentials. The library's own retries are off (retry=None on every
 call); ObjectStore.retrying retries instead.
+
+Conditional creation is `ifGenerationMatch=0`: 412 means the object exists.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ _TEMPORARY = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
               gexc.ServiceUnavailable, gexc.GatewayTimeout, requests.exceptions.ConnectionError,
               requests.exceptions.ChunkedEncodingError, requests.exceptions.Timeout,
               google.auth.exceptions.TransportError, DataCorruption, ConnectionError)
+# Refused or unroutable: after the deadline, reported as "cannot reach".
+_UNREACHABLE = (requests.exceptions.ConnectionError, google.auth.exceptions.TransportError)
 
 
 class GCSStore(ObjectStore):
@@ -54,7 +58,13 @@ class GCSStore(ObjectStore):
                                "login) or give a service-account key file") from None
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot load Google Cloud credentials: {exc}") from None
+        # google-cloud-storage 3.x looks every bucket up once in a background thread, with
+        # its own retries, to label tracing spans (even with tracing off). That request is
+        # not ours to make: it doubles first-call traffic and hides faults from `retrying`.
+        if getattr(self.client, "_bucket_metadata_cache", None) is not None:
+            self.client._bucket_metadata_cache = None
         self.bucket: Any = self.client.bucket(bucket)
+        self._bucket_seen = False
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -66,8 +76,18 @@ class GCSStore(ObjectStore):
         where = f"{self.description}: {what}" + (f" {key}" if key else "")
         try:
             return self.retrying(what, fn)
+        except BackendError as exc:
+            # retrying gave up on a transient failure; name the usual cause plainly
+            cause = exc.__cause__
+            if isinstance(cause, _UNREACHABLE) and not isinstance(
+                    cause, requests.exceptions.ChunkedEncodingError):
+                raise BackendError(f"{self.description}: cannot reach "
+                                   f"{self.client.api_endpoint} "
+                                   f"({exc.message.partition(': ')[2]})") from None
+            raise
         except gexc.NotFound as exc:
-            if key is None or ("bucket" in str(exc).lower() and "does not exist" in str(exc)):
+            # Only reads and deletes can miss an object; an upload's 404 is the bucket.
+            if key is None or what not in ("GET", "DELETE") or not self._bucket_exists(exc):
                 raise BackendError(f"{self.description}: bucket {self.bucket_name!r} does "
                                    f"not exist") from None
             raise ObjectNotFound(f"{where}: no such object") from None
@@ -79,6 +99,23 @@ class GCSStore(ObjectStore):
             raise BackendError(f"{where}: {exc.code}: {exc.message}") from None
         except google.auth.exceptions.GoogleAuthError as exc:
             raise BackendError(f"{where}: authentication failed: {exc}") from None
+
+    def _bucket_exists(self, exc: gexc.NotFound) -> bool:
+        """Whether the bucket exists, after a 404 on one of its objects.
+
+        A 404 alone does not say which is missing (the emulator answers both with a bare
+        "Not Found"), so the bucket is looked up once per store and the answer kept.
+        """
+        if "bucket does not exist" in str(exc).lower():
+            return False
+        if not self._bucket_seen:
+            try:
+                self.retrying("HEAD bucket", lambda: self.client.get_bucket(
+                    self.bucket_name, retry=None, timeout=_TIMEOUT))
+            except gexc.NotFound:
+                return False
+            self._bucket_seen = True
+        return True
 
     def get(self, key: str) -> bytes:
         blob = self.bucket.blob(self._key(key))
@@ -93,9 +130,30 @@ class GCSStore(ObjectStore):
 
     def put_if_absent(self, key: str, data: bytes) -> None:
         blob = self.bucket.blob(self._key(key))
-        self._call("conditional PUT", key, lambda: blob.upload_from_string(
-            data, content_type="application/octet-stream", if_generation_match=0,
-            retry=None, timeout=_TIMEOUT, checksum="crc32c"))
+        retries = self.retries
+        try:
+            self._call("conditional PUT", key, lambda: blob.upload_from_string(
+                data, content_type="application/octet-stream", if_generation_match=0,
+                retry=None, timeout=_TIMEOUT, checksum="crc32c"))
+        except PreconditionFailed:
+            if self.retries == retries or not self._holds(key, data):
+                raise
+            # An earlier attempt was applied but its answer lost; the object is ours.
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        try:
+            return self.get(key) == data
+        except ObjectNotFound:
+            return False
+
+    def generation(self, key: str) -> int | None:
+        """The object's generation (changes on every write), or None if it is missing.
+
+        For compare-and-swap on top of GCS: a later write can be made conditional on it.
+        """
+        blob = self._call("HEAD", key, lambda: self.bucket.get_blob(
+            self._key(key), retry=None, timeout=_TIMEOUT))
+        return None if blob is None else int(blob.generation)
 
     def delete(self, key: str) -> None:
         blob = self.bucket.blob(self._key(key))

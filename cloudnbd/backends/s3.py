@@ -4,6 +4,11 @@ Credentials come from the SDK's standard chain unless given explicitly; the endp
 --endpoint-url or AWS_ENDPOINT_URL (boto3 reads the variable itself). botocore's own
 retries are off: ObjectStore.retrying retries instead, so every retry is counted and the
 overall deadline is ours.
+
+Conditional creation is `PUT If-None-Match: *` (AWS since 2024, SeaweedFS, MinIO, Ceph RGW):
+412 means the object exists. 409 ConditionalRequestConflict means a concurrent
+conditional write to the same key is in flight; AWS asks to retry, and the retry then
+learns the outcome (created, or 412).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from cloudnbd.backends.base import ObjectInfo, ObjectStore, RetryPolicy
+from cloudnbd.backends.base import ObjectInfo, ObjectStore, RetryPolicy, short_reason
+from cloudnbd.credentials import S3Credentials
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
 
 T = TypeVar("T")
@@ -29,6 +35,11 @@ _PERMISSION_CODES = frozenset({
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
     "InvalidToken", "ExpiredToken", "AccountProblem", "403",
 })
+# Failures of the connection or of a response in transit: worth another attempt.
+# botocore's SSLError is a ConnectionError too, but a bad certificate does not heal.
+_TRANSIENT_TRANSPORT = (botocore.exceptions.ConnectionError,  # refused, connect timeout
+                        botocore.exceptions.HTTPClientError,  # reset, read timeout, stream
+                        botocore.exceptions.IncompleteReadError, ConnectionError)
 
 
 def _status(exc: botocore.exceptions.ClientError) -> int:
@@ -43,7 +54,7 @@ class S3Store(ObjectStore):
     """Objects under s3://bucket/prefix/."""
 
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None,
-                 access_key: str | None = None, secret_key: str | None = None,
+                 credentials: S3Credentials | None = None,
                  retry: RetryPolicy | None = None) -> None:
         super().__init__(retry)
         self.bucket = bucket
@@ -55,8 +66,11 @@ class S3Store(ObjectStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session(aws_access_key_id=access_key,
-                                        aws_secret_access_key=secret_key)
+        # Without explicit credentials the session uses the SDK chain (environment,
+        # ~/.aws, instance roles).
+        session = boto3.session.Session(
+            aws_access_key_id=credentials.access_key if credentials else None,
+            aws_secret_access_key=credentials.secret_key if credentials else None)
         self.client: Any = session.client(
             "s3", endpoint_url=endpoint_url, config=config,
             region_name=session.region_name or "us-east-1")
@@ -70,15 +84,20 @@ class S3Store(ObjectStore):
         if isinstance(exc, botocore.exceptions.ClientError):
             status = _status(exc)
             return status >= 500 or status == 429 or _code(exc) in _TEMPORARY_CODES
-        return isinstance(exc, botocore.exceptions.ConnectionError
-                          | botocore.exceptions.IncompleteReadError
-                          | botocore.exceptions.ResponseStreamingError
-                          | botocore.exceptions.ReadTimeoutError
-                          | ConnectionError)
+        if isinstance(exc, botocore.exceptions.SSLError):
+            return False
+        return isinstance(exc, _TRANSIENT_TRANSPORT)
 
     def _call(self, what: str, key: str | None, fn: Callable[[], T]) -> T:
         try:
             return self.retrying(what, fn)
+        except BackendError as exc:
+            # retrying gave up on a transient failure; name the usual cause plainly
+            if isinstance(exc.__cause__, botocore.exceptions.EndpointConnectionError
+                          | botocore.exceptions.ConnectTimeoutError):
+                raise BackendError(f"{self.description}: cannot reach {self.endpoint} "
+                                   f"({exc.message.partition(': ')[2]})") from None
+            raise
         except botocore.exceptions.ClientError as exc:
             code, status = _code(exc), _status(exc)
             where = f"{self.description}: {what}" + (f" {key}" if key else "")
@@ -98,11 +117,8 @@ class S3Store(ObjectStore):
         except botocore.exceptions.NoCredentialsError:
             raise BackendError(f"{self.description}: no AWS credentials found (environment, "
                                f"~/.aws, or the cloudnbd credentials file)") from None
-        except botocore.exceptions.EndpointConnectionError as exc:
-            raise BackendError(f"{self.description}: cannot reach {self.endpoint}: "
-                               f"{exc}") from None
         except botocore.exceptions.BotoCoreError as exc:
-            raise BackendError(f"{self.description}: {what}: {exc}") from None
+            raise BackendError(f"{self.description}: {what}: {short_reason(exc)}") from None
 
     # -- the interface ---------------------------------------------------------------------
     def get(self, key: str) -> bytes:
@@ -121,8 +137,20 @@ class S3Store(ObjectStore):
             Bucket=self.bucket, Key=self._key(key), Body=data))
 
     def put_if_absent(self, key: str, data: bytes) -> None:
-        self._call("conditional PUT", key, lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"))
+        retries = self.retries
+        try:
+            self._call("conditional PUT", key, lambda: self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"))
+        except PreconditionFailed:
+            if self.retries == retries or not self._holds(key, data):
+                raise
+            # An earlier attempt was applied but its answer lost; the object is ours.
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        try:
+            return self.get(key) == data
+        except ObjectNotFound:
+            return False
 
     def delete(self, key: str) -> None:
         self._call("DELETE", key, lambda: self.client.delete_object(
@@ -149,6 +177,8 @@ class S3Store(ObjectStore):
                                f"e.g. {first.get('Key')}: {first.get('Code')}")
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # Pages by hand rather than with a boto3 paginator so each page is retried on
+        # its own. S3 lists in UTF-8 byte order, which is str order for our ASCII keys.
         root = f"{self.prefix}/" if self.prefix else ""
         token: str | None = None
         while True:
