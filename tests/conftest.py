@@ -1,9 +1,25 @@
-"""Shared fixtures. Server fixtures live in their own modules and are registered here:
+"""Shared fixtures. Server fixtures live in their own modules and are registered here.
 
-- tests/servers.py: `seaweedfs` and `fake_gcs` (real object stores on loopback, one per
-  session), and `backend_env`, which runs a test once per backend (file, s3, gs).
-- tests/served.py: `served` (a real `cloudnbd open` on a file-backend volume, Unix
-  socket), `memory_server` (the NBD layer alone over a MemoryDevice), `password_file`.
+tests/servers.py -- real object stores on loopback, started once per session:
+- `seaweedfs`: SeaweedFS `weed mini` with S3 auth on; `.endpoint` is its S3 URL.
+- `fake_gcs`: fake-gcs-server; `.endpoint` is the value for STORAGE_EMULATOR_HOST.
+- `backend_env`: runs the test once per backend (file, s3, gs); narrow it with
+  `@pytest.mark.parametrize("backend_env", ["s3", "gs"], indirect=True)`. It sets this
+  process's environment through monkeypatch (S3 keys, STORAGE_EMULATOR_HOST) and offers:
+    backend_env.name            "file" | "s3" | "gs", the CLI's BACKEND argument
+    backend_env.new_location()  a fresh, empty location (a unique prefix in an existing
+                                bucket, or a new directory whose parent exists)
+    backend_env.env             environment for a `cloudnbd` subprocess
+    backend_env.cli_args        extra CLI arguments, e.g. ['--endpoint-url', URL]
+    backend_env.options         StoreOptions for open_store() in the test process
+    backend_env.store(loc)      an ObjectStore at loc, to look behind the CLI's back
+  e.g. subprocess.run(["cloudnbd", "init", env.name, env.new_location(), "1GiB",
+  *env.cli_args], env=env.env).
+- `FaultProxy` (a class, not a fixture): an HTTP relay that fails first connections with
+  503, a reset, a lost answer or a truncated body.
+
+tests/served.py: `served` (a real `cloudnbd open` on a file-backend volume, Unix
+socket), `memory_server` (the NBD layer alone over a MemoryDevice), `password_file`.
 """
 
 from tests.served import memory_server, password_file, served
