@@ -245,7 +245,7 @@ def _serve_settings(args: argparse.Namespace) -> object:
         uploaders=args.uploaders, fetchers=args.fetchers,
         upload_limit=parse_size(args.upload_limit, "--upload-limit") if args.upload_limit
         else 0.0,
-        force=args.force, engine=engine)
+        force=args.force, engine=engine, metrics=args.metrics)
 
 
 def _attach_hint(args: argparse.Namespace) -> str:

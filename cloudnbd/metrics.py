@@ -50,6 +50,10 @@ class Metrics:
         self._engine: Engine | None = None
         self._server: object = None
 
+    def observe_request(self, command: str, seconds: float) -> None:
+        """The NBD server's hook: one finished request."""
+        self.nbd_request_seconds.labels(command).observe(seconds)
+
     def attach(self, engine: Engine, server: object) -> None:
         """Expose the engine's and server's own counters at scrape time."""
         self._engine, self._server = engine, server

@@ -34,6 +34,7 @@ from cloudnbd.control import ControlServer
 from cloudnbd.engine.device import Engine, EngineSettings
 from cloudnbd.engine.workers import WorkerConfig, WorkerPool
 from cloudnbd.errors import CloudnbdError
+from cloudnbd.metrics import Metrics
 from cloudnbd.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class ServeSettings:
     threads_per_worker: int = 1
     upload_limit: float = 0.0
     force: bool = False
+    metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint
     engine: EngineSettings = field(default_factory=EngineSettings)
 
 
@@ -166,16 +168,21 @@ class Service:
         self.lease = lease_mod.acquire(self.volume.store, force=self.settings.force)
         try:
             meta = self.volume.meta
-            self.engine = Engine(meta.size, meta.chunk_size, self.cache_dir,
-                                 self._presence_map(), self.settings.engine, self._make_pool)
-            self.engine.start()
             s = self.settings
+            metrics = Metrics() if s.metrics else None
+            self.engine = Engine(meta.size, meta.chunk_size, self.cache_dir,
+                                 self._presence_map(), s.engine, self._make_pool, metrics)
+            self.engine.start()
             self.server = NbdServer(
                 self.engine, export_name=s.export_name, host=s.host, port=s.port,
                 unix_path=s.socket_path, read_only=s.read_only, tls=s.tls,
                 tls_cert=s.tls_cert, tls_key=s.tls_key, tls_ca=s.tls_ca,
-                description=f"cloudnbd volume {self.volume.store.description}")
+                description=f"cloudnbd volume {self.volume.store.description}",
+                on_request=metrics.observe_request if metrics else None)
             self.server.start()
+            if metrics is not None and s.metrics:
+                metrics.attach(self.engine, self.server)
+                metrics.serve(s.metrics)
             self.control = ControlServer(control_socket(self.cache_dir), self._handle)
             self.control.start()
         except BaseException:
