@@ -141,6 +141,9 @@ class GCSStore(ObjectStore):
             # An earlier attempt was applied but its answer lost; the object is ours.
 
     def _holds(self, key: str, data: bytes) -> bool:
+        """Whether key holds exactly data. Used only after a retried conditional PUT met
+        412: then identical bytes mean our lost attempt landed (callers that race put
+        distinct bytes, e.g. a lease naming its holder)."""
         try:
             return self.get(key) == data
         except ObjectNotFound:
