@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,7 +299,8 @@ class FaultProxy:
       "drop"     relay the request to the store, then reset without passing on the answer
                  (the request took effect but the client never learns it);
       "truncate" relay the request and pass on the answer with half of its body missing.
-    `seen` records the request line each fault hit.
+    `seen` records the request line each fault hit. `requests` counts the requests of
+    relayed connections by method (PUT, GET, ...), for benchmarks of request costs.
     """
 
     def __init__(self, target: str, faults: list[str]) -> None:
@@ -306,6 +308,7 @@ class FaultProxy:
         self.target = (host, int(port))
         self.faults = list(faults)
         self.seen: list[str] = []
+        self.requests: Counter[str] = Counter()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -390,8 +393,42 @@ class FaultProxy:
         with upstream:
             other = threading.Thread(target=pump, args=(upstream, client), daemon=True)
             other.start()
-            pump(client, upstream)
+            self._count_and_pump(client, upstream)
             other.join()
+
+    def _count_and_pump(self, src: socket.socket, dst: socket.socket) -> None:
+        """Relay client to store, counting requests: just enough HTTP to find where each
+        request on a kept-alive connection starts (head, then Content-Length body)."""
+        buffer, body_left = b"", 0
+        try:
+            while data := src.recv(1 << 20):
+                dst.sendall(data)
+                buffer += data
+                while True:
+                    if body_left:
+                        taken = min(body_left, len(buffer))
+                        body_left, buffer = body_left - taken, buffer[taken:]
+                        if body_left:
+                            break
+                    end = buffer.find(b"\r\n\r\n")
+                    if end < 0:
+                        break
+                    head, buffer = buffer[:end], buffer[end + 4:]
+                    lines = head.split(b"\r\n")
+                    with self._lock:
+                        self.requests[lines[0].split(b" ", 1)[0].decode()] += 1
+                    for line in lines[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            body_left = int(value.strip())
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 def _read_request(client: socket.socket) -> tuple[bytes, bytes]:
