@@ -10,11 +10,17 @@ demo:            ## set up and serve a demo volume on the local-directory backen
 test:            ## install every test dependency, then run the default suite
 	bash tests/install-deps.sh
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -n 2 -q
+	$(PYTHON) -m pytest -q -m "not slow"
 
 test-slow:       ## the long tiers: crash campaigns, big workloads
 	bash tests/install-deps.sh
-	$(PYTHON) -m pytest -q -m slow
+	$(PYTHON) -m pytest -q -m slow -s
 
 lint:
 	$(PYTHON) -m ruff check .
+
+bench:           ## side-by-side benchmarks; tables go to docs/performance.md by hand
+	bash tests/install-deps.sh
+	$(PYTHON) bench/nbd_local.py
+	$(PYTHON) bench/cloud.py
+	$(PYTHON) bench/chunk_size.py
