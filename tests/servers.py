@@ -309,6 +309,7 @@ class FaultProxy:
         self.faults = list(faults)
         self.seen: list[str] = []
         self.requests: Counter[str] = Counter()
+        self._open: set[socket.socket] = set()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -317,7 +318,19 @@ class FaultProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
+        """Stop listening and cut every relayed connection: the store is gone."""
+        try:  # wakes the thread blocked in accept(); close() alone would not
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
+        with self._lock:
+            open_now = list(self._open)
+        for conn in open_now:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> FaultProxy:
         return self
@@ -390,11 +403,15 @@ class FaultProxy:
                     except OSError:
                         pass
 
+        with self._lock:
+            self._open.update((client, upstream))
         with upstream:
             other = threading.Thread(target=pump, args=(upstream, client), daemon=True)
             other.start()
             self._count_and_pump(client, upstream)
             other.join()
+        with self._lock:
+            self._open.difference_update((client, upstream))
 
     def _count_and_pump(self, src: socket.socket, dst: socket.socket) -> None:
         """Relay client to store, counting requests: just enough HTTP to find where each
