@@ -91,17 +91,34 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return comp
 
 
-def encode_chunk(keys: VolumeKeys, index: int, plain: bytes | memoryview,
+_PROBE = 16 * 1024
+
+
+def _looks_incompressible(plain: bytes | bytearray | memoryview, level: int) -> bool:
+    """True if three samples (start, middle, end) all fail to shrink: then compressing the
+    whole chunk would only burn CPU (random data, encrypted or already compressed files).
+    """
+    if len(plain) < 8 * _PROBE:
+        return False
+    view = memoryview(plain)
+    compressor = _compressor(level)
+    for start in (0, len(plain) // 2, len(plain) - _PROBE):
+        if len(compressor.compress(view[start:start + _PROBE])) < _PROBE * 0.97:
+            return False
+    return True
+
+
+def encode_chunk(keys: VolumeKeys, index: int, plain: bytes | bytearray | memoryview,
                  level: int = DEFAULT_ZSTD_LEVEL, salt: bytes | None = None) -> bytes:
     """Compress (when it helps) and encrypt one chunk for storage as its object.
 
     salt is only for known-answer tests; production callers leave it random.
     """
-    compressed = _compressor(level).compress(plain)
-    if len(compressed) < len(plain):
-        flags, body = FLAG_ZSTD, compressed
-    else:
-        flags, body = 0, plain
+    flags, body = 0, plain
+    if not _looks_incompressible(plain, level):
+        compressed = _compressor(level).compress(plain)
+        if len(compressed) < len(plain):
+            flags, body = FLAG_ZSTD, compressed
     salt = os.urandom(SALT_BYTES) if salt is None else salt
     header = CHUNK_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, flags, 0, salt)
     aead, nonce, binding = _chunk_cipher(keys, index, salt)

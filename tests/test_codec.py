@@ -136,3 +136,10 @@ def test_key_slot_opens_with_its_password_only() -> None:
     with pytest.raises(WrongPassword):  # a slot copied to another volume does not open
         codec.unwrap_master_key(slot, "correct horse", os.urandom(16))
 
+
+
+def test_mostly_compressible_chunk_with_a_random_start_is_still_compressed() -> None:
+    plain = os.urandom(16 * 1024) + bytes(CHUNK * 2 - 16 * 1024)
+    blob = codec.encode_chunk(KEYS, 1, plain)
+    assert blob[5] & codec.FLAG_ZSTD and len(blob) < CHUNK // 2
+    assert codec.decode_chunk(KEYS, 1, blob, CHUNK * 2) == plain
