@@ -4,7 +4,7 @@ PYTHON ?= python3
 .PHONY: demo test test-slow lint bench
 
 demo:            ## set up and serve a demo volume on the local-directory backend
-	$(PYTHON) -m pip install -q .
+	$(PYTHON) -m pip install -q -e .
 	bash contrib/demo.sh
 
 test:            ## install every test dependency, then run the default suite
