@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 
 import zstandard
@@ -81,13 +82,15 @@ def _chunk_cipher(keys: VolumeKeys, index: int, salt: bytes) -> tuple[AESGCM, by
     return AESGCM(okm[:32]), okm[32:], keys.volume_id + _INDEX.pack(index)
 
 
-_compressor_cache: dict[int, zstandard.ZstdCompressor] = {}
+_local = threading.local()
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
-    comp = _compressor_cache.get(level)
+    """This thread's compressor: a ZstdCompressor must not be used by two threads at once."""
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("zstd", {})
+    comp = cache.get(level)
     if comp is None:
-        comp = _compressor_cache[level] = zstandard.ZstdCompressor(level=level)
+        comp = cache[level] = zstandard.ZstdCompressor(level=level)
     return comp
 
 

@@ -143,3 +143,12 @@ def test_mostly_compressible_chunk_with_a_random_start_is_still_compressed() -> 
     blob = codec.encode_chunk(KEYS, 1, plain)
     assert blob[5] & codec.FLAG_ZSTD and len(blob) < CHUNK // 2
     assert codec.decode_chunk(KEYS, 1, blob, CHUNK * 2) == plain
+
+
+def test_encoding_from_many_threads_at_once() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [os.urandom(CHUNK // 2) + bytes(CHUNK // 2) for _ in range(32)]
+    with ThreadPoolExecutor(8) as pool:
+        blobs = list(pool.map(lambda i: codec.encode_chunk(KEYS, i, chunks[i]), range(32)))
+    assert [codec.decode_chunk(KEYS, i, b, CHUNK) for i, b in enumerate(blobs)] == chunks
