@@ -56,19 +56,29 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _free_port_pair() -> int:
-    """A port p such that p and p + 10000 (weed's default gRPC port for p) are both free."""
+def _free_weed_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """Ports for weed's services: consecutive, so that no service port can equal another's
+    gRPC port (service port + 10000, which weed refuses), and all of them and their gRPC
+    ports free."""
+    import random
+
+    rng = random.Random()
     for _ in range(200):
-        port = free_port()
-        if port + 10000 > 65535:
+        base = rng.randrange(20000, 30000 - len(names))
+        wanted = [base + i for i in range(len(names))]
+        probes = []
+        try:
+            for port in wanted + [p + 10000 for p in wanted]:
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+        except OSError:
             continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair")
+        finally:
+            for probe in probes:
+                probe.close()
+        return dict(zip(names, wanted, strict=True))
+    raise RuntimeError("no free block of ports for SeaweedFS")
 
 
 @dataclass
@@ -138,8 +148,7 @@ def start_seaweedfs(directory: Path) -> Server:
         "name": "cloudnbd-tests",
         "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = {name: _free_port_pair() for name in
-             ("s3", "master", "volume", "filer", "webdav", "admin")}
+    ports = _free_weed_ports(("s3", "master", "volume", "filer", "webdav", "admin"))
     (directory / "data").mkdir(exist_ok=True)
     args = ["weed", "mini", f"-dir={directory / 'data'}", "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1", f"-s3.config={config}", "-master.telemetry=false",
