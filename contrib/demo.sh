@@ -5,7 +5,7 @@
 set -euo pipefail
 demo="${DEMO_DIR:-$PWD/demo}"
 port="${DEMO_PORT:-10809}"
-mkdir -p "$demo"
+mkdir -p "$demo/bucket"   # the directory that plays the bucket must exist
 password_file="$demo/password"
 if [ ! -f "$password_file" ]; then
     (umask 077; head -c 24 /dev/urandom | base64 > "$password_file")
@@ -21,7 +21,7 @@ cat <<EOT
 
 Try it:
   nbdinfo nbd://127.0.0.1:$port
-  nbdcopy /dev/urandom nbd://127.0.0.1:$port    # or format it: see README
+  nbdcopy --flush some-disk-image.raw nbd://127.0.0.1:$port   # or format it: see README
 Stop it (uploads everything first):
   cloudnbd close file $volume --cache $demo/cache
 EOT
