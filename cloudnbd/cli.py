@@ -333,7 +333,9 @@ def cmd_open(args: argparse.Namespace) -> None:
         answer = ready.readline().strip()
     if answer == "ready":
         print(f"Serving {store.description} at {_attach_hint(args)}")
-        print(f"Log: {log_path}. Stop with: cloudnbd close {args.backend} {args.volume}")
+        target = args.config_name or f"{args.backend} {args.volume}"
+        cache = f" --cache {args.cache}" if args.cache and not args.config_name else ""
+        print(f"Log: {log_path}. Stop with: cloudnbd close {target}{cache}")
         return
     child.wait()
     if answer.startswith("error "):
