@@ -328,18 +328,11 @@ class FaultProxy:
 
     def close(self) -> None:
         """Stop listening and cut every relayed connection: the store is gone."""
-        try:  # wakes the thread blocked in accept(); close() alone would not
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        _shut(self.sock)  # wakes the thread blocked in accept(); close() alone would not
         self.sock.close()
         with self._lock:
             open_now = list(self._open)
-        for conn in open_now:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shut(*open_now)
 
     def __enter__(self) -> FaultProxy:
         return self
@@ -406,11 +399,7 @@ class FaultProxy:
             except OSError:
                 pass
             finally:
-                for s in (src, dst):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                _shut(src, dst)
 
         with self._lock:
             self._open.update((client, upstream))
@@ -450,11 +439,16 @@ class FaultProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut(src, dst)
+
+
+def _shut(*socks: socket.socket) -> None:
+    """Shut both directions of each socket, ignoring ones already gone."""
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _read_request(client: socket.socket) -> tuple[bytes, bytes]:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cloudnbd.errors import BackendError
+from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,29 @@ class ObjectStore(ABC):
     def put(self, key: str, data: bytes) -> None:
         """Store data under key, replacing any previous object, atomically and durably."""
 
-    @abstractmethod
     def put_if_absent(self, key: str, data: bytes) -> None:
-        """Create key only if it does not exist; PreconditionFailed otherwise."""
+        """Create key only if it does not exist; PreconditionFailed otherwise.
+
+        When a retried attempt meets "already exists", an earlier attempt may have been
+        applied with its answer lost: identical bytes then mean the object is ours.
+        (Callers that race put distinct bytes, e.g. a lease naming its holder.)
+        """
+        retries = self.retries
+        try:
+            self._create(key, data)
+        except PreconditionFailed:
+            if self.retries == retries or not self._holds(key, data):
+                raise
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        try:
+            return self.get(key) == data
+        except ObjectNotFound:
+            return False
+
+    @abstractmethod
+    def _create(self, key: str, data: bytes) -> None:
+        """One conditional write (the store's If-None-Match / generation 0 / link())."""
 
     @abstractmethod
     def delete(self, key: str) -> None:

@@ -78,7 +78,7 @@ class FileStore(ObjectStore):
         except OSError as exc:
             raise self._fail(f"writing {key}", exc) from exc
 
-    def put_if_absent(self, key: str, data: bytes) -> None:
+    def _create(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
             tmp = self._write_tmp(path, data)

@@ -128,26 +128,11 @@ class GCSStore(ObjectStore):
             data, content_type="application/octet-stream", retry=None, timeout=_TIMEOUT,
             checksum="crc32c"))
 
-    def put_if_absent(self, key: str, data: bytes) -> None:
+    def _create(self, key: str, data: bytes) -> None:
         blob = self.bucket.blob(self._key(key))
-        retries = self.retries
-        try:
-            self._call("conditional PUT", key, lambda: blob.upload_from_string(
-                data, content_type="application/octet-stream", if_generation_match=0,
-                retry=None, timeout=_TIMEOUT, checksum="crc32c"))
-        except PreconditionFailed:
-            if self.retries == retries or not self._holds(key, data):
-                raise
-            # An earlier attempt was applied but its answer lost; the object is ours.
-
-    def _holds(self, key: str, data: bytes) -> bool:
-        """Whether key holds exactly data. Used only after a retried conditional PUT met
-        412: then identical bytes mean our lost attempt landed (callers that race put
-        distinct bytes, e.g. a lease naming its holder)."""
-        try:
-            return self.get(key) == data
-        except ObjectNotFound:
-            return False
+        self._call("conditional PUT", key, lambda: blob.upload_from_string(
+            data, content_type="application/octet-stream", if_generation_match=0,
+            retry=None, timeout=_TIMEOUT, checksum="crc32c"))
 
     def generation(self, key: str) -> int | None:
         """The object's generation (changes on every write), or None if it is missing.

@@ -136,24 +136,9 @@ class S3Store(ObjectStore):
         self._call("PUT", key, lambda: self.client.put_object(
             Bucket=self.bucket, Key=self._key(key), Body=data))
 
-    def put_if_absent(self, key: str, data: bytes) -> None:
-        retries = self.retries
-        try:
-            self._call("conditional PUT", key, lambda: self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"))
-        except PreconditionFailed:
-            if self.retries == retries or not self._holds(key, data):
-                raise
-            # An earlier attempt was applied but its answer lost; the object is ours.
-
-    def _holds(self, key: str, data: bytes) -> bool:
-        """Whether key holds exactly data. Used only after a retried conditional PUT met
-        412: then identical bytes mean our lost attempt landed (callers that race put
-        distinct bytes, e.g. a lease naming its holder)."""
-        try:
-            return self.get(key) == data
-        except ObjectNotFound:
-            return False
+    def _create(self, key: str, data: bytes) -> None:
+        self._call("conditional PUT", key, lambda: self.client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"))
 
     def delete(self, key: str) -> None:
         self._call("DELETE", key, lambda: self.client.delete_object(
