@@ -49,6 +49,7 @@ def pss_mib(pids: list[int]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-mib", type=int, default=1024)
+    parser.add_argument("open_args", nargs="*", help="extra options for cloudnbd open")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as name:
         tmp = Path(name)
@@ -63,7 +64,8 @@ def main() -> None:
             cloudnbd("init", "s3", location, "1TiB", *store_args, "--password-file",
                      str(password), *KDF, env=env)
             started = time.monotonic()
-            served = start(tmp, "s3", location, password, store_args=store_args, env=env)
+            served = start(tmp, "s3", location, password, *args.open_args,
+                           store_args=store_args, env=env)
             open_seconds = time.monotonic() - started
             idle = pss_mib(tree(served.process.pid))
             peak = [idle]
@@ -92,7 +94,8 @@ def main() -> None:
         finally:
             weed.stop()
     print(f"Machine: {machine()}")
-    print(f"Command: python bench/memory.py --write-mib {args.write_mib}\n")
+    print(f"Command: python bench/memory.py --write-mib {args.write_mib} -- "
+          f"{' '.join(args.open_args)}\n")
     print("| measure | value |")
     print("|---|---|")
     print(f"| open a 1 TiB sparse volume on S3 (command start to accepting) | "

@@ -32,6 +32,7 @@ from cloudnbd import lease as lease_mod
 from cloudnbd.backends import StoreOptions
 from cloudnbd.control import ControlServer
 from cloudnbd.engine.device import Engine, EngineSettings
+from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.engine.workers import WorkerConfig, WorkerPool
 from cloudnbd.errors import CloudnbdError
 from cloudnbd.metrics import Metrics
@@ -164,6 +165,7 @@ class Service:
     def start(self) -> None:
         from cloudnbd.nbd.server import NbdServer  # the protocol layer, above the engine
 
+        limit_malloc_retention()
         self._prepare_cache_dir()
         self.lease = lease_mod.acquire(self.volume.store, force=self.settings.force)
         try:

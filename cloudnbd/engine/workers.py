@@ -44,6 +44,7 @@ from cloudnbd import codec
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore
 from cloudnbd.codec import VolumeKeys
+from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound
 from cloudnbd.volume import chunk_key
 
@@ -248,6 +249,7 @@ def wait_for_orphans(cache_dir: Path) -> None:
 def _worker_main(conn: multiprocessing.connection.Connection,
                  limiter: RateLimiter | None, parent_pid: int) -> None:
     _die_with_parent()
+    limit_malloc_retention()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
     config: WorkerConfig = conn.recv()
