@@ -109,3 +109,10 @@ def test_flush_on_one_connection_covers_writes_on_another(served: Served) -> Non
     assert second.pread(5 * MiB, 3 * MiB) == data
     first.close()
     second.close()
+
+
+def test_qemu_nbd_lists_the_export(served: Served) -> None:
+    listing = run("qemu-nbd", "--list", "-k", str(served.socket))
+    assert "exports available: 1" in listing
+    assert "cloudnbd volume" in listing  # the description
+    assert "size:  1073741824" in listing
