@@ -200,14 +200,10 @@ class Engine(BlockDevice):
     def read_only(self) -> bool:
         return self.settings.read_only
 
-    can_flush = True
-    can_fua = True
-    can_trim = True
-    can_zero = True
-    can_fast_zero = True
-    can_cache = True
-    can_multi_conn = True  # one engine and one journal behind every connection
-    can_extents = True
+    # Everything else BlockDevice defaults to (flush, FUA, trim, zero, fast zero, cache,
+    # extents) the engine does. Multi-conn is safe: one engine and one journal serve
+    # every connection, so a FLUSH on any of them covers writes acknowledged on all.
+    can_multi_conn = True
 
     # -- writes ----------------------------------------------------------------------------
     def _apply(self, kind: Kind, offset: int, length: int, seq: int, segment: int,
