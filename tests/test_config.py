@@ -48,7 +48,8 @@ def test_bad_lines_name_file_and_line(etc: Path, line: str, message: str) -> Non
 def test_volume_only_keys_are_refused_in_the_global_file(etc: Path) -> None:
     with open(etc / "cloudnbd.conf", "a") as f:
         f.write("location = /x\n")
-    with pytest.raises(config.ConfigError, match=re.escape("cloudnbd.conf:5: unknown key 'location'")):
+    expected = re.escape("cloudnbd.conf:5: unknown key 'location'")
+    with pytest.raises(config.ConfigError, match=expected):
         config.effective(None, {}, etc)
 
 
