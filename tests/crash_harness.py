@@ -45,8 +45,11 @@ class Model:
             self.allowed.setdefault(first + i, [ZERO]).append(value)
 
     def made_durable(self, first: int, data: list[bytes]) -> None:
+        """A FUA write was acknowledged: older values are gone for good, but writes sent
+        after it (still in the list, values are unique) may still land."""
         for i, value in enumerate(data):
-            self.allowed[first + i] = [value]
+            values = self.allowed[first + i]
+            self.allowed[first + i] = values[values.index(value):]
 
     def flushed(self) -> None:
         for sector, values in self.allowed.items():
