@@ -137,7 +137,8 @@ def main() -> None:
     print(f"Machine: {machine()}")
     print(f"Command: python bench/cloud.py {shlex.join(sys.argv[1:])}")
     print(f"Data: {args.size_mib} MiB; nbdkit-S3 object-size={args.object_size}; cloudnbd "
-          f"defaults (4 MiB chunks, zstd, AES-256-GCM, 4 uploaders, 2 fetchers)\n")
+          f"defaults (4 MiB chunks, zstd, AES-256-GCM, 1 uploader and 1 fetcher, 2 threads "
+          f"each)\n")
     print("| data | metric | nbdkit-S3 | cloudnbd | nbdkit / cloudnbd |")
     print("|---|---|---|---|---|")
     for kind, pair in results.items():

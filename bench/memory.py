@@ -17,33 +17,8 @@ from pathlib import Path
 
 from common import KDF, cloudnbd, machine, make_password_file, start
 
+from tests.procs import pss_by_process, tree
 from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, start_seaweedfs
-
-
-def tree(pid: int) -> list[int]:
-    found = [pid]
-    for child in Path(f"/proc/{pid}/task").glob("*/children"):
-        for token in child.read_text().split():
-            found += tree(int(token))
-    return found
-
-
-def pss_by_process(pids: list[int]) -> dict[str, float]:
-    """PSS in MiB of each process, keyed by pid and name."""
-    found = {}
-    for pid in pids:
-        try:
-            name = Path(f"/proc/{pid}/comm").read_text().strip()
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    found[f"{pid} {name}"] = int(line.split()[1]) / 1024
-        except OSError:
-            continue
-    return found
-
-
-def pss_mib(pids: list[int]) -> float:
-    return sum(pss_by_process(pids).values())
 
 
 def main() -> None:
@@ -67,7 +42,8 @@ def main() -> None:
             served = start(tmp, "s3", location, password, *args.open_args,
                            store_args=store_args, env=env)
             open_seconds = time.monotonic() - started
-            idle = pss_mib(tree(served.process.pid))
+            at_idle = pss_by_process(tree(served.process.pid))
+            idle = sum(at_idle.values())
             peak = [idle]
             worst: dict[str, float] = {}
             done = threading.Event()
@@ -104,8 +80,9 @@ def main() -> None:
     print(f"| memory, all processes, idle (PSS) | {idle:.0f} MiB |")
     print(f"| memory, all processes, peak while writing {args.write_mib} MiB and "
           f"flushing (PSS) | {max(peak):.0f} MiB |")
-    print("\nAt the peak, per process (MiB): " +
-          ", ".join(f"{name.split()[1]} {mib:.0f}" for name, mib in worst.items()))
+    for when, found in (("idle", at_idle), ("at the peak", worst)):
+        print(f"\nPer process {when} (MiB): " +
+              ", ".join(f"{name.split()[1]} {mib:.0f}" for name, mib in found.items()))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,16 @@ def _store(args: argparse.Namespace, location: str | None = None) -> ObjectStore
     return open_store(args.backend, location or args.volume, _store_options(args))
 
 
+def _front_store(args: argparse.Namespace) -> ObjectStore:
+    """The serving process's own store. A cloud SDK stays out of that long-lived process:
+    its few requests go through an agent forked from the zygote (backends.remote)."""
+    if args.backend == "file":
+        return _store(args)
+    from cloudnbd.backends.remote import RemoteStore
+
+    return RemoteStore(args.backend, args.volume, _store_options(args))
+
+
 def _kdf(args: argparse.Namespace) -> ScryptParams:
     return ScryptParams(n=2 ** args.kdf_cost)
 
@@ -228,8 +238,8 @@ def _serve_settings(args: argparse.Namespace) -> object:
     from cloudnbd.engine.device import EngineSettings
     from cloudnbd.service import ServeSettings
 
-    if args.uploaders < 1 or args.fetchers < 1:
-        raise UsageError("--uploaders and --fetchers must be at least 1")
+    if min(args.uploaders, args.fetchers, args.worker_threads) < 1:
+        raise UsageError("--uploaders, --fetchers and --worker-threads must be at least 1")
     max_dirty = parse_size(args.max_dirty, "--max-dirty")
     if max_dirty < 64 * 2**20:
         raise UsageError("--max-dirty must be at least 64MiB (the largest NBD request "
@@ -243,6 +253,7 @@ def _serve_settings(args: argparse.Namespace) -> object:
         export_name=args.export_name, read_only=args.read_only, tls=args.tls,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         uploaders=args.uploaders, fetchers=args.fetchers,
+        threads_per_worker=args.worker_threads,
         upload_limit=parse_size(args.upload_limit, "--upload-limit") if args.upload_limit
         else 0.0,
         force=args.force, engine=engine, metrics=args.metrics)
@@ -264,7 +275,7 @@ def _serve_foreground(args: argparse.Namespace) -> None:
     ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     try:
         settings = _serve_settings(args)
-        store = _store(args)
+        store = _front_store(args)
         volume.read_metadata(store)
         if args.password_stdin:
             password = sys.stdin.readline().rstrip("\n")
@@ -615,8 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_password_option(p)
     _add_settings(p, "port", "bind", "socket", "export_name", "read_only", "tls",
                   "tls_cert", "tls_key", "tls_ca", "cache", "cache_size", "max_dirty",
-                  "uploaders", "fetchers", "upload_limit", "writeback_delay",
-                  "flush_timeout", "metrics")
+                  "uploaders", "fetchers", "worker_threads", "upload_limit",
+                  "writeback_delay", "flush_timeout", "metrics")
     p.add_argument("--force", action="store_true",
                    help="take over a lease left by a machine that is gone")
     p.add_argument("--foreground", action="store_true",

@@ -112,9 +112,11 @@ def _looks_incompressible(plain: bytes | bytearray | memoryview, level: int) -> 
 
 
 def encode_chunk(keys: VolumeKeys, index: int, plain: bytes | bytearray | memoryview,
-                 level: int = DEFAULT_ZSTD_LEVEL, salt: bytes | None = None) -> bytes:
+                 level: int = DEFAULT_ZSTD_LEVEL, salt: bytes | None = None) -> bytearray:
     """Compress (when it helps) and encrypt one chunk for storage as its object.
 
+    The object is encrypted straight into its final buffer: no copy of the chunk beyond
+    the plain input, the compressed body and the object itself (memory per upload).
     salt is only for known-answer tests; production callers leave it random.
     """
     flags, body = 0, plain
@@ -125,7 +127,10 @@ def encode_chunk(keys: VolumeKeys, index: int, plain: bytes | bytearray | memory
     salt = os.urandom(SALT_BYTES) if salt is None else salt
     header = CHUNK_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, flags, 0, salt)
     aead, nonce, binding = _chunk_cipher(keys, index, salt)
-    return header + aead.encrypt(nonce, bytes(body), header + binding)
+    blob = bytearray(len(header) + len(body) + TAG_BYTES)
+    blob[:len(header)] = header
+    aead.encrypt_into(nonce, body, header + binding, memoryview(blob)[len(header):])
+    return blob
 
 
 def decode_chunk(keys: VolumeKeys, index: int, blob: bytes, chunk_size: int) -> bytes:

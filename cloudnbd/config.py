@@ -99,8 +99,10 @@ SETTINGS: dict[str, Setting] = {
     "cache": Setting(Path, None, "cache and journal directory"),
     "cache_size": Setting(_size, "2GiB", "bound on clean cached chunks"),
     "max_dirty": Setting(_size, "1GiB", "bound on data not yet uploaded"),
-    "uploaders": Setting(_positive_int, 4, "uploader processes"),
-    "fetchers": Setting(_positive_int, 2, "fetcher processes"),
+    "uploaders": Setting(_positive_int, 1, "uploader processes"),
+    "fetchers": Setting(_positive_int, 1, "fetcher processes"),
+    "worker_threads": Setting(_positive_int, 2, "transfers at once in each uploader and "
+                              "fetcher"),
     "upload_limit": Setting(_size, None, "upload bandwidth cap per second"),
     "writeback_delay": Setting(_float, 0.5, "seconds a chunk rests before upload"),
     "flush_timeout": Setting(_float, 0.0, "seconds before FLUSH fails with EIO (0: never)"),

@@ -79,9 +79,9 @@ class ServeSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
-    uploaders: int = 4
-    fetchers: int = 4
-    threads_per_worker: int = 1
+    uploaders: int = 1
+    fetchers: int = 1
+    threads_per_worker: int = 2
     upload_limit: float = 0.0
     force: bool = False
     metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint
@@ -175,6 +175,7 @@ class Service:
             self.engine = Engine(meta.size, meta.chunk_size, self.cache_dir,
                                  self._presence_map(), s.engine, self._make_pool, metrics)
             self.engine.start()
+            self.volume.store.idle()  # the front's own requests are done until close
             self.server = NbdServer(
                 self.engine, export_name=s.export_name, host=s.host, port=s.port,
                 unix_path=s.socket_path, read_only=s.read_only, tls=s.tls,

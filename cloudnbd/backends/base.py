@@ -125,6 +125,10 @@ class ObjectStore(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release connections."""
 
+    def idle(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
+        """No request is coming for a long while: let go of what a later request can
+        take again (the agent process of a RemoteStore)."""
+
     # -- retry --------------------------------------------------------------------------
     def is_temp_failure(self, exc: BaseException) -> bool:
         """True if exc is worth retrying (throttling, 5xx, reset connection)."""

@@ -124,12 +124,14 @@ class GCSStore(ObjectStore):
 
     def put(self, key: str, data: bytes) -> None:
         blob = self.bucket.blob(self._key(key))
+        data = bytes(data)  # the library takes bytes only, not a bytearray
         self._call("PUT", key, lambda: blob.upload_from_string(
             data, content_type="application/octet-stream", retry=None, timeout=_TIMEOUT,
             checksum="crc32c"))
 
     def _create(self, key: str, data: bytes) -> None:
         blob = self.bucket.blob(self._key(key))
+        data = bytes(data)
         self._call("conditional PUT", key, lambda: blob.upload_from_string(
             data, content_type="application/octet-stream", if_generation_match=0,
             retry=None, timeout=_TIMEOUT, checksum="crc32c"))

@@ -13,6 +13,7 @@ learns the outcome (created, or 412).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -42,6 +43,32 @@ _TRANSIENT_TRANSPORT = (botocore.exceptions.ConnectionError,  # refused, connect
                         botocore.exceptions.IncompleteReadError, ConnectionError)
 
 
+_session_lock = threading.Lock()
+_shared_session: boto3.session.Session | None = None
+
+
+def _session() -> boto3.session.Session:
+    """The process's one boto3 session. Its loader caches the parsed S3 model, so every
+    client made from it shares one copy, and so does every process forked from the
+    zygote after load_model(). Credentials are given per client, never to the session."""
+    global _shared_session
+    if _shared_session is None:
+        _shared_session = boto3.session.Session()
+    return _shared_session
+
+
+def _client(**kwargs: Any) -> Any:
+    with _session_lock:  # creating clients from one session is not thread-safe
+        session = _session()
+        return session.client("s3", region_name=session.region_name or "us-east-1",
+                              **kwargs)
+
+
+def load_model() -> None:
+    """Parse the S3 model now (see cloudnbd.zygote); no request is made."""
+    _client(aws_access_key_id="unused", aws_secret_access_key="unused").close()
+
+
 def _status(exc: botocore.exceptions.ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
@@ -66,14 +93,12 @@ class S3Store(ObjectStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        # Without explicit credentials the session uses the SDK chain (environment,
+        # Without explicit credentials the client uses the SDK chain (environment,
         # ~/.aws, instance roles).
-        session = boto3.session.Session(
+        self.client: Any = _client(
+            endpoint_url=endpoint_url, config=config,
             aws_access_key_id=credentials.access_key if credentials else None,
             aws_secret_access_key=credentials.secret_key if credentials else None)
-        self.client: Any = session.client(
-            "s3", endpoint_url=endpoint_url, config=config,
-            region_name=session.region_name or "us-east-1")
         self.endpoint = self.client.meta.endpoint_url
 
     def _key(self, key: str) -> str:

@@ -12,7 +12,7 @@ positions. Chunk data moves through files (journal segments, clean cache files).
 
 A worker must never outlive the front that started it: an orphan finishing an old PUT
 after a new front has uploaded newer data for the same chunk would roll the chunk back.
-So every worker asks the kernel to kill it when its parent dies (PR_SET_PDEATHSIG), and
+So every worker asks the kernel to kill it when the front dies (zygote.bind_to_front), and
 holds a shared lock on `workers.lock` in the cache directory for its whole life; a new
 front takes that lock exclusively before it replays the journal (wait_for_orphans), which
 waits out any worker still alive.
@@ -25,7 +25,6 @@ Upload task contract (see device.Engine):
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import logging
 import multiprocessing
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudnbd import codec
+from cloudnbd import codec, zygote
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore
 from cloudnbd.codec import VolumeKeys
@@ -49,9 +48,6 @@ from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound
 from cloudnbd.volume import chunk_key
 
 log = logging.getLogger(__name__)
-
-_mp = multiprocessing.get_context("spawn")
-
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -112,9 +108,9 @@ class RateLimiter:
     """A token bucket shared by all uploaders: spaces request starts so that the bytes
     sent average out to `rate` per second."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, ctx: Any = multiprocessing) -> None:
         self.rate = rate
-        self._next = _mp.Value("d", 0.0)
+        self._next = ctx.Value("d", 0.0)
 
     def acquire(self, nbytes: int) -> None:
         if self.rate <= 0:
@@ -225,15 +221,6 @@ class _Worker:
 
 
 WORKERS_LOCK = "workers.lock"
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)  # SIGKILL
-    except (OSError, AttributeError):
-        log.warning("cannot ask to die with the parent; relying on workers.lock")
 
 
 def wait_for_orphans(cache_dir: Path) -> None:
@@ -247,11 +234,9 @@ def wait_for_orphans(cache_dir: Path) -> None:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection,
-                 limiter: RateLimiter | None, parent_pid: int) -> None:
-    _die_with_parent()
+                 limiter: RateLimiter | None, front_pid: int) -> None:
+    zygote.bind_to_front(front_pid)
     limit_malloc_retention()
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
     config: WorkerConfig = conn.recv()
     lock_fd = os.open(config.journal_dir.parent / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock_fd, fcntl.LOCK_SH)  # held until this process exits
@@ -312,13 +297,14 @@ class WorkerPool:
                  threads_per_process: int = 1) -> None:
         self.config = config
         self.on_result = on_result
-        self.limiter = RateLimiter(upload_limit) if upload_limit > 0 else None
+        self._ctx = zygote.context(config.backend)
+        self.limiter = RateLimiter(upload_limit, self._ctx) if upload_limit > 0 else None
         self.threads = threads_per_process
         self.counts = {"upload": uploaders, "fetch": fetchers}
         self._handles: list[_Handle] = []
         self._lock = threading.Lock()
         self._stopping = False
-        self._wakeup_r, self._wakeup_w = _mp.Pipe(duplex=False)
+        self._wakeup_r, self._wakeup_w = multiprocessing.Pipe(duplex=False)
         self._thread = threading.Thread(target=self._watch, name="worker-pool", daemon=True)
         self.restarts = 0
 
@@ -329,8 +315,8 @@ class WorkerPool:
         self._thread.start()
 
     def _spawn(self, kind: str) -> _Handle:
-        parent, child = _mp.Pipe(duplex=True)
-        process = _mp.Process(target=_worker_main, args=(child, self.limiter, os.getpid()),
+        parent, child = multiprocessing.Pipe(duplex=True)
+        process = self._ctx.Process(target=_worker_main, args=(child, self.limiter, os.getpid()),
                               name=f"cloudnbd-{kind}er", daemon=True)
         process.start()
         child.close()

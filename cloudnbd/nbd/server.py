@@ -39,7 +39,7 @@ from cloudnbd.nbd.device import BlockDevice, DeviceError
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
-MAX_IN_FLIGHT_BYTES = 32 * 2**20  # per connection; one larger request may still pass alone
+MAX_IN_FLIGHT_BYTES = 8 * 2**20  # per connection; one larger request may still pass alone
 #: a WRITE payload larger than this is not drained but drops the connection
 MAX_DRAIN = 64 * 2**20
 POOL_THREADS = 32
