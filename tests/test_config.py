@@ -27,7 +27,7 @@ def test_precedence_and_sources(etc: Path) -> None:
     assert settings["port"] == config.Value(12345, "command line")
     assert settings["uploaders"] == config.Value(6, f"{etc}/volumes.d/photos.conf:4")
     assert settings["cache_size"] == config.Value("512MiB", f"{etc}/cloudnbd.conf:3")
-    assert settings["fetchers"] == config.Value(2, "default")
+    assert settings["fetchers"] == config.Value(config.SETTINGS["fetchers"].default, "default")
     assert settings["location"].value == "/srv/photos"
 
 
@@ -65,4 +65,5 @@ def test_config_command_prints_values_and_sources(etc: Path) -> None:
     out = cloudnbd("--config-dir", str(etc), "config", "photos").stdout
     lines = {line.split()[0]: line for line in out.splitlines()}
     assert lines["uploaders"].split()[1:] == ["6", f"{etc}/volumes.d/photos.conf:4"]
-    assert lines["fetchers"].split()[1:] == ["2", "default"]
+    assert lines["fetchers"].split()[1:] == [str(config.SETTINGS["fetchers"].default),
+                                             "default"]
