@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import socket
 import struct
 import subprocess
@@ -308,16 +309,27 @@ class FaultProxy:
       "drop"     relay the request to the store, then reset without passing on the answer
                  (the request took effect but the client never learns it);
       "truncate" relay the request and pass on the answer with half of its body missing.
+      "500"      answer 500 InternalError without contacting the store;
+      "stall"    hold the request for `stall` seconds, then relay it;
+      "pass"     relay the one request untouched (a fault-free kind for `kinds`).
     `seen` records the request line each fault hit. `requests` counts the requests of
     relayed connections by method (PUT, GET, ...), for benchmarks of request costs.
+
+    With `rate`, faults are instead drawn at random: every connection carries one
+    request, which meets a fault from `kinds` with probability rate (seeded: `seed`);
+    `injected` counts them by kind.
     """
 
-    def __init__(self, target: str, faults: list[str]) -> None:
+    def __init__(self, target: str, faults: list[str], rate: float = 0.0,
+                 kinds: tuple[str, ...] = (), seed: int = 0, stall: float = 1.0) -> None:
         host, _, port = target.removeprefix("http://").rstrip("/").rpartition(":")
         self.target = (host, int(port))
         self.faults = list(faults)
         self.seen: list[str] = []
         self.requests: Counter[str] = Counter()
+        self.injected: Counter[str] = Counter()
+        self.rate, self.kinds, self.stall = rate, kinds, stall
+        self._rng = random.Random(seed)
         self._open: set[socket.socket] = set()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -347,7 +359,11 @@ class FaultProxy:
             except OSError:
                 return
             with self._lock:
-                fault = self.faults.pop(0) if self.faults else None
+                if self.rate:
+                    fault = (self._rng.choice(self.kinds)
+                             if self._rng.random() < self.rate else "pass")
+                else:
+                    fault = self.faults.pop(0) if self.faults else None
             threading.Thread(target=self._serve, args=(client, fault), daemon=True).start()
 
     def _serve(self, client: socket.socket, fault: str | None) -> None:
@@ -355,13 +371,31 @@ class FaultProxy:
             if fault is None:
                 self._relay(client)
                 return
-            head, body = _read_request(client)
-            self.seen.append(head.split(b"\r\n", 1)[0].decode())
-            if fault == "503":
-                answer = b"<Error><Code>SlowDown</Code><Message>slow down</Message></Error>"
-                client.sendall(b"HTTP/1.1 503 Service Unavailable\r\n"
+            try:
+                head, body = _read_request(client)
+            except (ConnectionError, OSError):
+                return  # the client gave up (a connection kept in its pool, unused)
+            with self._lock:
+                self.requests[head.split(b" ", 1)[0].decode()] += 1
+                if fault != "pass":
+                    self.injected[fault] += 1
+                    self.seen.append(head.split(b"\r\n", 1)[0].decode())
+            if fault in ("503", "500"):
+                code, status = ((b"SlowDown", b"503 Service Unavailable") if fault == "503"
+                                else (b"InternalError", b"500 Internal Server Error"))
+                answer = b"<Error><Code>%s</Code><Message>injected</Message></Error>" % code
+                client.sendall(b"HTTP/1.1 %s\r\n"
                                b"Content-Type: application/xml\r\nConnection: close\r\n"
-                               b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
+                               b"Content-Length: %d\r\n\r\n%s" % (status, len(answer), answer))
+            elif fault in ("pass", "stall"):
+                if fault == "stall":
+                    time.sleep(self.stall)  # the injected latency itself
+                response = self._forward(head, body)
+                end = response.index(b"\r\n\r\n")
+                lines = [line for line in response[:end].split(b"\r\n")
+                         if not line.lower().startswith(b"connection:")]
+                client.sendall(b"\r\n".join([*lines, b"Connection: close"])
+                               + response[end:])
             elif fault in ("drop", "truncate"):
                 response = self._forward(head, body)
                 if fault == "truncate":
