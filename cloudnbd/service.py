@@ -34,7 +34,7 @@ from cloudnbd.control import ControlServer
 from cloudnbd.engine.device import Engine, EngineSettings
 from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.engine.workers import WorkerConfig, WorkerPool
-from cloudnbd.errors import CloudnbdError
+from cloudnbd.errors import CloudnbdError, IntegrityError
 from cloudnbd.metrics import Metrics
 from cloudnbd.volume import Volume
 
@@ -135,13 +135,34 @@ class Service:
                     f"the cache {self.cache_dir} holds unuploaded data of another volume "
                     f"that used to live at this location ({id_file.read_text().strip()}); "
                     f"move it away to discard that data")
-            for child in ("clean", "journal", "clean-shutdown"):
+            for child in ("clean", "journal", "clean-shutdown", "generation"):
                 path = self.cache_dir / child
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
         id_file.write_text(volume_id + "\n")
+        self._check_generation()
+
+    def _check_generation(self) -> None:
+        """Refuse metadata older than what this machine has seen (a rolled-back volume.json
+        could bring back a revoked password or an old size). The record is local, so a
+        machine that never opened the volume cannot tell; docs/format.md says so."""
+        seen_file = self.cache_dir / "generation"
+        current = self.volume.meta.generation
+        try:
+            seen = int(seen_file.read_text())
+        except (OSError, ValueError):
+            seen = 0
+        if current < seen:
+            raise IntegrityError(
+                f"the volume's metadata was rolled back: the store has generation {current}, "
+                f"this machine has seen {seen}; restore the newest volume.json, or move "
+                f"{self.cache_dir} away to accept the old one")
+        if current > seen:
+            tmp = seen_file.with_suffix(".tmp")
+            tmp.write_text(f"{current}\n")
+            os.replace(tmp, seen_file)
 
     def _presence_map(self) -> bytearray:
         """Which chunks exist in the cloud: one listing, cost grows with stored chunks."""
