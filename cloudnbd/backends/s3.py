@@ -9,10 +9,17 @@ Conditional creation is `PUT If-None-Match: *` (AWS since 2024, SeaweedFS, MinIO
 412 means the object exists. 409 ConditionalRequestConflict means a concurrent
 conditional write to the same key is in flight; AWS asks to retry, and the retry then
 learns the outcome (created, or 412).
+
+Every PUT carries Content-MD5, so the store refuses a body that is not the one we sent.
+Without it SeaweedFS answers 200 to a PUT whose connection ends right after the headers
+and stores an empty object in place of the old one: a worker killed between sending the
+headers and the body destroyed a chunk that was already safely stored.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -67,6 +74,11 @@ def _client(**kwargs: Any) -> Any:
 def load_model() -> None:
     """Parse the S3 model now (see cloudnbd.zygote); no request is made."""
     _client(aws_access_key_id="unused", aws_secret_access_key="unused").close()
+
+
+def content_md5(data: bytes) -> str:
+    """The Content-MD5 header for a PUT body (see the module docstring for why)."""
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
 
 
 def _status(exc: botocore.exceptions.ClientError) -> int:
@@ -158,12 +170,15 @@ class S3Store(ObjectStore):
         return self._call("GET", key, fetch)
 
     def put(self, key: str, data: bytes) -> None:
+        md5 = content_md5(data)
         self._call("PUT", key, lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=data))
+            Bucket=self.bucket, Key=self._key(key), Body=data, ContentMD5=md5))
 
     def _create(self, key: str, data: bytes) -> None:
+        md5 = content_md5(data)
         self._call("conditional PUT", key, lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"))
+            Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
+            ContentMD5=md5))
 
     def delete(self, key: str) -> None:
         self._call("DELETE", key, lambda: self.client.delete_object(
