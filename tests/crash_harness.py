@@ -3,7 +3,9 @@ process, an uploader or a fetcher at random moments, then the invariant.
 
 The invariant, per 4 KiB sector:
 - a sector whose last change was acknowledged before a completed FLUSH (or was a FUA
-  write) reads back exactly that;
+  write) reads back exactly that; requests pipelined together have no order between
+  them (the server runs them on a thread pool), so if several of them wrote the sector,
+  it reads back one of their values;
 - any other sector reads one of: its value at the last FLUSH, or a value written to it
   since (acknowledged or still in flight at the kill);
 - nothing else: no torn sector, no data that was never written there.
@@ -34,42 +36,73 @@ ZERO = bytes(SECTOR)
 
 @dataclass
 class Model:
+    """Per sector, the values it may hold, oldest first.
+
+    Requests of one batch are pipelined, and the server runs them on a thread pool: two
+    of them that overlap may take effect in either order, so any value the last batch
+    that wrote a sector wrote to it may be the one that stays. A FLUSH or a FUA therefore
+    keeps that whole group, not just the value sent last.
+    """
+
     sectors: int
     allowed: dict[int, list[bytes]] = field(default_factory=dict)
+    batch: int = 0
+    # sector -> (last batch that wrote it, index in allowed where that batch's values start)
+    group: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def values(self, sector: int) -> list[bytes]:
         return self.allowed.get(sector, [ZERO])
 
+    def begin_batch(self) -> None:
+        """Requests sent from now until the next call may run in any order."""
+        self.batch += 1
+
     def wrote(self, first: int, data: list[bytes]) -> None:
         for i, value in enumerate(data):
-            self.allowed.setdefault(first + i, [ZERO]).append(value)
+            values = self.allowed.setdefault(first + i, [ZERO])
+            if self.group.get(first + i, (0, 0))[0] != self.batch:
+                self.group[first + i] = (self.batch, len(values))
+            values.append(value)
+
+    def _keep_last_group(self, sector: int) -> None:
+        values = self.allowed[sector]
+        batch, start = self.group.get(sector, (0, len(values) - 1))
+        self.allowed[sector] = values[start:]
+        self.group[sector] = (batch, 0)
 
     def made_durable(self, first: int, data: list[bytes]) -> None:
-        """A FUA write was acknowledged: older values are gone for good, but writes sent
-        after it (still in the list, values are unique) may still land."""
+        """A FUA write was acknowledged: older values are gone for good, but the writes
+        of its own batch (sent before or after it) and later ones may still land."""
         for i, value in enumerate(data):
-            values = self.allowed[first + i]
-            self.allowed[first + i] = values[values.index(value):]
+            self._keep_last_group(first + i)
+            assert value in self.allowed[first + i]
 
     def flushed(self) -> None:
-        for sector, values in self.allowed.items():
-            self.allowed[sector] = [values[-1]]
+        for sector in self.allowed:
+            self._keep_last_group(sector)
 
-    def violations(self, read: bytes, first: int = 0) -> list[str]:
+    def snapshot(self, first: int, count: int) -> list[list[bytes]]:
+        """What a read of these sectors may return if sent now: a FLUSH or FUA that
+        completes while it runs must not narrow that down."""
+        return [list(self.values(first + i)) for i in range(count)]
+
+    def violations(self, read: bytes, first: int = 0,
+                   snapshot: list[list[bytes]] | None = None) -> list[str]:
         problems = []
         for i in range(len(read) // SECTOR):
             got = read[i * SECTOR:(i + 1) * SECTOR]
-            options = self.values(first + i)
+            options = snapshot[i] if snapshot is not None else self.values(first + i)
             if got not in options:
                 kind = "lost flushed write" if len(options) == 1 else "unexpected contents"
                 problems.append(f"sector {first + i}: {kind} (got {got[:12]!r}, "
                                 f"allowed {[o[:12] for o in options]})")
         return problems
 
-    def settle(self, read: bytes) -> None:
+    def settle(self, read: bytes, first: int = 0) -> None:
         """After a crash: what is there now is the new baseline."""
         for i in range(len(read) // SECTOR):
-            self.allowed[i] = [read[i * SECTOR:(i + 1) * SECTOR]]
+            self.allowed[first + i] = [read[i * SECTOR:(i + 1) * SECTOR]]
+            self.group.pop(first + i, None)
 
 
 @dataclass
@@ -117,6 +150,7 @@ class Campaign:
         rng = self.rng
         for _ in range(count):
             batch = []
+            self.model.begin_batch()
             for _ in range(rng.randint(1, 4)):
                 first = rng.randrange(self.model.sectors - 16)
                 n = rng.randint(1, 16)
@@ -139,6 +173,8 @@ class Campaign:
                     self.model.wrote(first, data)
             pending = {handle: (kind, first, data) for handle, kind, first, data in batch}
             lengths = {h: d * SECTOR for h, (k, _, d) in pending.items() if k == "read"}
+            may_read = {h: self.model.snapshot(first, d)
+                        for h, (k, first, d) in pending.items() if k == "read"}
             while pending:  # replies come in any order
                 handle, error, payload = self.client.recv(lengths)
                 kind, first, data = pending.pop(handle)
@@ -146,7 +182,7 @@ class Campaign:
                 if kind == "fua":
                     self.model.made_durable(first, data)
                 elif kind == "read":
-                    problems = self.model.violations(payload, first)
+                    problems = self.model.violations(payload, first, may_read[handle])
                     assert not problems, problems
             if rng.random() < 0.15:
                 self.client.send(CMD_FLUSH, 0, 0)
@@ -162,6 +198,7 @@ class Campaign:
         """
         assert self.server is not None and self.client is not None
         rng = self.rng
+        self.model.begin_batch()
         for _ in range(rng.randint(0, 3)):  # requests that may or may not land
             first, n = rng.randrange(self.model.sectors - 16), rng.randint(1, 16)
             data = [self._value() for _ in range(n)]
@@ -191,8 +228,7 @@ class Campaign:
             problems = self.model.violations(read, first)
             self.report.violations += problems
             if settle:
-                for i in range(n):
-                    self.model.allowed[first + i] = [read[i * SECTOR:(i + 1) * SECTOR]]
+                self.model.settle(read, first)
 
     def run(self, crash_points: int) -> CrashReport:
         self.start()
