@@ -22,7 +22,7 @@ setup(
     install_requires=[
         "boto3>=1.34",
         "google-cloud-storage>=2.14",
-        "cryptography>=45"  # AESGCM.encrypt_into,
+        "cryptography>=45",  # AESGCM.encrypt_into
         "zstandard>=0.22",
         "diskcache>=5.6",
         "prometheus-client>=0.20",
