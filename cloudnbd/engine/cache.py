@@ -16,6 +16,10 @@ Invariants:
 - C4 A chunk with an upload in flight is pinned: its clean file is not evicted, so the
   eviction can never unlink the new file the uploader renames into place. Reads need no
   pin: they open the file under the engine lock and read the inode they opened.
+- C5 A clean file that could not be removed (an I/O error, not "already gone") makes the
+  cache damaged: the run never leaves the clean-shutdown marker, so the stale file is
+  discarded at the next open instead of being served. The failure is logged, not
+  raised: it must not stop the engine from accounting an upload or waking a reader.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+
+from cloudnbd.engine import localfs
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +54,11 @@ class CleanCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        self.damaged = False  # C5
 
     def open(self) -> bool:
         """Load the cache; returns True if the previous run stopped cleanly (C3)."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        localfs.mkdir(self.directory, 0o700)
         trusted = self.marker.exists()
         for path in sorted(self.directory.iterdir(), key=lambda p: p.stat().st_mtime):
             try:
@@ -59,14 +66,14 @@ class CleanCache:
             except ValueError:
                 index = None
             if not trusted or index is None or len(path.name) != 16:
-                path.unlink()
+                localfs.unlink(path)
                 continue
             size = path.stat().st_size
             self._lru[index] = size
             self.bytes += size
         if trusted:
-            self.marker.unlink()
-            _sync_dir(self.marker.parent)
+            localfs.unlink(self.marker)
+            localfs.fsync_dir(self.marker.parent)
         if not trusted:
             log.info("previous run did not stop cleanly: clean cache discarded")
         return trusted
@@ -115,10 +122,7 @@ class CleanCache:
             if size is None:
                 return
             self.bytes -= size
-        try:
-            self.path(index).unlink()
-        except FileNotFoundError:
-            pass
+        self._remove(index)
 
     def evict(self) -> None:
         """Remove least recently used unpinned files until under the bound (C2, C4)."""
@@ -136,36 +140,40 @@ class CleanCache:
             for index in victims:
                 del self._lru[index]
         for index in victims:
-            try:
-                self.path(index).unlink()
-            except FileNotFoundError:
-                pass
+            self._remove(index)
+
+    def _remove(self, index: int) -> None:
+        """Unlink a clean file the bookkeeping already forgot (C5 if that fails)."""
+        try:
+            localfs.unlink(self.path(index))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.damaged = True
+            log.error("clean cache: cannot remove chunk file %s (%s); the cache will be "
+                      "discarded at the next open", clean_name(index), exc)
 
     def mark_clean_shutdown(self) -> None:
         """Make every clean file durable, then leave the marker (C3)."""
+        if self.damaged:
+            log.warning("clean cache damaged this run: not marked clean (C5)")
+            return
         with self._lock:
             indexes = list(self._lru)
         for index in indexes:
             try:
-                fd = os.open(self.path(index), os.O_RDONLY)
+                fd = localfs.open(self.path(index), os.O_RDONLY)
             except FileNotFoundError:
                 continue
             try:
-                os.fsync(fd)
+                localfs.fsync(fd)
             finally:
-                os.close(fd)
-        _sync_dir(self.directory)
-        fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                localfs.close(fd)
+        localfs.fsync_dir(self.directory)
+        fd = localfs.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.fsync(fd)
+            localfs.fsync(fd)
         finally:
-            os.close(fd)
-        _sync_dir(self.marker.parent)
+            localfs.close(fd)
+        localfs.fsync_dir(self.marker.parent)
 
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -490,6 +490,12 @@ class Engine(BlockDevice):
 
     def _fetch_done_locked(self, result: Result) -> None:
         waiter = self._fetching.pop(result.index)
+        try:
+            self._account_fetch_locked(result, waiter)
+        finally:
+            waiter.event.set()  # readers wake whatever happened
+
+    def _account_fetch_locked(self, result: Result, waiter: _Fetch) -> None:
         self.stats.retries += result.retries
         if result.outcome == "cached":
             if self.metrics is not None:
@@ -504,7 +510,6 @@ class Engine(BlockDevice):
             self.stats.integrity_errors += result.integrity
             log.error("fetch of chunk %d failed: %s", result.index, result.error)
             waiter.error = result.error
-        waiter.event.set()
 
     # -- status ----------------------------------------------------------------------------
     def backlog(self) -> tuple[int, int, float]:

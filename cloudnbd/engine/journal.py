@@ -23,6 +23,12 @@ Invariants (relied on by the engine and by recovery):
   needed (live bytes zero, no reader pinned). The surviving segments are therefore always
   a suffix of the journal, and replaying that suffix in seq order over the cloud contents
   yields, for every byte, either what the cloud has or something written later.
+  Creating and deleting segments is durable before anything relies on it: a new
+  segment's name is fsync'd into the directory before its first record is written (else
+  a power loss could drop a segment whose records were uploaded while an older segment
+  survives, and replaying the older one would roll the cloud back), and each deletion
+  is fsync'd before the next (a resurrected older segment next to a deleted newer one
+  would do the same). This holds whatever order the file system keeps metadata in.
 - J3 Recovery reads each segment until its first record that is torn or fails its CRC and
   ignores the rest of that segment: an fsync covers a whole file, so nothing after a bad
   record was ever fsynced, hence never uploaded or flushed.
@@ -39,6 +45,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+
+from cloudnbd.engine import localfs
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +89,7 @@ class Journal:
     def __init__(self, directory: Path, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        localfs.mkdir(directory, 0o700)
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
         self._live: dict[int, int] = {}  # segment -> logical bytes still needed
@@ -141,18 +149,20 @@ class Journal:
     def _open(self, number: int) -> int:
         fd = self._fds.get(number)
         if fd is None:
-            fd = os.open(self.directory / _segment_name(number), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = localfs.open(self.directory / _segment_name(number), os.O_RDWR | os.O_CREAT,
+                              0o600)
             self._fds[number] = fd
         return fd
 
     def _roll_if_needed(self, nbytes: int) -> None:
         if self._active < 0 or (self._active_pos + nbytes > self.segment_bytes
                                 and self._active_pos > 0):
-            self._active += 1
-            self._active_pos = 0
-            self._open(self._active)
-            self._live.setdefault(self._active, 0)
-            self._sizes[self._active] = 0
+            number = self._active + 1
+            self._open(number)  # first: if it fails, the journal is still what it was
+            localfs.fsync_dir(self.directory)  # J2: the name is durable before any record
+            self._active, self._active_pos = number, 0
+            self._live.setdefault(number, 0)
+            self._sizes[number] = 0
 
     def append(self, kind: Kind, offset: int, length: int,
                data: memoryview | bytes | None = None) -> tuple[int, int, int]:
@@ -171,7 +181,7 @@ class Journal:
             segment, pos = self._active, self._active_pos
             fd = self._fds[segment]
             buffers = [header, data] if data_len else [header]
-            written = os.pwritev(fd, buffers, pos)
+            written = localfs.pwritev(fd, buffers, pos)
             if written != HEADER_BYTES + data_len:  # short write: disk full or I/O error
                 raise OSError(f"journal: short write ({written} bytes)")
             self._active_pos += written
@@ -185,7 +195,7 @@ class Journal:
             fds = [fd for number, fd in self._fds.items()
                    if segments is None or number in segments]
         for fd in fds:
-            os.fsync(fd)
+            localfs.fsync(fd)
 
     def path(self, segment: int) -> Path:
         return self.directory / _segment_name(segment)
@@ -223,11 +233,12 @@ class Journal:
         for number in sorted(self._live):
             if number == self._active or self._live[number] or number in self._pins:
                 return
-            os.close(self._fds.pop(number))
+            localfs.close(self._fds.pop(number))
             try:
-                os.unlink(self.directory / _segment_name(number))
+                localfs.unlink(self.directory / _segment_name(number))
             except FileNotFoundError:
                 pass
+            localfs.fsync_dir(self.directory)  # J2: gone before a newer one goes
             del self._live[number]
             self._sizes.pop(number, None)
 
@@ -236,8 +247,9 @@ class Journal:
         with self._lock:
             assert not any(self._live.values()), "journal reset with live records"
             for number, fd in list(self._fds.items()):
-                os.close(fd)
-                os.unlink(self.directory / _segment_name(number))
+                localfs.close(fd)
+                localfs.unlink(self.directory / _segment_name(number))
+            localfs.fsync_dir(self.directory)  # J2: no stale segment outlives the reset
             self._fds.clear()
             self._live.clear()
             self._sizes.clear()
@@ -256,5 +268,5 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
-                os.close(fd)
+                localfs.close(fd)
             self._fds.clear()

@@ -43,6 +43,7 @@ from cloudnbd import codec, zygote
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore
 from cloudnbd.codec import VolumeKeys
+from cloudnbd.engine import localfs
 from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound
 from cloudnbd.volume import chunk_key
@@ -134,9 +135,8 @@ class _Worker:
     def _write_clean(self, index: int, data: bytes | bytearray, tag: str) -> None:
         name = f"{index:016x}"
         tmp = self.config.clean_dir / f".{name}.{tag}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.config.clean_dir / name)
+        localfs.write_file(tmp, data)
+        localfs.replace(tmp, self.config.clean_dir / name)
 
     def upload(self, task: UploadTask) -> Result:
         cfg = self.config
@@ -144,15 +144,15 @@ class _Worker:
         retries_before = self.store.retries
         # Segments are opened per task: the front deletes them once no longer needed, and a
         # descriptor kept here would keep their disk space allocated.
-        fds = {segment: os.open(cfg.journal_dir / f"{segment:016x}.log", os.O_RDONLY)
+        fds = {segment: localfs.open(cfg.journal_dir / f"{segment:016x}.log", os.O_RDONLY)
                for segment in {p.segment for p in task.pieces}}
         try:
             for fd in fds.values():  # journal J1: durable locally before it is in the cloud
-                os.fsync(fd)
+                localfs.fsync(fd)
             plain = self._assemble(task, fds)
         finally:
             for fd in fds.values():
-                os.close(fd)
+                localfs.close(fd)
         if codec.is_zero(plain):
             self.store.delete(chunk_key(task.index))
             return Result(task.task_id, task.index, "deleted",
@@ -363,7 +363,10 @@ class WorkerPool:
                     elif isinstance(message, Result):
                         with self._lock:
                             h.in_flight.pop(message.task_id, None)
-                        self.on_result(h.kind, message)
+                        try:
+                            self.on_result(h.kind, message)
+                        except Exception:  # this thread must outlive a bug in one result
+                            log.exception("handling %s result %s failed", h.kind, message)
                 if h.process.sentinel in ready and not h.process.is_alive():
                     self._replace(h)
 
