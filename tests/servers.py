@@ -38,6 +38,7 @@ import pytest
 
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
+from tests.link import Link
 
 S3_ACCESS_KEY = "cloudnbdtest"
 S3_SECRET_KEY = "cloudnbd-test-secret-key"
@@ -318,10 +319,14 @@ class FaultProxy:
     With `rate`, faults are instead drawn at random: every connection carries one
     request, which meets a fault from `kinds` with probability rate (seeded: `seed`);
     `injected` counts them by kind.
+
+    With `link` (tests.link.Link), relayed connections cross a slow network: added
+    round-trip time and a bandwidth cap shared by all of them (faulted requests do not).
     """
 
     def __init__(self, target: str, faults: list[str], rate: float = 0.0,
-                 kinds: tuple[str, ...] = (), seed: int = 0, stall: float = 1.0) -> None:
+                 kinds: tuple[str, ...] = (), seed: int = 0, stall: float = 1.0,
+                 link: Link | None = None) -> None:
         host, _, port = target.removeprefix("http://").rstrip("/").rpartition(":")
         self.target = (host, int(port))
         self.faults = list(faults)
@@ -329,6 +334,7 @@ class FaultProxy:
         self.requests: Counter[str] = Counter()
         self.injected: Counter[str] = Counter()
         self.rate, self.kinds, self.stall = rate, kinds, stall
+        self.link = link
         self._rng = random.Random(seed)
         self._open: set[socket.socket] = set()
         self.sock = socket.socket()
@@ -425,55 +431,62 @@ class FaultProxy:
             upstream = socket.create_connection(self.target)
         except OSError:
             return
-
-        def pump(src: socket.socket, dst: socket.socket) -> None:
-            try:
-                while data := src.recv(65536):
-                    dst.sendall(data)
-            except OSError:
-                pass
-            finally:
-                _shut(src, dst)
-
         with self._lock:
             self._open.update((client, upstream))
         with upstream:
-            other = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+            other = threading.Thread(target=self._pipe, args=(upstream, client, False),
+                                     daemon=True)
             other.start()
-            self._count_and_pump(client, upstream)
+            self._pipe(client, upstream, True, _RequestCounter(self.requests, self._lock))
             other.join()
         with self._lock:
             self._open.difference_update((client, upstream))
 
-    def _count_and_pump(self, src: socket.socket, dst: socket.socket) -> None:
-        """Relay client to store, counting requests: just enough HTTP to find where each
-        request on a kept-alive connection starts (head, then Content-Length body)."""
-        buffer, body_left = b"", 0
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool,
+              on_data: Callable[[bytes], None] | None = None) -> None:
+        """Move one direction of a relayed connection, through the link if there is one.
+        An end of stream is passed on as one (a half-close); an error cuts both sockets."""
         try:
-            while data := src.recv(1 << 20):
-                dst.sendall(data)
-                buffer += data
-                while True:
-                    if body_left:
-                        taken = min(body_left, len(buffer))
-                        body_left, buffer = body_left - taken, buffer[taken:]
-                        if body_left:
-                            break
-                    end = buffer.find(b"\r\n\r\n")
-                    if end < 0:
-                        break
-                    head, buffer = buffer[:end], buffer[end + 4:]
-                    lines = head.split(b"\r\n")
-                    with self._lock:
-                        self.requests[lines[0].split(b" ", 1)[0].decode()] += 1
-                    for line in lines[1:]:
-                        name, _, value = line.partition(b":")
-                        if name.strip().lower() == b"content-length":
-                            body_left = int(value.strip())
+            if self.link is not None:
+                self.link.pipe(src, dst, upstream, on_data)
+            else:
+                while data := src.recv(1 << 20):
+                    dst.sendall(data)
+                    if on_data is not None:
+                        on_data(data)
+            dst.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
-        finally:
             _shut(src, dst)
+
+
+class _RequestCounter:
+    """Counts the requests on one client-to-store stream by method: just enough HTTP to
+    find where each request on a kept-alive connection starts (head, then a
+    Content-Length body)."""
+
+    def __init__(self, requests: Counter[str], lock: threading.Lock) -> None:
+        self.requests, self.lock = requests, lock
+        self.buffer, self.body_left = b"", 0
+
+    def __call__(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if self.body_left:
+                taken = min(self.body_left, len(self.buffer))
+                self.body_left, self.buffer = self.body_left - taken, self.buffer[taken:]
+                if self.body_left:
+                    return
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, self.buffer = self.buffer[:end], self.buffer[end + 4:]
+            lines = head.split(b"\r\n")
+            with self.lock:
+                self.requests[lines[0].split(b" ", 1)[0].decode()] += 1
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    self.body_left = int(value.strip())
 
 
 def _shut(*socks: socket.socket) -> None:
