@@ -18,6 +18,11 @@ if ((${#missing[@]})); then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null
+    # Debian's prometheus package starts a system-wide server on :9090; the tests start
+    # their own on loopback, so keep the machine as it was.
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
 fi
 
 python3 -m pip install -q -e '.[test]'
