@@ -18,6 +18,8 @@ from pathlib import Path
 
 from cloudnbd import __version__
 from cloudnbd.cli import build_parser
+from tests.nbdclient import NbdClient
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "cloudnbd"]
@@ -137,3 +139,30 @@ def test_rpm_builds_and_installs_man_page_config_and_systemd_unit(tmp_path: Path
                             text=True, timeout=120)
     assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), \
         verify.stdout + verify.stderr
+
+
+def test_make_demo_script_serves_a_volume(tmp_path: Path) -> None:
+    """README's first command: contrib/demo.sh (what `make demo` runs after installing)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "cloudnbd"  # this checkout, as `pip install -e .` would put it
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m cloudnbd "$@"\n')
+    wrapper.chmod(0o755)
+    port = free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "DEMO_DIR": str(tmp_path / "demo"), "DEMO_PORT": str(port)}
+    demo = subprocess.run(["bash", str(ROOT / "contrib" / "demo.sh")], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    [close_line] = [line.strip() for line in demo.stdout.splitlines()
+                    if line.strip().startswith("cloudnbd close ")]
+    try:
+        client = NbdClient.tcp("127.0.0.1", port)
+        assert client.size == 2**30
+        client.pwrite(b"demo" * 1024, 0)
+        client.flush()
+        client.close()
+    finally:
+        closed = subprocess.run(close_line.split(), env=env, capture_output=True, text=True,
+                                timeout=300)
+    assert closed.returncode == 0 and "everything is uploaded" in closed.stdout, closed
