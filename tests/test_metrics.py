@@ -28,15 +28,31 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _listeners(port: int) -> list[str]:
+    """Addresses with a TCP socket listening on port, from /proc/net/tcp and tcp6."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.rpartition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                if len(address) == 8:
+                    found.append(socket.inet_ntop(socket.AF_INET,
+                                                  bytes.fromhex(address)[::-1]))
+                else:
+                    found.append(address)  # any IPv6 listener is a failure to report
+    return found
+
+
 def test_metrics_are_served_and_the_dashboard_queries_only_existing_ones(
         tmp_path: Path, password_file: Path) -> None:
     (tmp_path / "bucket").mkdir()
     location = str(tmp_path / "bucket" / "vol")
     cloudnbd("init", "file", location, "64MiB", "--password-file", str(password_file), *KDF)
     port = _free_port()
-    server = start(tmp_path, "file", location, password_file, "--metrics",
-                   f"127.0.0.1:{port}")
+    server = start(tmp_path, "file", location, password_file, "--metrics", f":{port}")
     try:
+        assert _listeners(port) == ["127.0.0.1"]  # no address given: loopback only
         client = NbdClient.unix(str(server.socket))
         client.pwrite(b"m" * 65536, 0)
         client.flush()
