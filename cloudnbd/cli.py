@@ -188,7 +188,9 @@ def cmd_resize(args: argparse.Namespace) -> None:
         raise UsageError(f"{format_size(size)} is smaller than the volume "
                          f"({format_size(old)}); data past it would be destroyed. "
                          f"Pass --shrink to do so")
-    vol.resize(size, allow_shrink=args.shrink)
+    progress, update = _progress_callback("Deleting")
+    vol.resize(size, allow_shrink=args.shrink, progress=update)
+    progress.finish()
     if size == old:
         print(f"Volume is already {format_size(size)} ({size} bytes).")
     else:
@@ -273,6 +275,8 @@ def _serve_foreground(args: argparse.Namespace) -> None:
     from cloudnbd.service import Service, default_cache_root
 
     ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
+    # Only this process speaks to systemd (NotifyAccess=main); workers must not inherit it.
+    notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
     try:
         settings = _serve_settings(args)
         store = _front_store(args)
@@ -294,16 +298,16 @@ def _serve_foreground(args: argparse.Namespace) -> None:
     if ready is not None:
         ready.write("ready\n")
         ready.close()
-    _notify_systemd(b"READY=1")
+    _notify_systemd(notify_socket, b"READY=1")
     log.info("serving %s", vol.store.description)
     code = service.run_until_closed()
-    _notify_systemd(b"STOPPING=1")
+    _notify_systemd(notify_socket, b"STOPPING=1")
     if code:
         raise CloudnbdError("closed with data still to upload; it is kept in the journal")
 
 
-def _notify_systemd(message: bytes) -> None:
-    address = os.environ.get("NOTIFY_SOCKET")
+def _notify_systemd(address: str | None, message: bytes) -> None:
+    """sd_notify: one datagram to systemd's socket (Type=notify units)."""
     if not address:
         return
     import socket
@@ -401,8 +405,13 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"connections:   {status['connections']}")
     print(f"backlog:       {format_size(status['dirty_bytes'])} in "
           f"{status['dirty_chunks']} chunks, oldest {status['oldest_dirty_seconds']:.1f}s")
+    print(f"upload rate:   {format_size(int(status['upload_rate']))}/s sent "
+          f"({format_size(int(status['upload_plain_rate']))}/s of data), "
+          f"over the last {status['rate_window']:.0f}s")
+    print(f"download rate: {format_size(int(status['download_rate']))}/s received")
     print(f"uploaded:      {format_size(status['uploaded_bytes'])} "
-          f"({format_size(status['uploaded_wire_bytes'])} sent)")
+          f"({format_size(status['uploaded_wire_bytes'])} sent), "
+          f"downloaded {format_size(status['fetched_wire_bytes'])}")
     print(f"cache:         {format_size(status['cache_bytes'])} of "
           f"{format_size(status['cache_limit'])}, {status['cache_hits']} hits, "
           f"{status['cache_misses']} misses")
@@ -493,6 +502,28 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand parser that lets options sit between positionals in any order.
+
+    `init photos 20GB` and `init s3 bucket/vol --endpoint-url URL 20GB` both parse: the
+    optional VOLUME after BACKEND|NAME would otherwise swallow a later positional when an
+    option interrupts them (argparse matches positionals chunk by chunk).
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing:  # the two passes parse_known_intermixed_args makes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def _setting_type(key: str) -> Callable[[str], object]:
     parse = config.SETTINGS[key].parse
 
@@ -523,10 +554,9 @@ def _add_settings(p: argparse.ArgumentParser, *keys: str) -> None:
                            metavar=metavar, help=setting.help + default)
 
 
-def _add_store_options(p: argparse.ArgumentParser, location: str | None = "volume") -> None:
-    if location is not None:
-        p.add_argument("backend", choices=BACKENDS, help="where the volume lives")
-        p.add_argument(location, help=LOCATION_HELP)
+def _add_store_options(p: argparse.ArgumentParser, location: str = "volume") -> None:
+    p.add_argument("backend", choices=BACKENDS, help="where the volume lives")
+    p.add_argument(location, help=LOCATION_HELP)
     _add_settings(p, "endpoint_url", "credentials", "timeout")
 
 
@@ -568,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-dir", type=Path, metavar="DIR",
                         help="where cloudnbd.conf and volumes.d/ live (default "
                              "/etc/cloudnbd, or $CLOUDNBD_CONFIG_DIR)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_CommandParser)
 
     def command(name: str, fn: Callable[[argparse.Namespace], None], help_text: str,
                 description: str | None = None) -> argparse.ArgumentParser:
@@ -580,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("init", cmd_init, "create a new volume",
                 "Create a new, empty volume. The size is only what clients are told; "
                 "nothing is allocated in the cloud until data is written.")
-    _add_store_options(p)
+    _add_target(p)
     p.add_argument("size", help="volume size, e.g. 20GB (SI) or 20GiB (IEC); rounded up "
                                 "to a multiple of 4 KiB")
     p.add_argument("--chunk-size", default=f"{volume.DEFAULT_CHUNK_SIZE // 2**20}MiB",
@@ -598,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Change the password of the key slot the current password opens, add "
                 "another key slot, or remove one. Only the metadata object is rewritten; "
                 "the data is not re-encrypted.")
-    _add_store_options(p)
+    _add_target(p)
     _add_password_option(p)
     p.add_argument("--new-password-file", type=Path, metavar="FILE",
                    help="read the new password from FILE (mode 0600)")
@@ -609,14 +640,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kdf_option(p)
 
     p = command("resize", cmd_resize, "grow (or with --shrink, shrink) a volume")
-    _add_store_options(p)
+    _add_target(p)
     p.add_argument("size", help="new size, e.g. 40GB or 40GiB")
     p.add_argument("--shrink", action="store_true", help="allow a smaller size: the data "
                    "past the new end is deleted for good")
     _add_password_option(p)
 
     p = command("delete", cmd_delete, "delete a volume and all its data")
-    _add_store_options(p)
+    _add_target(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     p = command("open", cmd_open, "serve a volume over NBD",
@@ -657,10 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", cmd_export, "restore a volume to a raw image file, without NBD",
                 "Write the whole volume to FILE (a sparse raw image, or a block device). "
                 "This needs only the bucket and the password.")
-    p.add_argument("backend", choices=BACKENDS, help="where the volume lives")
-    p.add_argument("volume", help=LOCATION_HELP)
+    _add_target(p)
     p.add_argument("file", type=Path, help="image file or block device to write")
-    _add_store_options(p, None)
     _add_password_option(p)
     p.add_argument("--threads", type=int, default=8, help="parallel downloads (default 8)")
     p.add_argument("--force", action="store_true",
@@ -670,9 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Replace the volume's contents with FILE (a raw image or block device). "
                 "All-zero chunks are not stored.")
     p.add_argument("file", type=Path, help="image file or block device to read")
-    p.add_argument("backend", choices=BACKENDS, help="where the volume lives")
-    p.add_argument("volume", help=LOCATION_HELP)
-    _add_store_options(p, None)
+    _add_target(p)
     _add_password_option(p)
     p.add_argument("--threads", type=int, default=8, help="parallel uploads (default 8)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")

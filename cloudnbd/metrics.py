@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+NBD_COMMANDS = ("read", "write", "flush", "trim", "cache", "write_zeroes", "block_status")
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _CLOUD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -39,6 +40,10 @@ class Metrics:
             "cloudnbd_nbd_request_duration_seconds",
             "Time from receiving an NBD request to sending its reply, by command.",
             ["command"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        # Every command's series exists from the start at zero, so the first request of a
+        # kind shows in rate() at once instead of after two more scrapes.
+        for command in NBD_COMMANDS:
+            self.nbd_request_seconds.labels(command)
         self.upload_seconds = Histogram(
             "cloudnbd_upload_duration_seconds",
             "Time an uploader spent on one chunk: assemble, compress, encrypt, PUT.",
@@ -99,16 +104,18 @@ class _EngineCollector(Collector):
                     "Age of the oldest write not yet in the cloud.", oldest)
         yield gauge("cloudnbd_journal_disk_bytes", "Bytes the local journal occupies.",
                     engine.journal.bytes_on_disk)
-        requests = CounterMetricFamily("cloudnbd_cloud_requests",
-                                       "Requests to the object store, by kind.",
-                                       labels=["kind"])
+        requests = CounterMetricFamily(
+            "cloudnbd_cloud_requests",
+            "Chunk requests to the object store that were answered, by kind (not counting "
+            "retries, nor the few metadata and lease requests of open and close).",
+            labels=["kind"])
         requests.add_metric(["put"], stats.uploads)
         requests.add_metric(["delete"], stats.deletes)
-        requests.add_metric(["get"], stats.fetches)
+        requests.add_metric(["get"], stats.gets)
         yield requests
         traffic = CounterMetricFamily("cloudnbd_cloud_bytes",
-                                      "Bytes sent to and received from the object store.",
-                                      labels=["direction"])
+                                      "Chunk object bytes sent to and received from the "
+                                      "object store.", labels=["direction"])
         traffic.add_metric(["sent"], stats.upload_wire_bytes)
         traffic.add_metric(["received"], stats.fetch_wire_bytes)
         yield traffic

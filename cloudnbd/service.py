@@ -36,6 +36,7 @@ from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.engine.workers import WorkerConfig, WorkerPool
 from cloudnbd.errors import CloudnbdError, IntegrityError
 from cloudnbd.metrics import Metrics
+from cloudnbd.rates import RateSampler
 from cloudnbd.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class Service:
         self.server: Any = None
         self.control: ControlServer | None = None
         self.lease: lease_mod.Lease | None = None
+        self.rates: RateSampler | None = None
         self._lock_fd = -1
         self._closing = threading.Lock()
         self.finished = threading.Event()
@@ -196,6 +198,11 @@ class Service:
             self.engine = Engine(meta.size, meta.chunk_size, self.cache_dir,
                                  self._presence_map(), s.engine, self._make_pool, metrics)
             self.engine.start()
+            stats = self.engine.stats
+            self.rates = RateSampler(lambda: {"sent": stats.upload_wire_bytes,
+                                              "uploaded": stats.upload_bytes,
+                                              "received": stats.fetch_wire_bytes})
+            self.rates.start()
             self.volume.store.idle()  # the front's own requests are done until close
             self.server = NbdServer(
                 self.engine, export_name=s.export_name, host=s.host, port=s.port,
@@ -215,6 +222,8 @@ class Service:
 
     def _abort(self) -> None:
         """Undo a failed start without touching data."""
+        if self.rates is not None:
+            self.rates.stop()
         if self.server is not None:
             self.server.shutdown()
         if self.engine is not None:
@@ -227,6 +236,8 @@ class Service:
         assert self.engine is not None
         dirty_bytes, dirty_chunks, oldest = self.engine.backlog()
         stats = self.engine.stats
+        assert self.rates is not None
+        rates, span = self.rates.rates()
         return {
             "location": self.volume.store.description,
             "pid": os.getpid(),
@@ -238,6 +249,10 @@ class Service:
             "uploaded_bytes": stats.upload_bytes,
             "uploaded_wire_bytes": stats.upload_wire_bytes,
             "fetched_wire_bytes": stats.fetch_wire_bytes,
+            "upload_rate": rates["sent"],
+            "upload_plain_rate": rates["uploaded"],
+            "download_rate": rates["received"],
+            "rate_window": span,
             "uploads": stats.uploads,
             "fetches": stats.fetches,
             "upload_errors": stats.upload_errors,
@@ -284,6 +299,8 @@ class Service:
                 self.lease.release()
             return {"done": True}
         finally:
+            if self.rates is not None:
+                self.rates.stop()
             if self.control is not None:
                 self.control.close()
             self.finished.set()

@@ -19,7 +19,7 @@ import base64
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +55,7 @@ MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_SIZE = 2**63 - SIZE_ALIGNMENT  # NBD sizes are 64-bit; keep signed arithmetic safe
 MAX_SLOTS = 8
+_DELETE_BATCH = 1000  # keys per delete_many call: one S3 DeleteObjects, one progress step
 _KDF_LIMITS = {"n": (2**10, 2**24), "r": (1, 32), "p": (1, 16)}
 
 
@@ -306,12 +307,14 @@ class Volume:
                 yield index, info.size
 
     # -- size -----------------------------------------------------------------------------
-    def resize(self, new_size: int, allow_shrink: bool = False) -> None:
+    def resize(self, new_size: int, allow_shrink: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> None:
         """Grow, or with allow_shrink shrink, the volume to new_size (already rounded).
 
         Shrinking first deletes the chunks past the new end and zeroes the tail of the
         new last chunk, and only then records the new size: were it the other way round, a
         crash in between followed by a grow would resurrect stale data past the end.
+        progress(bytes deleted, bytes to delete) follows the deletion, which can be long.
         """
         check_size(new_size)
         old_size = self.meta.size
@@ -321,7 +324,14 @@ class Volume:
                                  "would be destroyed; pass --shrink to do so")
             keep = -(-new_size // self.meta.chunk_size)
             doomed = [chunk_key(i) for i, _ in self.stored_chunks() if i >= keep]
-            self.store.delete_many(doomed)
+            total = len(doomed) * self.meta.chunk_size
+            if progress is not None:
+                progress(0, total)
+            for start in range(0, len(doomed), _DELETE_BATCH):
+                self.store.delete_many(doomed[start:start + _DELETE_BATCH])
+                if progress is not None:
+                    done = min(start + _DELETE_BATCH, len(doomed))
+                    progress(done * self.meta.chunk_size, total)
             tail = new_size % self.meta.chunk_size
             if tail:
                 last = keep - 1

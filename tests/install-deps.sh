@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debs=(libnbd-bin nbdfuse python3-libnbd qemu-utils fio nbdkit nbdkit-plugin-python
-      btrfs-progs e2fsprogs fuse3 util-linux python3-boto3)
+      btrfs-progs e2fsprogs fuse3 util-linux python3-boto3
+      prometheus rpm man-db systemd)  # promtool and a real scraper; rpmbuild; man; systemd-analyze
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
@@ -17,6 +18,11 @@ if ((${#missing[@]})); then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null
+    # Debian's prometheus package starts a system-wide server on :9090; the tests start
+    # their own on loopback, so keep the machine as it was.
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
 fi
 
 python3 -m pip install -q -e '.[test]'

@@ -1,15 +1,23 @@
-"""The Prometheus endpoint of a running volume, and the Grafana dashboard against it."""
+"""The Prometheus endpoint of a running volume: what it counts, that promtool accepts its
+names and units, that the workers' transfers reach it, and that the Grafana dashboard
+queries only metrics it has. (tests/test_operator.py has a real Prometheus scrape it.)"""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from cloudnbd.volume import chunk_key
 from tests.nbdclient import NbdClient
 from tests.served import KDF, cloudnbd, start
+from tests.servers import BackendEnv
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "contrib" / "grafana" / "cloudnbd.json"
 
@@ -20,15 +28,31 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _listeners(port: int) -> list[str]:
+    """Addresses with a TCP socket listening on port, from /proc/net/tcp and tcp6."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.rpartition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                if len(address) == 8:
+                    found.append(socket.inet_ntop(socket.AF_INET,
+                                                  bytes.fromhex(address)[::-1]))
+                else:
+                    found.append(address)  # any IPv6 listener is a failure to report
+    return found
+
+
 def test_metrics_are_served_and_the_dashboard_queries_only_existing_ones(
         tmp_path: Path, password_file: Path) -> None:
     (tmp_path / "bucket").mkdir()
     location = str(tmp_path / "bucket" / "vol")
     cloudnbd("init", "file", location, "64MiB", "--password-file", str(password_file), *KDF)
     port = _free_port()
-    server = start(tmp_path, "file", location, password_file, "--metrics",
-                   f"127.0.0.1:{port}")
+    server = start(tmp_path, "file", location, password_file, "--metrics", f":{port}")
     try:
+        assert _listeners(port) == ["127.0.0.1"]  # no address given: loopback only
         client = NbdClient.unix(str(server.socket))
         client.pwrite(b"m" * 65536, 0)
         client.flush()
@@ -38,6 +62,10 @@ def test_metrics_are_served_and_the_dashboard_queries_only_existing_ones(
                                       ).read().decode()
     finally:
         server.close()
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60)
+    assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), \
+        f"promtool: {lint.stdout}{lint.stderr}"
     exposed = set(re.findall(r"^(cloudnbd_[a-z_]+)", text, re.MULTILINE))
     assert 'cloudnbd_nbd_request_duration_seconds_count{command="write"} 1.0' in text
     assert 'cloudnbd_cloud_requests_total{kind="put"} 1.0' in text
@@ -47,3 +75,66 @@ def test_metrics_are_served_and_the_dashboard_queries_only_existing_ones(
             queried |= set(re.findall(r"cloudnbd_[a-z_]+", target["expr"]))
     assert queried, "the dashboard queries nothing"
     assert queried <= exposed, f"dashboard queries missing metrics: {queried - exposed}"
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Every sample of the endpoint, by its name and labels as exposed."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30
+                                  ).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+@pytest.mark.parametrize("backend_env", ["s3"], indirect=True)
+def test_transfers_of_every_worker_process_are_counted_once(
+        tmp_path: Path, backend_env: BackendEnv, password_file: Path) -> None:
+    """Two uploaders and two fetchers (separate processes) move chunks; the front's
+    counters must match what the store holds, byte for byte."""
+    env, chunk = backend_env, 4 * 2**20
+    location = env.new_location()
+    cloudnbd("init", env.name, location, "64MiB", *env.cli_args, "--password-file",
+             str(password_file), *KDF, env=env.env)
+    seed = tmp_path / "seed.img"
+    seed.write_bytes(os.urandom(3 * chunk))
+    cloudnbd("import", str(seed), env.name, location, *env.cli_args, "--yes",
+             "--password-file", str(password_file), env=env.env)
+    store = env.store(location)
+    before = {info.key: info.size for info in store.list("chunks/")}
+    assert len(before) == 3
+    port = _free_port()
+    server = start(tmp_path, env.name, location, password_file, "--metrics",
+                   f"127.0.0.1:{port}", "--uploaders", "2", "--fetchers", "2",
+                   "--writeback-delay", "0.2", store_args=env.cli_args, env=env.env)
+    try:
+        pids = server.status()["worker_pids"]
+        assert len(set(pids["upload"]) | set(pids["fetch"])) == 4  # type: ignore[index]
+        client = NbdClient.unix(str(server.socket))
+        client.pread(chunk, 4096)             # chunk 1: a fetch
+        client.pread(2 * chunk, 4096)         # chunk 2: another
+        client.pwrite(b"p" * 4096, 4096)      # chunk 0 partly: the uploader GETs the rest
+        client.pwrite(os.urandom(chunk), 5 * chunk)   # chunk 5 whole: nothing to GET
+        client.pwrite(b"q" * 4096, 6 * chunk)          # chunk 6 partly, never stored: no GET
+        client.flush()
+        client.close()
+        m = _scrape(port)
+    finally:
+        server.close()
+    after = {info.key: info.size for info in store.list("chunks/")}
+    written = [key for key in after if key not in before or after[key] != before[key]]
+    assert len(written) == 3  # chunks 0, 5 and 6
+    fetched = [chunk_key(1), chunk_key(2)]
+    base = [chunk_key(0)]  # its old object, which the uploader read
+    assert m['cloudnbd_cloud_requests_total{kind="put"}'] == 3
+    assert m['cloudnbd_cloud_requests_total{kind="get"}'] == 3  # two fetches, one base
+    assert m['cloudnbd_cloud_requests_total{kind="delete"}'] == 0
+    assert m['cloudnbd_cloud_bytes_total{direction="sent"}'] == sum(after[k] for k in written)
+    assert m['cloudnbd_cloud_bytes_total{direction="received"}'] == sum(
+        before[k] for k in fetched + base)
+    assert m["cloudnbd_uploaded_bytes_total"] == 3 * chunk
+    assert m["cloudnbd_upload_duration_seconds_count"] == 3
+    assert m["cloudnbd_fetch_duration_seconds_count"] == 2
+    assert m['cloudnbd_nbd_request_duration_seconds_count{command="write"}'] == 3

@@ -97,6 +97,7 @@ class EngineStats:
     upload_wire_bytes: int = 0
     deletes: int = 0
     fetches: int = 0
+    gets: int = 0  # every chunk GET answered: fetches, absent chunks, uploads' bases
     fetch_errors: int = 0
     fetch_wire_bytes: int = 0
     integrity_errors: int = 0
@@ -459,6 +460,8 @@ class Engine(BlockDevice):
         self.journal.unpin(upload.segments)
         self.clean.unpin(index)
         self.stats.retries += result.retries
+        self.stats.gets += result.base_gets
+        self.stats.fetch_wire_bytes += result.base_wire_bytes
         if result.outcome == "error":
             self.stats.upload_errors += 1
             self.stats.integrity_errors += result.integrity
@@ -502,8 +505,10 @@ class Engine(BlockDevice):
                 self.metrics.fetch_seconds.observe(result.seconds)
             self.clean.added(result.index, result.size)
             self.stats.fetches += 1
+            self.stats.gets += 1
             self.stats.fetch_wire_bytes += result.wire_bytes
         elif result.outcome == "absent":
+            self.stats.gets += 1
             self.present[result.index] = 0
         else:
             self.stats.fetch_errors += 1

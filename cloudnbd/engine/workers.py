@@ -103,6 +103,8 @@ class Result:
     integrity: bool = False
     seconds: float = 0.0
     retries: int = 0
+    base_gets: int = 0  # GETs an upload made for the rest of a partly written chunk
+    base_wire_bytes: int = 0  # and the bytes they received
 
 
 class RateLimiter:
@@ -149,15 +151,17 @@ class _Worker:
         try:
             for fd in fds.values():  # journal J1: durable locally before it is in the cloud
                 localfs.fsync(fd)
-            plain = self._assemble(task, fds)
+            plain, base_wire_bytes = self._assemble(task, fds)
         finally:
             for fd in fds.values():
                 localfs.close(fd)
+        base_gets = int(task.base == "cloud")
         if codec.is_zero(plain):
             self.store.delete(chunk_key(task.index))
             return Result(task.task_id, task.index, "deleted",
                           seconds=time.monotonic() - started,
-                          retries=self.store.retries - retries_before)
+                          retries=self.store.retries - retries_before,
+                          base_gets=base_gets, base_wire_bytes=base_wire_bytes)
         blob = codec.encode_chunk(cfg.keys, task.index, plain, cfg.zstd_level)
         if self.limiter is not None:
             self.limiter.acquire(len(blob))
@@ -165,19 +169,23 @@ class _Worker:
         self._write_clean(task.index, plain, f"u{task.task_id}")
         return Result(task.task_id, task.index, "stored", size=len(plain),
                       wire_bytes=len(blob), seconds=time.monotonic() - started,
-                      retries=self.store.retries - retries_before)
+                      retries=self.store.retries - retries_before,
+                      base_gets=base_gets, base_wire_bytes=base_wire_bytes)
 
-    def _assemble(self, task: UploadTask, fds: dict[int, int]) -> bytearray:
-        """The chunk's new plain contents: its base with the journal pieces laid over."""
+    def _assemble(self, task: UploadTask, fds: dict[int, int]) -> tuple[bytearray, int]:
+        """The chunk's new plain contents, its base with the journal pieces laid over, and
+        the bytes received to get that base."""
         cfg = self.config
         plain = bytearray(cfg.chunk_size)
         view = memoryview(plain)
+        received = 0
         if task.base == "clean":
             with open(cfg.clean_dir / f"{task.index:016x}", "rb") as f:
                 f.readinto(plain)
         elif task.base == "cloud":
             try:
                 blob = self.store.get(chunk_key(task.index))
+                received = len(blob)
                 plain[:] = codec.decode_chunk(cfg.keys, task.index, blob, cfg.chunk_size)
             except ObjectNotFound:
                 pass
@@ -189,7 +197,7 @@ class _Worker:
                 got = os.preadv(fds[piece.segment], [target], piece.pos)
                 if got != len(target):
                     raise IntegrityError(f"journal segment {piece.segment} is short")
-        return plain
+        return plain, received
 
     def fetch(self, task: FetchTask) -> Result:
         started = time.monotonic()
