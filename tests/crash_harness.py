@@ -27,6 +27,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloudnbd.engine.workers import WORKERS_LOCK, wait_for_orphans
 from tests.nbdclient import CMD_FLUSH, CMD_READ, CMD_WRITE, CMD_ZEROES, FLAG_FUA, NbdClient
 from tests.served import Served, start
 
@@ -208,6 +209,10 @@ class Campaign:
         self.report.front_kills += 1
         self.client.sock.close()
         if lose_machine:
+            # The machine's workers die with it: wait for them (they hold workers.lock
+            # until they exit) so none writes into the cache while it is deleted.
+            for lock in self.server.cache.glob(f"*/{WORKERS_LOCK}"):
+                wait_for_orphans(lock.parent)
             shutil.rmtree(self.server.cache)
             self.report.machine_losses += 1
         self.start()
