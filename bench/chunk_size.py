@@ -24,6 +24,7 @@ from cloudnbd.backends import StoreOptions
 from cloudnbd.backends.file import FileStore
 from cloudnbd.codec import ScryptParams
 from cloudnbd.engine.device import Engine, EngineSettings
+from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import WorkerConfig, _Worker
 
 PUT_PRICE, GET_PRICE = 0.005 / 1000, 0.0004 / 1000
@@ -68,12 +69,10 @@ class CountingPool:
 def run(chunk_size: int, workload: str, tmp: Path) -> dict[str, float]:
     store = FileStore(tmp / "bucket")
     vol = volume.create(store, VOLUME, chunk_size, "pw", ScryptParams(n=2**10))
-    present = bytearray(vol.meta.chunk_count)
     rng = random.Random(1)
     if workload.startswith("random"):  # a used disk: the region is full of data
         for index in range(REGION // chunk_size):
             vol.write_chunk(index, rng.randbytes(chunk_size))
-            present[index] = 1
     pools: list[CountingPool] = []
 
     def make_pool(on_result):  # type: ignore[no-untyped-def]
@@ -82,7 +81,7 @@ def run(chunk_size: int, workload: str, tmp: Path) -> dict[str, float]:
         pools.append(CountingPool(config, on_result))
         return pools[-1]
 
-    engine = Engine(VOLUME, chunk_size, tmp / "cache", present,
+    engine = Engine(VOLUME, chunk_size, tmp / "cache", ChunkVersions.of_volume(vol),
                     EngineSettings(writeback_delay=3600), make_pool)  # type: ignore[arg-type]
     engine.start()
     written = 0

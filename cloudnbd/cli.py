@@ -134,7 +134,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "chunk_size": meta.chunk_size,
         "chunks": meta.chunk_count,
         "stored_chunks": len(stored),
-        "stored_bytes": sum(size for _, size in stored),
+        "stored_bytes": sum(info.size for _, info in stored),
         "key_slots": [{"slot": s.slot, "kdf": "scrypt", "n": s.kdf.n, "r": s.kdf.r,
                        "p": s.kdf.p} for s in meta.slots],
         "generation": meta.generation,

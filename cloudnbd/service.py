@@ -33,6 +33,7 @@ from cloudnbd.backends import StoreOptions
 from cloudnbd.control import ControlServer
 from cloudnbd.engine.device import Engine, EngineSettings
 from cloudnbd.engine.malloc import limit_malloc_retention
+from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import WorkerConfig, WorkerPool
 from cloudnbd.errors import CloudnbdError, IntegrityError
 from cloudnbd.metrics import Metrics
@@ -166,14 +167,6 @@ class Service:
             tmp.write_text(f"{current}\n")
             os.replace(tmp, seen_file)
 
-    def _presence_map(self) -> bytearray:
-        """Which chunks exist in the cloud: one listing, cost grows with stored chunks."""
-        present = bytearray(self.volume.meta.chunk_count)
-        for index, _ in self.volume.stored_chunks():
-            if index < len(present):
-                present[index] = 1
-        return present
-
     def _make_pool(self, on_result: Any) -> WorkerPool:
         meta = self.volume.meta
         config = WorkerConfig(
@@ -196,7 +189,8 @@ class Service:
             s = self.settings
             metrics = Metrics() if s.metrics else None
             self.engine = Engine(meta.size, meta.chunk_size, self.cache_dir,
-                                 self._presence_map(), s.engine, self._make_pool, metrics)
+                                 ChunkVersions.of_volume(self.volume), s.engine,
+                                 self._make_pool, metrics)
             self.engine.start()
             stats = self.engine.stats
             self.rates = RateSampler(lambda: {"sent": stats.upload_wire_bytes,

@@ -48,9 +48,9 @@ class VerifyReport:
 
 def verify(vol: Volume, threads: int = 8, progress: ProgressFn | None = None) -> VerifyReport:
     """Download and authenticate every stored chunk; list the damaged ones."""
-    stored = sorted(vol.stored_chunks())
-    total = sum(size for _, size in stored)
-    sizes = dict(stored)
+    sizes = {index: info.size for index, info in vol.stored_chunks()}
+    stored = sorted(sizes.items())
+    total = sum(sizes.values())
     report = VerifyReport()
 
     def check(index: int) -> str | None:

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cloudnbd import codec
-from cloudnbd.backends.base import ObjectStore
+from cloudnbd.backends.base import ObjectInfo, ObjectStore
 from cloudnbd.codec import KeySlot, ScryptParams, VolumeKeys
 from cloudnbd.errors import (
     CloudnbdError,
@@ -299,12 +299,12 @@ class Volume:
         else:
             self.store.put(chunk_key(index), codec.encode_chunk(self.keys, index, plain))
 
-    def stored_chunks(self) -> Iterator[tuple[int, int]]:
-        """(index, object size) of every stored chunk, from a listing."""
+    def stored_chunks(self) -> Iterator[tuple[int, ObjectInfo]]:
+        """(index, object size and version) of every stored chunk, from a listing."""
         for info in self.store.list(CHUNK_PREFIX):
             index = chunk_index(info.key)
             if index is not None:
-                yield index, info.size
+                yield index, info
 
     # -- size -----------------------------------------------------------------------------
     def resize(self, new_size: int, allow_shrink: bool = False,

@@ -16,6 +16,7 @@ from cloudnbd.backends import StoreOptions
 from cloudnbd.backends.file import FileStore
 from cloudnbd.codec import ScryptParams
 from cloudnbd.engine.device import Engine, EngineSettings
+from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import FetchTask, Result, UploadTask, WorkerConfig, _Worker
 
 CHUNK = 64 * 1024
@@ -104,10 +105,8 @@ class EngineRig:
         return self.pool
 
     def open(self) -> Engine:
-        present = bytearray(self.volume.meta.chunk_count)
-        for index, _ in self.volume.stored_chunks():
-            present[index] = 1
-        engine = Engine(self.volume.meta.size, CHUNK, self.cache_dir, present,
+        engine = Engine(self.volume.meta.size, CHUNK, self.cache_dir,
+                        ChunkVersions.of_volume(self.volume),
                         self.settings, self._make_pool)  # type: ignore[arg-type]
         engine.start()
         return engine

@@ -37,6 +37,7 @@ from typing import Any
 
 from cloudnbd.engine import localfs
 from cloudnbd.engine.device import Engine, EngineSettings
+from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import FetchTask, Result, UploadTask, WorkerConfig, _Worker
 from cloudnbd.nbd.device import DeviceError
 from cloudnbd.volume import Volume
@@ -161,10 +162,8 @@ class PowerLossCampaign:
 
     def _open(self) -> Engine:
         volume = self.target.volume
-        present = bytearray(volume.meta.chunk_count)
-        for index, _ in volume.stored_chunks():
-            present[index] = 1
-        self.engine = Engine(volume.meta.size, self.chunk_size, self.cache_dir, present,
+        self.engine = Engine(volume.meta.size, self.chunk_size, self.cache_dir,
+                             ChunkVersions.of_volume(volume),
                              self.settings, self._make_pool)  # type: ignore[arg-type]
         self.engine.start()
         self.report.records_replayed += self.engine.recovered_records

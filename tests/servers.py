@@ -263,6 +263,18 @@ class BackendEnv:
                                retry=RetryPolicy(deadline=deadline))
         return open_store(self.name, location, options)
 
+    @property
+    def target(self) -> str:
+        """The store server's URL, for a relay in front of it (s3 and gs only)."""
+        return self.options.endpoint_url or self.env["STORAGE_EMULATOR_HOST"]
+
+    def through(self, url: str) -> tuple[list[str], dict[str, str]]:
+        """Command-line arguments and environment for a `cloudnbd` subprocess that
+        reaches the store through a relay at url (s3 and gs only)."""
+        if self.name == "s3":
+            return ["--endpoint-url", url], self.env
+        return [], {**self.env, "STORAGE_EMULATOR_HOST": url}
+
 
 def backend_env_for(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> BackendEnv:
     """The BackendEnv for name; starts the session's server for it if needed."""

@@ -47,17 +47,6 @@ class Report:
                 f"{self.retries:.0f} retries counted, {self.mismatched_sectors} sectors lost")
 
 
-def _through(env: BackendEnv, proxy: FaultProxy) -> tuple[list[str], dict[str, str]]:
-    """Command-line arguments and environment that reach the store through proxy."""
-    if env.name == "s3":
-        return ["--endpoint-url", proxy.url], env.env
-    return [], {**env.env, "STORAGE_EMULATOR_HOST": proxy.url}
-
-
-def _direct_target(env: BackendEnv) -> str:
-    return env.cli_args[1] if env.name == "s3" else env.env["STORAGE_EMULATOR_HOST"]
-
-
 def _metric(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
     return sum(float(line.split()[-1]) for line in text.decode().splitlines()
@@ -82,8 +71,8 @@ def run_campaign(backend: str, tmp: Path, password_file: Path,
                  request: pytest.FixtureRequest, rounds: int, seed: int) -> Report:
     env = backend_env_for(backend, tmp, request)
     location = _new_volume(env, password_file)
-    proxy = FaultProxy(_direct_target(env), [], rate=0.3, kinds=KINDS, seed=seed, stall=1.0)
-    store_args, served_env = _through(env, proxy)
+    proxy = FaultProxy(env.target, [], rate=0.3, kinds=KINDS, seed=seed, stall=1.0)
+    store_args, served_env = env.through(proxy.url)
     port = free_port()
     served = start(tmp, backend, location, password_file, "--writeback-delay", "0",
                    "--metrics", f"127.0.0.1:{port}", store_args=store_args,
@@ -144,8 +133,8 @@ def test_flush_fails_with_eio_by_its_deadline_during_an_outage_and_data_survives
     env = backend_env_for(backend, tmp_path, request)
     location = _new_volume(env, password_file)
     # Every connection carries one request, so switching kinds takes effect at once.
-    proxy = FaultProxy(_direct_target(env), [], rate=1.0, kinds=("pass",))
-    store_args, served_env = _through(env, proxy)
+    proxy = FaultProxy(env.target, [], rate=1.0, kinds=("pass",))
+    store_args, served_env = env.through(proxy.url)
     served: Served = start(tmp_path, backend, location, password_file, "--flush-timeout",
                            "2", "--timeout", "1", "--writeback-delay", "0",
                            store_args=store_args, env=served_env)

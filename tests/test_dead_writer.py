@@ -57,17 +57,13 @@ class DyingWriterProxy(FaultProxy):
             _reset(client)
 
 
-def _target(env: BackendEnv) -> str:
-    return env.options.endpoint_url or env.env["STORAGE_EMULATOR_HOST"]
-
-
 @clouds
 def test_put_cut_after_its_headers_keeps_the_old_object(
         backend_env: BackendEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     location = backend_env.new_location()
     old = os.urandom(1000)
     backend_env.store(location).put("chunks/0000000000000007", old)
-    with DyingWriterProxy(_target(backend_env), ["headers-only"]) as proxy:
+    with DyingWriterProxy(backend_env.target, ["headers-only"]) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
         # no retry: the writer is dead, nobody sends the request again
         store = open_store(backend_env.name, location, StoreOptions(
@@ -85,7 +81,7 @@ def test_conditional_create_cut_after_its_headers_creates_nothing(
         backend_env: BackendEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lease is created this way: an empty lease would read as unreadable."""
     location = backend_env.new_location()
-    with DyingWriterProxy(_target(backend_env), ["headers-only"]) as proxy:
+    with DyingWriterProxy(backend_env.target, ["headers-only"]) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
         store = open_store(backend_env.name, location, StoreOptions(
             endpoint_url=proxy.url, retry=RetryPolicy(deadline=0)))

@@ -137,7 +137,9 @@ def test_concurrent_misses_on_one_chunk_share_one_fetch(tmp_path: Path) -> None:
     rig = EngineRig(tmp_path, auto=False)
     original = os.urandom(CHUNK)
     rig.volume.write_chunk(2, original)
-    rig.engine.present[2] = 1
+    found = rig.volume.store.stat("chunks/0000000000000002")
+    assert found is not None
+    rig.engine.stored.record(2, found.version)
     results: list[bytes] = []
     readers = [threading.Thread(target=lambda: results.append(rig.read(2 * CHUNK, CHUNK)))
                for _ in range(5)]

@@ -9,6 +9,12 @@ Promises every backend keeps:
 - put() returning means the object is durable in the store (the PUT was acknowledged).
 - put_if_absent() either creates the object or raises PreconditionFailed; it never
   overwrites.
+- Every object has a version token (ObjectInfo.version: the S3 ETag, the GCS
+  generation, a file's inode and change time) that changes on every write. put_if()
+  writes only if the object is still at the version the caller last saw, delete_if()
+  deletes only then; otherwise PreconditionFailed. This is what fences a late request:
+  a PUT of a dead process that reaches the store after a newer write carries an older
+  expected version and is refused (docs/design.md, "Fencing").
 - delete() of a missing key is not an error.
 - Errors come out as cloudnbd.errors.BackendError (or its subclasses) with a message
   naming the store; transient failures are retried first by `retrying`.
@@ -37,6 +43,7 @@ class ObjectInfo:
 
     key: str
     size: int
+    version: str = ""  # the store's token for this write of the object
 
 
 @dataclass(frozen=True)
@@ -73,18 +80,28 @@ class ObjectStore(ABC):
         """Store data under key, replacing any previous object, atomically and durably."""
 
     def put_if_absent(self, key: str, data: bytes) -> None:
-        """Create key only if it does not exist; PreconditionFailed otherwise.
+        """Create key only if it does not exist; PreconditionFailed otherwise."""
+        self.put_if(key, data, None)
 
-        When a retried attempt meets "already exists", an earlier attempt may have been
-        applied with its answer lost: identical bytes then mean the object is ours.
-        (Callers that race put distinct bytes, e.g. a lease naming its holder.)
+    def put_if(self, key: str, data: bytes, expected: str | None) -> str:
+        """Store data under key only if the object is at version expected (None: only if
+        it does not exist); returns the new version, PreconditionFailed otherwise.
+
+        When a retried attempt meets PreconditionFailed, an earlier attempt may have been
+        applied with its answer lost: identical bytes then mean the write is ours.
+        (Callers that race put distinct bytes: a lease names its holder, a chunk object
+        has a fresh random salt.)
         """
         retries = self.retries
         try:
-            self._create(key, data)
+            return self._put_if(key, data, expected)
         except PreconditionFailed:
-            if self.retries == retries or not self._holds(key, data):
+            if self.retries == retries:
                 raise
+            found = self.stat(key)
+            if found is None or not self._holds(key, data):
+                raise
+            return found.version
 
     def _holds(self, key: str, data: bytes) -> bool:
         try:
@@ -93,12 +110,26 @@ class ObjectStore(ABC):
             return False
 
     @abstractmethod
-    def _create(self, key: str, data: bytes) -> None:
-        """One conditional write (the store's If-None-Match / generation 0 / link())."""
+    def _put_if(self, key: str, data: bytes, expected: str | None) -> str:
+        """One conditional write (If-Match / If-None-Match, ifGenerationMatch, ...)."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove key; a missing key is fine."""
+
+    def delete_if(self, key: str, expected: str) -> None:
+        """Remove key only if it is at version expected; a missing key is fine (an
+        earlier attempt whose answer was lost may have removed it); PreconditionFailed
+        if it holds a different version."""
+        try:
+            self._delete_if(key, expected)
+        except PreconditionFailed:
+            if self.stat(key) is not None:
+                raise
+
+    @abstractmethod
+    def _delete_if(self, key: str, expected: str) -> None:
+        """One conditional delete; may raise PreconditionFailed for a missing key."""
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -111,7 +142,7 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo | None:
-        """Size of key, or None if it does not exist."""
+        """Size and version of key, or None if it does not exist."""
 
     @abstractmethod
     def check(self) -> None:

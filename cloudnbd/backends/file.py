@@ -3,13 +3,22 @@
 Keys map to files under the root directory ('/' in a key becomes a subdirectory). Writes go
 to a temporary file that is fsync'd and renamed over the target, and the directory is
 fsync'd, so put() is atomic and durable like a cloud PUT.
+
+A version token is the file's inode number, modification time and size: each write
+renames a new file into place. Writes and deletes take an exclusive flock on the
+object's directory, so a conditional one compares and acts atomically against every
+other writer, in any process. (A local write cannot arrive late the way a network
+request can, so the rare reuse of an inode number at the same nanosecond cannot let a
+stale write through: there is none.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cloudnbd.backends.base import ObjectInfo, ObjectStore, RetryPolicy
@@ -69,36 +78,72 @@ class FileStore(ObjectStore):
         finally:
             os.close(fd)
 
+    @contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        """Hold an exclusive flock on path's directory (see the module docstring)."""
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _current(self, path: Path) -> str | None:
+        try:
+            return _version(path.stat())
+        except FileNotFoundError:
+            return None
+
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
             tmp = self._write_tmp(path, data)
-            os.replace(tmp, path)
-            self._sync_dir(path)
+            with self._locked(path):
+                os.replace(tmp, path)
+                self._sync_dir(path)
         except OSError as exc:
             raise self._fail(f"writing {key}", exc) from exc
 
-    def _create(self, key: str, data: bytes) -> None:
+    def _put_if(self, key: str, data: bytes, expected: str | None) -> str:
         path = self._path(key)
         try:
             tmp = self._write_tmp(path, data)
             try:
-                # link() fails if the target exists, which makes create-if-absent atomic
-                os.link(tmp, path)
+                with self._locked(path):
+                    if self._current(path) != expected:
+                        raise PreconditionFailed(f"{self.description}: {key} exists or "
+                                                 f"changed since it was last seen")
+                    os.replace(tmp, path)
+                    self._sync_dir(path)
+                    return _version(path.stat())
             finally:
-                os.unlink(tmp)
-            self._sync_dir(path)
-        except FileExistsError:
-            raise PreconditionFailed(f"{self.description}: {key} already exists") from None
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass  # renamed into place
         except OSError as exc:
-            raise self._fail(f"creating {key}", exc) from exc
+            raise self._fail(f"writing {key}", exc) from exc
 
     def delete(self, key: str) -> None:
+        self._delete(key, None)
+
+    def _delete_if(self, key: str, expected: str) -> None:
+        self._delete(key, expected)
+
+    def _delete(self, key: str, expected: str | None) -> None:
+        """Remove key (if at version expected, when given); a missing key is fine."""
         path = self._path(key)
         try:
-            path.unlink()
+            with self._locked(path):
+                current = self._current(path)
+                if current is None:
+                    return
+                if expected is not None and current != expected:
+                    raise PreconditionFailed(f"{self.description}: {key} changed since it "
+                                             f"was last seen")
+                path.unlink()
         except FileNotFoundError:
-            return
+            return  # no directory: no object
         except OSError as exc:
             raise self._fail(f"deleting {key}", exc) from exc
         # Directories play no part in the namespace: remove the ones left empty, up to
@@ -124,15 +169,16 @@ class FileStore(ObjectStore):
                 key = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
                 if key.startswith(prefix):
                     try:
-                        size = os.stat(os.path.join(dirpath, name)).st_size
+                        st = os.stat(os.path.join(dirpath, name))
                     except FileNotFoundError:
                         continue
-                    found.append(ObjectInfo(key, size))
+                    found.append(ObjectInfo(key, st.st_size, _version(st)))
         yield from sorted(found, key=lambda info: info.key)
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
-            return ObjectInfo(key, self._path(key).stat().st_size)
+            st = self._path(key).stat()
+            return ObjectInfo(key, st.st_size, _version(st))
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -146,3 +192,7 @@ class FileStore(ObjectStore):
             raise BackendError(f"{self.description}: directory {parent} does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise BackendError(f"{self.description}: permission denied on {parent}")
+
+
+def _version(st: os.stat_result) -> str:
+    return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"

@@ -5,7 +5,8 @@ STORAGE_EMULATOR_HOST set (fake-gcs-server, the official emulator) the client ta
 the emulator without credentials. The library's own retries are off (retry=None on every
 call); ObjectStore.retrying retries instead.
 
-Conditional creation is `ifGenerationMatch=0`: 412 means the object exists.
+Conditional writes and deletes are `ifGenerationMatch=<generation>` (0: create); 412 means
+the object exists or changed. The version token is the generation, in decimal.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class GCSStore(ObjectStore):
                                    f"not exist") from None
             raise ObjectNotFound(f"{where}: no such object") from None
         except gexc.PreconditionFailed:
-            raise PreconditionFailed(f"{where}: already exists") from None
+            raise PreconditionFailed(f"{where}: the object exists or changed since it was "
+                                     f"last seen") from None
         except (gexc.Forbidden, gexc.Unauthorized) as exc:
             raise BackendError(f"{where}: permission denied: {exc.message}") from None
         except gexc.GoogleAPICallError as exc:
@@ -129,26 +131,27 @@ class GCSStore(ObjectStore):
             data, content_type="application/octet-stream", retry=None, timeout=_TIMEOUT,
             checksum="crc32c"))
 
-    def _create(self, key: str, data: bytes) -> None:
+    def _put_if(self, key: str, data: bytes, expected: str | None) -> str:
         blob = self.bucket.blob(self._key(key))
         data = bytes(data)
+        generation = 0 if expected is None else int(expected)
         self._call("conditional PUT", key, lambda: blob.upload_from_string(
-            data, content_type="application/octet-stream", if_generation_match=0,
+            data, content_type="application/octet-stream", if_generation_match=generation,
             retry=None, timeout=_TIMEOUT, checksum="crc32c"))
-
-    def generation(self, key: str) -> int | None:
-        """The object's generation (changes on every write), or None if it is missing.
-
-        For compare-and-swap on top of GCS: a later write can be made conditional on it.
-        """
-        blob = self._call("HEAD", key, lambda: self.bucket.get_blob(
-            self._key(key), retry=None, timeout=_TIMEOUT))
-        return None if blob is None else int(blob.generation)
+        return str(blob.generation)
 
     def delete(self, key: str) -> None:
         blob = self.bucket.blob(self._key(key))
         try:
             self._call("DELETE", key, lambda: blob.delete(retry=None, timeout=_TIMEOUT))
+        except ObjectNotFound:
+            pass
+
+    def _delete_if(self, key: str, expected: str) -> None:
+        blob = self.bucket.blob(self._key(key))
+        try:
+            self._call("DELETE", key, lambda: blob.delete(
+                if_generation_match=int(expected), retry=None, timeout=_TIMEOUT))
         except ObjectNotFound:
             pass
 
@@ -160,7 +163,7 @@ class GCSStore(ObjectStore):
                 blobs = self.client.list_blobs(self.bucket_name, prefix=root + prefix,
                                                page_token=token, retry=None,
                                                timeout=_TIMEOUT, max_results=1000)
-                found = [ObjectInfo(b.name[len(root):], int(b.size or 0))
+                found = [ObjectInfo(b.name[len(root):], int(b.size or 0), str(b.generation))
                          for b in next(blobs.pages, [])]
                 return found, blobs.next_page_token
             found, token = self._call("LIST", None, page)
@@ -171,7 +174,8 @@ class GCSStore(ObjectStore):
     def stat(self, key: str) -> ObjectInfo | None:
         blob = self._call("HEAD", key, lambda: self.bucket.get_blob(
             self._key(key), retry=None, timeout=_TIMEOUT))
-        return None if blob is None else ObjectInfo(key, int(blob.size or 0))
+        return None if blob is None else ObjectInfo(key, int(blob.size or 0),
+                                                    str(blob.generation))
 
     def check(self) -> None:
         self._call("HEAD bucket", None, lambda: self.client.get_bucket(

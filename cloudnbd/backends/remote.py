@@ -150,14 +150,20 @@ class RemoteStore(ObjectStore):
     def put(self, key: str, data: bytes) -> None:
         self._call("put", key, data)
 
-    def put_if_absent(self, key: str, data: bytes) -> None:
-        self._call("put_if_absent", key, data)
+    def put_if(self, key: str, data: bytes, expected: str | None) -> str:
+        return str(self._call("put_if", key, data, expected))
 
-    def _create(self, key: str, data: bytes) -> None:
-        self._call("_create", key, data)
+    def _put_if(self, key: str, data: bytes, expected: str | None) -> str:
+        return str(self._call("_put_if", key, data, expected))
 
     def delete(self, key: str) -> None:
         self._call("delete", key)
+
+    def delete_if(self, key: str, expected: str) -> None:
+        self._call("delete_if", key, expected)
+
+    def _delete_if(self, key: str, expected: str) -> None:
+        self._call("_delete_if", key, expected)
 
     def delete_many(self, keys: Iterable[str]) -> None:
         self._call("delete_many", list(keys))

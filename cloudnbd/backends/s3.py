@@ -5,10 +5,12 @@ Credentials come from the SDK's standard chain unless given explicitly; the endp
 retries are off: ObjectStore.retrying retries instead, so every retry is counted and the
 overall deadline is ours.
 
-Conditional creation is `PUT If-None-Match: *` (AWS since 2024, SeaweedFS, MinIO, Ceph RGW):
-412 means the object exists. 409 ConditionalRequestConflict means a concurrent
-conditional write to the same key is in flight; AWS asks to retry, and the retry then
-learns the outcome (created, or 412).
+Conditional writes are `PUT If-None-Match: *` (create) and `PUT If-Match: <ETag>`
+(replace the version last seen), and `DELETE If-Match: <ETag>` (AWS since 2024,
+SeaweedFS, MinIO): 412 means the object exists or changed. 409 ConditionalRequestConflict
+means a concurrent conditional write to the same key is in flight; AWS asks to retry,
+and the retry then learns the outcome. The version token is the ETag as S3 returns it,
+quotes included.
 
 Every PUT carries Content-MD5, so the store refuses a body that is not the one we sent.
 Without it SeaweedFS answers 200 to a PUT whose connection ends right after the headers
@@ -148,7 +150,8 @@ class S3Store(ObjectStore):
                 raise BackendError(f"{where}: permission denied ({code or status}); check "
                                    f"the credentials and the bucket policy") from None
             if code == "PreconditionFailed" or status == 412:
-                raise PreconditionFailed(f"{where}: already exists") from None
+                raise PreconditionFailed(f"{where}: the object exists or changed since it "
+                                         f"was last seen") from None
             raise BackendError(f"{where}: {code or status}: "
                                f"{exc.response.get('Error', {}).get('Message', '')}") from None
         except botocore.exceptions.NoCredentialsError:
@@ -174,15 +177,20 @@ class S3Store(ObjectStore):
         self._call("PUT", key, lambda: self.client.put_object(
             Bucket=self.bucket, Key=self._key(key), Body=data, ContentMD5=md5))
 
-    def _create(self, key: str, data: bytes) -> None:
+    def _put_if(self, key: str, data: bytes, expected: str | None) -> str:
+        condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
         md5 = content_md5(data)
-        self._call("conditional PUT", key, lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
-            ContentMD5=md5))
+        response = self._call("conditional PUT", key, lambda: self.client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data, ContentMD5=md5, **condition))
+        return str(response["ETag"])
 
     def delete(self, key: str) -> None:
         self._call("DELETE", key, lambda: self.client.delete_object(
             Bucket=self.bucket, Key=self._key(key)))
+
+    def _delete_if(self, key: str, expected: str) -> None:
+        self._call("conditional DELETE", key, lambda: self.client.delete_object(
+            Bucket=self.bucket, Key=self._key(key), IfMatch=expected))
 
     def delete_many(self, keys: Iterable[str]) -> None:
         batch: list[str] = []
@@ -215,7 +223,8 @@ class S3Store(ObjectStore):
                 args["ContinuationToken"] = token
             page = self._call("LIST", None, lambda a=args: self.client.list_objects_v2(**a))
             for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"][len(root):], int(item["Size"]))
+                yield ObjectInfo(item["Key"][len(root):], int(item["Size"]),
+                                 str(item.get("ETag", "")))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
@@ -226,7 +235,7 @@ class S3Store(ObjectStore):
                 Bucket=self.bucket, Key=self._key(key)))
         except ObjectNotFound:
             return None
-        return ObjectInfo(key, int(head["ContentLength"]))
+        return ObjectInfo(key, int(head["ContentLength"]), str(head.get("ETag", "")))
 
     def check(self) -> None:
         self._call("HEAD bucket", None, lambda: self.client.head_bucket(Bucket=self.bucket))

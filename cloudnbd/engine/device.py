@@ -23,6 +23,10 @@ Engine invariants:
   of a journal record never change once written.
 - E4 Extents are dropped only when the result of an upload that included them arrives,
   after the uploader has renamed the new clean file into place.
+- F1 Every upload is conditional on the chunk object's version the engine last saw
+  (`stored`), and its result carries the new version; a late request of a dead process
+  therefore cannot land after a newer upload (workers.py has F2, docs/design.md the
+  argument).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pathlib import Path
 from cloudnbd.engine.cache import CleanCache
 from cloudnbd.engine.extents import ChunkExtents, Extent
 from cloudnbd.engine.journal import Journal, Kind
+from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import (
     FetchTask,
     Piece,
@@ -102,12 +107,13 @@ class EngineStats:
     fetch_wire_bytes: int = 0
     integrity_errors: int = 0
     retries: int = 0
+    fenced: int = 0  # uploads that met an object changed behind our back (F2)
 
 
 class Engine(BlockDevice):
     """Write-back block device over the journal, the clean cache and the worker pool."""
 
-    def __init__(self, size: int, chunk_size: int, cache_dir: Path, present: bytearray,
+    def __init__(self, size: int, chunk_size: int, cache_dir: Path, stored: ChunkVersions,
                  settings: EngineSettings,
                  make_pool: Callable[[Callable[[str, Result], None]], WorkerPool],
                  metrics: Metrics | None = None) -> None:
@@ -115,7 +121,7 @@ class Engine(BlockDevice):
         self.chunk_size = chunk_size
         self.cache_dir = cache_dir
         self.settings = settings
-        self.present = present
+        self.stored = stored  # what the store holds per chunk, and at which version
         self.journal = Journal(cache_dir / "journal", settings.segment_bytes)
         self.clean = CleanCache(cache_dir, settings.cache_bytes)
         self.pool = make_pool(self._on_result)
@@ -218,7 +224,7 @@ class Engine(BlockDevice):
         while pos < end:
             index, within = divmod(pos, cs)
             n = min(cs - within, end - pos)
-            if kind == Kind.ZERO and not self.present[index] and index not in self.dirty:
+            if kind == Kind.ZERO and not self.stored.has(index) and index not in self.dirty:
                 pos += n
                 continue  # already zeros everywhere: nothing to record
             extents = self.dirty.get(index)
@@ -235,7 +241,7 @@ class Engine(BlockDevice):
 
     def _needs_zeroing(self, offset: int, length: int) -> bool:
         first, last = offset // self.chunk_size, (offset + length - 1) // self.chunk_size
-        return any(self.present[i] or i in self.dirty for i in range(first, last + 1))
+        return any(self.stored.has(i) or i in self.dirty for i in range(first, last + 1))
 
     def _wait_for_room(self) -> None:
         """Backpressure: past --max-dirty, writes wait for uploads instead of failing."""
@@ -318,7 +324,7 @@ class Engine(BlockDevice):
                     if self.clean.touch(index):
                         base_fd = os.open(self.clean.path(index), os.O_RDONLY)
                         self.clean.hits += 1
-                    elif not self.present[index]:
+                    elif not self.stored.has(index):
                         pass  # never written, or deleted when it became zeros
                     elif index in self._uploading:
                         self._cond.wait()  # E2: its clean file is about to appear
@@ -374,7 +380,7 @@ class Engine(BlockDevice):
             for index in indexes:
                 if index * self.chunk_size >= self._size:
                     break
-                if (self.present[index] and index not in self.clean
+                if (self.stored.has(index) and index not in self.clean
                         and index not in self._uploading and index not in self._fetching):
                     self._request_fetch_locked(index)
 
@@ -390,7 +396,7 @@ class Engine(BlockDevice):
             while pos < end:
                 index, within = divmod(pos, cs)
                 n = min(cs - within, end - pos)
-                flags = 0 if self.present[index] or index in self.dirty else HOLE | ZERO_FLAG
+                flags = 0 if self.stored.has(index) or index in self.dirty else HOLE | ZERO_FLAG
                 if found and found[-1][1] == flags:
                     found[-1] = (found[-1][0] + n, flags)
                 else:
@@ -432,14 +438,15 @@ class Engine(BlockDevice):
             base = "zero"
         elif index in self.clean:
             base = "clean"
-        elif self.present[index]:
+        elif self.stored.has(index):
             base = "cloud"
         else:
             base = "zero"
         self._task_ids += 1
         task = UploadTask(self._task_ids, index, extents.max_seq, base,
                           tuple(Piece(e.start, e.end, e.segment, e.pos, e.zero)
-                                for e in extents.extents))
+                                for e in extents.extents),
+                          expected=self.stored.version(index))  # F1
         segments = extents.segments()
         self.journal.pin(segments)
         self.clean.pin(index)  # C4: its clean file is about to be replaced
@@ -480,14 +487,14 @@ class Engine(BlockDevice):
         else:
             del self.dirty[index], self._first_seq[index], self._last_write[index]
         self.journal.account({}, released)
+        self.stored.record(index, result.version)  # F1: the next upload expects it
+        self.stats.fenced += result.fenced
         if result.outcome == "stored":
-            self.present[index] = 1
             self.clean.added(index, result.size)
             self.stats.uploads += 1
             self.stats.upload_bytes += result.size
             self.stats.upload_wire_bytes += result.wire_bytes
         else:
-            self.present[index] = 0
             self.clean.discard(index)
             self.stats.deletes += 1
 
@@ -509,7 +516,7 @@ class Engine(BlockDevice):
             self.stats.fetch_wire_bytes += result.wire_bytes
         elif result.outcome == "absent":
             self.stats.gets += 1
-            self.present[result.index] = 0
+            self.stored.record(result.index, None)
         else:
             self.stats.fetch_errors += 1
             self.stats.integrity_errors += result.integrity

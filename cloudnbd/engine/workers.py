@@ -19,6 +19,9 @@ waits out any worker still alive.
 
 Upload task contract (see device.Engine):
 - before its PUT, an uploader fsyncs every journal segment the task reads (journal J1);
+- the PUT or DELETE is conditional on the version the task expects (F1); when the object
+  changed behind the engine's back (a late request of a dead process), the upload, which
+  is newer, writes over it, conditional on what is there (F2, _Worker._fenced);
 - the new clean file is written to a temporary name and renamed into place before the
   result is sent; a chunk that came out all zeros is DELETEd, not stored.
 """
@@ -45,7 +48,7 @@ from cloudnbd.backends.base import ObjectStore
 from cloudnbd.codec import VolumeKeys
 from cloudnbd.engine import localfs
 from cloudnbd.engine.malloc import limit_malloc_retention
-from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound
+from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound, PreconditionFailed
 from cloudnbd.volume import chunk_key
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class UploadTask:
     seq: int
     base: str  # "zero": start from zeros; "clean": the clean file; "cloud": GET the object
     pieces: tuple[Piece, ...]
+    expected: str | None = None  # the object's version the engine last saw (None: none)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class Result:
     retries: int = 0
     base_gets: int = 0  # GETs an upload made for the rest of a partly written chunk
     base_wire_bytes: int = 0  # and the bytes they received
+    version: str | None = None  # the object's version after an upload (None: deleted)
+    fenced: bool = False  # the object had changed since the engine last saw it
 
 
 class RateLimiter:
@@ -157,20 +163,45 @@ class _Worker:
                 localfs.close(fd)
         base_gets = int(task.base == "cloud")
         if codec.is_zero(plain):
-            self.store.delete(chunk_key(task.index))
+            _, fenced = self._fenced(task, lambda expected: self._delete(task.index,
+                                                                         expected))
             return Result(task.task_id, task.index, "deleted",
                           seconds=time.monotonic() - started,
                           retries=self.store.retries - retries_before,
-                          base_gets=base_gets, base_wire_bytes=base_wire_bytes)
+                          base_gets=base_gets, base_wire_bytes=base_wire_bytes,
+                          fenced=fenced)
         blob = codec.encode_chunk(cfg.keys, task.index, plain, cfg.zstd_level)
         if self.limiter is not None:
             self.limiter.acquire(len(blob))
-        self.store.put(chunk_key(task.index), blob)
+        version, fenced = self._fenced(task, lambda expected: self.store.put_if(
+            chunk_key(task.index), blob, expected))
         self._write_clean(task.index, plain, f"u{task.task_id}")
         return Result(task.task_id, task.index, "stored", size=len(plain),
                       wire_bytes=len(blob), seconds=time.monotonic() - started,
                       retries=self.store.retries - retries_before,
-                      base_gets=base_gets, base_wire_bytes=base_wire_bytes)
+                      base_gets=base_gets, base_wire_bytes=base_wire_bytes,
+                      version=version, fenced=fenced)
+
+    def _delete(self, index: int, expected: str | None) -> None:
+        if expected is not None:  # None: there is no object to delete
+            self.store.delete_if(chunk_key(index), expected)
+
+    def _fenced(self, task: UploadTask, write: Callable[[str | None], str | None]
+                ) -> tuple[str | None, bool]:
+        """Run write conditional on the version the engine last saw (F1); returns what
+        it returns (the new version) and whether the object had changed behind our back.
+        If it had (F2), a late request of a dead process of ours landed first: what this
+        upload holds is newer (it is built from the journal), so write again,
+        conditional on what is there now."""
+        try:
+            return write(task.expected), False
+        except PreconditionFailed:
+            found = self.store.stat(chunk_key(task.index))
+            current = None if found is None else found.version
+            log.warning("chunk %d changed in the store behind this volume's back (version "
+                        "%s, expected %s): a late write of a process that died; writing "
+                        "over it", task.index, current, task.expected)
+            return write(current), True
 
     def _assemble(self, task: UploadTask, fds: dict[int, int]) -> tuple[bytearray, int]:
         """The chunk's new plain contents, its base with the journal pieces laid over, and

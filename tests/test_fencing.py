@@ -1,0 +1,164 @@
+"""A late request of a dead uploader must not undo a newer write (fencing, F1 and F2).
+
+An uploader killed with its PUT (or DELETE) already on its way leaves that request in
+the network: in a socket buffer, a proxy, a congested link. The engine resubmits the
+task to a new uploader, and the client goes on writing and flushing. If the old request
+reached the store after a newer upload of the same chunk, it would put the older
+contents back (or delete the chunk), and a flushed write would be lost.
+
+Every chunk write is conditional on the version the engine last saw, so the late
+request, which carries an older expected version, is refused by the store. The late
+request is played by a relay that holds the first conditional write of a chunk object
+until the test releases it, after the newer data was flushed: deterministic, against
+the real SeaweedFS and fake-gcs-server. (fake-gcs-server ignores ifGenerationMatch on
+DELETE, so the late DELETE is shown on S3 only; real GCS honours it.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from cloudnbd import volume
+from cloudnbd.password import read_password_file
+from tests.nbdclient import CMD_FLUSH, NbdClient
+from tests.served import KDF, Served, cloudnbd, start
+from tests.servers import BackendEnv, FaultProxy, _read_request
+
+CHUNK = 256 * 1024
+SIZE = 8 * CHUNK
+DEADLINE = 120.0
+
+
+class HoldingProxy(FaultProxy):
+    """Relays every request, one per connection, except the first chunk write it sees
+    whose method is in `methods`: that one is read whole, then held until release(),
+    then passed to the store, whose answer is kept in `late_answer` (its sender is
+    gone by then, so the answer goes nowhere else)."""
+
+    def __init__(self, target: str, methods: tuple[bytes, ...]) -> None:
+        self.methods = methods
+        self.holding = threading.Event()
+        self._release = threading.Event()
+        self._took = threading.Lock()
+        self._taken = False
+        self.late_answer = b""
+        self.answered = threading.Event()
+        super().__init__(target, [], rate=1.0, kinds=("pass",))
+
+    def release(self) -> None:
+        self._release.set()
+
+    def _serve(self, client: socket.socket, fault: str | None) -> None:
+        with client:
+            try:
+                head, body = _read_request(client)
+            except (ConnectionError, OSError):
+                return
+            with self._took:
+                hold = (not self._taken and head.split(b" ", 1)[0] in self.methods
+                        and b"chunks" in head + body[:4096])
+                self._taken = self._taken or hold
+            if not hold:
+                self._pass(client, head, body)
+                return
+            self.holding.set()
+            self._release.wait()
+            response = self._forward(head, body)
+            self.late_answer = response.split(b"\r\n", 1)[0]
+            self.answered.set()
+
+    def _pass(self, client: socket.socket, head: bytes, body: bytes) -> None:
+        response = self._forward(head, body)
+        end = response.index(b"\r\n\r\n")
+        lines = [line for line in response[:end].split(b"\r\n")
+                 if not line.lower().startswith(b"connection:")]
+        try:
+            client.sendall(b"\r\n".join([*lines, b"Connection: close"]) + response[end:])
+        except OSError:
+            pass
+
+
+def _wait(event: threading.Event, what: str) -> None:
+    if not event.wait(DEADLINE):
+        raise AssertionError(f"timed out waiting for {what}")
+
+
+def _serve_through(env: BackendEnv, proxy: HoldingProxy, tmp: Path, password: Path
+                   ) -> tuple[Served, str]:
+    location = env.new_location()
+    cloudnbd("init", env.name, location, str(SIZE), "--chunk-size", "256KiB",
+             *env.cli_args, "--password-file", str(password), *KDF, env=env.env)
+    store_args, served_env = env.through(proxy.url)
+    served = start(tmp, env.name, location, password, "--writeback-delay", "0",
+                   "--uploaders", "1", "--worker-threads", "1",
+                   store_args=store_args, env=served_env)
+    return served, location
+
+
+def _kill_uploader(served: Served) -> None:
+    """kill -9 the uploader now holding a request in the relay; the server replaces it."""
+    pid = served.status()["worker_pids"]["upload"][0]  # type: ignore[index]
+    os.kill(pid, signal.SIGKILL)
+
+
+def _chunk_in_store(env: BackendEnv, location: str, password: Path) -> bytes:
+    stored = volume.unlock(env.store(location), read_password_file(password)).read_chunk(0)
+    return stored if stored is not None else bytes(CHUNK)
+
+
+def _write_and_flush(client: NbdClient, data: bytes) -> None:
+    client.pwrite(data, 0)
+    client.flush()
+
+
+def _run(env: BackendEnv, tmp: Path, password: Path, methods: tuple[bytes, ...],
+         first: bytes) -> tuple[HoldingProxy, str]:
+    """Write `first` to chunk 0 and flush while its upload's request is held and its
+    uploader killed; then write newer data, flush, release the held request, close.
+    Returns the proxy and the location; the chunk in the store must be the newer data."""
+    proxy = HoldingProxy(env.target, methods)
+    served, location = _serve_through(env, proxy, tmp, password)
+    client = NbdClient.unix(str(served.socket))
+    try:
+        if methods == (b"DELETE",):  # the held request is the deletion of stored data
+            _write_and_flush(client, os.urandom(CHUNK))
+        client.pwrite(first, 0)
+        client.send(CMD_FLUSH, 0, 0)
+        _wait(proxy.holding, "the first upload to reach the relay")
+        _kill_uploader(served)
+        assert client.recv()[1] == 0  # the resubmitted upload made the flush succeed
+        newer = os.urandom(CHUNK)
+        _write_and_flush(client, newer)
+        proxy.release()
+        _wait(proxy.answered, "the store's answer to the late request")
+        client.close()
+        served.close()
+    finally:
+        proxy.close()
+        if served.process.poll() is None:
+            served.kill()
+    assert _chunk_in_store(env, location, password) == newer
+    return proxy, location
+
+
+@pytest.mark.parametrize("backend_env", ["s3", "gs"], indirect=True)
+def test_a_late_put_of_a_killed_uploader_cannot_roll_a_chunk_back(
+        backend_env: BackendEnv, tmp_path: Path, password_file: Path) -> None:
+    proxy, _ = _run(backend_env, tmp_path, password_file, (b"PUT", b"POST"),
+                    first=os.urandom(CHUNK))
+    assert b" 412 " in proxy.late_answer + b" ", proxy.late_answer
+
+
+@pytest.mark.parametrize("backend_env", ["s3"], indirect=True)
+def test_a_late_delete_of_a_killed_uploader_cannot_remove_newer_data(
+        backend_env: BackendEnv, tmp_path: Path, password_file: Path) -> None:
+    proxy, _ = _run(backend_env, tmp_path, password_file, (b"DELETE",),
+                    first=bytes(CHUNK))  # all zeros: the upload deletes the object
+    assert b" 412 " in proxy.late_answer + b" ", proxy.late_answer
+
