@@ -13,11 +13,20 @@ Stated bounds (docs/reliability.md, "6. Load"):
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from cloudnbd.nbd import server as server_module
+from cloudnbd.nbd.device import MemoryDevice
+from cloudnbd.nbd.server import MAX_IN_FLIGHT_BYTES, NbdServer
 from tests.load_harness import LoadSettings, check, run_load
+from tests.nbdclient import CMD_WRITE, NbdClient
 
 
 def test_load_fast_tier(tmp_path: Path, password_file: Path,
@@ -38,3 +47,84 @@ def test_load_long_tier(tmp_path: Path, password_file: Path,
     print(report.summary())
     print(report.details())
     check(report)
+
+
+# -- the NBD server's own queueing, over an in-process device that holds writes ----------
+
+class HeldWrites(MemoryDevice):
+    """Writes wait until the test opens the gate, as writes wait for room past
+    --max-dirty; reads are served at once."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate = threading.Event()
+        self.waiting = 0
+        self.lock = threading.Lock()
+
+    def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        with self.lock:
+            self.waiting += 1
+        self.gate.wait(timeout=120)
+        super().pwrite(buf, offset, fua)
+
+
+@pytest.fixture
+def held(tmp_path: Path) -> Iterator[tuple[NbdServer, HeldWrites]]:
+    device = HeldWrites(256 * 2**20)
+    server = NbdServer(device, unix_path=tmp_path / "held.sock")
+    server.start()
+    yield server, device
+    device.gate.set()
+    server.shutdown(timeout=30)
+
+
+def _connect(server: NbdServer) -> NbdClient:
+    return NbdClient.unix(str(server.unix_path))
+
+
+def _until(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _reader_waits_for_room(server: NbdServer) -> bool:
+    """True once a connection's reader thread is blocked reserving in-flight room."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        if names.get(ident) != "nbd-conn":
+            continue
+        while frame is not None:
+            if frame.f_code.co_name == "_reserve":
+                return True
+            frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize(("request_mib", "count"), [(4, 64), (32, 4)])
+def test_payload_held_per_connection_stays_within_its_bound(
+        held: tuple[NbdServer, HeldWrites], request_mib: int, count: int) -> None:
+    """A client sending large writes at QD64 to a device that holds them: the server
+    buffers at most MAX_IN_FLIGHT_BYTES of payload per connection (or one larger
+    request alone), and allocates nothing for a request it is not ready to take."""
+    server, device = held
+    client = _connect(server)
+    payload = bytes(request_mib * 2**20)
+    tracemalloc.start()
+    try:
+        sender = threading.Thread(target=lambda: [
+            client.send(CMD_WRITE, i * len(payload) % (128 * 2**20), len(payload), payload)
+            for i in range(count)], daemon=True)
+        sender.start()
+        _until(lambda: _reader_waits_for_room(server), "the server to stop reading")
+        held_bytes = sum(stat.size for stat in tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, server_module.__file__)]).statistics("filename"))
+    finally:
+        tracemalloc.stop()
+    bound = max(MAX_IN_FLIGHT_BYTES, len(payload))
+    assert bound <= held_bytes < bound + 2**20, (held_bytes, bound)
+    device.gate.set()
+    sender.join(timeout=60)
+    for _ in range(count):
+        assert client.recv()[1] == 0

@@ -465,9 +465,9 @@ class _Connection:
                 if error:
                     _discard(self.sock, length)
                 else:
-                    payload = bytearray(length)
-                    self._reserve(length)
+                    self._reserve(length)  # before allocating: the bound is on memory
                     try:
+                        payload = bytearray(length)
                         _recv_into(self.sock, memoryview(payload))
                     except BaseException:
                         self._release(length)
