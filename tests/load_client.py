@@ -108,6 +108,7 @@ class LoadClient:
         self.pending: dict[int, _Pending] = {}
         self.lock = threading.Lock()
         self.slots = threading.Semaphore(spec.depth)
+        self.freed = threading.Condition(self.lock)  # a reply freed sectors
         self.latencies: dict[str, list[float]] = {kind: [] for kind in KINDS}
         self.failures: list[str] = []
         self.handle = 0
@@ -138,17 +139,17 @@ class LoadClient:
     def _next_sector_id(self, index: int) -> int:
         return (self.spec.client << 48) | (self.counter << 16) | index
 
-    def _build(self) -> tuple[int, bytes, _Pending]:
-        """Choose the next request (lock held): its header, payload and record."""
+    def _build(self) -> tuple[int, bytes, _Pending] | None:
+        """Choose the next request (lock held): its header, payload and record; None
+        when the range drawn is crowded with requests in flight."""
         kind = self.rng.choices(self.choices, self.weights)[0]
         count = 0 if kind == "flush" else self._size()
         first = 0
         if count:
             found = self._free_range(count)
             if found is None:
-                kind, count = "flush", 0  # the region is crowded with requests in flight
-            else:
-                first = found
+                return None
+            first = found
         self.handle += 1
         payload = b""
         offset = (self.spec.first_sector + first) * SECTOR
@@ -175,7 +176,9 @@ class LoadClient:
         while time.monotonic() < deadline and not self.failures:
             self.slots.acquire()
             with self.lock:
-                handle, message, record = self._build()
+                while (built := self._build()) is None:
+                    self.freed.wait(timeout=1.0)
+                handle, message, record = built
                 record.sent = time.monotonic()
                 self.pending[handle] = record
             self.sock.sendall(message)
@@ -212,6 +215,7 @@ class LoadClient:
                     elif record.kind == "read":
                         self._check(record.first, data)
                     self.busy[record.first:record.first + record.count] = bytes(record.count)
+                    self.freed.notify()
                 self.slots.release()
         except (OSError, ConnectionError, KeyError) as exc:
             with self.lock:

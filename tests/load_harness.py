@@ -50,8 +50,8 @@ PROFILES: dict[str, tuple[dict[str, float], int]] = {
                "flush": 0.02}, 256),
     # large writes: at QD64 it asks the server to hold 256 MiB of payload
     "bulk": ({"write": 0.90, "read": 0.08, "flush": 0.02}, 1024),
-    # mostly small reads: must not wait behind the writers' backpressure for ever
-    "reader": ({"read": 0.85, "write": 0.13, "flush": 0.02}, 64),
+    # reads only: must not wait behind the other clients' writes
+    "reader": ({"read": 1.0}, 64),
 }
 ORDER = ("mixed", "bulk", "reader")
 
@@ -139,9 +139,11 @@ class LoadReport:
         lines = [f"  {kind}: p99.9 {p999:.3f} s, max {top:.3f} s"
                  for kind, (p999, top) in self.latency_by_kind.items()]
         for client in self.per_client:
+            kinds = ", ".join(f"{kind} {count} max {top:.2f} s"
+                              for kind, (count, top) in client["kinds"].items() if count)
             lines.append(f"  client {client['client']} ({client['profile']}): "
                          f"{client['requests']} requests, p99 {client['p99']:.3f} s, "
-                         f"max {client['max']:.3f} s")
+                         f"max {client['max']:.3f} s ({kinds})")
         lines.append("  peak PSS by process (MiB): " + ", ".join(
             f"{name.split()[1]} {mib:.0f}" for name, mib in self.peak_by_process.items()))
         return "\n".join(lines)
@@ -318,7 +320,9 @@ def _merge(report: LoadReport, results: list[dict], s: LoadSettings) -> None:
         report.per_client.append({
             "client": result["client"], "profile": profiles[result["client"] - 1],
             "requests": sum(client_histogram.values()),
-            "p99": _percentile(client_histogram, 0.99), "max": client_max})
+            "p99": _percentile(client_histogram, 0.99), "max": client_max,
+            "kinds": {kind: (summary["count"], summary["max"])
+                      for kind, summary in result["latency"].items()}})
         report.written_mib += result["bytes_written"] / MiB
         report.read_mib += result["bytes_read"] / MiB
         report.failures += [f"client {result['client']}: {f}" for f in result["failures"]]

@@ -26,7 +26,7 @@ from cloudnbd.nbd import server as server_module
 from cloudnbd.nbd.device import MemoryDevice
 from cloudnbd.nbd.server import MAX_IN_FLIGHT_BYTES, NbdServer
 from tests.load_harness import LoadSettings, check, run_load
-from tests.nbdclient import CMD_WRITE, NbdClient
+from tests.nbdclient import CMD_READ, CMD_WRITE, NbdClient
 
 
 def test_load_fast_tier(tmp_path: Path, password_file: Path,
@@ -87,6 +87,19 @@ def _until(condition: Callable[[], bool], what: str, seconds: float = 30) -> Non
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def test_reads_of_one_client_do_not_wait_behind_anothers_held_writes(
+        held: tuple[NbdServer, HeldWrites]) -> None:
+    server, device = held
+    writer, reader = _connect(server), _connect(server)
+    writes = [writer.send(CMD_WRITE, i * 4096, 4096, bytes(4096)) for i in range(60)]
+    _until(lambda: device.waiting >= 32, "the writes to reach the device")
+    read = reader.send(CMD_READ, 0, 4096)
+    reader.sock.settimeout(10)  # far longer than a read from memory takes
+    assert reader.recv(4096)[:2] == (read, 0)  # while every write is still held
+    device.gate.set()
+    assert sorted(writer.recv()[0] for _ in writes) == writes
 
 
 def _reader_waits_for_room(server: NbdServer) -> bool:
