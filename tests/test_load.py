@@ -42,11 +42,12 @@ def test_load_fast_tier(tmp_path: Path, password_file: Path,
 def test_load_long_tier(tmp_path: Path, password_file: Path,
                         request: pytest.FixtureRequest) -> None:
     settings = LoadSettings(clients=6, seconds=300, volume_mib=256, up_mib_s=4.0,
-                            down_mib_s=16.0, rtt=0.04, cache_size="64MiB", seed=2)
+                            down_mib_s=16.0, rtt=0.04, cache_size="64MiB", seed=2,
+                            mix=("mixed", "bulk", "reader", "scatter"))
     report = run_load(settings, tmp_path, password_file, request)
     print(report.summary())
     print(report.details())
-    check(report)
+    check(report, long_run=True)
 
 
 # -- the NBD server's own queueing, over an in-process device that holds writes ----------
