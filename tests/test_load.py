@@ -5,8 +5,11 @@ Stated bounds (docs/reliability.md, "6. Load"):
 - every request is answered within latency_bound(): twice the time to push every chunk
   of the volume (plus the 4 uploads that may be in flight) through the link, plus 10 s;
   fast tier 128 MiB at 8 MiB/s: 46 s; long tier 256 MiB at 4 MiB/s: 146 s;
-- the PSS of all cloudnbd processes stays under memory_bound(): the 150 MiB budget plus
-  8 MiB per connection beyond four;
+- a read-only client, whose reads are all local, answers 99% of them within the time
+  one chunk takes to cross the link (reader_bound(): 0.5 s fast, 1 s long);
+- the PSS of all cloudnbd processes stays under memory_bound(): their idle PSS in the
+  same run plus 8 MiB of payload per connection, 12 MiB per transfer in flight (4) and
+  8 MiB of heap; the long run's second half peaks less than 8 MiB above its first;
 - every READ returns exactly what was written, and after close the store holds exactly
   what every client wrote last.
 """
