@@ -1,9 +1,12 @@
 """The NBD server: listeners, the fixed-newstyle handshake, and the transmission phase.
 
 Threading model. One thread per connection reads requests; each request runs on a pool
-shared by all connections, so replies go out in whatever order requests finish (a FLUSH
-that waits for the cloud never holds up reads). Replies are written under a per-connection
-send lock, header and payload in one sendmsg. A connection may have at most
+shared by all connections, so replies go out in whatever order requests finish. There
+are two pools: requests that may wait for the cloud (WRITE, WRITE_ZEROES and TRIM wait
+for room past --max-dirty, FLUSH and FUA for uploads) run on one, READ, CACHE and
+BLOCK_STATUS on the other, so reads are never queued behind writes held by backpressure,
+whichever connection sent them. Replies are written under a per-connection send lock,
+header and payload in one sendmsg. A connection may have at most
 MAX_IN_FLIGHT requests and MAX_IN_FLIGHT_BYTES of payload outstanding; past that its
 reader waits, so a client cannot make the server buffer without bound.
 
@@ -42,7 +45,9 @@ MAX_IN_FLIGHT = 64
 MAX_IN_FLIGHT_BYTES = 8 * 2**20  # per connection; one larger request may still pass alone
 #: a WRITE payload larger than this is not drained but drops the connection
 MAX_DRAIN = 64 * 2**20
-POOL_THREADS = 32
+WRITE_THREADS = 32  # requests that may wait for the cloud, all connections together
+READ_THREADS = 16
+_READS = frozenset((p.Command.READ, p.Command.CACHE, p.Command.BLOCK_STATUS))
 
 RequestHook = Callable[[str, float], None]
 
@@ -112,7 +117,10 @@ class NbdServer:
         self.tls_context = self.tls.context()
         self.description = description
         self.on_request = on_request
-        self.pool = ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="nbd")
+        self.write_pool = ThreadPoolExecutor(max_workers=WRITE_THREADS,
+                                             thread_name_prefix="nbd-write")
+        self.read_pool = ThreadPoolExecutor(max_workers=READ_THREADS,
+                                            thread_name_prefix="nbd-read")
         self._listeners: list[socket.socket] = []
         self._connections: set[_Connection] = set()
         self._lock = threading.Lock()
@@ -239,7 +247,8 @@ class NbdServer:
         for connection in connections:
             connection.wait_idle(timeout)
             connection.close()
-        self.pool.shutdown(wait=True)
+        self.write_pool.shutdown(wait=True)
+        self.read_pool.shutdown(wait=True)
 
 
 class _Connection:
@@ -465,9 +474,9 @@ class _Connection:
                 if error:
                     _discard(self.sock, length)
                 else:
-                    payload = bytearray(length)
-                    self._reserve(length)
+                    self._reserve(length)  # before allocating: the bound is on memory
                     try:
+                        payload = bytearray(length)
                         _recv_into(self.sock, memoryview(payload))
                     except BaseException:
                         self._release(length)
@@ -478,8 +487,9 @@ class _Connection:
                 self.send_error(handle, error)
                 continue
             nbytes = length if command in (p.Command.READ, p.Command.WRITE) else 0
-            self.server.pool.submit(self.execute, command, flags, handle, offset, length,
-                                    payload, nbytes)
+            pool = self.server.read_pool if command in _READS else self.server.write_pool
+            pool.submit(self.execute, command, flags, handle, offset, length, payload,
+                        nbytes)
 
     def _reserve(self, nbytes: int) -> None:
         with self.idle:
