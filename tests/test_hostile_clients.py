@@ -5,6 +5,11 @@ connections' data. One test per bug found, each a plain story.
 
 from __future__ import annotations
 
+import resource
+import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,6 +85,53 @@ def fresh(tmp_path: Path) -> Iterator[Callable[..., Live]]:
         server.stop()
 
 
+class Child:
+    """tests/hostile_harness.py serving a MemoryDevice in a child process."""
+
+    def __init__(self, tmp: Path, size: int = SIZE) -> None:
+        self.path = tmp / "child.sock"
+        self.log = open(tmp / "child.log", "wb")  # noqa: SIM115 - as long as the child
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.hostile_harness", str(self.path), str(size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+            cwd=Path(__file__).resolve().parent.parent)
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == b"ready"
+        self.connect = h.unix_connector(str(self.path))
+
+    def connections(self) -> int:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(b"connections\n")
+        self.process.stdin.flush()
+        return int(self.process.stdout.readline())
+
+    def status(self, field: str) -> int:
+        """A VmRSS-style line of /proc/PID/status, in bytes."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(field)
+
+    def stop(self) -> str:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.log.close()
+        return Path(self.log.name).read_text()
+
+
+@pytest.fixture
+def child(tmp_path: Path) -> Iterator[Child]:
+    server = Child(tmp_path)
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
 
 # -- one story per bug found ---------------------------------------------------------------
 def test_a_client_that_stops_reading_holds_up_nobody(fresh: Callable[..., Live]) -> None:
@@ -108,5 +160,67 @@ def test_a_client_that_stops_reading_and_leaves_frees_its_connection(
         stalled.send(m.CMD_READ, i * 1048576 % SIZE, 1048576)
     stalled.sock.close()
     assert live.idle()
+
+
+def test_the_listener_survives_running_out_of_file_descriptors(child: Child) -> None:
+    """Found by a connection flood: accept() failed with EMFILE and the listener thread
+    returned, so the server never accepted again, even after the flood left."""
+    resource.prlimit(child.process.pid, resource.RLIMIT_NOFILE, (64, 64))
+    flood: list[socket.socket] = []
+    while len(flood) < 100:  # until one is left waiting: the server is out of descriptors
+        flood.append(child.connect())
+        flood[-1].settimeout(2)
+        try:
+            if flood[-1].recv(18, socket.MSG_WAITALL)[:8] == m.NBDMAGIC:
+                continue
+        except TimeoutError:
+            break
+    assert len(flood) < 64, "the descriptor limit was never reached"
+    for sock in flood:
+        sock.close()
+    socks: list[socket.socket] = []
+
+    def connected() -> bool:
+        try:
+            socks.append(child.connect())
+        except BlockingIOError:  # the backlog is still full of the flood
+            return False
+        return True
+
+    assert wait_until(connected)
+    client = NbdClient(socks[0])  # must be accepted and served
+    client.pwrite(b"z" * 4096, 0)
+    assert client.pread(0, 4096) == b"z" * 4096
+    client.close()
+    assert "Traceback" not in child.stop()
+
+
+def test_connections_past_the_limit_are_refused_until_one_leaves(
+        fresh: Callable[..., Live]) -> None:
+    live = fresh(max_connections=4)
+    clients = [NbdClient(live.connect()) for _ in range(4)]
+    extra = live.connect()
+    assert extra.recv(1) == b""  # closed on arrival
+    clients.pop().close()
+    assert wait_until(lambda: live.server.connection_count == 3)
+    late = NbdClient(live.connect())
+    late.pwrite(b"x" * 512, 0)
+    for client in [*clients, late]:
+        client.close()
+    assert live.server.connections_refused >= 1
+
+
+def test_a_stalled_handshake_is_dropped_but_an_idle_session_is_not(
+        fresh: Callable[..., Live]) -> None:
+    live = fresh(handshake_timeout=0.5)
+    idle = NbdClient(live.connect())  # in transmission: may idle as long as it likes
+    stalled = live.connect()
+    stalled.settimeout(10)
+    assert stalled.recv(18, socket.MSG_WAITALL)[:8] == m.NBDMAGIC
+    stalled.sendall(struct.pack(">I", 3) + m.option(m.OPT_GO, b"")[:7])
+    assert stalled.recv(1) == b""  # dropped at the deadline, long before 10 s
+    idle.pwrite(b"y" * 512, 512)
+    assert idle.pread(512, 512) == b"y" * 512
+    idle.close()
 
 

@@ -18,7 +18,11 @@ Promises (the NBD protocol document, `doc/proto.md`, is the reference):
 - the payload of a rejected WRITE is read and thrown away so the stream stays in step;
   one too large to be a sane request drops the connection instead;
 - a bad request magic or a malformed handshake drops only that connection;
-- after shutdown() begins, new requests get ESHUTDOWN and in-flight ones finish.
+- after shutdown() begins, new requests get ESHUTDOWN and in-flight ones finish;
+- hostile clients cannot take the server down: at most max_connections at once (more are
+  closed on arrival, so clients cannot use up the process's file descriptors), a
+  handshake must be done within handshake_timeout, and running out of descriptors or
+  threads refuses the connection at hand, never the listener.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ MAX_IN_FLIGHT_BYTES = 8 * 2**20  # per connection; one larger request may still 
 #: a WRITE payload larger than this is not drained but drops the connection
 MAX_DRAIN = 64 * 2**20
 POOL_THREADS = 32
+MAX_CONNECTIONS = 128
+#: seconds a client has from connecting to entering transmission (qemu-nbd allows 10)
+HANDSHAKE_TIMEOUT = 30.0
+#: how long the listener waits before accepting again after running out of descriptors
+ACCEPT_BACKOFF = 0.1
 
 RequestHook = Callable[[str, float], None]
 
@@ -77,18 +86,30 @@ class TlsSettings:
         return context
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None
+               ) -> None:
+    """Fill view; with a deadline (time.monotonic()), time out when it passes."""
     while view:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Disconnect("handshake not finished in time")
+            sock.settimeout(left)
         got = sock.recv_into(view)
         if not got:
             raise _Disconnect("peer closed the connection")
         view = view[got:]
 
 
-def _recv(sock: socket.socket, n: int) -> bytes:
+def _recv(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
-    _recv_into(sock, memoryview(buf))
+    _recv_into(sock, memoryview(buf), deadline)
     return bytes(buf)
+
+
+_TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                      errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO,
+                                      errno.EINTR})
 
 
 def _advance(views: list[memoryview], sent: int) -> list[memoryview]:
@@ -101,11 +122,11 @@ def _advance(views: list[memoryview], sent: int) -> list[memoryview]:
     return views
 
 
-def _discard(sock: socket.socket, n: int) -> None:
+def _discard(sock: socket.socket, n: int, deadline: float | None = None) -> None:
     scratch = memoryview(bytearray(min(n, 1 << 20)))
     while n:
         chunk = scratch[: min(n, len(scratch))]
-        _recv_into(sock, chunk)
+        _recv_into(sock, chunk, deadline)
         n -= len(chunk)
 
 
@@ -116,7 +137,9 @@ class NbdServer:
                  port: int | None = 10809, unix_path: Path | None = None,
                  read_only: bool = False, tls: str = "off", tls_cert: Path | None = None,
                  tls_key: Path | None = None, tls_ca: Path | None = None,
-                 description: str = "", on_request: RequestHook | None = None) -> None:
+                 description: str = "", on_request: RequestHook | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 handshake_timeout: float | None = HANDSHAKE_TIMEOUT) -> None:
         self.device = device
         self.export_name = export_name
         self.host = host
@@ -127,12 +150,16 @@ class NbdServer:
         self.tls_context = self.tls.context()
         self.description = description
         self.on_request = on_request
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self.pool = ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="nbd")
         self._listeners: list[socket.socket] = []
         self._connections: set[_Connection] = set()
         self._lock = threading.Lock()
         self.closing = False
+        self._stopped = threading.Event()
         self.connections_accepted = 0
+        self.connections_refused = 0
 
     # -- what we advertise -----------------------------------------------------------------
     @property
@@ -208,21 +235,52 @@ class NbdServer:
                          daemon=True).start()
 
     def _accept(self, listener: socket.socket) -> None:
+        failing = False
         while not self.closing:
             try:
                 sock, _ = listener.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self.closing or exc.errno not in _TRANSIENT_ACCEPT_ERRORS:
+                    return  # the listener was closed
+                # out of descriptors (or memory): the client waits in the backlog until
+                # some are free again; the listener must live on
+                if not failing:
+                    log.warning("cannot accept connections: %s", exc.strerror)
+                failing = True
+                self._stopped.wait(ACCEPT_BACKOFF)
+                continue
+            if failing:
+                log.warning("accepting connections again")
+                failing = False
             if self.closing:
                 sock.close()
                 return
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            connection = _Connection(self, sock)
-            with self._lock:
-                self._connections.add(connection)
-                self.connections_accepted += 1
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        with self._lock:
+            full = len(self._connections) >= self.max_connections
+            if full:
+                self.connections_refused += 1
+        if full:
+            if self.connections_refused == 1 or self.connections_refused % 1000 == 0:
+                log.warning("refusing connections: %d open already (%d refused so far)",
+                            self.max_connections, self.connections_refused)
+            sock.close()
+            return
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.handshake_timeout)
+        connection = _Connection(self, sock)
+        with self._lock:
+            self._connections.add(connection)
+            self.connections_accepted += 1
+        try:
             threading.Thread(target=connection.run, name="nbd-conn", daemon=True).start()
+        except RuntimeError:
+            log.warning("refusing a connection: cannot start a thread for it")
+            self._forget(connection)
+            connection.close()
 
     def _forget(self, connection: _Connection) -> None:
         with self._lock:
@@ -232,6 +290,7 @@ class NbdServer:
     def stop_accepting(self) -> None:
         """No new connections; requests that arrive from now on get ESHUTDOWN."""
         self.closing = True
+        self._stopped.set()
         for listener in self._listeners:
             try:
                 listener.shutdown(socket.SHUT_RDWR)
@@ -376,6 +435,7 @@ class _Connection:
     def run(self) -> None:
         try:
             if self.handshake():
+                self.sock.settimeout(None)  # an idle client may stay as long as it likes
                 self.transmission()
         except _Disconnect as exc:
             log.debug("connection ended: %s", exc)
@@ -394,24 +454,27 @@ class _Connection:
 
     # -- handshake -------------------------------------------------------------------------
     def handshake(self) -> bool:
-        """Negotiate options; True when the client entered transmission."""
+        """Negotiate options; True when the client entered transmission. The whole
+        negotiation must end within the server's handshake_timeout."""
+        timeout = self.server.handshake_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         flags = p.HandshakeFlag.FIXED_NEWSTYLE | p.HandshakeFlag.NO_ZEROES
         self.send_blocking(p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, flags))
-        (client_flags,) = p.CLIENT_FLAGS.unpack(_recv(self.sock, 4))
+        (client_flags,) = p.CLIENT_FLAGS.unpack(_recv(self.sock, 4, deadline))
         if client_flags & ~int(p.ClientFlag.FIXED_NEWSTYLE | p.ClientFlag.NO_ZEROES):
             raise _Disconnect(f"unknown client flags {client_flags:#x}")
         self.no_zeroes = bool(client_flags & p.ClientFlag.NO_ZEROES)
         while True:
-            magic, option, length = p.OPTION_HEADER.unpack(_recv(self.sock, 16))
+            magic, option, length = p.OPTION_HEADER.unpack(_recv(self.sock, 16, deadline))
             if magic != p.IHAVEOPT:
                 raise _Disconnect("bad option magic")
             if length > p.MAX_OPTION_LENGTH:
                 if length > p.MAX_OPTION_LENGTH * 16:
                     raise _Disconnect("absurd option length")
-                _discard(self.sock, length)
+                _discard(self.sock, length, deadline)
                 self.option_reply(option, p.Reply.ERR_TOO_BIG, b"option too long")
                 continue
-            data = _recv(self.sock, length)
+            data = _recv(self.sock, length, deadline)
             if self.server.tls.mode == "require" and not self.tls_active and option not in (
                     p.Option.STARTTLS, p.Option.ABORT):
                 if option == p.Option.EXPORT_NAME:
