@@ -224,3 +224,13 @@ def test_a_stalled_handshake_is_dropped_but_an_idle_session_is_not(
     idle.close()
 
 
+def test_export_name_that_is_not_utf8_ends_the_session(live: Live) -> None:
+    """Found by the streams: it was answered with an option reply, which
+    NBD_OPT_EXPORT_NAME does not have; the client read it as export data."""
+    sock = live.connect()
+    assert sock.recv(18, socket.MSG_WAITALL)[:8] == m.NBDMAGIC
+    sock.sendall(struct.pack(">I", 3) + m.option(m.OPT_EXPORT_NAME, b"\xff\xfe"))
+    assert sock.recv(1) == b""
+    sock.close()
+
+

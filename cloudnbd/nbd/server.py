@@ -491,7 +491,8 @@ class _Connection:
         server = self.server
         try:
             if option == p.Option.EXPORT_NAME:
-                name = data.decode("utf-8", errors="strict")
+                # no error reply exists for EXPORT_NAME: any failure ends the session
+                name = data.decode("utf-8", errors="replace")
                 if name != server.export_name:
                     raise _Disconnect(f"unknown export {name!r}")
                 zeroes = b"" if self.no_zeroes else bytes(124)
