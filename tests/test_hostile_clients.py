@@ -5,6 +5,7 @@ connections' data. One test per bug found, each a plain story.
 
 from __future__ import annotations
 
+import errno
 import resource
 import socket
 import struct
@@ -231,6 +232,30 @@ def test_export_name_that_is_not_utf8_ends_the_session(live: Live) -> None:
     assert sock.recv(18, socket.MSG_WAITALL)[:8] == m.NBDMAGIC
     sock.sendall(struct.pack(">I", 3) + m.option(m.OPT_EXPORT_NAME, b"\xff\xfe"))
     assert sock.recv(1) == b""
+    sock.close()
+
+
+def test_a_failed_set_meta_context_unselects_base_allocation(live: Live) -> None:
+    """The spec: SET_META_CONTEXT replaces the selected contexts "including when this
+    command fails"; the server kept base:allocation selected."""
+    sock = live.connect()
+    wire = h.Wire(sock, 10)
+    wire.recv(18)
+    good = m.meta_data(b"", [b"base:allocation"])
+    sock.sendall(struct.pack(">I", 3) + m.option(m.OPT_STRUCTURED_REPLY)
+                 + m.option(m.OPT_SET_META_CONTEXT, good)
+                 + m.option(m.OPT_SET_META_CONTEXT, good[:-1])  # malformed
+                 + m.option(m.OPT_GO, m.info_data(b"", [])))
+    replies = []
+    while not replies or replies[-1][:2] != (m.OPT_GO, m.REP_ACK):
+        _, opt, kind, length = struct.unpack(">QIII", wire.recv(20))
+        wire.recv(length)
+        replies.append((opt, kind))
+    assert (m.OPT_SET_META_CONTEXT, m.ERR_INVALID) in replies
+    sock.sendall(m.request(m.CMD_BLOCK_STATUS, 1, 0, 4096))
+    magic, _, kind, handle, length = struct.unpack(">IHHQI", wire.recv(20))
+    assert (magic, kind, handle) == (m.STRUCTURED_MAGIC, m.CHUNK_ERROR, 1)
+    assert struct.unpack(">I", wire.recv(length)[:4])[0] == errno.EINVAL
     sock.close()
 
 

@@ -573,6 +573,9 @@ class _Connection:
         return False
 
     def meta_context(self, option: int, data: bytes) -> None:
+        if option == p.Option.SET_META_CONTEXT:
+            # it replaces the selected contexts "including when this command fails"
+            self.meta_base_allocation = False
         name, queries = p.parse_meta_context_request(data)
         if option == p.Option.SET_META_CONTEXT and not self.structured:
             self.option_reply(option, p.Reply.ERR_INVALID, b"structured replies first")
