@@ -1221,11 +1221,13 @@ class Report:
     good_failures: list[str] = field(default_factory=list)
     good_max_latency: float = 0.0
     seconds: float = 0.0
+    slowest_case: tuple[float, str] = (0.0, "")
 
-    def add(self, kind: str, result: CaseResult) -> None:
+    def add(self, kind: str, result: CaseResult, seconds: float = 0.0) -> None:
         self.cases[kind] += 1
         self.requests += result.requests
         self.failures += result.violations
+        self.slowest_case = max(self.slowest_case, (seconds, kind))
 
     def merge(self, other: Report) -> None:
         self.cases.update(other.cases)
@@ -1235,6 +1237,7 @@ class Report:
         self.good_failures += other.good_failures
         self.good_max_latency = max(self.good_max_latency, other.good_max_latency)
         self.seconds += other.seconds
+        self.slowest_case = max(self.slowest_case, other.slowest_case)
 
     @property
     def total(self) -> int:
@@ -1245,8 +1248,9 @@ class Report:
         good = (f"; good client {self.good_ops} ops, {len(self.good_failures)} failures, "
                 f"slowest {self.good_max_latency:.2f}s" if self.good_ops or
                 self.good_failures else "")
+        slowest = f", slowest case {self.slowest_case[0]:.1f}s" if self.slowest_case[1] else ""
         return (f"{self.name}: {self.total} cases run ({kinds}; {self.requests} requests), "
-                f"{len(self.failures)} failures{good}, {self.seconds:.0f}s")
+                f"{len(self.failures)} failures{good}{slowest}, {self.seconds:.0f}s")
 
 
 def reset_regions(connect: Connect, regions: list[Region]) -> None:
@@ -1289,6 +1293,7 @@ def hammer(connect: Connect, export: m.Export, *, seed: int, workers: int, cases
         c = RandomChooser(random.Random(seed * 7919 + i))
         shadow = Shadow(regions[i])
         for _ in range(cases):
+            begun = time.monotonic()
             roll = c.int(0, 99)
             if attacks and roll < 4:
                 kind, res = "slow-reader", slow_reader(connect, export, regions[i], shadow,
@@ -1300,7 +1305,7 @@ def hammer(connect: Connect, export: m.Export, *, seed: int, workers: int, cases
                 res = run_case(connect, export, gen_case(c, export, regions[i], scale),
                                shadow, timeout)
             with lock:
-                report.add(kind, res)
+                report.add(kind, res, time.monotonic() - begun)
 
     threads = [threading.Thread(target=work, args=(i,), name=f"hostile-{i}", daemon=True)
                for i in range(workers)]

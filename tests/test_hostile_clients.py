@@ -1,6 +1,18 @@
 """Hostile clients (issue 5, campaign 5): the server answers by the spec or drops that
 connection; it never crashes, hangs, leaks memory without bound, or disturbs other
-connections' data. One test per bug found, each a plain story.
+connections' data.
+
+- hypothesis drives tests/hostile_harness.py's generators (so a failure shrinks to a
+  small stream) against the NBD layer over a MemoryDevice, checked by
+  tests/hostile_model.py;
+- the hammer runs several hostile connections at once (streams, clients that stop
+  reading, stalled handshakes, 40 MiB drained payloads) next to a good client whose data
+  must never change, on that server, on a server in its own process (memory, file
+  descriptors), and on a real `cloudnbd open`;
+- one test per bug found, each a plain story.
+
+Fast tiers run by default (about a minute); `pytest -m slow` runs the long ones.
+Each prints a summary line: cases run, failures.
 """
 
 from __future__ import annotations
@@ -17,12 +29,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from cloudnbd.nbd import protocol
 from cloudnbd.nbd.device import MemoryDevice
 from cloudnbd.nbd.server import NbdServer
 from tests import hostile_harness as h
 from tests import hostile_model as m
 from tests.nbdclient import NbdClient
+from tests.served import Served
 
 SIZE = 64 * 2**20
 
@@ -259,3 +275,212 @@ def test_a_failed_set_meta_context_unselects_base_allocation(live: Live) -> None
     sock.close()
 
 
+# -- the parsers alone --------------------------------------------------------------------
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200))
+def test_option_parsers_refuse_garbage_cleanly(data: bytes) -> None:
+    for parse in (protocol.parse_info_request, protocol.parse_meta_context_request):
+        try:
+            parse(data)
+        except (protocol.ParseError, UnicodeDecodeError):
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=50), st.lists(st.integers(0, 65535), max_size=8),
+       st.lists(st.text(max_size=30), max_size=5))
+def test_option_parsers_read_back_what_the_spec_encodes(name: str, infos: list[int],
+                                                       queries: list[str]) -> None:
+    assert protocol.parse_info_request(m.info_data(name.encode(), infos)) == (name, infos)
+    assert protocol.parse_meta_context_request(
+        m.meta_data(name.encode(), [q.encode() for q in queries])) == (name, queries)
+
+
+# -- generated streams, shrunk by hypothesis ----------------------------------------------
+def _streams(live: Live, examples: int, seed_region: int) -> None:
+    region = h.layout(live.export.size, 8)[1][seed_region]
+    h.reset_regions(live.connect, [region])
+    shadow = h.Shadow(region)
+    cases = failures = requests = 0
+
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def one(data: st.DataObject) -> None:
+        nonlocal cases, requests
+        pieces = h.gen_case(h.DrawChooser(data), live.export, region, h.SMALL)
+        result = h.run_case(live.connect, live.export, pieces, shadow, timeout=20)
+        cases += 1
+        requests += result.requests
+        assert not result.violations, result.violations
+
+    started = time.monotonic()
+    with h.ServerErrors() as errors:
+        try:
+            one()
+        except BaseException:
+            failures = 1
+            raise
+        finally:
+            print(f"hostile streams (hypothesis): {cases} cases run ({requests} requests), "
+                  f"{failures} failures, {time.monotonic() - started:.0f}s")
+    assert errors.records == []
+    assert live.idle()
+
+
+def test_hostile_streams_fast_tier(live: Live) -> None:
+    _streams(live, 600, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_hostile_streams_long_tier(live: Live) -> None:
+    _streams(live, 20000, 1)
+
+
+# -- many hostile connections at once, next to a good client ------------------------------
+def _hammer(live: Live, seed: int, workers: int, cases: int) -> h.Report:
+    where = "Unix socket" if live.server.unix_path else "TCP"
+    with h.ServerErrors() as errors:
+        report = h.hammer(live.connect, live.export, seed=seed, workers=workers,
+                          cases=cases, name=f"hostile hammer (in process, {where})")
+    print(report.summary())
+    assert report.failures == [] and report.good_failures == []
+    assert report.good_ops > 50 and report.cases["slow-reader"] > 0
+    assert errors.records == []
+    assert live.idle()
+    return report
+
+
+def test_hammer_fast_tier(live: Live) -> None:
+    _hammer(live, seed=1, workers=4, cases=50)
+
+
+def test_hammer_over_tcp_fast_tier(live_tcp: Live) -> None:
+    _hammer(live_tcp, seed=2, workers=3, cases=30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("seed", range(3))
+def test_hammer_long_tier(live: Live, seed: int) -> None:
+    _hammer(live, seed=100 + seed, workers=6, cases=600)
+
+
+# -- a server in its own process: memory --------------------------------------------------
+def _memory(child: Child, rounds: int, workers: int, cases: int) -> None:
+    """Rounds of the hammer plus connections that each pin the most a connection may
+    hold (a 32 MiB WRITE half sent, 32 MiB READs left unread), measuring the server's
+    resident memory after each round."""
+    export = h.learn_export(child.connect)
+    report = h.Report("hostile memory")
+    pinned_region = 32 << 20  # above the hammer's regions
+    baseline = child.status("VmRSS")
+    after: list[int] = []
+    pins = 6
+    for r in range(rounds):
+        pinned = []
+        for i in range(pins):
+            client = NbdClient(child.connect())
+            if i % 2:
+                client.sock.sendall(m.request(m.CMD_WRITE, 1, pinned_region, 32 << 20)
+                                    + bytes(1 << 20))
+            else:
+                for _ in range(8):
+                    client.send(m.CMD_READ, pinned_region, 32 << 20)
+            pinned.append(client)
+        report.merge(h.hammer(child.connect, export, seed=1000 + r, workers=workers,
+                              cases=cases))
+        for client in pinned:
+            client.sock.close()
+        assert wait_until(lambda: child.connections() == 0), "connections leaked"
+        after.append(child.status("VmRSS"))
+    peak = child.status("VmHWM")
+    mib = 2**20
+    print(f"{report.summary()}; server RSS {baseline / mib:.0f} MiB at start, after each "
+          f"round {[round(a / mib) for a in after]} MiB, peak {peak / mib:.0f} MiB")
+    assert report.failures == [] and report.good_failures == []
+    # per connection at most one 32 MiB request in flight (or 8 MiB of smaller ones),
+    # plus 1 MiB to skip a refused payload or an oversized option, for the pinning
+    # clients, the hostile workers and the good client; and what the regions hold
+    regions = (workers + 1) * 4 * mib
+    bound = baseline + regions + (pins + workers + 1) * 34 * mib + 32 * mib
+    assert peak <= bound, f"peak RSS {peak / mib:.0f} MiB above {bound / mib:.0f} MiB"
+    # nothing grows round after round
+    assert after[-1] <= after[0] + 32 * mib, [a // mib for a in after]
+    assert "Traceback" not in child.stop()
+
+
+def test_memory_stays_bounded_under_oversized_requests_fast_tier(child: Child) -> None:
+    _memory(child, rounds=3, workers=4, cases=15)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_memory_stays_bounded_under_oversized_requests_long_tier(child: Child) -> None:
+    _memory(child, rounds=20, workers=6, cases=60)
+
+
+# -- the real thing -----------------------------------------------------------------------
+def _real(served: Served, workers: int, cases: int) -> None:
+    connect = h.unix_connector(str(served.socket))
+    export = h.learn_export(connect)
+    report = h.hammer(connect, export, seed=7, workers=workers, cases=cases,
+                      name="hostile hammer (cloudnbd open)")
+    print(report.summary())
+    assert report.failures == [] and report.good_failures == []
+    assert served.process.poll() is None, "cloudnbd open died"
+    client = NbdClient(connect())  # still serving, data path intact
+    client.pwrite(b"after" * 819 + b"!", 2**29)
+    client.flush()
+    assert client.pread(2**29, 4096) == b"after" * 819 + b"!"
+    client.close()
+    assert wait_until(lambda: served.status()["connections"] == 0), "connections leaked"
+    log = (served.socket.parent / "server.log").read_text()
+    assert "Traceback" not in log and "NBD connection failed" not in log
+    assert served.close().returncode == 0
+
+
+def test_real_server_survives_hostile_clients_fast_tier(served: Served) -> None:
+    _real(served, workers=3, cases=50)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_real_server_survives_hostile_clients_long_tier(served: Served) -> None:
+    _real(served, workers=4, cases=400)
+
+
+def test_the_checks_can_fail(fresh: Callable[..., Live],
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: a server that ignores command flags it does not know, and a device
+    that flips a bit in every seventh read, are both caught."""
+    from cloudnbd.nbd import server as server_module
+
+    check = server_module._Connection.check
+    monkeypatch.setattr(server_module._Connection, "check",
+                        lambda self, command, flags, offset, length:
+                        check(self, command, flags & 0x1F, offset, length))
+    live = fresh()
+    report = h.hammer(live.connect, live.export, seed=3, workers=2, cases=30, attacks=False,
+                      scale=h.SMALL, good=False)
+    assert any("the spec allows [22]" in f or "requires one of [22]" in f
+               for f in report.failures), report.failures[:3]
+    monkeypatch.undo()
+
+    live = fresh()
+    device = live.server.device
+    reads = [0]
+    original = device.pread_into
+
+    def flip(buf: memoryview, offset: int) -> None:
+        original(buf, offset)
+        reads[0] += 1
+        if reads[0] % 7 == 0 and len(buf):
+            buf[0] ^= 1
+
+    monkeypatch.setattr(device, "pread_into", flip)
+    report = h.hammer(live.connect, live.export, seed=3, workers=2, cases=30, attacks=False,
+                      scale=h.SMALL)
+    assert any("data disturbed" in f for f in report.good_failures)
+    assert any("wrong data" in f for f in report.failures)
