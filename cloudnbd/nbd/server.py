@@ -5,10 +5,13 @@ shared by all connections, so replies go out in whatever order requests finish. 
 are two pools: requests that may wait for the cloud (WRITE, WRITE_ZEROES and TRIM wait
 for room past --max-dirty, FLUSH and FUA for uploads) run on one, READ, CACHE and
 BLOCK_STATUS on the other, so reads are never queued behind writes held by backpressure,
-whichever connection sent them. Replies are written under a per-connection send lock,
-header and payload in one sendmsg. A connection may have at most
-MAX_IN_FLIGHT requests and MAX_IN_FLIGHT_BYTES of payload outstanding; past that its
-reader waits, so a client cannot make the server buffer without bound.
+whichever connection sent them. A pool thread never waits for a client: it hands its
+reply to the socket without blocking (header and payload in one sendmsg), and whatever
+the socket will not take yet goes to the connection's outbox, which a writer thread of
+that connection drains. So a client that stops reading its replies stalls only itself.
+A request counts as outstanding until its reply has reached the socket; a connection
+may have at most MAX_IN_FLIGHT requests and MAX_IN_FLIGHT_BYTES of payload outstanding,
+past that its reader waits, so a client cannot make the server buffer without bound.
 
 Promises (the NBD protocol document, `doc/proto.md`, is the reference):
 - every request gets exactly one reply, unless its connection is dropped;
@@ -17,11 +20,16 @@ Promises (the NBD protocol document, `doc/proto.md`, is the reference):
 - the payload of a rejected WRITE is read and thrown away so the stream stays in step;
   one too large to be a sane request drops the connection instead;
 - a bad request magic or a malformed handshake drops only that connection;
-- after shutdown() begins, new requests get ESHUTDOWN and in-flight ones finish.
+- after shutdown() begins, new requests get ESHUTDOWN and in-flight ones finish;
+- hostile clients cannot take the server down: at most max_connections at once (more are
+  closed on arrival, so clients cannot use up the process's file descriptors), a
+  handshake must be done within handshake_timeout, and running out of descriptors or
+  threads refuses the connection at hand, never the listener.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import ipaddress
 import logging
@@ -48,6 +56,11 @@ MAX_DRAIN = 64 * 2**20
 WRITE_THREADS = 32  # requests that may wait for the cloud, all connections together
 READ_THREADS = 16
 _READS = frozenset((p.Command.READ, p.Command.CACHE, p.Command.BLOCK_STATUS))
+MAX_CONNECTIONS = 128
+#: seconds a client has from connecting to entering transmission (qemu-nbd allows 10)
+HANDSHAKE_TIMEOUT = 30.0
+#: how long the listener waits before accepting again after running out of descriptors
+ACCEPT_BACKOFF = 0.1
 
 RequestHook = Callable[[str, float], None]
 
@@ -77,25 +90,47 @@ class TlsSettings:
         return context
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None
+               ) -> None:
+    """Fill view; with a deadline (time.monotonic()), time out when it passes."""
     while view:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Disconnect("handshake not finished in time")
+            sock.settimeout(left)
         got = sock.recv_into(view)
         if not got:
             raise _Disconnect("peer closed the connection")
         view = view[got:]
 
 
-def _recv(sock: socket.socket, n: int) -> bytes:
+def _recv(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
-    _recv_into(sock, memoryview(buf))
+    _recv_into(sock, memoryview(buf), deadline)
     return bytes(buf)
 
 
-def _discard(sock: socket.socket, n: int) -> None:
+_TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                      errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO,
+                                      errno.EINTR})
+
+
+def _advance(views: list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of views after sent bytes went out."""
+    while views and sent >= len(views[0]):
+        sent -= len(views[0])
+        views = views[1:]
+    if views and sent:
+        views = [views[0][sent:], *views[1:]]
+    return views
+
+
+def _discard(sock: socket.socket, n: int, deadline: float | None = None) -> None:
     scratch = memoryview(bytearray(min(n, 1 << 20)))
     while n:
         chunk = scratch[: min(n, len(scratch))]
-        _recv_into(sock, chunk)
+        _recv_into(sock, chunk, deadline)
         n -= len(chunk)
 
 
@@ -106,7 +141,9 @@ class NbdServer:
                  port: int | None = 10809, unix_path: Path | None = None,
                  read_only: bool = False, tls: str = "off", tls_cert: Path | None = None,
                  tls_key: Path | None = None, tls_ca: Path | None = None,
-                 description: str = "", on_request: RequestHook | None = None) -> None:
+                 description: str = "", on_request: RequestHook | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 handshake_timeout: float | None = HANDSHAKE_TIMEOUT) -> None:
         self.device = device
         self.export_name = export_name
         self.host = host
@@ -117,6 +154,8 @@ class NbdServer:
         self.tls_context = self.tls.context()
         self.description = description
         self.on_request = on_request
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self.write_pool = ThreadPoolExecutor(max_workers=WRITE_THREADS,
                                              thread_name_prefix="nbd-write")
         self.read_pool = ThreadPoolExecutor(max_workers=READ_THREADS,
@@ -125,7 +164,9 @@ class NbdServer:
         self._connections: set[_Connection] = set()
         self._lock = threading.Lock()
         self.closing = False
+        self._stopped = threading.Event()
         self.connections_accepted = 0
+        self.connections_refused = 0
 
     # -- what we advertise -----------------------------------------------------------------
     @property
@@ -201,21 +242,52 @@ class NbdServer:
                          daemon=True).start()
 
     def _accept(self, listener: socket.socket) -> None:
+        failing = False
         while not self.closing:
             try:
                 sock, _ = listener.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self.closing or exc.errno not in _TRANSIENT_ACCEPT_ERRORS:
+                    return  # the listener was closed
+                # out of descriptors (or memory): the client waits in the backlog until
+                # some are free again; the listener must live on
+                if not failing:
+                    log.warning("cannot accept connections: %s", exc.strerror)
+                failing = True
+                self._stopped.wait(ACCEPT_BACKOFF)
+                continue
+            if failing:
+                log.warning("accepting connections again")
+                failing = False
             if self.closing:
                 sock.close()
                 return
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            connection = _Connection(self, sock)
-            with self._lock:
-                self._connections.add(connection)
-                self.connections_accepted += 1
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        with self._lock:
+            full = len(self._connections) >= self.max_connections
+            if full:
+                self.connections_refused += 1
+        if full:
+            if self.connections_refused == 1 or self.connections_refused % 1000 == 0:
+                log.warning("refusing connections: %d open already (%d refused so far)",
+                            self.max_connections, self.connections_refused)
+            sock.close()
+            return
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.handshake_timeout)
+        connection = _Connection(self, sock)
+        with self._lock:
+            self._connections.add(connection)
+            self.connections_accepted += 1
+        try:
             threading.Thread(target=connection.run, name="nbd-conn", daemon=True).start()
+        except RuntimeError:
+            log.warning("refusing a connection: cannot start a thread for it")
+            self._forget(connection)
+            connection.close()
 
     def _forget(self, connection: _Connection) -> None:
         with self._lock:
@@ -225,6 +297,7 @@ class NbdServer:
     def stop_accepting(self) -> None:
         """No new connections; requests that arrive from now on get ESHUTDOWN."""
         self.closing = True
+        self._stopped.set()
         for listener in self._listeners:
             try:
                 listener.shutdown(socket.SHUT_RDWR)
@@ -259,6 +332,11 @@ class _Connection:
         self.sock: socket.socket = sock
         self.device = server.device
         self.send_lock = threading.Lock()
+        # replies the socket would not take yet, oldest first, each with the payload bytes
+        # it releases once sent; the head may be half sent (by the writer)
+        self.outbox: collections.deque[tuple[list[memoryview], int]] = collections.deque()
+        self.outbox_ready = threading.Condition(self.send_lock)
+        self.writer: threading.Thread | None = None
         self.idle = threading.Condition()
         self.in_flight = 0
         self.in_flight_bytes = 0
@@ -271,38 +349,101 @@ class _Connection:
 
     # -- plumbing --------------------------------------------------------------------------
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-    def send(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Drop the connection; replies not sent yet are dropped with it."""
         with self.send_lock:
             if self.closed:
                 return
+            self.closed = True
+            dropped = [nbytes for _, nbytes in self.outbox]
+            self.outbox.clear()
+            self.outbox_ready.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a writer blocked in sendmsg
+        except OSError:
+            pass
+        self.sock.close()
+        for nbytes in dropped:
+            self._release(nbytes)
+
+    def send_blocking(self, data: bytes) -> None:
+        """Handshake messages: one thread, nothing else on the socket yet."""
+        self.sock.sendall(data)
+
+    def reply(self, parts: tuple[bytes | bytearray | memoryview, ...], nbytes: int) -> None:
+        """Send one transmission reply without ever blocking, then release its request
+        (nbytes of payload): at once if the socket takes it all, else once the writer
+        has sent it. Called by pool threads and by the reader."""
+        views = [memoryview(part).cast("B") for part in parts]
+        failed = False
+        with self.send_lock:
+            if not self.closed:
+                if not self.outbox and not self.tls_active:
+                    try:
+                        views = self._send_now(views)
+                    except OSError:
+                        views, failed = [], True
+                if views:
+                    if self._queue(views, nbytes):
+                        return
+                    failed = True
+        if failed:
+            self.close()
+        self._release(nbytes)
+
+    def _send_now(self, views: list[memoryview]) -> list[memoryview]:
+        """Send what the socket takes without waiting; what is left."""
+        while views:
+            try:
+                sent = self.sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return views
+            views = _advance(views, sent)
+        return views
+
+    def _queue(self, views: list[memoryview], nbytes: int) -> bool:
+        """Leave a reply to the writer (started on first need); False if no thread can be
+        had for it. Called under send_lock."""
+        self.outbox.append((views, nbytes))
+        if self.writer is None:
+            self.writer = threading.Thread(target=self._write_outbox, name="nbd-write",
+                                           daemon=True)
+            try:
+                self.writer.start()
+            except RuntimeError:  # out of threads: this connection cannot go on
+                self.outbox.pop()
+                return False
+        self.outbox_ready.notify()
+        return True
+
+    def _write_outbox(self) -> None:
+        """Send the outbox in order, blocking on the socket as long as the client
+        takes; only this connection waits."""
+        while True:
+            with self.send_lock:
+                self.outbox_ready.wait_for(lambda: self.outbox or self.closed)
+                if self.closed:
+                    return
+                views, nbytes = self.outbox[0]
             try:
                 if self.tls_active:
-                    for part in parts:
-                        self.sock.sendall(part)
-                    return
-                views = [memoryview(part).cast("B") for part in parts]
-                while views:
-                    sent = self.sock.sendmsg(views)
-                    while views and sent >= len(views[0]):
-                        sent -= len(views[0])
-                        views.pop(0)
-                    if views and sent:
-                        views[0] = views[0][sent:]
+                    for view in views:
+                        self.sock.sendall(view)
+                else:
+                    while views:
+                        views = _advance(views, self.sock.sendmsg(views))
             except OSError:
                 self.close()
+                return
+            with self.send_lock:
+                if self.closed:
+                    return  # close() dropped and released the whole outbox
+                self.outbox.popleft()
+            self._release(nbytes)
 
     def run(self) -> None:
         try:
             if self.handshake():
+                self.sock.settimeout(None)  # an idle client may stay as long as it likes
                 self.transmission()
         except _Disconnect as exc:
             log.debug("connection ended: %s", exc)
@@ -321,58 +462,61 @@ class _Connection:
 
     # -- handshake -------------------------------------------------------------------------
     def handshake(self) -> bool:
-        """Negotiate options; True when the client entered transmission."""
-        sock = self.sock
+        """Negotiate options; True when the client entered transmission. The whole
+        negotiation must end within the server's handshake_timeout."""
+        timeout = self.server.handshake_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         flags = p.HandshakeFlag.FIXED_NEWSTYLE | p.HandshakeFlag.NO_ZEROES
-        self.send(p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, flags))
-        (client_flags,) = p.CLIENT_FLAGS.unpack(_recv(sock, 4))
+        self.send_blocking(p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, flags))
+        (client_flags,) = p.CLIENT_FLAGS.unpack(_recv(self.sock, 4, deadline))
         if client_flags & ~int(p.ClientFlag.FIXED_NEWSTYLE | p.ClientFlag.NO_ZEROES):
             raise _Disconnect(f"unknown client flags {client_flags:#x}")
         self.no_zeroes = bool(client_flags & p.ClientFlag.NO_ZEROES)
         while True:
-            magic, option, length = p.OPTION_HEADER.unpack(_recv(self.sock, 16))
+            magic, option, length = p.OPTION_HEADER.unpack(_recv(self.sock, 16, deadline))
             if magic != p.IHAVEOPT:
                 raise _Disconnect("bad option magic")
             if length > p.MAX_OPTION_LENGTH:
                 if length > p.MAX_OPTION_LENGTH * 16:
                     raise _Disconnect("absurd option length")
-                _discard(self.sock, length)
-                self.reply(option, p.Reply.ERR_TOO_BIG, b"option too long")
+                _discard(self.sock, length, deadline)
+                self.option_reply(option, p.Reply.ERR_TOO_BIG, b"option too long")
                 continue
-            data = _recv(self.sock, length)
+            data = _recv(self.sock, length, deadline)
             if self.server.tls.mode == "require" and not self.tls_active and option not in (
                     p.Option.STARTTLS, p.Option.ABORT):
                 if option == p.Option.EXPORT_NAME:
                     raise _Disconnect("EXPORT_NAME before the required STARTTLS")
-                self.reply(option, p.Reply.ERR_TLS_REQD, b"TLS is required")
+                self.option_reply(option, p.Reply.ERR_TLS_REQD, b"TLS is required")
                 continue
             if self.handle_option(option, data):
                 return True
 
-    def reply(self, option: int, reply: int, data: bytes = b"") -> None:
-        self.send(p.option_reply(option, reply, data))
+    def option_reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        self.send_blocking(p.option_reply(option, reply, data))
 
     def handle_option(self, option: int, data: bytes) -> bool:
         server = self.server
         try:
             if option == p.Option.EXPORT_NAME:
-                name = data.decode("utf-8", errors="strict")
+                # no error reply exists for EXPORT_NAME: any failure ends the session
+                name = data.decode("utf-8", errors="replace")
                 if name != server.export_name:
                     raise _Disconnect(f"unknown export {name!r}")
                 zeroes = b"" if self.no_zeroes else bytes(124)
-                self.send(p.EXPORT_NAME_REPLY.pack(server.device.size,
-                                                   server.transmission_flags) + zeroes)
+                self.send_blocking(p.EXPORT_NAME_REPLY.pack(
+                    server.device.size, server.transmission_flags) + zeroes)
                 return True
             if option == p.Option.ABORT:
-                self.reply(option, p.Reply.ACK)
+                self.option_reply(option, p.Reply.ACK)
                 raise _Disconnect("client aborted")
             if option == p.Option.LIST:
                 if data:
-                    self.reply(option, p.Reply.ERR_INVALID, b"LIST takes no data")
+                    self.option_reply(option, p.Reply.ERR_INVALID, b"LIST takes no data")
                     return False
-                self.reply(option, p.Reply.SERVER,
+                self.option_reply(option, p.Reply.SERVER,
                            p.server_entry(server.export_name, server.description))
-                self.reply(option, p.Reply.ACK)
+                self.option_reply(option, p.Reply.ACK)
                 return False
             if option == p.Option.STARTTLS:
                 return self.starttls(data)
@@ -380,30 +524,30 @@ class _Connection:
                 return self.info_or_go(option, data)
             if option == p.Option.STRUCTURED_REPLY:
                 if data:
-                    self.reply(option, p.Reply.ERR_INVALID, b"takes no data")
+                    self.option_reply(option, p.Reply.ERR_INVALID, b"takes no data")
                     return False
                 self.structured = True
-                self.reply(option, p.Reply.ACK)
+                self.option_reply(option, p.Reply.ACK)
                 return False
             if option in (p.Option.LIST_META_CONTEXT, p.Option.SET_META_CONTEXT):
                 self.meta_context(option, data)
                 return False
         except (p.ParseError, UnicodeDecodeError) as exc:
-            self.reply(option, p.Reply.ERR_INVALID, str(exc).encode()[: p.MAX_STRING])
+            self.option_reply(option, p.Reply.ERR_INVALID, str(exc).encode()[: p.MAX_STRING])
             return False
-        self.reply(option, p.Reply.ERR_UNSUP, b"option not supported")
+        self.option_reply(option, p.Reply.ERR_UNSUP, b"option not supported")
         return False
 
     def starttls(self, data: bytes) -> bool:
         context = self.server.tls_context
         if data:
-            self.reply(p.Option.STARTTLS, p.Reply.ERR_INVALID, b"takes no data")
+            self.option_reply(p.Option.STARTTLS, p.Reply.ERR_INVALID, b"takes no data")
         elif context is None:
-            self.reply(p.Option.STARTTLS, p.Reply.ERR_POLICY, b"TLS is not configured")
+            self.option_reply(p.Option.STARTTLS, p.Reply.ERR_POLICY, b"TLS is not configured")
         elif self.tls_active:
-            self.reply(p.Option.STARTTLS, p.Reply.ERR_INVALID, b"TLS is already active")
+            self.option_reply(p.Option.STARTTLS, p.Reply.ERR_INVALID, b"TLS is already active")
         else:
-            self.reply(p.Option.STARTTLS, p.Reply.ACK)
+            self.option_reply(p.Option.STARTTLS, p.Reply.ACK)
             try:
                 self.sock = context.wrap_socket(self.sock, server_side=True)
             except (ssl.SSLError, OSError) as exc:
@@ -418,30 +562,34 @@ class _Connection:
         name, requests = p.parse_info_request(data)
         server = self.server
         if name != server.export_name:
-            self.reply(option, p.Reply.ERR_UNKNOWN, f"no export {name!r}".encode())
+            self.option_reply(option, p.Reply.ERR_UNKNOWN, f"no export {name!r}".encode())
             return False
         device = server.device
-        self.reply(option, p.Reply.INFO, p.info_export(device.size, server.transmission_flags))
+        self.option_reply(option, p.Reply.INFO,
+                          p.info_export(device.size, server.transmission_flags))
         for info in set(requests):
             if info == p.Info.NAME:
-                self.reply(option, p.Reply.INFO, p.info_name(server.export_name))
+                self.option_reply(option, p.Reply.INFO, p.info_name(server.export_name))
             elif info == p.Info.DESCRIPTION:
-                self.reply(option, p.Reply.INFO, p.info_description(server.description))
+                self.option_reply(option, p.Reply.INFO, p.info_description(server.description))
             elif info == p.Info.BLOCK_SIZE:
-                self.reply(option, p.Reply.INFO, p.info_block_size(*device.block_size))
-        self.reply(option, p.Reply.ACK)
+                self.option_reply(option, p.Reply.INFO, p.info_block_size(*device.block_size))
+        self.option_reply(option, p.Reply.ACK)
         if option == p.Option.GO:
             self.block_size_agreed = p.Info.BLOCK_SIZE in requests
             return True
         return False
 
     def meta_context(self, option: int, data: bytes) -> None:
+        if option == p.Option.SET_META_CONTEXT:
+            # it replaces the selected contexts "including when this command fails"
+            self.meta_base_allocation = False
         name, queries = p.parse_meta_context_request(data)
         if option == p.Option.SET_META_CONTEXT and not self.structured:
-            self.reply(option, p.Reply.ERR_INVALID, b"structured replies first")
+            self.option_reply(option, p.Reply.ERR_INVALID, b"structured replies first")
             return
         if name != self.server.export_name:
-            self.reply(option, p.Reply.ERR_UNKNOWN, f"no export {name!r}".encode())
+            self.option_reply(option, p.Reply.ERR_UNKNOWN, f"no export {name!r}".encode())
             return
         listing = option == p.Option.LIST_META_CONTEXT
         wanted = any(q == p.BASE_ALLOCATION or (listing and q == "base:") for q in queries)
@@ -450,9 +598,9 @@ class _Connection:
         if option == p.Option.SET_META_CONTEXT:
             self.meta_base_allocation = wanted and self.device.can_extents
         if wanted and self.device.can_extents:
-            self.reply(option, p.Reply.META_CONTEXT,
+            self.option_reply(option, p.Reply.META_CONTEXT,
                        p.meta_context(p.BASE_ALLOCATION_ID, p.BASE_ALLOCATION))
-        self.reply(option, p.Reply.ACK)
+        self.option_reply(option, p.Reply.ACK)
 
     # -- transmission ----------------------------------------------------------------------
     def transmission(self) -> None:
@@ -484,7 +632,8 @@ class _Connection:
             elif not error:
                 self._reserve(length if command == p.Command.READ else 0)
             if error:
-                self.send_error(handle, error)
+                self._reserve(0)  # an answer waiting for the socket counts as in flight
+                self.reply(self.error_reply(handle, error), 0)
                 continue
             nbytes = length if command in (p.Command.READ, p.Command.WRITE) else 0
             pool = self.server.read_pool if command in _READS else self.server.write_pool
@@ -536,33 +685,35 @@ class _Connection:
             return p.EINVAL
         return 0
 
-    def send_error(self, handle: int, error: int, message: str = "") -> None:
+    def error_reply(self, handle: int, error: int, message: str = "") -> tuple[bytes]:
         if self.structured:
-            self.send(p.structured_error(handle, error, message))
-        else:
-            self.send(p.simple_reply(handle, error))
+            return (p.structured_error(handle, error, message),)
+        return (p.simple_reply(handle, error),)
 
     def execute(self, command: int, flags: int, handle: int, offset: int, length: int,
                 payload: bytearray | None, nbytes: int) -> None:
         started = time.monotonic()
+        parts: tuple[bytes | bytearray, ...] = ()
         try:
-            self._execute(command, flags, handle, offset, length, payload)
-        except DeviceError as exc:
-            code = exc.errno if exc.errno in p.WIRE_ERRNOS else p.EIO
-            log.warning("%s at %d+%d failed: %s", p.Command(command).name, offset, length,
-                        exc)
-            self.send_error(handle, code, str(exc))
-        except Exception as exc:
-            log.exception("%s at %d+%d failed", p.Command(command).name, offset, length)
-            self.send_error(handle, p.EIO, str(exc))
-        finally:
-            self._release(nbytes)
+            try:
+                parts = self._execute(command, flags, handle, offset, length, payload)
+            except DeviceError as exc:
+                code = exc.errno if exc.errno in p.WIRE_ERRNOS else p.EIO
+                log.warning("%s at %d+%d failed: %s", p.Command(command).name, offset,
+                            length, exc)
+                parts = self.error_reply(handle, code, str(exc))
+            except Exception as exc:
+                log.exception("%s at %d+%d failed", p.Command(command).name, offset, length)
+                parts = self.error_reply(handle, p.EIO, str(exc))
             hook = self.server.on_request
             if hook is not None:
                 hook(p.Command(command).name.lower(), time.monotonic() - started)
+        finally:
+            self.reply(parts, nbytes)
 
     def _execute(self, command: int, flags: int, handle: int, offset: int, length: int,
-                 payload: bytearray | None) -> None:
+                 payload: bytearray | None) -> tuple[bytes | bytearray, ...]:
+        """Do the request; its reply."""
         device = self.device
         fua = bool(flags & p.CommandFlag.FUA)
         if command == p.Command.READ:
@@ -571,10 +722,8 @@ class _Connection:
             if self.structured:
                 header = p.structured_header(handle, p.ChunkType.OFFSET_DATA, 8 + length,
                                              True)
-                self.send(header, struct.pack(">Q", offset), buf)
-            else:
-                self.send(p.simple_reply(handle), buf)
-            return
+                return header, struct.pack(">Q", offset), buf
+            return p.simple_reply(handle), buf
         if command == p.Command.WRITE:
             assert payload is not None
             device.pwrite(memoryview(payload), offset, fua)
@@ -589,12 +738,12 @@ class _Connection:
         elif command == p.Command.CACHE:
             device.cache(offset, length)
         elif command == p.Command.BLOCK_STATUS:
-            self.block_status(handle, flags, offset, length)
-            return
-        self.send(p.simple_reply(handle) if not self.structured else
-                  p.structured_header(handle, p.ChunkType.NONE, 0, True))
+            return self.block_status(handle, flags, offset, length)
+        return (p.simple_reply(handle) if not self.structured else
+                p.structured_header(handle, p.ChunkType.NONE, 0, True),)
 
-    def block_status(self, handle: int, flags: int, offset: int, length: int) -> None:
+    def block_status(self, handle: int, flags: int, offset: int, length: int
+                     ) -> tuple[bytes, bytes]:
         extents = [(n, f & (p.STATE_HOLE | p.STATE_ZERO))
                    for n, f in self.device.extents(offset, length) if n > 0]
         if not extents:
@@ -602,8 +751,8 @@ class _Connection:
         if flags & p.CommandFlag.REQ_ONE:
             extents = extents[:1]
         payload = p.block_status_payload(p.BASE_ALLOCATION_ID, extents)
-        self.send(p.structured_header(handle, p.ChunkType.BLOCK_STATUS, len(payload), True),
-                  payload)
+        return (p.structured_header(handle, p.ChunkType.BLOCK_STATUS, len(payload), True),
+                payload)
 
 
 def main() -> None:
