@@ -3,10 +3,13 @@ oldest first (journal invariants J2, J3)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
+from cloudnbd.engine import localfs
 from cloudnbd.engine.journal import HEADER_BYTES, Journal, Kind
+from cloudnbd.engine.localfs import OsLayer
 
 
 def _write(journal: Journal, offset: int, data: bytes) -> tuple[int, int, int]:
@@ -80,3 +83,32 @@ def test_segments_are_deleted_oldest_first_only(tmp_path: Path) -> None:
     journal.account({}, {3: 100})
     journal.reset()
     assert journal.segments_on_disk() == []
+
+
+class _FailingUnlink(OsLayer):
+    """The real file calls, except that removing paths ending in `failing` fails (EIO)."""
+
+    def __init__(self, failing: str) -> None:
+        self.failing = failing
+
+    def unlink(self, path: str | os.PathLike[str]) -> None:  # type: ignore[override]
+        if str(path).endswith(self.failing):
+            raise OSError(errno.EIO, "injected I/O error")
+        os.unlink(path)
+
+
+def test_a_failed_deletion_stops_every_later_one(tmp_path: Path) -> None:
+    """J2: were segment 1 deleted after segment 0 failed to go, a crash could leave 0
+    without 1, and replaying 0's older writes would roll back what 1 had overwritten."""
+    journal = Journal(tmp_path / "j", segment_bytes=HEADER_BYTES + 100)
+    placed = [_write(journal, 0, bytes([i]) * 100) for i in range(4)]
+    segments = [segment for _, segment, _ in placed]
+    assert segments == [0, 1, 2, 3]  # 3 is the active one
+    journal.account({s: 100 for s in segments}, {})
+    with localfs.installed(_FailingUnlink(f"{0:016x}.log")):
+        journal.account({}, {0: 100, 1: 100})  # logged, not raised into the caller
+    assert journal.segments_on_disk() == [0, 1, 2, 3]
+    journal.account({}, {2: 100})
+    assert journal.segments_on_disk() == [0, 1, 2, 3]  # nothing more deleted this run
+    journal.close()
+    assert [r.seq for r in Journal(tmp_path / "j").recover()] == [1, 2, 3, 4]

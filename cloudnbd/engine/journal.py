@@ -98,6 +98,7 @@ class Journal:
         self._active = -1
         self._active_pos = 0
         self.next_seq = 1
+        self._deletion_failed = False
 
     # -- recovery -------------------------------------------------------------------------
     def segments_on_disk(self) -> list[int]:
@@ -229,30 +230,46 @@ class Journal:
             self._delete_dead_locked()
 
     def _delete_dead_locked(self) -> None:
-        # J2: oldest first, never the active segment, never a pinned one.
+        # J2: oldest first, never the active segment, never a pinned one, and never again
+        # this run once a deletion failed (see _delete_segment_locked).
         for number in sorted(self._live):
-            if number == self._active or self._live[number] or number in self._pins:
+            if (self._deletion_failed or number == self._active or self._live[number]
+                    or number in self._pins):
                 return
-            localfs.close(self._fds.pop(number))
+            try:
+                self._delete_segment_locked(number)
+            except OSError as exc:
+                log.error("journal: cannot delete segment %s (%s); no newer segment will "
+                          "be deleted until the next open", _segment_name(number), exc)
+                return
+
+    def _delete_segment_locked(self, number: int) -> None:
+        """Forget segment number, then remove it durably (J2). If removing fails, the
+        segment may still be on disk: deleting a newer one after it could leave an older
+        segment next to a deleted newer one, and replaying it would roll flushed data
+        back, so every later deletion of this run is refused."""
+        del self._live[number]
+        self._sizes.pop(number, None)
+        fd = self._fds.pop(number, None)
+        try:
+            if fd is not None:
+                localfs.close(fd)
             try:
                 localfs.unlink(self.directory / _segment_name(number))
             except FileNotFoundError:
                 pass
             localfs.fsync_dir(self.directory)  # J2: gone before a newer one goes
-            del self._live[number]
-            self._sizes.pop(number, None)
+        except OSError:
+            self._deletion_failed = True
+            raise
 
     def reset(self) -> None:
         """Delete every segment: only when nothing is live (after a full drain)."""
         with self._lock:
             assert not any(self._live.values()), "journal reset with live records"
-            for number, fd in list(self._fds.items()):
-                localfs.close(fd)
-                localfs.unlink(self.directory / _segment_name(number))
-            localfs.fsync_dir(self.directory)  # J2: no stale segment outlives the reset
-            self._fds.clear()
-            self._live.clear()
-            self._sizes.clear()
+            for number in sorted(set(self._live) | set(self._fds)):
+                self._live.setdefault(number, 0)
+                self._delete_segment_locked(number)
             self._active_pos = self.segment_bytes  # next append starts a new segment
 
     @property
