@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -247,6 +248,8 @@ def verdict(metric: Metric, values: dict[str, float], others: list[str]) -> str:
         ahead = (ours < best) == metric.lower_is_better
         return "ahead (none)" if ahead else "**behind**"
     ratio = best / ours if metric.lower_is_better else ours / best
+    if abs(ratio - 1) < 0.005:
+        return f"equal within 0.5% ({ratio - 1:+.2%})"
     return f"{ratio:.2f}x ahead" if ratio >= 1 else f"**{ratio:.2f}x: behind**"
 
 
@@ -341,6 +344,8 @@ def main() -> None:
                         help="print only; leave docs/performance.md alone")
     slowlink.add_arguments(parser)
     args = parser.parse_args()
+    # a TERM (timeout, CI) unwinds like ^C, so no server or mount stays behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     command = command_line("bench/run", sys.argv[1:])
     size = args.size_mib * 2**20
     size_label = f"{args.size_mib // 1024} GiB" if args.size_mib % 1024 == 0 else (
