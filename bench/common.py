@@ -23,8 +23,8 @@ __all__ = ["KDF", "Served", "cloudnbd", "fio", "fio_command", "fio_result", "mac
            "make_password_file", "median", "replace_section", "run", "start", "timed"]
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(args, capture_output=True, text=True, env=env)
+def run(*args: str, env: dict[str, str] | None = None, timeout: float | None = None) -> str:
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
     if result.returncode:
         raise RuntimeError(f"{' '.join(args)} failed:\n{result.stdout}{result.stderr}")
     return result.stdout

@@ -123,7 +123,7 @@ class Contender:
     def start(self) -> str:
         raise NotImplementedError
 
-    def settle(self) -> None:
+    def settle(self, timeout: float | None = None) -> None:
         """Return once everything a completed FLUSH covered is in the store."""
 
     def stop(self) -> None:
@@ -249,9 +249,9 @@ class S3backer(Contender):
             raise RuntimeError(f"no dirty ratio in s3backer's stats:\n{text}")
         return float(found.group(1))
 
-    def settle(self) -> None:
+    def settle(self, timeout: float | None = None) -> None:
         wait_until(lambda: self.dirty_ratio() == 0.0, "s3backer writing its dirty blocks",
-                   timeout=3600, process=self.process, log=self.log)
+                   timeout=timeout or 3600, process=self.process, log=self.log)
 
     def stop(self) -> None:
         super().stop()

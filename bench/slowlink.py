@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +100,10 @@ class Sampler:
 
 
 def upload(tmp: Path, endpoint: str, link: Link, cls: type[Contender], key: str,
-           data: Path, **options: tuple[str, ...]) -> tuple[float, Sampler]:
-    """Seconds to durable for data written to a fresh volume of cls behind link."""
+           data: Path, timeout: float | None = None, **options: tuple[str, ...]
+           ) -> tuple[float, Sampler]:
+    """Seconds to durable for data written to a fresh volume of cls behind link; the
+    write and its FLUSH are given up after timeout seconds."""
     size = data.stat().st_size
     with FaultProxy(endpoint, [], link=link) as proxy:
         device = cls(tmp, endpoint, proxy.url, key, size, **options)
@@ -108,7 +111,7 @@ def upload(tmp: Path, endpoint: str, link: Link, cls: type[Contender], key: str,
             device.create()
             uri = device.start()
             with Sampler(link) as sampler:
-                seconds = write_to_durable(device, uri, data)
+                seconds = write_to_durable(device, uri, data, timeout)
             device.stop()
         except BaseException:
             device.abort()
@@ -132,7 +135,7 @@ def raw_puts(tmp: Path, endpoint: str, link: Link, data: Path, parallel: int = 8
         subprocess.run(
             f"ls | xargs -P {parallel} -I{{}} curl -sSf -K {config} "
             f"--aws-sigv4 aws:amz:us-east-1:s3 -T {{}} {proxy.url}/{S3_BUCKET}/raw/{{}}",
-            shell=True, check=True, cwd=pieces)
+            shell=True, check=True, cwd=pieces, timeout=600)
         seconds = time.monotonic() - started
     run("rm", "-r", str(tmp))
     return seconds
@@ -153,7 +156,18 @@ class Sweep:
         times = []
         for _ in range(self.runs):
             self.count += 1
-            times.append(seconds_for(Link.mbit(spec.rtt_ms, spec.mbit), f"slow-{self.count}"))
+            try:
+                times.append(seconds_for(Link.mbit(spec.rtt_ms, spec.mbit),
+                                         f"slow-{self.count}"))
+            except Exception as exc:  # a contender that never gets there: say so
+                traceback.print_exc()
+                reason = ("no FLUSH after " + f"{exc.timeout:.0f} s"
+                          if isinstance(exc, subprocess.TimeoutExpired)
+                          else str(exc).strip().splitlines()[-1][:120])
+                self.rows.setdefault(label, {})[spec.label] = f"failed: {reason}"
+                print(f"  {spec.label}: {label}: failed: {reason}", file=sys.stderr,
+                      flush=True)
+                return
         rate = spec.mib * MiB / median(times)
         share = rate / spec.rate
         self.rows.setdefault(label, {})[spec.label] = f"{rate / MB:.2f} MB/s ({share:.0%})"
@@ -168,10 +182,14 @@ def sweep_link(args: argparse.Namespace, sweep: Sweep, spec: SlowLink, tmp: Path
     data = tmp / f"slow-{spec.mib}.img"
     random_file(data, spec.mib * MiB)
 
+    # give up on a point at five times the time the link needs, plus a minute
+    timeout = 5 * spec.mib * MiB / spec.rate + 60
+
     def contender(cls: type[Contender], open_args: tuple[str, ...] = (),
                   init_args: tuple[str, ...] = ()) -> Callable[[Link, str], float]:
         options = {"open_args": open_args, "init_args": init_args} if cls is Cloudnbd else {}
-        return lambda link, key: upload(tmp, endpoint, link, cls, key, data, **options)[0]
+        return lambda link, key: upload(tmp, endpoint, link, cls, key, data, timeout,
+                                        **options)[0]
 
     sweep.point("reference: curl, 8 PUTs of 4 MiB at once", spec,
                 lambda link, key: raw_puts(tmp / key, endpoint, link, data))

@@ -10,6 +10,8 @@ Run it through bench/run (which installs what is missing first).
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import signal
 import subprocess
@@ -43,11 +45,11 @@ STORAGE_PER_GB_MONTH = 0.023
 TIER1_PER_REQUEST = 0.005 / 1000  # PUT, COPY, POST, LIST
 TIER2_PER_REQUEST = 0.0004 / 1000  # GET, HEAD and all other requests but DELETE
 TIER1, TIER2 = ("PUT", "COPY", "POST", "LIST"), ("GET", "HEAD")
-PRICES = ("S3 Standard list prices in us-east-1 (aws.amazon.com/s3/pricing, unchanged "
-          "from 2023 through 2025): storage $0.023 per GB-month (first 50 TB), PUT, COPY, "
-          "POST and LIST $0.005 per 1,000 requests, GET and HEAD $0.0004 per 1,000, "
-          "DELETE free. Data transfer out of AWS is not counted (it is free to EC2 in the "
-          "same region).")
+PRICES = ("S3 Standard list prices in us-east-1 as of 2025 (aws.amazon.com/s3/pricing, "
+          "as quoted by 2024-2025 pricing guides): storage $0.023 per GB-month (first 50 "
+          "TB), PUT, COPY, POST and LIST $0.005 per 1,000 requests, GET and HEAD $0.0004 "
+          "per 1,000, DELETE free. Data transfer out of AWS is not counted (it is free to "
+          "EC2 in the same region).")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Bench:
     tarball: Path
     results: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     requests: dict[str, dict[str, list[Counter[str]]]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
 
     def add(self, who: str, key: str, value: float) -> None:
         self.results.setdefault(who, {}).setdefault(key, []).append(value)
@@ -112,7 +115,7 @@ def volume(bench: Bench, cls: type[Contender], name: str, size: int | None = Non
     return cls(bench.tmp, bench.endpoint, bench.proxy.url, name, size or bench.size)
 
 
-def session(bench: Bench, device: Contender, body: Callable[[str], None]) -> None:
+def session(device: Contender, body: Callable[[str], None]) -> None:
     """Run body(uri) against the started device; always clean up."""
     try:
         body(device.start())
@@ -139,7 +142,7 @@ def measure_random(bench: Bench, cls: type[Contender], tag: str) -> None:
                 bench.add(who, f"{rw} iops", iops)
                 bench.add(who, f"{rw} p99", p99)
 
-        session(bench, device, written)
+        session(device, written)
         device.drop_cache()
         bench.reset()
 
@@ -148,7 +151,7 @@ def measure_random(bench: Bench, cls: type[Contender], tag: str) -> None:
             bench.add(who, "cold read", read_all(uri))
             bench.count(who, "read random")
 
-        session(bench, device, cold)
+        session(device, cold)
         bench.count(who, "close")
     finally:
         device.remove()
@@ -167,7 +170,7 @@ def measure_compressible(bench: Bench, cls: type[Contender], tag: str) -> None:
             bench.count(who, "written compressible")
             bench.add(who, "stored compressible", device.stored() * GiB / bench.size)
 
-        session(bench, device, written)
+        session(device, written)
         device.drop_cache()
 
         def cold(uri: str) -> None:
@@ -175,7 +178,7 @@ def measure_compressible(bench: Bench, cls: type[Contender], tag: str) -> None:
             bench.add(who, "cold read compressible", read_all(uri))
             bench.count(who, "read compressible")
 
-        session(bench, device, cold)
+        session(device, cold)
     finally:
         device.remove()
 
@@ -192,30 +195,48 @@ def measure_filesystem(bench: Bench, cls: type[Contender], tag: str) -> None:
             bench.add(who, "fs unpack", unpack_to_durable(device, uri, stack, bench.tarball))
             bench.add(who, "fs read", read_back(uri, stack))
 
-        session(bench, device, unpack)
+        session(device, unpack)
         device.drop_cache()
-        session(bench, device, lambda uri: bench.add(who, "fs cold read",
-                                                     read_back(uri, stack)))
+        session(device, lambda uri: bench.add(who, "fs cold read", read_back(uri, stack)))
     finally:
         device.remove()
 
 
-def compare(bench: Bench, names: list[str], runs: int) -> None:
+def compare(bench: Bench, names: list[str], runs: int, save: Path | None) -> None:
+    """Every workload of every contender, `runs` times. A workload that fails is
+    reported (bench.failures) and its run left out of the medians."""
     for index in range(runs):
         order = names[index % len(names):] + names[:index % len(names)]  # spread drift
         for name in order:
             cls = CONTENDERS[name]
             tag = f"{name.replace(' ', '-').lower()}-{index}"
             print(f"run {index + 1}/{runs}: {name}", file=sys.stderr, flush=True)
-            measure_random(bench, cls, tag)
-            measure_compressible(bench, cls, tag)
-            measure_filesystem(bench, cls, tag)
+            for workloads in (measure_random, measure_compressible, measure_filesystem):
+                try:
+                    workloads(bench, cls, tag)
+                except Exception as exc:
+                    traceback.print_exc()
+                    reason = str(exc).strip().splitlines()[-1][:200]
+                    bench.failures.append(f"run {index + 1}, {name}, "
+                                          f"{workloads.__name__}: {reason}")
+            print("  " + ", ".join(f"{key} {values[-1]:,.2f}" for key, values
+                                   in bench.results.get(name, {}).items()),
+                  file=sys.stderr, flush=True)
+            if save is not None:
+                save.write_text(json.dumps({"results": bench.results,
+                                            "requests": bench.requests,
+                                            "failures": bench.failures}, indent=1))
 
 
 # -- tables --------------------------------------------------------------------------------
 
 def fmt(value: float, digits: int) -> str:
-    return f"{value:,.{digits}f}"
+    return "-" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def middle(values: list[float]) -> float:
+    """The median, or NaN when every run failed."""
+    return median(values) if values else math.nan
 
 
 def speed_table(bench: Bench, names: list[str], metrics: list[Metric]) -> str:
@@ -226,7 +247,7 @@ def speed_table(bench: Bench, names: list[str], metrics: list[Metric]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for metric in metrics:
         values = {n: median(bench.results[n][metric.key]) for n in names
-                  if metric.key in bench.results.get(n, {})}
+                  if bench.results.get(n, {}).get(metric.key)}
         row = [metric.label, *[fmt(values[n], metric.digits) if n in values else "-"
                                for n in names]]
         if len(header) > len(names) + 1:
@@ -237,8 +258,8 @@ def speed_table(bench: Bench, names: list[str], metrics: list[Metric]) -> str:
 
 def verdict(metric: Metric, values: dict[str, float], others: list[str]) -> str:
     """How many times better cloudnbd is than the best other cloud contender."""
-    rivals = [values[n] for n in others if n in values]
-    if "cloudnbd" not in values or not rivals:
+    rivals = [values[n] for n in others if n in values and not math.isnan(values[n])]
+    if math.isnan(values.get("cloudnbd", math.nan)) or not rivals:
         return "-"
     ours = values["cloudnbd"]
     best = min(rivals) if metric.lower_is_better else max(rivals)
@@ -255,13 +276,13 @@ def verdict(metric: Metric, values: dict[str, float], others: list[str]) -> str:
 
 def per_gib(bench: Bench, who: str, phase: str, kinds: tuple[str, ...]) -> float:
     counts = bench.requests.get(who, {}).get(phase, [])
-    return median([sum(c[k] for k in kinds) * GiB / bench.size for c in counts])
+    return middle([sum(c[k] for k in kinds) * GiB / bench.size for c in counts])
 
 
 def dollars(bench: Bench, who: str, kind: str) -> float:
     """First month of 1 TiB written once and read once: storage plus requests."""
     tib = 1024  # GiB
-    stored_gb = median(bench.results[who][f"stored {kind}"]) * tib / 1e9
+    stored_gb = middle(bench.results.get(who, {}).get(f"stored {kind}", [])) * tib / 1e9
     requests = 0.0
     for phase in (f"written {kind}", f"read {kind}"):
         requests += per_gib(bench, who, phase, TIER1) * tib * TIER1_PER_REQUEST
@@ -288,7 +309,7 @@ def cost_table(bench: Bench, names: list[str]) -> str:
     def row(label: str, value: Callable[[str], float], text: Callable[[float], str],
             skip_zero: bool = False) -> None:
         values = {n: value(n) for n in cloud}
-        if skip_zero and not any(values.values()):
+        if skip_zero and not any(v for v in values.values() if not math.isnan(v)):
             return  # a kind of request nobody sent
         cells = [text(values[n]) for n in cloud]
         if compared:
@@ -302,11 +323,11 @@ def cost_table(bench: Bench, names: list[str]) -> str:
                 lambda v: fmt(v, 0), skip_zero=True)
     for kind in ("random", "compressible"):
         row(f"stored per GiB of {kind} data",
-            lambda n, k=kind: median(bench.results[n][f"stored {k}"]),
-            lambda v: f"{v / 2**20:,.1f} MiB")
+            lambda n, k=kind: middle(bench.results.get(n, {}).get(f"stored {k}", [])),
+            lambda v: fmt(v / 2**20, 1) + " MiB")
     for kind in ("random", "compressible"):
         row(f"$ for 1 TiB of {kind} data written once and read once (first month)",
-            lambda n, k=kind: dollars(bench, n, k), lambda v: f"${v:,.2f}")
+            lambda n, k=kind: dollars(bench, n, k), lambda v: "$" + fmt(v, 2))
     lines.append("| requests to open and close a volume | "
                  + " | ".join(session_requests(bench, n) for n in cloud)
                  + (" | |" if compared else " |"))
@@ -342,15 +363,22 @@ def main() -> None:
     parser.add_argument("--no-slow-links", action="store_true", help="skip the slow links")
     parser.add_argument("--no-docs", action="store_true",
                         help="print only; leave docs/performance.md alone")
+    parser.add_argument("--save", type=Path,
+                        help="keep the raw results here (JSON, rewritten after each run)")
     slowlink.add_arguments(parser)
     args = parser.parse_args()
     # a TERM (timeout, CI) unwinds like ^C, so no server or mount stays behind
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    command = command_line("bench/run", sys.argv[1:])
-    size = args.size_mib * 2**20
-    size_label = f"{args.size_mib // 1024} GiB" if args.size_mib % 1024 == 0 else (
-        f"{args.size_mib} MiB")
-    sections: dict[str, str] = {}
+    header = (f"Machine: {machine()}.\n\nVersions: {versions()}.\n\n"
+              f"Command: `{command_line('bench/run', sys.argv[1:])}`\n")
+
+    def publish(name: str, text: str) -> None:
+        """Print a finished section and put it into docs/performance.md at once."""
+        print(f"{header}\n{text}\n", flush=True)
+        if not args.no_docs:
+            replace_section(ROOT / "docs" / "performance.md", name, f"{header}\n{text}")
+            print(f"({name} written to docs/performance.md)", file=sys.stderr)
+
     with tempfile.TemporaryDirectory(prefix="cloudnbd-bench-",
                                      dir=os.environ.get("BENCH_DIR")) as name:
         tmp = Path(name)
@@ -358,34 +386,33 @@ def main() -> None:
         weed = start_seaweedfs(tmp / "weed")
         proxy = FaultProxy(weed.endpoint, [])
         try:
-            header = (f"Machine: {machine()}.\n\nVersions: {versions()}.\n\n"
-                      f"Command: `{command}`\n")
             if not args.no_compare:
-                random_file(tmp / "random.img", size)
-                compressible_file(tmp / "text.img", size)
-                files, tree_bytes = source_tree(tmp / "tree.tar")
-                bench = Bench(tmp, weed.endpoint, proxy, size, args.seconds,
-                              tmp / "random.img", tmp / "text.img", tmp / "tree.tar")
-                compare(bench, args.contenders, args.runs)
-                metrics = speed_metrics(size_label, files, tree_bytes / 2**20)
-                sections["bench/run: contenders"] = (
-                    f"Medians of {args.runs} runs.\n\n"
-                    + speed_table(bench, args.contenders, metrics) + "\n\n"
-                    "Requests counted at the store by the relay; dollars at " + PRICES
-                    + "\n\n" + cost_table(bench, args.contenders))
+                publish("bench/run: contenders", contenders(args, tmp, weed.endpoint, proxy))
             if not args.no_slow_links:
-                sections["bench/run: slow links"] = slowlink.measure(args, tmp, weed.endpoint)
-        except BaseException:
-            traceback.print_exc()
-            raise
+                publish("bench/run: slow links", slowlink.measure(args, tmp, weed.endpoint))
         finally:
             proxy.close()
             weed.stop()
-    for name, text in sections.items():
-        print(f"{header}\n{text}\n")
-        if not args.no_docs:
-            replace_section(ROOT / "docs" / "performance.md", name, f"{header}\n{text}")
-            print(f"({name} written to docs/performance.md)\n", file=sys.stderr)
+
+
+def contenders(args: argparse.Namespace, tmp: Path, endpoint: str, proxy: FaultProxy
+               ) -> str:
+    """Measure the contenders side by side; the section's text."""
+    size = args.size_mib * 2**20
+    size_label = f"{args.size_mib // 1024} GiB" if args.size_mib % 1024 == 0 else (
+        f"{args.size_mib} MiB")
+    random_file(tmp / "random.img", size)
+    compressible_file(tmp / "text.img", size)
+    files, tree_bytes = source_tree(tmp / "tree.tar")
+    bench = Bench(tmp, endpoint, proxy, size, args.seconds, tmp / "random.img",
+                  tmp / "text.img", tmp / "tree.tar")
+    compare(bench, args.contenders, args.runs, args.save)
+    metrics = speed_metrics(size_label, files, tree_bytes / 2**20)
+    failed = "".join(f"\n- failed: {line}" for line in bench.failures)
+    return (f"Medians of {args.runs} runs.{failed}\n\n"
+            + speed_table(bench, args.contenders, metrics) + "\n\n"
+            "Requests counted at the store by the relay; dollars at " + PRICES + "\n\n"
+            + cost_table(bench, args.contenders))
 
 
 if __name__ == "__main__":

@@ -58,12 +58,13 @@ def source_tree(path: Path) -> tuple[int, int]:
     return files, total
 
 
-def write_to_durable(device: Contender, uri: str, data: Path) -> float:
+def write_to_durable(device: Contender, uri: str, data: Path,
+                     timeout: float | None = None) -> float:
     """Seconds from the first byte written to the end of the FLUSH, and (for a contender
     whose FLUSH does not wait for the store) until the store holds it all."""
     started = time.monotonic()
-    run("nbdcopy", "--flush", str(data), uri)
-    device.settle()
+    run("nbdcopy", "--flush", str(data), uri, timeout=timeout)
+    device.settle(None if timeout is None else max(1.0, started + timeout - time.monotonic()))
     return time.monotonic() - started
 
 
