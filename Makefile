@@ -19,8 +19,6 @@ test-slow:       ## the long tiers: crash campaigns, big workloads
 lint:
 	$(PYTHON) -m ruff check .
 
-bench:           ## side-by-side benchmarks; tables go to docs/performance.md by hand
-	bash tests/install-deps.sh
-	$(PYTHON) bench/nbd_local.py
-	$(PYTHON) bench/cloud.py
-	$(PYTHON) bench/chunk_size.py
+bench:           ## cloudnbd against the alternatives, costs, slow links: bench/run writes
+	bash tests/install-deps.sh    # its tables into docs/performance.md
+	PYTHON=$(PYTHON) bench/run

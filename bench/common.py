@@ -3,8 +3,11 @@ serve cloudnbd the way the tests do (tests/served.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -16,12 +19,12 @@ sys.path.insert(0, str(ROOT))
 
 from tests.served import KDF, Served, cloudnbd, make_password_file, start  # noqa: E402
 
-__all__ = ["KDF", "Served", "cloudnbd", "machine", "make_password_file", "median", "run",
-           "start", "timed"]
+__all__ = ["KDF", "Served", "cloudnbd", "fio", "fio_command", "fio_result", "machine",
+           "make_password_file", "median", "replace_section", "run", "start", "timed"]
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(args, capture_output=True, text=True, env=env)
+def run(*args: str, env: dict[str, str] | None = None, timeout: float | None = None) -> str:
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
     if result.returncode:
         raise RuntimeError(f"{' '.join(args)} failed:\n{result.stdout}{result.stderr}")
     return result.stdout
@@ -46,3 +49,39 @@ def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), {memory:.0f} GiB RAM, "
             f"Linux {platform.release()}, Python {platform.python_version()}")
+
+
+def fio_command(uri: str, rw: str, seconds: float, size: int) -> list[str]:
+    """fio's nbd engine doing 4 KiB random I/O (rw: randread or randwrite) at queue depth
+    16 over the first `size` bytes, for `seconds`."""
+    return ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+            "--iodepth=16", f"--size={size}", f"--runtime={seconds}", "--time_based",
+            "--output-format=json"]
+
+
+def fio_result(out: str, rw: str) -> tuple[float, float]:
+    """(IOPS, p99 completion latency in ms) from fio's JSON output."""
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read" if "read" in rw else "write"]
+    return side["iops"], side["clat_ns"]["percentile"]["99.000000"] / 1e6
+
+
+def fio(uri: str, rw: str, seconds: float, size: int) -> tuple[float, float]:
+    """(IOPS, p99 latency in ms) of 4 KiB random I/O at queue depth 16."""
+    return fio_result(run(*fio_command(uri, rw, seconds, size)), rw)
+
+
+def replace_section(path: Path, name: str, text: str) -> None:
+    """Put text between the markers of section `name` in the Markdown file at path,
+    adding the section at the end the first time. Other sections stay as they are."""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end (generated) -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    old = path.read_text()
+    found = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    new = found.sub(lambda _: block, old) if found.search(old) else (
+        old.rstrip() + "\n\n" + block + "\n")
+    path.write_text(new if new.endswith("\n") else new + "\n")
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    return shlex.join([script, *argv])

@@ -9,23 +9,24 @@ nbdkit). cloudnbd uses the file backend; the cloud is not what is measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import tempfile
 from pathlib import Path
 
-from common import KDF, cloudnbd, machine, make_password_file, median, run, start, timed
-
-
-def fio(uri: str, rw: str, seconds: int, size_mib: int) -> tuple[float, float]:
-    """(IOPS, p99 latency in ms) of 4 KiB random I/O at queue depth 16."""
-    out = run("fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
-              "--iodepth=16", f"--size={size_mib}M", f"--runtime={seconds}", "--time_based",
-              "--output-format=json")
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    side = job["read" if "read" in rw else "write"]
-    return side["iops"], side["clat_ns"]["percentile"]["99.000000"] / 1e6
+from common import (
+    KDF,
+    cloudnbd,
+    fio,
+    fio_command,
+    fio_result,
+    machine,
+    make_password_file,
+    median,
+    run,
+    start,
+    timed,
+)
 
 
 def nbdkit(image: Path, command: str) -> str:
@@ -62,22 +63,17 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, list[flo
                                     f"nbdcopy {source} $uri")
                     t_read = timed("nbdkit", "-U", "-", "file", f"file={image}", "--run",
                                    f"nbdcopy $uri {back}")
-                    uri_iops = [nbdkit(image, "fio --name=b --ioengine=nbd --uri=$uri "
-                                       f"--rw={rw} --bs=4k --iodepth=16 "
-                                       f"--size={args.size_mib}M --runtime={args.seconds} "
-                                       "--time_based --output-format=json")
-                                for rw in ("randread", "randwrite")]
-                    for rw, out in zip(("randread", "randwrite"), uri_iops, strict=True):
-                        job = json.loads(out[out.index("{"):])["jobs"][0]
-                        side = job["read" if rw == "randread" else "write"]
-                        add(who, f"{rw} IOPS", side["iops"])
-                        add(who, f"{rw} p99 ms", side["clat_ns"]["percentile"]["99.000000"]
-                            / 1e6)
+                    for rw in ("randread", "randwrite"):
+                        # no argument has a space; $uri is for the shell nbdkit --run uses
+                        command = " ".join(fio_command("$uri", rw, args.seconds, size))
+                        iops, p99 = fio_result(nbdkit(image, command), rw)
+                        add(who, f"{rw} IOPS", iops)
+                        add(who, f"{rw} p99 ms", p99)
                 else:
                     t_write = timed("nbdcopy", str(source), served.uri)
                     t_read = timed("nbdcopy", served.uri, str(back))
                     for rw in ("randread", "randwrite"):
-                        iops, p99 = fio(served.uri, rw, args.seconds, args.size_mib)
+                        iops, p99 = fio(served.uri, rw, args.seconds, size)
                         add(who, f"{rw} IOPS", iops)
                         add(who, f"{rw} p99 ms", p99)
                 add(who, "nbdcopy write MiB/s", args.size_mib / t_write)

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 debs=(libnbd-bin nbdfuse python3-libnbd qemu-utils fio nbdkit nbdkit-plugin-python
       btrfs-progs e2fsprogs fuse3 util-linux python3-boto3
-      prometheus rpm man-db systemd)  # promtool and a real scraper; rpmbuild; man; systemd-analyze
+      prometheus rpm man-db systemd  # promtool and a real scraper; rpmbuild; man; systemd-analyze
+      s3backer curl)  # bench/run: a contender, and the raw reference on slow links
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

@@ -326,7 +326,8 @@ class FaultProxy:
       "stall"    hold the request for `stall` seconds, then relay it;
       "pass"     relay the one request untouched (a fault-free kind for `kinds`).
     `seen` records the request line each fault hit. `requests` counts the requests of
-    relayed connections by method (PUT, GET, ...), for benchmarks of request costs.
+    relayed connections by method (PUT, GET, ...), a GET of a bucket itself (a listing)
+    as LIST, for benchmarks of request costs (S3 prices LIST like PUT).
 
     With `rate`, faults are instead drawn at random: every connection carries one
     request, which meets a fault from `kinds` with probability rate (seeded: `seed`);
@@ -394,7 +395,7 @@ class FaultProxy:
             except (ConnectionError, OSError):
                 return  # the client gave up (a connection kept in its pool, unused)
             with self._lock:
-                self.requests[head.split(b" ", 1)[0].decode()] += 1
+                self.requests[request_kind(head.split(b"\r\n", 1)[0])] += 1
                 if fault != "pass":
                     self.injected[fault] += 1
                     self.seen.append(head.split(b"\r\n", 1)[0].decode())
@@ -471,6 +472,17 @@ class FaultProxy:
             _shut(src, dst)
 
 
+def request_kind(request_line: bytes) -> str:
+    """The method of an HTTP request line, or LIST for a listing: a path-style GET of a
+    bucket with listing parameters (`GET /bucket?list-type=2&prefix=...`)."""
+    method, _, rest = request_line.partition(b" ")
+    path, _, query = rest.split(b" ", 1)[0].partition(b"?")
+    if (method == b"GET" and b"/" not in path.strip(b"/")
+            and any(name in query for name in (b"list-type=", b"prefix=", b"marker="))):
+        return "LIST"
+    return method.decode()
+
+
 class _RequestCounter:
     """Counts the requests on one client-to-store stream by method: just enough HTTP to
     find where each request on a kept-alive connection starts (head, then a
@@ -494,7 +506,7 @@ class _RequestCounter:
             head, self.buffer = self.buffer[:end], self.buffer[end + 4:]
             lines = head.split(b"\r\n")
             with self.lock:
-                self.requests[lines[0].split(b" ", 1)[0].decode()] += 1
+                self.requests[request_kind(lines[0])] += 1
             for line in lines[1:]:
                 name, _, value = line.partition(b":")
                 if name.strip().lower() == b"content-length":

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.link import Link
+from tests.link import SLACK, Link, _Transmitter
 from tests.servers import FaultProxy
 
 
@@ -104,3 +104,13 @@ def test_requests_are_still_counted_through_a_link(sink: Sink) -> None:
     with FaultProxy(sink.url, [], link=Link(rtt=0.01, up=10**6)) as proxy:
         _send(proxy.url, requests)
         assert proxy.requests == {"PUT": 1, "GET": 1}
+
+
+def test_a_late_sender_keeps_the_schedule_and_an_idle_link_banks_nothing() -> None:
+    link = _Transmitter(rate=1000.0)  # bytes per second: 100 bytes take 0.1 s
+    assert link.reserve(100, now=10.0) == pytest.approx(10.1)  # idle: starts now
+    # woken a little late (a busy machine): the link does not lose that time
+    assert link.reserve(100, now=10.1 + SLACK / 2) == pytest.approx(10.2)
+    assert link.reserve(100, now=10.15) == pytest.approx(10.3)  # early: waits its turn
+    # idle for long: no credit saved up, so no burst above the cap
+    assert link.reserve(100, now=20.0) == pytest.approx(20.1)

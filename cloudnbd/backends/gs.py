@@ -27,7 +27,22 @@ from cloudnbd.backends.base import ObjectInfo, ObjectStore, RetryPolicy
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
 
 T = TypeVar("T")
-_TIMEOUT = (10, 60)
+CONNECT_TIMEOUT = 10.0  # seconds
+READ_TIMEOUT = 60.0
+# urllib3 sends a request, body included, under the connect timeout, and the library
+# hands it the body in one piece: the whole body must leave within the connect timeout.
+# With 10 s, every upload of a chunk failed on an uplink slower than a chunk per 10 s,
+# for ever (tests/test_slow_uplink.py). Uploads get time for the body at this rate.
+MIN_UPLOAD_RATE = 16 * 1024  # bytes per second
+
+
+def _timeout() -> tuple[float, float]:
+    return CONNECT_TIMEOUT, READ_TIMEOUT
+
+
+def _upload_timeout(size: int) -> tuple[float, float]:
+    return max(CONNECT_TIMEOUT, size / MIN_UPLOAD_RATE), READ_TIMEOUT
+
 _TEMPORARY = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
               gexc.ServiceUnavailable, gexc.GatewayTimeout, requests.exceptions.ConnectionError,
               requests.exceptions.ChunkedEncodingError, requests.exceptions.Timeout,
@@ -113,7 +128,7 @@ class GCSStore(ObjectStore):
         if not self._bucket_seen:
             try:
                 self.retrying("HEAD bucket", lambda: self.client.get_bucket(
-                    self.bucket_name, retry=None, timeout=_TIMEOUT))
+                    self.bucket_name, retry=None, timeout=_timeout()))
             except gexc.NotFound:
                 return False
             self._bucket_seen = True
@@ -122,14 +137,14 @@ class GCSStore(ObjectStore):
     def get(self, key: str) -> bytes:
         blob = self.bucket.blob(self._key(key))
         return self._call("GET", key, lambda: blob.download_as_bytes(
-            retry=None, timeout=_TIMEOUT, checksum="crc32c"))
+            retry=None, timeout=_timeout(), checksum="crc32c"))
 
     def put(self, key: str, data: bytes) -> None:
         blob = self.bucket.blob(self._key(key))
         data = bytes(data)  # the library takes bytes only, not a bytearray
         self._call("PUT", key, lambda: blob.upload_from_string(
-            data, content_type="application/octet-stream", retry=None, timeout=_TIMEOUT,
-            checksum="crc32c"))
+            data, content_type="application/octet-stream", retry=None,
+            timeout=_upload_timeout(len(data)), checksum="crc32c"))
 
     def _put_if(self, key: str, data: bytes, expected: str | None) -> str:
         blob = self.bucket.blob(self._key(key))
@@ -137,13 +152,13 @@ class GCSStore(ObjectStore):
         generation = 0 if expected is None else int(expected)
         self._call("conditional PUT", key, lambda: blob.upload_from_string(
             data, content_type="application/octet-stream", if_generation_match=generation,
-            retry=None, timeout=_TIMEOUT, checksum="crc32c"))
+            retry=None, timeout=_upload_timeout(len(data)), checksum="crc32c"))
         return str(blob.generation)
 
     def delete(self, key: str) -> None:
         blob = self.bucket.blob(self._key(key))
         try:
-            self._call("DELETE", key, lambda: blob.delete(retry=None, timeout=_TIMEOUT))
+            self._call("DELETE", key, lambda: blob.delete(retry=None, timeout=_timeout()))
         except ObjectNotFound:
             pass
 
@@ -151,7 +166,7 @@ class GCSStore(ObjectStore):
         blob = self.bucket.blob(self._key(key))
         try:
             self._call("DELETE", key, lambda: blob.delete(
-                if_generation_match=int(expected), retry=None, timeout=_TIMEOUT))
+                if_generation_match=int(expected), retry=None, timeout=_timeout()))
         except ObjectNotFound:
             pass
 
@@ -162,7 +177,7 @@ class GCSStore(ObjectStore):
             def page(token: str | None = token) -> tuple[list[ObjectInfo], str | None]:
                 blobs = self.client.list_blobs(self.bucket_name, prefix=root + prefix,
                                                page_token=token, retry=None,
-                                               timeout=_TIMEOUT, max_results=1000)
+                                               timeout=_timeout(), max_results=1000)
                 found = [ObjectInfo(b.name[len(root):], int(b.size or 0), str(b.generation))
                          for b in next(blobs.pages, [])]
                 return found, blobs.next_page_token
@@ -173,13 +188,13 @@ class GCSStore(ObjectStore):
 
     def stat(self, key: str) -> ObjectInfo | None:
         blob = self._call("HEAD", key, lambda: self.bucket.get_blob(
-            self._key(key), retry=None, timeout=_TIMEOUT))
+            self._key(key), retry=None, timeout=_timeout()))
         return None if blob is None else ObjectInfo(key, int(blob.size or 0),
                                                     str(blob.generation))
 
     def check(self) -> None:
         self._call("HEAD bucket", None, lambda: self.client.get_bucket(
-            self.bucket_name, retry=None, timeout=_TIMEOUT))
+            self.bucket_name, retry=None, timeout=_timeout()))
 
     def close(self) -> None:
         self.client.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -52,6 +53,8 @@ _TRANSIENT_TRANSPORT = (botocore.exceptions.ConnectionError,  # refused, connect
                         botocore.exceptions.IncompleteReadError, ConnectionError)
 
 
+CONNECT_TIMEOUT = 10  # seconds; urllib3 applies it to sending each block of a request too
+
 _session_lock = threading.Lock()
 _shared_session: boto3.session.Session | None = None
 
@@ -76,6 +79,18 @@ def _client(**kwargs: Any) -> Any:
 def load_model() -> None:
     """Parse the S3 model now (see cloudnbd.zygote); no request is made."""
     _client(aws_access_key_id="unused", aws_secret_access_key="unused").close()
+
+
+def _body(data: bytes | bytearray) -> io.BytesIO:
+    """A PUT body as a stream, fresh for every attempt.
+
+    urllib3 sends a request under the connect timeout, and a body given as bytes (or a
+    bytearray, which botocore leaves as it is) in one sendall, so the whole body had to
+    leave within CONNECT_TIMEOUT: on an uplink slower than about a chunk per 10 s every
+    upload failed and was retried for ever, and FLUSH never returned. A stream is sent
+    in blocks, each with the timeout to itself: it now bounds a stall, not the upload.
+    """
+    return io.BytesIO(data)
 
 
 def content_md5(data: bytes) -> str:
@@ -103,7 +118,7 @@ class S3Store(ObjectStore):
         self.description = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         config = botocore.config.Config(
             retries={"total_max_attempts": 1, "mode": "standard"},
-            connect_timeout=10, read_timeout=60, max_pool_connections=32,
+            connect_timeout=CONNECT_TIMEOUT, read_timeout=60, max_pool_connections=32,
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
@@ -175,13 +190,13 @@ class S3Store(ObjectStore):
     def put(self, key: str, data: bytes) -> None:
         md5 = content_md5(data)
         self._call("PUT", key, lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=data, ContentMD5=md5))
+            Bucket=self.bucket, Key=self._key(key), Body=_body(data), ContentMD5=md5))
 
     def _put_if(self, key: str, data: bytes, expected: str | None) -> str:
         condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
         md5 = content_md5(data)
         response = self._call("conditional PUT", key, lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=data, ContentMD5=md5, **condition))
+            Bucket=self.bucket, Key=self._key(key), Body=_body(data), ContentMD5=md5, **condition))
         return str(response["ETag"])
 
     def delete(self, key: str) -> None:
