@@ -153,3 +153,29 @@ def test_concurrent_misses_on_one_chunk_share_one_fetch(tmp_path: Path) -> None:
         reader.join()
     assert results == [original] * 5
     assert rig.pool.pending == []  # one fetch served all five readers
+
+
+def test_read_now_answers_hits_and_never_fetches_or_waits(tmp_path: Path) -> None:
+    """pread_now (the NBD reader's inline path) serves dirty, clean and never-written
+    data, and gives up, without asking for a fetch, at a chunk only the cloud has."""
+    rig = EngineRig(tmp_path, auto=False)
+    original = os.urandom(CHUNK)
+    rig.volume.write_chunk(2, original)  # in the cloud only
+    found = rig.volume.store.stat("chunks/0000000000000002")
+    assert found is not None
+    rig.engine.stored.record(2, found.version)
+    dirty = os.urandom(CHUNK)
+    rig.write(0, dirty)  # in the journal only
+
+    buf = bytearray(2 * CHUNK)
+    assert rig.engine.pread_now(memoryview(buf), 0)  # dirty chunk, then a never-written one
+    assert bytes(buf) == dirty + bytes(CHUNK)
+    assert not rig.engine.pread_now(memoryview(bytearray(CHUNK)), 2 * CHUNK)
+    assert not rig.engine.pread_now(memoryview(bytearray(2 * CHUNK)), CHUNK)  # spans it
+    assert rig.pool.pending == []  # gave up without a fetch
+
+    rig.pool.auto = True
+    assert rig.read(2 * CHUNK, CHUNK) == original  # the pool path fetches it
+    buf = bytearray(CHUNK)
+    assert rig.engine.pread_now(memoryview(buf), 2 * CHUNK)  # now a clean-cache hit
+    assert bytes(buf) == original

@@ -139,6 +139,7 @@ class Engine(BlockDevice):
         self._task_ids = 0
         self._stopped = False
         self._last_read_end = -1
+        self._readahead_from = -1  # first chunk of the last read-ahead requested
         self._zeros = memoryview(bytes(chunk_size))
         self._scheduler = threading.Thread(target=self._schedule, name="writeback",
                                            daemon=True)
@@ -298,20 +299,34 @@ class Engine(BlockDevice):
 
     # -- reads -----------------------------------------------------------------------------
     def pread_into(self, buf: memoryview, offset: int) -> None:
+        self._pread(buf, offset, may_wait=True)
+
+    def pread_now(self, buf: memoryview, offset: int) -> bool:
+        return self._pread(buf, offset, may_wait=False)
+
+    def _pread(self, buf: memoryview, offset: int, may_wait: bool) -> bool:
+        """Fill buf; without may_wait, give up (False) at the first chunk that needs a
+        fetch or an upload to finish, leaving buf partly filled."""
         cs = self.chunk_size
         done = 0
         sequential = offset == self._last_read_end
-        self._last_read_end = offset + len(buf)
         while done < len(buf):
             index, within = divmod(offset + done, cs)
             n = min(cs - within, len(buf) - done)
-            self._read_chunk(index, within, buf[done:done + n])
+            if not self._read_chunk(index, within, buf[done:done + n], may_wait):
+                return False
             done += n
+        self._last_read_end = offset + len(buf)
         if sequential and self.settings.readahead_chunks:
-            last = (offset + len(buf) - 1) // cs
-            self._prefetch(range(last + 1, last + 1 + self.settings.readahead_chunks))
+            # once per chunk the stream enters, not per request: the engine lock is what
+            # concurrent readers queue on, and a request takes it at most once more
+            following = (offset + len(buf) - 1) // cs + 1
+            if following != self._readahead_from:
+                self._readahead_from = following
+                self._prefetch(range(following, following + self.settings.readahead_chunks))
+        return True
 
-    def _read_chunk(self, index: int, within: int, out: memoryview) -> None:
+    def _read_chunk(self, index: int, within: int, out: memoryview, may_wait: bool) -> bool:
         end = within + len(out)
         while True:
             waiter = None
@@ -326,6 +341,8 @@ class Engine(BlockDevice):
                         self.clean.hits += 1
                     elif not self.stored.has(index):
                         pass  # never written, or deleted when it became zeros
+                    elif not may_wait:
+                        return False
                     elif index in self._uploading:
                         self._cond.wait()  # E2: its clean file is about to appear
                         continue
@@ -346,7 +363,7 @@ class Engine(BlockDevice):
                 if base_fd >= 0:
                     os.close(base_fd)
                 self.journal.unpin(segments)
-            return
+            return True
 
     def _fill(self, out: memoryview, within: int, pieces: list[Extent], covered: bool,
               base_fd: int) -> None:

@@ -45,6 +45,12 @@ class BlockDevice(ABC):
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Fill buf with the bytes at offset."""
 
+    def pread_now(self, buf: memoryview, offset: int) -> bool:
+        """Fill buf if that needs no waiting (no fetch from the cloud); False otherwise,
+        and the server calls pread_into on a pool thread. Lets the connection's reader
+        answer cache hits itself, without the hand-off to a pool thread."""
+        return False
+
     @abstractmethod
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         """Write buf at offset; with fua, durable before returning."""
@@ -97,6 +103,10 @@ class MemoryDevice(BlockDevice):
             for page, within, n, at in self._span(offset, len(buf)):
                 data = self._pages.get(page)
                 buf[at:at + n] = data[within:within + n] if data else bytes(n)
+
+    def pread_now(self, buf: memoryview, offset: int) -> bool:
+        self.pread_into(buf, offset)
+        return True
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         with self._lock:
