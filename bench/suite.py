@@ -365,6 +365,9 @@ def main() -> None:
                         help="print only; leave docs/performance.md alone")
     parser.add_argument("--save", type=Path,
                         help="keep the raw results here (JSON, rewritten after each run)")
+    parser.add_argument("--tables-from", type=Path, metavar="SAVED",
+                        help="measure nothing: publish the comparison from a --save file "
+                             "(the runs a stopped bench/run completed; same --size-mib)")
     slowlink.add_arguments(parser)
     args = parser.parse_args()
     # a TERM (timeout, CI) unwinds like ^C, so no server or mount stays behind
@@ -382,6 +385,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cloudnbd-bench-",
                                      dir=os.environ.get("BENCH_DIR")) as name:
         tmp = Path(name)
+        if args.tables_from is not None:
+            publish("bench/run: contenders", saved_comparison(args, tmp))
+            return
         (tmp / "weed").mkdir()
         weed = start_seaweedfs(tmp / "weed")
         proxy = FaultProxy(weed.endpoint, [])
@@ -407,12 +413,34 @@ def contenders(args: argparse.Namespace, tmp: Path, endpoint: str, proxy: FaultP
     bench = Bench(tmp, endpoint, proxy, size, args.seconds, tmp / "random.img",
                   tmp / "text.img", tmp / "tree.tar")
     compare(bench, args.contenders, args.runs, args.save)
+    return comparison(bench, args.contenders, size_label, files, tree_bytes)
+
+
+def comparison(bench: Bench, names: list[str], size_label: str, files: int,
+               tree_bytes: int) -> str:
+    """The section's text from the results of however many runs were completed."""
+    runs = min(len(values) for who in names for values in bench.results.get(who, {}).values())
     metrics = speed_metrics(size_label, files, tree_bytes / 2**20)
     failed = "".join(f"\n- failed: {line}" for line in bench.failures)
-    return (f"Medians of {args.runs} runs.{failed}\n\n"
-            + speed_table(bench, args.contenders, metrics) + "\n\n"
+    return (f"Medians of {runs} runs.{failed}\n\n"
+            + speed_table(bench, names, metrics) + "\n\n"
             "Requests counted at the store by the relay; dollars at " + PRICES + "\n\n"
-            + cost_table(bench, args.contenders))
+            + cost_table(bench, names))
+
+
+def saved_comparison(args: argparse.Namespace, tmp: Path) -> str:
+    """The section from a --save file: the runs a stopped bench/run completed."""
+    saved = json.loads(args.tables_from.read_text())
+    bench = Bench(tmp, "", None, args.size_mib * 2**20, args.seconds,  # type: ignore[arg-type]
+                  tmp, tmp, tmp, results=saved["results"], failures=saved["failures"],
+                  requests={who: {phase: [Counter(c) for c in counts]
+                                  for phase, counts in phases.items()}
+                            for who, phases in saved["requests"].items()})
+    files, tree_bytes = source_tree(tmp / "tree.tar")
+    size_label = f"{args.size_mib // 1024} GiB" if args.size_mib % 1024 == 0 else (
+        f"{args.size_mib} MiB")
+    names = [n for n in args.contenders if n in bench.results]
+    return comparison(bench, names, size_label, files, tree_bytes)
 
 
 if __name__ == "__main__":
