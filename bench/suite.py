@@ -422,7 +422,8 @@ def comparison(bench: Bench, names: list[str], size_label: str, files: int,
     runs = min(len(values) for who in names for values in bench.results.get(who, {}).values())
     metrics = speed_metrics(size_label, files, tree_bytes / 2**20)
     failed = "".join(f"\n- failed: {line}" for line in bench.failures)
-    return (f"Medians of {runs} runs.{failed}\n\n"
+    how_many = "One run." if runs == 1 else f"Medians of {runs} runs."
+    return (f"{how_many}{failed}\n\n"
             + speed_table(bench, names, metrics) + "\n\n"
             "Requests counted at the store by the relay; dollars at " + PRICES + "\n\n"
             + cost_table(bench, names))
