@@ -34,14 +34,12 @@ READ_TIMEOUT = 60.0
 # With 10 s, every upload of a chunk failed on an uplink slower than a chunk per 10 s,
 # for ever (tests/test_slow_uplink.py). Uploads get time for the body at this rate.
 MIN_UPLOAD_RATE = 16 * 1024  # bytes per second
-
-
-def _timeout() -> tuple[float, float]:
-    return CONNECT_TIMEOUT, READ_TIMEOUT
+_TIMEOUT = (CONNECT_TIMEOUT, READ_TIMEOUT)
 
 
 def _upload_timeout(size: int) -> tuple[float, float]:
     return max(CONNECT_TIMEOUT, size / MIN_UPLOAD_RATE), READ_TIMEOUT
+
 
 _TEMPORARY = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
               gexc.ServiceUnavailable, gexc.GatewayTimeout, requests.exceptions.ConnectionError,
@@ -128,7 +126,7 @@ class GCSStore(ObjectStore):
         if not self._bucket_seen:
             try:
                 self.retrying("HEAD bucket", lambda: self.client.get_bucket(
-                    self.bucket_name, retry=None, timeout=_timeout()))
+                    self.bucket_name, retry=None, timeout=_TIMEOUT))
             except gexc.NotFound:
                 return False
             self._bucket_seen = True
@@ -137,7 +135,7 @@ class GCSStore(ObjectStore):
     def get(self, key: str) -> bytes:
         blob = self.bucket.blob(self._key(key))
         return self._call("GET", key, lambda: blob.download_as_bytes(
-            retry=None, timeout=_timeout(), checksum="crc32c"))
+            retry=None, timeout=_TIMEOUT, checksum="crc32c"))
 
     def put(self, key: str, data: bytes) -> None:
         blob = self.bucket.blob(self._key(key))
@@ -158,7 +156,7 @@ class GCSStore(ObjectStore):
     def delete(self, key: str) -> None:
         blob = self.bucket.blob(self._key(key))
         try:
-            self._call("DELETE", key, lambda: blob.delete(retry=None, timeout=_timeout()))
+            self._call("DELETE", key, lambda: blob.delete(retry=None, timeout=_TIMEOUT))
         except ObjectNotFound:
             pass
 
@@ -166,7 +164,7 @@ class GCSStore(ObjectStore):
         blob = self.bucket.blob(self._key(key))
         try:
             self._call("DELETE", key, lambda: blob.delete(
-                if_generation_match=int(expected), retry=None, timeout=_timeout()))
+                if_generation_match=int(expected), retry=None, timeout=_TIMEOUT))
         except ObjectNotFound:
             pass
 
@@ -177,7 +175,7 @@ class GCSStore(ObjectStore):
             def page(token: str | None = token) -> tuple[list[ObjectInfo], str | None]:
                 blobs = self.client.list_blobs(self.bucket_name, prefix=root + prefix,
                                                page_token=token, retry=None,
-                                               timeout=_timeout(), max_results=1000)
+                                               timeout=_TIMEOUT, max_results=1000)
                 found = [ObjectInfo(b.name[len(root):], int(b.size or 0), str(b.generation))
                          for b in next(blobs.pages, [])]
                 return found, blobs.next_page_token
@@ -188,13 +186,13 @@ class GCSStore(ObjectStore):
 
     def stat(self, key: str) -> ObjectInfo | None:
         blob = self._call("HEAD", key, lambda: self.bucket.get_blob(
-            self._key(key), retry=None, timeout=_timeout()))
+            self._key(key), retry=None, timeout=_TIMEOUT))
         return None if blob is None else ObjectInfo(key, int(blob.size or 0),
                                                     str(blob.generation))
 
     def check(self) -> None:
         self._call("HEAD bucket", None, lambda: self.client.get_bucket(
-            self.bucket_name, retry=None, timeout=_timeout()))
+            self.bucket_name, retry=None, timeout=_TIMEOUT))
 
     def close(self) -> None:
         self.client.close()

@@ -248,7 +248,7 @@ class Journal:
         segment may still be on disk: deleting a newer one after it could leave an older
         segment next to a deleted newer one, and replaying it would roll flushed data
         back, so every later deletion of this run is refused."""
-        del self._live[number]
+        self._live.pop(number, None)
         self._sizes.pop(number, None)
         fd = self._fds.pop(number, None)
         try:
@@ -268,7 +268,6 @@ class Journal:
         with self._lock:
             assert not any(self._live.values()), "journal reset with live records"
             for number in sorted(set(self._live) | set(self._fds)):
-                self._live.setdefault(number, 0)
                 self._delete_segment_locked(number)
             self._active_pos = self.segment_bytes  # next append starts a new segment
 

@@ -59,6 +59,7 @@ MAX_DRAIN = 64 * 2**20
 WRITE_THREADS = 32  # requests that may wait for the cloud, all connections together
 READ_THREADS = 16
 _READS = frozenset((p.Command.READ, p.Command.CACHE, p.Command.BLOCK_STATUS))
+_COMMAND_NAMES = {int(c): c.name.lower() for c in p.Command}  # metrics labels
 MAX_CONNECTIONS = 128
 #: seconds a client has from connecting to entering transmission (qemu-nbd allows 10)
 HANDSHAKE_TIMEOUT = 30.0
@@ -639,8 +640,10 @@ class _Connection:
                 self.reply(self.error_reply(handle, error), 0)
                 continue
             nbytes = length if command in (p.Command.READ, p.Command.WRITE) else 0
-            if command == p.Command.READ and self.read_now(handle, offset, length):
-                continue
+            if command == p.Command.READ:
+                payload = bytearray(length)  # the reply's buffer, wherever it is filled
+                if self.read_now(handle, offset, payload):
+                    continue
             pool = self.server.read_pool if command in _READS else self.server.write_pool
             pool.submit(self.execute, command, flags, handle, offset, length, payload,
                         nbytes)
@@ -710,27 +713,28 @@ class _Connection:
             except Exception as exc:
                 log.exception("%s at %d+%d failed", p.Command(command).name, offset, length)
                 parts = self.error_reply(handle, p.EIO, str(exc))
-            hook = self.server.on_request
-            if hook is not None:
-                hook(p.Command(command).name.lower(), time.monotonic() - started)
+            self._observe(command, started)
         finally:
             self.reply(parts, nbytes)
 
-    def read_now(self, handle: int, offset: int, length: int) -> bool:
+    def _observe(self, command: int, started: float) -> None:
+        hook = self.server.on_request
+        if hook is not None:
+            hook(_COMMAND_NAMES[command], time.monotonic() - started)
+
+    def read_now(self, handle: int, offset: int, buf: bytearray) -> bool:
         """Answer a READ here, on the reader thread, if the device has the data at hand
         (a cache hit): no hand-off to a pool thread, which costs more than the read.
-        False if it must go to the pool (a miss, or any error, which the pool reports)."""
+        False if it must go to the pool (a miss, or any error, which the pool reports),
+        which fills the same buffer again."""
         started = time.monotonic()
-        buf = bytearray(length)
         try:
             if not self.device.pread_now(memoryview(buf), offset):
                 return False
         except Exception:
             return False
-        hook = self.server.on_request
-        if hook is not None:
-            hook("read", time.monotonic() - started)
-        self.reply(self._read_reply(handle, offset, buf), length)
+        self._observe(p.Command.READ, started)
+        self.reply(self._read_reply(handle, offset, buf), len(buf))
         return True
 
     def _read_reply(self, handle: int, offset: int, buf: bytearray
@@ -746,9 +750,9 @@ class _Connection:
         device = self.device
         fua = bool(flags & p.CommandFlag.FUA)
         if command == p.Command.READ:
-            buf = bytearray(length)
-            device.pread_into(memoryview(buf), offset)
-            return self._read_reply(handle, offset, buf)
+            assert payload is not None  # the reply's buffer
+            device.pread_into(memoryview(payload), offset)
+            return self._read_reply(handle, offset, payload)
         if command == p.Command.WRITE:
             assert payload is not None
             device.pwrite(memoryview(payload), offset, fua)
