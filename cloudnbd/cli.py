@@ -179,28 +179,56 @@ def cmd_passwd(args: argparse.Namespace) -> None:
 
 
 def cmd_resize(args: argparse.Namespace) -> None:
+    from cloudnbd import lease, runtime
+
     requested = parse_size(args.size)
     size = volume.round_size(requested)
     volume.check_size(size)
     vol = _unlock(args)
     old = vol.meta.size
+    if size == old:
+        print(f"Volume is already {format_size(size)} ({size} bytes).")
+        return
     if size < old and not args.shrink:
         raise UsageError(f"{format_size(size)} is smaller than the volume "
                          f"({format_size(old)}); data past it would be destroyed. "
                          f"Pass --shrink to do so")
-    progress, update = _progress_callback("Deleting")
-    vol.resize(size, allow_shrink=args.shrink, progress=update)
-    progress.finish()
-    if size == old:
-        print(f"Volume is already {format_size(size)} ({size} bytes).")
-    else:
+    local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
+    if local.running is not None:
+        if size < old:
+            raise lease.VolumeBusy(f"volume is open on this machine (pid "
+                                   f"{local.running.pid}); close it before shrinking")
+        answer = _control(local.running, {"cmd": "grow", "size": size})
         print(f"Resized {vol.store.description} from {format_size(old)} to "
-              f"{format_size(size)} ({size} bytes){_size_change_note(requested, size)}.")
+              f"{format_size(size)} ({size} bytes){_size_change_note(requested, size)}, "
+              f"through its running server: new connections see the new size; clients "
+              f"already connected keep the old one until they reconnect "
+              f"(then grow the filesystem, e.g. btrfs filesystem resize max).")
+        del answer
+        return
+    if size < old:
+        _confirm(args, f"Shrink {vol.store.description} from {format_size(old)} to "
+                       f"{format_size(size)}, deleting everything past the new end?")
+    held = _exclusive(vol, args.force, "resize", local)
+    try:
+        progress, update = _progress_callback("Deleting")
+        vol.resize(size, allow_shrink=args.shrink, progress=update)
+        progress.finish()
+    finally:
+        held.release()
+    print(f"Resized {vol.store.description} from {format_size(old)} to "
+          f"{format_size(size)} ({size} bytes){_size_change_note(requested, size)}.")
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
+    from cloudnbd import lease, runtime
+
     store = _store(args)
     volume.read_metadata(store)
+    local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
+    if local.running is not None:
+        raise lease.VolumeBusy(f"volume is open on this machine (pid {local.running.pid}); "
+                               f"close it first")
     if not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("refusing to delete without confirmation: pass --yes")
@@ -208,6 +236,7 @@ def cmd_delete(args: argparse.Namespace) -> None:
                        f"Type the volume name to confirm: ")
         if answer.strip() != args.volume:
             raise UsageError("not confirmed; nothing was deleted")
+    _take_lease(store, args.force, "delete", local)  # deleted with the volume
     count = volume.delete(store)
     print(f"Deleted volume {store.description} ({count} objects).")
 
@@ -231,7 +260,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
-    from cloudnbd.service import default_cache_root, volume_cache_dir
+    from cloudnbd.runtime import default_cache_root, volume_cache_dir
 
     return volume_cache_dir(args.cache or default_cache_root(), args.backend, args.volume)
 
@@ -272,7 +301,8 @@ def _attach_hint(args: argparse.Namespace) -> str:
 
 def _serve_foreground(args: argparse.Namespace) -> None:
     """Run the server in this process until it is closed (systemd, or the daemon)."""
-    from cloudnbd.service import Service, default_cache_root
+    from cloudnbd.runtime import default_cache_root
+    from cloudnbd.service import Service
 
     ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     # Only this process speaks to systemd (NotifyAccess=main); workers must not inherit it.
@@ -295,6 +325,10 @@ def _serve_foreground(args: argparse.Namespace) -> None:
             ready.write(f"error {exc.exit_code} {exc.message}\n")
             ready.close()
         raise
+    for note in service.notes:
+        log.warning("%s", note)
+        if ready is not None:
+            ready.write(f"note {note}\n")
     if ready is not None:
         ready.write("ready\n")
         ready.close()
@@ -346,6 +380,9 @@ def cmd_open(args: argparse.Namespace) -> None:
     child.stdin.close()
     with os.fdopen(read_end) as ready:
         answer = ready.readline().strip()
+        while answer.startswith("note "):
+            print(f"cloudnbd: warning: {answer[5:]}", file=sys.stderr)
+            answer = ready.readline().strip()
     if answer == "ready":
         print(f"Serving {store.description} at {_attach_hint(args)}")
         target = args.config_name or f"{args.backend} {args.volume}"
@@ -362,16 +399,56 @@ def cmd_open(args: argparse.Namespace) -> None:
                         f"{log_path}")
 
 
+def _target(args: argparse.Namespace) -> str:
+    """How the user named the volume, for the commands we suggest."""
+    if getattr(args, "config_name", None):
+        return str(args.config_name)
+    return f"{args.backend} {args.volume}"
+
+
+def _running(args: argparse.Namespace) -> object:
+    """The registry entry of the volume's running server on this machine, or NotOpen /
+    NeedsRecovery saying what happened and what recovers (runtime.local_state)."""
+    from cloudnbd import lease, runtime
+    from cloudnbd.errors import NeedsRecovery, NotOpen
+
+    local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
+    if local.running is not None:
+        return local.running
+    if local.stopped_unclean:
+        raise NeedsRecovery(local.crash_message())
+    holder = None
+    try:
+        holder = lease.holder(_store(args))
+    except CloudnbdError:
+        pass  # the store is out of reach: say what this machine knows
+    if holder is not None and holder.alive() is not True:
+        if holder.alive() is False:
+            where = (f"on this machine (pid {holder.pid}), which no longer runs (it "
+                     f"crashed; `cloudnbd open {_target(args)}` then `close` settles it)")
+        else:
+            where = f"on {holder.describe()}"
+        raise NotOpen(f"the volume is not open here; its lease names a server {where}")
+    raise NotOpen("the volume is not open on this machine")
+
+
+def _control(entry: object, message: dict[str, object]) -> dict[str, object]:
+    from cloudnbd.control import request
+
+    answer = next(request(Path(entry.control_socket), message))  # type: ignore[attr-defined]
+    if "error" in answer:
+        raise CloudnbdError(str(answer["error"]))
+    return answer
+
+
 def cmd_close(args: argparse.Namespace) -> None:
     from cloudnbd.control import request
-    from cloudnbd.service import control_socket
 
-    cache_dir = _cache_dir(args)
+    entry = _running(args)
     progress: Progress | None = None
     outcome: dict[str, object] = {}
-    for message in request(control_socket(cache_dir), {"cmd": "close",
-                                                       "timeout": args.timeout},
-                           timeout=None):
+    for message in request(Path(entry.control_socket),  # type: ignore[attr-defined]
+                           {"cmd": "close", "timeout": args.timeout}, timeout=None):
         if "progress" in message:
             state = message["progress"]
             if progress is None:
@@ -382,22 +459,24 @@ def cmd_close(args: argparse.Namespace) -> None:
     if progress is not None:
         progress.finish()
     if "error" in outcome:
-        raise CloudnbdError(str(outcome["error"]))
+        error = CloudnbdError(str(outcome["error"]))
+        error.exit_code = int(outcome.get("code", 1))  # type: ignore[call-overload]
+        raise error
     # The server exits right after answering; wait for it to let go of the cache lock so
     # that an open straight after close succeeds.
-    lock = os.open(cache_dir / "lock", os.O_RDWR)
+    lock = os.open(Path(entry.cache_dir) / "lock", os.O_RDWR)  # type: ignore[attr-defined]
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
     finally:
         os.close(lock)
-    print(f"Closed {args.backend} {args.volume}: everything is uploaded.")
+    print(f"Closed {_target(args)}: everything is uploaded.")
 
 
 def cmd_status(args: argparse.Namespace) -> None:
     from cloudnbd.control import request
-    from cloudnbd.service import control_socket
 
-    status = next(request(control_socket(_cache_dir(args)), {"cmd": "status"}))
+    entry = _running(args)
+    status = next(request(Path(entry.control_socket), {"cmd": "status"}))  # type: ignore[attr-defined]
     if args.json:
         print(json.dumps(status, indent=2))
         return
@@ -417,6 +496,9 @@ def cmd_status(args: argparse.Namespace) -> None:
           f"{status['cache_misses']} misses")
     print(f"errors:        {status['upload_errors']} upload, {status['fetch_errors']} "
           f"fetch, {status['integrity_errors']} integrity")
+    if status.get("displaced"):
+        print(f"DISPLACED:     the volume was taken over by {status['displaced']}; this "
+              f"server fails every request. Close it.")
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -432,11 +514,35 @@ def _progress_callback(label: str) -> tuple[Progress, Callable[[int, int], None]
     return progress, lambda done, total: progress.update(done, total)
 
 
-def _exclusive(vol: volume.Volume, force: bool) -> object:
-    """Hold the volume's lease around an operation that must not race a server."""
-    from cloudnbd import lease
+def _confirm(args: argparse.Namespace, question: str) -> None:
+    """Ask before destroying data; --yes answers for scripts."""
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError("this destroys data: pass --yes to confirm")
+    if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+        raise UsageError("not confirmed; nothing was changed")
 
-    return lease.acquire(vol.store, force=force)
+
+def _take_lease(store: ObjectStore, force: bool, purpose: str, local: object) -> object:
+    """The volume's lease for a command that changes it without a server (import,
+    resize, delete): refused while a server may be running, anywhere (lease.py)."""
+    from cloudnbd import lease, runtime
+
+    try:
+        return lease.acquire(store, purpose, force=force)
+    except lease.VolumeBusy as exc:
+        state: runtime.LocalState = local  # type: ignore[assignment]
+        if exc.holder is not None and exc.holder.alive() is False and \
+                state.stopped_unclean:
+            raise lease.VolumeBusy(f"{state.crash_message()}; or pass --force to "
+                                   f"{purpose} anyway", exc.holder) from None
+        raise
+
+
+def _exclusive(vol: volume.Volume, force: bool, purpose: str, local: object) -> object:
+    """Hold the volume's lease around an operation that must not race a server."""
+    return _take_lease(vol.store, force, purpose, local)
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -458,15 +564,24 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from cloudnbd import lease, transfer
+    from cloudnbd import lease, runtime, transfer
 
     vol = _unlock(args)
     busy = lease.holder(vol.store)
     if busy is not None:
+        local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
+        if busy.alive() is False and local.stopped_unclean:
+            why = local.crash_message()
+        elif busy.alive() is False:
+            why = (f"the lease names pid {busy.pid} of this machine, which no longer runs "
+                   f"(it crashed); `cloudnbd open {_target(args)}` then `close` settles it")
+        else:
+            why = (f"volume is open on {busy.describe()}: its newest data may not be "
+                   f"uploaded yet. Close it first")
         if not args.force:
-            raise lease.VolumeBusy(f"volume is open on {busy}: its newest data may not be "
-                                   f"uploaded yet. Close it first, or pass --force")
-        log.warning("exporting while the volume is open on %s", busy)
+            raise lease.VolumeBusy(f"{why}; or pass --force to export what the store "
+                                   f"holds now", busy)
+        log.warning("exporting while the volume is open on %s", busy.describe())
     progress, update = _progress_callback("Exporting")
     written = transfer.export(vol, args.file, threads=args.threads, progress=update,
                               overwrite=args.force)
@@ -476,17 +591,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from cloudnbd import transfer
+    from cloudnbd import runtime, transfer
 
     vol = _unlock(args)
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError("import replaces the volume's contents: pass --yes")
-        answer = input(f"Replace the contents of {vol.store.description} with {args.file}? "
-                       f"[y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            raise UsageError("not confirmed; nothing was changed")
-    held = _exclusive(vol, args.force)
+    local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
+    _confirm(args, f"Replace the contents of {vol.store.description} with {args.file}?")
+    held = _exclusive(vol, args.force, "import", local)
     try:
         progress, update = _progress_callback("Importing")
         stored = transfer.import_image(vol, args.file, threads=args.threads, progress=update)
@@ -639,16 +749,28 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--remove", type=int, metavar="SLOT", help="remove key slot SLOT")
     _add_kdf_option(p)
 
-    p = command("resize", cmd_resize, "grow (or with --shrink, shrink) a volume")
+    p = command("resize", cmd_resize, "grow (or with --shrink, shrink) a volume",
+                "Grow a volume, or with --shrink shrink it. A volume open on this machine "
+                "grows through its server (new connections see the new size at once); "
+                "shrinking needs the volume closed everywhere, and asks first.")
     _add_target(p)
     p.add_argument("size", help="new size, e.g. 40GB or 40GiB")
     p.add_argument("--shrink", action="store_true", help="allow a smaller size: the data "
                    "past the new end is deleted for good")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--force", action="store_true",
+                   help="go ahead although a server of this machine crashed with the "
+                        "volume open (its journal is then never uploaded)")
     _add_password_option(p)
+    _add_cache_option(p)
 
     p = command("delete", cmd_delete, "delete a volume and all its data")
     _add_target(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--force", action="store_true",
+                   help="delete although a server of this machine crashed with the "
+                        "volume open")
+    _add_cache_option(p)
 
     p = command("open", cmd_open, "serve a volume over NBD",
                 "Unlock a volume and serve it over NBD, in the background unless "
@@ -660,7 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "uploaders", "fetchers", "worker_threads", "upload_limit",
                   "writeback_delay", "flush_timeout", "metrics")
     p.add_argument("--force", action="store_true",
-                   help="take over a lease left by a machine that is gone")
+                   help="take the volume over from a server on another machine (one "
+                        "that is gone; if it still runs, its FLUSHes fail from now on)")
     p.add_argument("--foreground", action="store_true",
                    help="stay in the foreground (for systemd)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -694,6 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=8, help="parallel downloads (default 8)")
     p.add_argument("--force", action="store_true",
                    help="overwrite FILE; export even if the volume is open elsewhere")
+    _add_cache_option(p)
 
     p = command("import", cmd_import, "seed a volume from a raw image file, without NBD",
                 "Replace the volume's contents with FILE (a raw image or block device). "
@@ -704,7 +828,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=8, help="parallel uploads (default 8)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--force", action="store_true",
-                   help="import even if the volume's lease is held (a stale lease)")
+                   help="import although a server of this machine crashed with the "
+                        "volume open (its journal is then never uploaded)")
+    _add_cache_option(p)
 
     p = command("config", cmd_config, "show the effective settings of a configured "
                 "volume and where each comes from")

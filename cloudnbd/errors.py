@@ -67,3 +67,15 @@ class UnsupportedFormat(CloudnbdError):
     """The volume was written by a newer cloudnbd (or is not a cloudnbd volume)."""
 
     exit_code = 8
+
+
+class NotOpen(CloudnbdError):
+    """close or status of a volume that no server of this machine is running."""
+
+    exit_code = 10
+
+
+class NeedsRecovery(CloudnbdError):
+    """A server of this machine stopped with writes not yet uploaded: open, then close."""
+
+    exit_code = 11

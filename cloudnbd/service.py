@@ -4,64 +4,47 @@
 systemd) and `cloudnbd close` talks to its control socket. The order of start-up and
 shutdown is what makes close safe:
 
-    open:  unlock -> local lock -> lease -> chunk listing -> engine (journal replay)
-           -> NBD listener -> control socket -> ready
-    close: stop accepting NBD requests -> drain (upload everything) -> stop workers
-           -> empty journal, mark cache clean -> release lease -> exit
+    open:  unlock -> local lock -> lease (its epoch recorded next to the journal)
+           -> chunk listing -> engine (journal replay) -> NBD listener -> control
+           socket -> registered as running -> ready
+    close: stop accepting NBD requests -> drain (upload everything, then prove the
+           lease still ours) -> stop workers -> empty journal, mark cache clean
+           -> release lease -> unregister -> exit
 
-If the drain cannot finish (cloud unreachable), the journal stays, the lease is released
-only on request (so another machine cannot open a volume whose newest data is here), and
-the next open on this machine resumes the upload.
+If the drain cannot finish (cloud unreachable), the journal stays, the lease is kept (so
+another machine cannot open a volume whose newest data is here), and the next open on
+this machine resumes the upload. A journal left under an epoch that is no longer the
+lease's (another server held the volume since) is never replayed: it would undo that
+server's writes. It is set aside, and the user told (lease.py, L2).
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from cloudnbd import lease as lease_mod
+from cloudnbd import runtime
 from cloudnbd.backends import StoreOptions
 from cloudnbd.control import ControlServer
 from cloudnbd.engine.device import Engine, EngineSettings
 from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.engine.versions import ChunkVersions
-from cloudnbd.engine.workers import WorkerConfig, WorkerPool
+from cloudnbd.engine.workers import Displaced, WorkerConfig, WorkerPool
 from cloudnbd.errors import CloudnbdError, IntegrityError
 from cloudnbd.metrics import Metrics
 from cloudnbd.rates import RateSampler
 from cloudnbd.volume import Volume
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_root() -> Path:
-    """/var/cache/cloudnbd for root; the XDG cache directory for everyone else."""
-    if os.geteuid() == 0:
-        return Path("/var/cache/cloudnbd")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "cloudnbd"
-
-
-def normalize_location(backend: str, location: str) -> str:
-    """The location as a stable key: absolute for directories, no trailing slash."""
-    if backend == "file":
-        return str(Path(location).expanduser().absolute())
-    return location.strip("/")
-
-
-def volume_cache_dir(root: Path, backend: str, location: str) -> Path:
-    """One subdirectory per volume location, named by a hash of backend and location."""
-    key = f"{backend}:{normalize_location(backend, location)}"
-    return root / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def control_socket(cache_dir: Path) -> Path:
@@ -94,6 +77,9 @@ class CacheLocked(CloudnbdError):
     exit_code = 9
 
 
+LEASE_EPOCH_FILE = "lease-epoch"
+
+
 class Service:
     """Everything a running volume owns."""
 
@@ -104,7 +90,7 @@ class Service:
         self.options = options
         self.volume = vol
         self.settings = settings
-        self.cache_dir = volume_cache_dir(cache_root, backend, location)
+        self.cache_dir = runtime.volume_cache_dir(cache_root, backend, location)
         self.engine: Engine | None = None
         self.server: Any = None
         self.control: ControlServer | None = None
@@ -115,6 +101,9 @@ class Service:
         self.finished = threading.Event()
         self.exit_code = 0
         self.started = time.time()
+        #: things the user should hear about at open (a taken-over lease, a journal set
+        #: aside); `open` prints them on its terminal
+        self.notes: list[str] = []
 
     # -- start -----------------------------------------------------------------------------
     def _prepare_cache_dir(self) -> None:
@@ -167,13 +156,48 @@ class Service:
             tmp.write_text(f"{current}\n")
             os.replace(tmp, seen_file)
 
+    def _adopt_journal(self, taken: lease_mod.Lease) -> None:
+        """L2: replay the journal only if it was written under the lease epoch the store
+        still showed when we took the lease; then record our own epoch, durably, before
+        anything is written under it."""
+        record = self.cache_dir / LEASE_EPOCH_FILE
+        try:
+            recorded: int | None = int(record.read_text())
+        except (OSError, ValueError):
+            recorded = None  # a cache of an older cloudnbd, or a new one
+        journal = self.cache_dir / "journal"
+        left = runtime.journal_bytes(self.cache_dir)
+        before = taken.previous.epoch if taken.previous is not None else 0
+        if left and recorded is not None and recorded != before:
+            aside = self.cache_dir / f"journal.superseded-{time.strftime('%Y%m%dT%H%M%S')}"
+            journal.rename(aside)
+            self.notes.append(
+                f"this machine's journal ({left} bytes of writes that no FLUSH covered) "
+                f"was written while it held the volume, but another server has held it "
+                f"since; replaying it would undo that server's writes, so it is not "
+                f"uploaded and kept at {aside}")
+        tmp = record.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, f"{taken.epoch}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, record)
+        dir_fd = os.open(self.cache_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
     def _make_pool(self, on_result: Any) -> WorkerPool:
         meta = self.volume.meta
         config = WorkerConfig(
             backend=self.backend, location=self.location, options=self.options,
             keys=self.volume.keys, chunk_size=meta.chunk_size,
             clean_dir=self.cache_dir / "clean", journal_dir=self.cache_dir / "journal",
-            log_level=logging.getLogger().level)
+            log_level=logging.getLogger().level,
+            lease_version=self.lease.version if self.lease is not None else None)
         return WorkerPool(config, self.settings.uploaders, self.settings.fetchers, on_result,
                           upload_limit=self.settings.upload_limit,
                           threads_per_process=self.settings.threads_per_worker)
@@ -183,14 +207,18 @@ class Service:
 
         limit_malloc_retention()
         self._prepare_cache_dir()
-        self.lease = lease_mod.acquire(self.volume.store, force=self.settings.force)
+        self.lease = lease_mod.acquire(self.volume.store, "open", force=self.settings.force)
+        self.notes.extend(self.lease.notes)
         try:
+            self._adopt_journal(self.lease)
+            # The lease may have changed hands since the unlock: read the size again.
+            self.volume.refresh()
             meta = self.volume.meta
             s = self.settings
             metrics = Metrics() if s.metrics else None
             self.engine = Engine(meta.size, meta.chunk_size, self.cache_dir,
                                  ChunkVersions.of_volume(self.volume), s.engine,
-                                 self._make_pool, metrics)
+                                 self._make_pool, metrics, lease_checks=True)
             self.engine.start()
             stats = self.engine.stats
             self.rates = RateSampler(lambda: {"sent": stats.upload_wire_bytes,
@@ -210,6 +238,8 @@ class Service:
                 metrics.serve(s.metrics)
             self.control = ControlServer(control_socket(self.cache_dir), self._handle)
             self.control.start()
+            runtime.register(self.backend, self.location, self.cache_dir,
+                             control_socket(self.cache_dir))
         except BaseException:
             self._abort()
             raise
@@ -252,6 +282,7 @@ class Service:
             "upload_errors": stats.upload_errors,
             "fetch_errors": stats.fetch_errors,
             "integrity_errors": stats.integrity_errors,
+            "displaced": self.engine.displaced,
             "cache_bytes": self.engine.clean.bytes,
             "cache_limit": self.engine.clean.max_bytes,
             "cache_hits": self.engine.clean.hits,
@@ -265,7 +296,29 @@ class Service:
             return self.status()
         if command == "close":
             return self.close(send, timeout=request.get("timeout"))
+        if command == "grow":
+            return self.grow(int(request["size"]))
         return {"error": f"unknown control command {command!r}"}
+
+    def grow(self, new_size: int) -> dict[str, Any]:
+        """Grow the volume while it is served: volume.json first (conditionally, M1),
+        then the engine, so that new connections see the new size at once."""
+        assert self.engine is not None
+        if self.engine.displaced is not None:
+            return {"error": f"this server was displaced by {self.engine.displaced}"}
+        if new_size < self.volume.meta.size:
+            return {"error": "a served volume cannot shrink; close it first"}
+        try:
+            self.volume.refresh()
+            old = self.volume.meta.size
+            if new_size > old:
+                self.volume.update(lambda meta: replace(meta, size=new_size))
+                self.engine.grow(new_size)
+            return {"done": True, "old_size": old, "size": new_size}
+        except CloudnbdError as exc:
+            return {"error": exc.message}
+        finally:
+            self.volume.store.idle()
 
     # -- stop ------------------------------------------------------------------------------
     def close(self, send: Any = None, timeout: float | None = None) -> dict[str, Any]:
@@ -283,6 +336,10 @@ class Service:
 
             try:
                 self.engine.drain(progress, stall_timeout=timeout)
+            except Displaced as exc:
+                self.engine.stop(clean=False)
+                self.exit_code = exc.exit_code
+                return {"error": self._set_aside_displaced(exc), "code": exc.exit_code}
             except CloudnbdError as exc:
                 self.engine.stop(clean=False)
                 self.exit_code = 1
@@ -297,7 +354,22 @@ class Service:
                 self.rates.stop()
             if self.control is not None:
                 self.control.close()
+            runtime.unregister(self.backend, self.location)
             self.finished.set()
+
+    def _set_aside_displaced(self, exc: Displaced) -> str:
+        """A displaced server's journal holds only writes no FLUSH acknowledged (F3), and
+        replaying it later would undo the new holder's writes: keep it aside."""
+        left = runtime.journal_bytes(self.cache_dir)
+        journal = self.cache_dir / "journal"
+        aside = self.cache_dir / f"journal.displaced-{time.strftime('%Y%m%dT%H%M%S')}"
+        if left:
+            journal.rename(aside)
+            kept = (f"; {left} bytes of writes that no FLUSH covered are not uploaded and "
+                    f"kept at {aside}")
+        else:
+            kept = ""
+        return f"{exc.message}{kept}"
 
     def run_until_closed(self) -> int:
         """Block until close; SIGTERM and SIGINT close too."""

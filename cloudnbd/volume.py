@@ -11,6 +11,10 @@ Promises:
 - Changing passwords touches volume.json only; chunk objects stay byte-identical.
 - A failed operation leaves the bucket as it was (init writes with create-if-absent; the
   metadata object is always replaced atomically and last).
+- M1 volume.json is only ever replaced conditionally on the version read before the
+  change was computed (Volume.update): of two concurrent updates (two `passwd` runs, a
+  `resize` and a `passwd`) the second re-reads, re-applies its change to what the first
+  wrote, or fails with a message; it never writes over an update it did not see.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_SIZE = 2**63 - SIZE_ALIGNMENT  # NBD sizes are 64-bit; keep signed arithmetic safe
 MAX_SLOTS = 8
 _DELETE_BATCH = 1000  # keys per delete_many call: one S3 DeleteObjects, one progress step
+_UPDATE_ATTEMPTS = 5  # M1: re-reads of volume.json when concurrent updates keep winning
 _KDF_LIMITS = {"n": (2**10, 2**24), "r": (1, 32), "p": (1, 16)}
 
 
@@ -216,11 +221,25 @@ def parse_metadata(blob: bytes) -> tuple[VolumeMeta, dict[str, Any], str]:
 
 def read_metadata(store: ObjectStore) -> tuple[VolumeMeta, dict[str, Any], str]:
     """Fetch and parse volume.json (unauthenticated); VolumeNotFound if absent."""
+    meta, doc, mac, _ = read_versioned_metadata(store)
+    return meta, doc, mac
+
+
+def read_versioned_metadata(store: ObjectStore
+                            ) -> tuple[VolumeMeta, dict[str, Any], str, str]:
+    """read_metadata, plus the version of volume.json that was read (for M1).
+
+    The version is taken before the contents: were the object replaced in between, the
+    version is older than the contents, so a conditional write based on it fails and
+    re-reads, instead of succeeding against contents it did not see."""
+    info = store.stat(METADATA_KEY)
     try:
         blob = store.get(METADATA_KEY)
     except ObjectNotFound:
-        raise VolumeNotFound(f"no cloudnbd volume at {store.description}") from None
-    return parse_metadata(blob)
+        info = None
+    if info is None:
+        raise VolumeNotFound(f"no cloudnbd volume at {store.description}")
+    return (*parse_metadata(blob), info.version)
 
 
 @dataclass
@@ -230,58 +249,103 @@ class Volume:
     store: ObjectStore
     meta: VolumeMeta
     keys: VolumeKeys
+    #: the version of volume.json that meta was read from (M1)
+    meta_version: str | None = None
 
     def serialize(self, meta: VolumeMeta) -> bytes:
         doc = meta.document()
         doc["mac"] = codec.metadata_mac(self.keys, canonical(meta.document()))
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii")
 
-    def save(self, meta: VolumeMeta) -> None:
-        """Replace volume.json with meta (its generation one higher than the current)."""
-        meta = replace(meta, generation=self.meta.generation + 1)
-        self.store.put(METADATA_KEY, self.serialize(meta))
-        self.meta = meta
+    def update(self, change: Callable[[VolumeMeta], VolumeMeta]) -> VolumeMeta:
+        """Replace volume.json with change(current metadata), conditionally (M1).
+
+        change may be called several times, each time on the newest metadata, and may
+        raise a CloudnbdError when the change no longer applies (a slot someone else
+        removed). Returns the metadata written.
+        """
+        for attempt in range(_UPDATE_ATTEMPTS):
+            if attempt or self.meta_version is None:
+                self.refresh()
+            meta = replace(change(self.meta), generation=self.meta.generation + 1)
+            try:
+                self.meta_version = self.store.put_if(METADATA_KEY, self.serialize(meta),
+                                                      self.meta_version)
+            except PreconditionFailed:
+                log.info("volume.json changed while we updated it; reading it again")
+                continue
+            self.meta = meta
+            return meta
+        raise CloudnbdError(f"{self.store.description}: volume.json keeps changing while "
+                            f"this command updates it (another command is updating it "
+                            f"too); nothing was changed, try again")
+
+    def refresh(self) -> None:
+        """Read volume.json again, authenticated with this volume's keys."""
+        meta, doc, mac, version = read_versioned_metadata(self.store)
+        if meta.volume_id != self.meta.volume_id:
+            raise IntegrityError(f"{self.store.description}: volume.json now belongs to "
+                                 f"another volume ({meta.volume_id.hex()})")
+        codec.verify_metadata_mac(self.keys, canonical(doc), mac)
+        if meta.generation < self.meta.generation:
+            raise IntegrityError(f"{self.store.description}: volume.json went back from "
+                                 f"generation {self.meta.generation} to {meta.generation}")
+        self.meta, self.meta_version = meta, version
 
     # -- key slots ------------------------------------------------------------------------
-    def _slot_opened_by(self, password: str) -> KeySlot:
-        for slot in self.meta.slots:
+    def _slot_opened_by(self, meta: VolumeMeta, password: str) -> KeySlot:
+        for slot in meta.slots:
             try:
-                codec.unwrap_master_key(slot, password, self.meta.volume_id)
+                codec.unwrap_master_key(slot, password, meta.volume_id)
                 return slot
             except WrongPassword:
                 continue
-        raise WrongPassword("wrong password: no key slot opens with it")
+        raise WrongPassword("wrong password: no key slot opens with it (changed "
+                            "meanwhile by another command?)")
 
     def change_password(self, old_password: str, new_password: str,
                         kdf: ScryptParams | None = None) -> int:
         """Re-wrap the slot old_password opens under new_password; returns the slot."""
-        old = self._slot_opened_by(old_password)
-        new = codec.wrap_master_key(old.slot, new_password, self.keys.master_key,
-                                    self.meta.volume_id, kdf or old.kdf)
-        slots = tuple(new if s.slot == old.slot else s for s in self.meta.slots)
-        self.save(replace(self.meta, slots=slots))
-        return old.slot
+        changed: list[int] = []
+
+        def change(meta: VolumeMeta) -> VolumeMeta:
+            old = self._slot_opened_by(meta, old_password)
+            new = codec.wrap_master_key(old.slot, new_password, self.keys.master_key,
+                                        meta.volume_id, kdf or old.kdf)
+            changed[:] = [old.slot]
+            return replace(meta, slots=tuple(new if s.slot == old.slot else s
+                                             for s in meta.slots))
+
+        self.update(change)
+        return changed[0]
 
     def add_password(self, new_password: str, kdf: ScryptParams | None = None) -> int:
         """Add a key slot for new_password; returns its number."""
-        if len(self.meta.slots) >= MAX_SLOTS:
-            raise UsageError(f"all {MAX_SLOTS} key slots are in use; remove one first")
-        used = {s.slot for s in self.meta.slots}
-        number = min(set(range(MAX_SLOTS)) - used)
-        slot = codec.wrap_master_key(number, new_password, self.keys.master_key,
-                                     self.meta.volume_id, kdf or self.meta.slots[0].kdf)
-        self.save(replace(self.meta, slots=(*self.meta.slots, slot)))
-        return number
+        added: list[int] = []
+
+        def change(meta: VolumeMeta) -> VolumeMeta:
+            if len(meta.slots) >= MAX_SLOTS:
+                raise UsageError(f"all {MAX_SLOTS} key slots are in use; remove one first")
+            number = min(set(range(MAX_SLOTS)) - {s.slot for s in meta.slots})
+            slot = codec.wrap_master_key(number, new_password, self.keys.master_key,
+                                         meta.volume_id, kdf or meta.slots[0].kdf)
+            added[:] = [number]
+            return replace(meta, slots=(*meta.slots, slot))
+
+        self.update(change)
+        return added[0]
 
     def remove_slot(self, number: int) -> None:
         """Remove key slot number; the last slot can never be removed."""
-        if number not in {s.slot for s in self.meta.slots}:
-            raise UsageError(f"there is no key slot {number}")
-        if len(self.meta.slots) == 1:
-            raise UsageError("refusing to remove the last key slot: the volume would be "
-                             "unreadable forever")
-        slots = tuple(s for s in self.meta.slots if s.slot != number)
-        self.save(replace(self.meta, slots=slots))
+        def change(meta: VolumeMeta) -> VolumeMeta:
+            if number not in {s.slot for s in meta.slots}:
+                raise UsageError(f"there is no key slot {number}")
+            if len(meta.slots) == 1:
+                raise UsageError("refusing to remove the last key slot: the volume would "
+                                 "be unreadable forever")
+            return replace(meta, slots=tuple(s for s in meta.slots if s.slot != number))
+
+        self.update(change)
 
     # -- chunks ---------------------------------------------------------------------------
     def read_chunk(self, index: int) -> bytes | None:
@@ -339,7 +403,7 @@ class Volume:
                 if plain is not None:
                     self.write_chunk(last, plain[:tail] + bytes(self.meta.chunk_size - tail))
         if new_size != old_size:
-            self.save(replace(self.meta, size=new_size))
+            self.update(lambda meta: replace(meta, size=new_size))
 
 
 def create(store: ObjectStore, size: int, chunk_size: int, password: str,
@@ -363,7 +427,7 @@ def create(store: ObjectStore, size: int, chunk_size: int, password: str,
     )
     volume = Volume(store, meta, VolumeKeys(volume_id, master_key))
     try:
-        store.put_if_absent(METADATA_KEY, volume.serialize(meta))
+        volume.meta_version = store.put_if(METADATA_KEY, volume.serialize(meta), None)
     except PreconditionFailed:
         raise VolumeExists(f"a volume already exists at {store.description}") from None
     log.info("created volume %s at %s", volume_id.hex(), store.description)
@@ -372,7 +436,7 @@ def create(store: ObjectStore, size: int, chunk_size: int, password: str,
 
 def unlock(store: ObjectStore, password: str) -> Volume:
     """Open the volume at store with password, verifying its metadata."""
-    meta, doc, mac = read_metadata(store)
+    meta, doc, mac, version = read_versioned_metadata(store)
     for slot in meta.slots:
         try:
             master_key = codec.unwrap_master_key(slot, password, meta.volume_id)
@@ -389,7 +453,7 @@ def unlock(store: ObjectStore, password: str) -> Volume:
         check_chunk_size(meta.chunk_size)
     except UsageError as exc:
         raise IntegrityError(f"volume metadata: {exc.message}") from None
-    return Volume(store, meta, keys)
+    return Volume(store, meta, keys, version)
 
 
 def delete(store: ObjectStore) -> int:

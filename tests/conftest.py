@@ -18,12 +18,16 @@ tests/servers.py -- real object stores on loopback, started once per session:
 - `FaultProxy` (a class, not a fixture): an HTTP relay that fails first connections with
   503, a reset, a lost answer or a truncated body.
 
+tests/machines.py: `other_machine`, a second machine on this one (its own machine id, pid
+namespace and runtime directory): run a command there with `other_machine.prefix`.
+
 tests/served.py: `served` (a real `cloudnbd open` on a file-backend volume, Unix
 socket), `memory_server` (the NBD layer alone over a MemoryDevice), `password_file`.
 """
 
+from tests.machines import other_machine
 from tests.served import memory_server, password_file, served
 from tests.servers import backend_env, fake_gcs, seaweedfs
 
-__all__ = ["backend_env", "fake_gcs", "memory_server", "password_file", "seaweedfs",
-           "served"]
+__all__ = ["backend_env", "fake_gcs", "memory_server", "other_machine", "password_file",
+           "seaweedfs", "served"]

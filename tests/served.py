@@ -25,11 +25,12 @@ KDF = ["--kdf-cost", "10"]
 
 
 def cloudnbd(*args: str, env: dict[str, str] | None = None, check: bool = True,
-             input_text: str | None = None, timeout: float = 300
-             ) -> subprocess.CompletedProcess[str]:
-    """Run the cloudnbd command; with check, fail the test with its stderr if it fails."""
-    result = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env,
-                            input=input_text, timeout=timeout)
+             input_text: str | None = None, timeout: float = 300,
+             machine: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the cloudnbd command; with check, fail the test with its stderr if it fails.
+    machine: a command prefix that runs it as another machine (tests.machines)."""
+    result = subprocess.run([*(machine or []), *CLI, *args], capture_output=True,
+                            text=True, env=env, input=input_text, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"cloudnbd {' '.join(args)} exited {result.returncode}:\n"
                              f"{result.stdout}{result.stderr}")
@@ -48,6 +49,8 @@ class Served:
     process: subprocess.Popen[bytes]
     store_args: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
+    machine: list[str] = field(default_factory=list)  # runs as another machine
+    notes: list[str] = field(default_factory=list)  # warnings open gave at start
 
     @property
     def uri(self) -> str:
@@ -56,7 +59,7 @@ class Served:
     def cli(self, command: str, *args: str, check: bool = True
             ) -> subprocess.CompletedProcess[str]:
         return cloudnbd(command, self.backend, self.location, *self.store_args, *args,
-                        env=self.env, check=check)
+                        env=self.env, check=check, machine=self.machine)
 
     def close(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = self.cli("close", "--cache", str(self.cache), *args, check=check)
@@ -77,25 +80,31 @@ class Served:
 
 def start(tmp: Path, backend: str, location: str, password_file: Path, *extra: str,
           store_args: list[str] | None = None, env: dict[str, str] | None = None,
-          cache: Path | None = None) -> Served:
-    """`cloudnbd open --foreground` on a Unix socket; returns once it accepts."""
+          cache: Path | None = None, machine: list[str] | None = None) -> Served:
+    """`cloudnbd open --foreground` on a Unix socket; returns once it accepts.
+    machine: a command prefix that runs the server as another machine (tests.machines)."""
     socket_path = tmp / f"nbd-{os.urandom(3).hex()}.sock"
     cache = cache or tmp / "cache"
     read_end, write_end = os.pipe()
-    args = [*CLI, "open", backend, location, *(store_args or []), "--foreground",
+    args = [*(machine or []), *CLI, "open", backend, location, *(store_args or []),
+            "--foreground",
             "--socket", str(socket_path), "--cache", str(cache), "--password-file",
             str(password_file), "--ready-fd", str(write_end), *extra]
     log = open(tmp / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(args, pass_fds=(write_end,), stdout=log, stderr=log, env=env)
     os.close(write_end)
+    notes = []
     with os.fdopen(read_end) as ready:
         answer = ready.readline().strip()
+        while answer.startswith("note "):
+            notes.append(answer[5:])
+            answer = ready.readline().strip()
     if answer != "ready":
         process.wait(timeout=60)
         raise AssertionError(f"server did not start ({answer!r}):\n"
                              f"{(tmp / 'server.log').read_text()}")
     return Served(backend, location, socket_path, cache, password_file, process,
-                  store_args or [], env)
+                  store_args or [], env, machine or [], notes)
 
 
 def make_password_file(tmp: Path, text: str = "correct horse battery") -> Path:

@@ -101,7 +101,8 @@ def test_resize_grow_and_shrink(cli: Cli, tmp_path: Path) -> None:
     assert_one_line_error(cli("resize", location, "6MiB", "--password-file",
                               str(cli.password), check=False), 2, "--shrink")
     assert cli.snapshot(location) == before
-    cli("resize", location, "6MiB", "--shrink", "--password-file", str(cli.password))
+    cli("resize", location, "6MiB", "--shrink", "--yes", "--password-file",
+        str(cli.password))
     stored = sorted(k for k in cli.snapshot(location) if k.startswith("chunks/"))
     assert stored == [volume.chunk_key(0), volume.chunk_key(1)]
     export = tmp_path / "export"

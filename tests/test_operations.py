@@ -169,7 +169,7 @@ def filled(tmp_path: Path) -> tuple[Path, list[str]]:
     (["export", "vol", "{tmp}/out.img"], "Exporting"),
     (["import", "{tmp}/seed.img", "vol", "--yes"], "Importing"),
     (["verify", "vol"], "Verifying"),
-    (["resize", "vol", "4MiB", "--shrink"], "Deleting"),
+    (["resize", "vol", "4MiB", "--shrink", "--yes"], "Deleting"),
 ], ids=["export", "import", "verify", "shrink"])
 def test_long_operations_show_progress_on_a_terminal_only(
         tmp_path: Path, filled: tuple[Path, list[str]], operation: list[str],

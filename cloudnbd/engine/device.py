@@ -27,6 +27,11 @@ Engine invariants:
   (`stored`), and its result carries the new version; a late request of a dead process
   therefore cannot land after a newer upload (workers.py has F2, docs/design.md the
   argument).
+- F3 With lease checks on (a served volume), no FLUSH, FUA or drain reports success
+  until a check of the lease that started after the uploads it waited for found the
+  lease still ours. A server whose lease was taken over (`open --force` elsewhere, or
+  the volume deleted) is displaced: from then on it uploads nothing and fails every
+  request with EIO, so it never acknowledges a FLUSH that a later holder will not see.
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ from cloudnbd.engine.extents import ChunkExtents, Extent
 from cloudnbd.engine.journal import Journal, Kind
 from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import (
+    Displaced,
     FetchTask,
+    LeaseTask,
     Piece,
     Result,
     UploadTask,
@@ -116,7 +123,7 @@ class Engine(BlockDevice):
     def __init__(self, size: int, chunk_size: int, cache_dir: Path, stored: ChunkVersions,
                  settings: EngineSettings,
                  make_pool: Callable[[Callable[[str, Result], None]], WorkerPool],
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, lease_checks: bool = False) -> None:
         self._size = size
         self.chunk_size = chunk_size
         self.cache_dir = cache_dir
@@ -144,6 +151,13 @@ class Engine(BlockDevice):
         self._scheduler = threading.Thread(target=self._schedule, name="writeback",
                                            daemon=True)
         self.recovered_records = 0
+        # F3: uploads answered so far; the count when the last successful lease check
+        # started; the count when the one in flight started (None: none in flight)
+        self.lease_checks = lease_checks
+        self._uploads_answered = 0
+        self._lease_confirmed = 0
+        self._lease_checking: int | None = None
+        self.displaced: str | None = None  # who took the volume over
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,6 +187,8 @@ class Engine(BlockDevice):
             self._cond.notify_all()
             last_left, last_progress = self.journal.live_bytes, time.monotonic()
             while self.dirty:
+                if self.displaced is not None:
+                    raise Displaced(self._displaced_message())
                 left = self.journal.live_bytes
                 now = time.monotonic()
                 if left < last_left:
@@ -184,6 +200,13 @@ class Engine(BlockDevice):
                         f"no upload succeeded for {stall_timeout:.0f}s "
                         f"({self._last_error or 'no answer from the cloud'})")
                 self._cond.wait(timeout=0.5)
+        try:
+            self._confirm_lease(time.monotonic() + stall_timeout if stall_timeout else None)
+        except DeviceError as exc:
+            if self.displaced is not None:
+                raise Displaced(self._displaced_message()) from None
+            raise CloudUnreachable(f"the lease could not be checked: {exc}"
+                                   ) from None
         if progress is not None:
             progress(0, 0)
 
@@ -198,6 +221,14 @@ class Engine(BlockDevice):
             self.journal.reset()
         self.journal.close()
         self.clean.mark_clean_shutdown()
+
+    def grow(self, new_size: int) -> None:
+        """The volume grew (volume.json already says so): serve the new size. Connections
+        made from now on see it; existing ones keep the size they were told."""
+        with self._cond:
+            if new_size > self._size:
+                self.stored.grow(-(-new_size // self.chunk_size))
+                self._size = new_size
 
     # -- BlockDevice: properties -----------------------------------------------------------
     @property
@@ -253,7 +284,16 @@ class Engine(BlockDevice):
             while self.journal.live_bytes >= self.settings.max_dirty and not self._stopped:
                 self._cond.wait(timeout=1.0)
 
+    def _refuse_if_displaced(self) -> None:
+        if self.displaced is not None:
+            raise DeviceError(errno.EIO, self._displaced_message())
+
+    def _displaced_message(self) -> str:
+        return (f"the volume was taken over by {self.displaced}; this server no longer "
+                f"writes to the store")
+
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        self._refuse_if_displaced()
         self._wait_for_room()
         with self._cond:
             seq, segment, pos = self.journal.append(Kind.WRITE, offset, len(buf), buf)
@@ -266,6 +306,7 @@ class Engine(BlockDevice):
              fast: bool = False) -> None:
         # Zeroing is always fast here: it is a journal record, and whole chunks that end
         # up all zeros are deleted from the cloud, not stored.
+        self._refuse_if_displaced()
         with self._cond:
             if not self._needs_zeroing(offset, length):
                 return
@@ -282,7 +323,8 @@ class Engine(BlockDevice):
         self._wait_durable(self.journal.next_seq - 1)
 
     def _wait_durable(self, seq: int) -> None:
-        """Block until every record up to seq is in the cloud (or the flush deadline)."""
+        """Block until every record up to seq is in the cloud, under a lease that is still
+        ours (F3), or the flush deadline passes."""
         timeout = self.settings.flush_timeout
         deadline = time.monotonic() + timeout if timeout else None
         with self._cond:
@@ -290,12 +332,33 @@ class Engine(BlockDevice):
                 self._flush_target = seq
                 self._cond.notify_all()
             while min(self._first_seq.values(), default=seq + 1) <= seq:
-                if self._stopped:
-                    raise DeviceError(errno.ESHUTDOWN, "shutting down")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise DeviceError(errno.EIO, f"flush timed out: {self._last_error}")
-                self._cond.wait(timeout=remaining)
+                self._wait_locked(deadline)
+        self._confirm_lease(deadline)
+
+    def _wait_locked(self, deadline: float | None) -> None:
+        """One wait of a FLUSH for the cloud (engine lock held): EIO once displaced or
+        past the deadline, ESHUTDOWN once stopped."""
+        self._refuse_if_displaced()
+        if self._stopped:
+            raise DeviceError(errno.ESHUTDOWN, "shutting down")
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise DeviceError(errno.EIO, f"flush timed out: {self._last_error}")
+        self._cond.wait(timeout=remaining)
+
+    def _confirm_lease(self, deadline: float | None) -> None:
+        """F3: return once a lease check that started after every upload answered so far
+        found the lease ours; DeviceError (EIO) if another server holds it now."""
+        if not self.lease_checks:
+            return
+        with self._cond:
+            needed = self._uploads_answered
+            while self._lease_confirmed < needed:
+                if self._lease_checking is None and self.displaced is None:
+                    self._lease_checking = self._uploads_answered
+                    self._task_ids += 1
+                    self.pool.submit(LeaseTask(self._task_ids))
+                self._wait_locked(deadline)
 
     # -- reads -----------------------------------------------------------------------------
     def pread_into(self, buf: memoryview, offset: int) -> None:
@@ -307,6 +370,7 @@ class Engine(BlockDevice):
     def _pread(self, buf: memoryview, offset: int, may_wait: bool) -> bool:
         """Fill buf; without may_wait, give up (False) at the first chunk that needs a
         fetch or an upload to finish, leaving buf partly filled."""
+        self._refuse_if_displaced()  # the store may hold newer data than our cache
         cs = self.chunk_size
         done = 0
         sequential = offset == self._last_read_end
@@ -430,6 +494,8 @@ class Engine(BlockDevice):
                 self._cond.wait(timeout=max(0.05, delay / 2))
 
     def _dispatch_locked(self) -> None:
+        if self.displaced is not None:
+            return  # F3: not a byte more
         room = self.pool.capacity("upload") * 2 - len(self._uploading)
         if room <= 0:
             return
@@ -472,11 +538,29 @@ class Engine(BlockDevice):
 
     def _on_result(self, kind: str, result: Result) -> None:
         with self._cond:
-            if kind == "upload":
+            if result.outcome in ("lease-held", "lease-lost"):
+                self._lease_done_locked(result)
+            elif kind == "upload":
                 self._upload_done_locked(result)
             else:
                 self._fetch_done_locked(result)
             self._cond.notify_all()
+
+    def _lease_done_locked(self, result: Result) -> None:
+        started, self._lease_checking = self._lease_checking, None
+        if result.outcome == "lease-held":
+            self._lease_confirmed = max(self._lease_confirmed, started or 0)
+        else:
+            self._displace_locked(result.error or "another server")
+
+    def _displace_locked(self, holder: str) -> None:
+        """F3: another server holds the lease; stop writing to the store for good."""
+        if self.displaced is None:
+            self.displaced = holder
+            log.error("the volume's lease was taken over by %s: this server stops "
+                      "uploading, and fails every request from now on; %d bytes of writes "
+                      "that no FLUSH covered stay in the local journal", holder,
+                      self.journal.live_bytes)
 
     def _upload_done_locked(self, result: Result) -> None:
         index = result.index
@@ -486,6 +570,10 @@ class Engine(BlockDevice):
         self.stats.retries += result.retries
         self.stats.gets += result.base_gets
         self.stats.fetch_wire_bytes += result.base_wire_bytes
+        self._uploads_answered += 1
+        if result.outcome == "displaced":
+            self._displace_locked(result.error or "another server")
+            return
         if result.outcome == "error":
             self.stats.upload_errors += 1
             self.stats.integrity_errors += result.integrity

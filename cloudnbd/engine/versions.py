@@ -59,6 +59,11 @@ class ChunkVersions:
     def __len__(self) -> int:
         return len(self._kind)
 
+    def grow(self, count: int) -> None:
+        """The volume grew to count chunks; the new ones hold no object."""
+        if count > len(self._kind):
+            self._kind.extend(bytes(count - len(self._kind)))
+
     def has(self, index: int) -> bool:
         """Whether the store holds an object for chunk index."""
         return self._kind[index] != ABSENT

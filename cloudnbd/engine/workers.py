@@ -20,8 +20,11 @@ waits out any worker still alive.
 Upload task contract (see device.Engine):
 - before its PUT, an uploader fsyncs every journal segment the task reads (journal J1);
 - the PUT or DELETE is conditional on the version the task expects (F1); when the object
-  changed behind the engine's back (a late request of a dead process), the upload, which
-  is newer, writes over it, conditional on what is there (F2, _Worker._fenced);
+  changed behind the engine's back, the upload first proves that the volume's lease is
+  still ours: then the change was a late request of a dead process of ours, and the
+  upload, which is newer, writes over it, conditional on what is there (F2,
+  _Worker._fenced); otherwise another server took the volume over and the upload
+  reports "displaced" without writing (F3);
 - the new clean file is written to a temporary name and renamed into place before the
   result is sent; a chunk that came out all zeros is DELETEd, not stored.
 """
@@ -42,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudnbd import codec, zygote
+from cloudnbd import codec, lease, zygote
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore
 from cloudnbd.codec import VolumeKeys
@@ -67,6 +70,9 @@ class WorkerConfig:
     zstd_level: int = codec.DEFAULT_ZSTD_LEVEL
     threads: int = 1
     log_level: int = logging.WARNING
+    #: the version of the lease object while this volume's server holds it (None: the
+    #: caller holds no lease, e.g. tests of the engine alone; nothing is checked then)
+    lease_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,10 +103,22 @@ class FetchTask:
 
 
 @dataclass(frozen=True)
+class LeaseTask:
+    """Is the volume's lease still ours? Asked before a FLUSH is acknowledged (F3)."""
+
+    task_id: int
+    index: int = -1  # not a chunk; keeps the pool's bookkeeping uniform
+
+
+Task = UploadTask | FetchTask | LeaseTask
+
+
+@dataclass(frozen=True)
 class Result:
     task_id: int
     index: int
-    outcome: str  # "stored", "deleted", "cached", "absent", "error"
+    outcome: str  # "stored", "deleted", "cached", "absent", "error", "displaced",
+    #               "lease-held", "lease-lost" (displaced and lease-lost: error names who)
     size: int = 0  # clean file size, or bytes sent/received
     wire_bytes: int = 0
     error: str | None = None
@@ -111,6 +129,12 @@ class Result:
     base_wire_bytes: int = 0  # and the bytes they received
     version: str | None = None  # the object's version after an upload (None: deleted)
     fenced: bool = False  # the object had changed since the engine last saw it
+
+
+class Displaced(CloudnbdError):
+    """Another server holds the volume's lease now: this one must stop writing (F3)."""
+
+    exit_code = 9
 
 
 class RateLimiter:
@@ -196,12 +220,29 @@ class _Worker:
         try:
             return write(task.expected), False
         except PreconditionFailed:
+            self._prove_lease()
             found = self.store.stat(chunk_key(task.index))
             current = None if found is None else found.version
             log.warning("chunk %d changed in the store behind this volume's back (version "
-                        "%s, expected %s): a late write of a process that died; writing "
-                        "over it", task.index, current, task.expected)
+                        "%s, expected %s): a late write of a process that no longer holds "
+                        "the volume; the lease is still ours, so writing over it",
+                        task.index, current, task.expected)
             return write(current), True
+
+    def _prove_lease(self) -> None:
+        """Raise Displaced unless the volume's lease is still ours (F3)."""
+        if self.config.lease_version is None:
+            return
+        holder = lease.check(self.store, self.config.lease_version)
+        if holder is not None:
+            raise Displaced(holder)
+
+    def check_lease(self, task: LeaseTask) -> Result:
+        try:
+            self._prove_lease()
+        except Displaced as exc:
+            return Result(task.task_id, task.index, "lease-lost", error=exc.message)
+        return Result(task.task_id, task.index, "lease-held")
 
     def _assemble(self, task: UploadTask, fds: dict[int, int]) -> tuple[bytearray, int]:
         """The chunk's new plain contents, its base with the journal pieces laid over, and
@@ -243,11 +284,15 @@ class _Worker:
                       wire_bytes=len(blob), seconds=time.monotonic() - started,
                       retries=self.store.retries - retries_before)
 
-    def run(self, task: UploadTask | FetchTask) -> Result:
+    def run(self, task: Task) -> Result:
         try:
             if isinstance(task, UploadTask):
                 return self.upload(task)
+            if isinstance(task, LeaseTask):
+                return self.check_lease(task)
             return self.fetch(task)
+        except Displaced as exc:
+            return Result(task.task_id, task.index, "displaced", error=exc.message)
         except IntegrityError as exc:
             return Result(task.task_id, task.index, "error", error=exc.message,
                           integrity=True)
@@ -320,7 +365,7 @@ class _Handle:
     kind: str
     process: Any
     conn: multiprocessing.connection.Connection
-    in_flight: dict[int, UploadTask | FetchTask] = field(default_factory=dict)
+    in_flight: dict[int, Task] = field(default_factory=dict)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     ready: bool = False
 
@@ -369,8 +414,8 @@ class WorkerPool:
     def capacity(self, kind: str) -> int:
         return self.counts[kind] * self.threads
 
-    def submit(self, task: UploadTask | FetchTask) -> None:
-        kind = "upload" if isinstance(task, UploadTask) else "fetch"
+    def submit(self, task: Task) -> None:
+        kind = "fetch" if isinstance(task, FetchTask) else "upload"
         with self._lock:
             handle = min((h for h in self._handles if h.kind == kind),
                          key=lambda h: len(h.in_flight))
