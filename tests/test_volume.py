@@ -189,6 +189,14 @@ def test_create_refuses_a_location_inside_a_volume(tmp_path: Path) -> None:
     assert not (tmp_path / "outer" / "inner").exists()
 
 
+def test_create_skips_an_enclosing_location_it_cannot_read(tmp_path: Path) -> None:
+    # as a prefix-scoped cloud grant refuses reads above its prefix; here a directory
+    # named volume.json cannot be read as a file
+    (tmp_path / "outer" / "volume.json").mkdir(parents=True)
+    volume.create(FileStore(tmp_path / "outer" / "inner"), 4 * CHUNK, CHUNK, "pw", FAST)
+    assert volume.unlock(FileStore(tmp_path / "outer" / "inner"), "pw").meta.size == 4 * CHUNK
+
+
 def test_find_volumes(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     for name in ("a", "b/c"):
