@@ -1,7 +1,7 @@
 """Volume metadata, key slots, and the volume-level operations (init, unlock, passwd,
 resize, delete, list).
 
-A volume is a set of objects under one store root (see docs/format.md, "Keys"):
+A volume is a set of objects under one store root (docs/format.md, "Objects of a volume"):
   volume.json         metadata: size, chunk size, format version, key slots, MAC
   lease               who has the volume open (cloudnbd.lease)
   chunks/<16 hex>     one object per chunk that holds any non-zero byte
@@ -86,8 +86,8 @@ def chunk_index(key: str) -> int | None:
 
 
 # -- what a volume owns --------------------------------------------------------------------
-# The one definition of a volume's keys (docs/format.md, "Keys"). delete, resize, import
-# and init go by it; a later format adds its keys here, and nowhere else.
+# The one definition of a volume's keys (docs/format.md, "Objects of a volume"). delete,
+# resize, import and init go by it; a later format adds its keys here, and nowhere else.
 
 #: keys a volume owns by name; with the chunk keys (chunk_index) they are all of it
 _OWN_KEYS = (LEASE_KEY, METADATA_KEY)
@@ -441,27 +441,15 @@ def check_location_free(store: ObjectStore) -> None:
     volume further down among them).
 
     Only the location's own folder marker (an empty object named PREFIX/, which a cloud
-    console's "create folder" leaves) is no object. Looking up through the enclosing
-    locations costs one request per level; one that may not be read is skipped, as a
-    prefix-scoped grant refuses reads above its prefix.
+    console's "create folder" leaves) is no object.
     """
     store.check()
     if store.stat(METADATA_KEY) is not None:
         raise VolumeExists(f"a volume already exists at {store.description}")
-    outer = store.parent()
-    while outer is not None:
-        try:
-            blob = outer.get(METADATA_KEY)
-        except ObjectNotFound:
-            blob = b""
-        except BackendError as exc:
-            log.info("cannot look for a volume at %s: %s", outer.description, exc.message)
-            blob = b""
-        if _volume_document(blob) is not None:
-            raise LocationInUse(f"{store.description} lies inside the volume at "
-                                f"{outer.description}: a volume cannot hold another; "
-                                f"choose a location outside it")
-        outer = outer.parent()
+    outer = _enclosing_volume(store)
+    if outer is not None:
+        raise LocationInUse(f"{store.description} lies inside the volume at {outer}: a "
+                            f"volume cannot hold another; choose a location outside it")
     found = []
     for info in store.list():
         if info.key or info.size:
@@ -471,16 +459,11 @@ def check_location_free(store: ObjectStore) -> None:
     if not found:
         return
     for key in found:
-        if key.endswith("/" + METADATA_KEY):
-            try:
-                inner = _volume_document(store.get(key))
-            except ObjectNotFound:
-                continue
-            if inner is not None:
-                raise LocationInUse(
-                    f"{store.description} lies above the volume at {store.description}/"
-                    f"{key[:-len(METADATA_KEY) - 1]}: a volume cannot hold another; "
-                    f"choose a location outside it")
+        if key.endswith("/" + METADATA_KEY) and _is_volume(store, key):
+            raise LocationInUse(
+                f"{store.description} lies above the volume at {store.description}/"
+                f"{key[:-len(METADATA_KEY) - 1]}: a volume cannot hold another; choose a "
+                f"location outside it")
     named = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
     if all(owns(key) for key in found):
         raise LocationInUse(f"{store.description} holds the remains of a volume whose "
@@ -489,6 +472,30 @@ def check_location_free(store: ObjectStore) -> None:
     raise LocationInUse(f"{store.description} is not empty ({named}): a volume starts in "
                         f"an empty location, as delete removes only the volume's own "
                         f"objects; choose another location")
+
+
+def _enclosing_volume(store: ObjectStore) -> str | None:
+    """The location of a volume whose root encloses store's, up to the bucket root (one
+    request per level). A level that may not be read is skipped: a prefix-scoped grant
+    refuses reads above its prefix, and even a volume there would lose nothing, as no
+    command touches another volume's keys."""
+    outer = store.parent()
+    while outer is not None:
+        try:
+            if _is_volume(outer, METADATA_KEY):
+                return outer.description
+        except BackendError as exc:
+            log.info("cannot look for a volume at %s: %s", outer.description, exc.message)
+        outer = outer.parent()
+    return None
+
+
+def _is_volume(store: ObjectStore, key: str) -> bool:
+    """True if key holds a cloudnbd volume.json (not just any object of that name)."""
+    try:
+        return _volume_document(store.get(key)) is not None
+    except ObjectNotFound:
+        return False
 
 
 def delete(store: ObjectStore) -> int:
