@@ -111,9 +111,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     chunk_size = parse_size(args.chunk_size, "chunk size")
     volume.check_chunk_size(chunk_size)
     store = _store(args)
-    store.check()
-    if store.stat(volume.METADATA_KEY) is not None:
-        raise volume.VolumeExists(f"a volume already exists at {store.description}")
+    volume.check_location_free(store)  # before the password is asked for
     password = get_password(args.password_file, confirm=True, prompt="New volume password: ")
     created = volume.create(store, size, chunk_size, password, _kdf(args))
     print(f"Created volume {store.description}: {format_size(size)} ({size} bytes)"
@@ -222,23 +220,27 @@ def cmd_resize(args: argparse.Namespace) -> None:
 
 def cmd_delete(args: argparse.Namespace) -> None:
     from cloudnbd import lease, runtime
+    from cloudnbd.service import purging_cache
 
     store = _store(args)
     volume.read_metadata(store)
     local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
     if local.running is not None:
         raise lease.VolumeBusy(f"volume is open on this machine (pid {local.running.pid}); "
-                               f"close it first")
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError("refusing to delete without confirmation: pass --yes")
-        answer = input(f"Delete volume {store.description} and all its data? "
-                       f"Type the volume name to confirm: ")
-        if answer.strip() != args.volume:
-            raise UsageError("not confirmed; nothing was deleted")
-    _take_lease(store, args.force, "delete", local)  # deleted with the volume
-    count = volume.delete(store)
-    print(f"Deleted volume {store.description} ({count} objects).")
+                               f"close it first; nothing was deleted")
+    # the cache a crashed server left (found by the registry), else the one named here
+    with purging_cache(local.cache_dir or _cache_dir(args)):
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise UsageError("refusing to delete without confirmation: pass --yes")
+            answer = input(f"Delete volume {store.description} and all its data? "
+                           f"Type the volume name to confirm: ")
+            if answer.strip() != args.volume:
+                raise UsageError("not confirmed; nothing was deleted")
+        _take_lease(store, args.force, "delete", local)  # deleted with the volume
+        count = volume.delete(store)
+    print(f"Deleted volume {store.description} ({count} objects), and this machine's "
+          f"cache of it.")
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -720,7 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("init", cmd_init, "create a new volume",
                 "Create a new, empty volume. The size is only what clients are told; "
-                "nothing is allocated in the cloud until data is written.")
+                "nothing is allocated in the cloud until data is written. The location "
+                "must be empty, and not inside or above another volume.")
     _add_target(p)
     p.add_argument("size", help="volume size, e.g. 20GB (SI) or 20GiB (IEC); rounded up "
                                 "to a multiple of 4 KiB")
@@ -764,8 +767,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_password_option(p)
     _add_cache_option(p)
 
-    p = command("delete", cmd_delete, "delete a volume and all its data")
+    p = command("delete", cmd_delete, "delete a volume and all its data",
+                "Delete the volume's own objects (volume.json, lease, chunks/) and this "
+                "machine's cache of it. Other objects under its location, other volumes "
+                "included, are left alone. Refused while the volume is open on this "
+                "machine.")
     _add_target(p)
+    _add_cache_option(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--force", action="store_true",
                    help="delete although a server of this machine crashed with the "

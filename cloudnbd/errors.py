@@ -51,6 +51,12 @@ class VolumeExists(CloudnbdError):
     exit_code = 5
 
 
+class LocationInUse(VolumeExists):
+    """init refused because the location holds other objects, or lies inside or above
+    another volume: a volume owns only its own keys, and shares its location with
+    nothing."""
+
+
 class WrongPassword(CloudnbdError):
     """No key slot opens with the given password."""
 

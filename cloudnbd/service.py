@@ -27,6 +27,8 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,42 @@ class CacheLocked(CloudnbdError):
 LEASE_EPOCH_FILE = "lease-epoch"
 
 
+def lock_cache_dir(cache_dir: Path) -> int:
+    """Take the exclusive lock of a volume's cache directory (its `lock` file, flocked by
+    the server for its whole life): CacheLocked, naming the server's pid, if a process on
+    this machine holds it. Returns the locked descriptor; closing it lets go."""
+    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise CacheLocked(f"the volume is already open on this machine (pid {holder})"
+                          ) from None
+    return fd
+
+
+@contextmanager
+def purging_cache(cache_dir: Path) -> Iterator[None]:
+    """Hold the lock of a volume's cache for the with block, and remove the cache after it
+    succeeds. `delete` deletes the volume inside: while a server here serves the volume,
+    it is refused (CacheLocked) before anything is deleted, and no open on this machine
+    starts meanwhile. The store goes first: were the cache removed first and the store's
+    deletion then failed, unuploaded writes of a volume that still exists would be lost."""
+    if not cache_dir.is_dir():
+        yield
+        return
+    try:
+        fd = lock_cache_dir(cache_dir)
+    except CacheLocked as exc:
+        raise CacheLocked(f"{exc.message}: close it first; nothing was deleted") from None
+    try:
+        yield
+        shutil.rmtree(cache_dir)
+    finally:
+        os.close(fd)
+
+
 class Service:
     """Everything a running volume owns."""
 
@@ -109,13 +147,7 @@ class Service:
     def _prepare_cache_dir(self) -> None:
         self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.cache_dir, 0o700)
-        self._lock_fd = os.open(self.cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip()
-            raise CacheLocked(f"the volume is already open on this machine (pid {holder})"
-                              ) from None
+        self._lock_fd = lock_cache_dir(self.cache_dir)
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         id_file = self.cache_dir / "volume_id"

@@ -1,11 +1,15 @@
 """Volume metadata, key slots, and the volume-level operations (init, unlock, passwd,
 resize, delete, list).
 
-A volume is a set of objects under one store root (see docs/format.md):
+A volume is a set of objects under one store root (docs/format.md, "Objects of a volume"):
   volume.json         metadata: size, chunk size, format version, key slots, MAC
+  lease               who has the volume open (cloudnbd.lease)
   chunks/<16 hex>     one object per chunk that holds any non-zero byte
 
 Promises:
+- A volume owns only its own keys (owns(), own_objects(): the one definition). Nothing
+  here reads, writes or deletes any other key under the root, and init refuses a root
+  that holds anything else, or lies inside or above another volume.
 - The metadata is authenticated as a whole (HMAC under a key derived from the master key):
   a changed size, chunk size, generation or key slot is refused with IntegrityError.
 - Changing passwords touches volume.json only; chunk objects stay byte-identical.
@@ -32,8 +36,10 @@ from cloudnbd import codec
 from cloudnbd.backends.base import ObjectInfo, ObjectStore
 from cloudnbd.codec import KeySlot, ScryptParams, VolumeKeys
 from cloudnbd.errors import (
+    BackendError,
     CloudnbdError,
     IntegrityError,
+    LocationInUse,
     ObjectNotFound,
     PreconditionFailed,
     UnsupportedFormat,
@@ -42,6 +48,7 @@ from cloudnbd.errors import (
     VolumeNotFound,
     WrongPassword,
 )
+from cloudnbd.lease import LEASE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,8 @@ MAX_SLOTS = 8
 _DELETE_BATCH = 1000  # keys per delete_many call: one S3 DeleteObjects, one progress step
 _UPDATE_ATTEMPTS = 5  # M1: re-reads of volume.json when concurrent updates keep winning
 _KDF_LIMITS = {"n": (2**10, 2**24), "r": (1, 32), "p": (1, 16)}
+_SCAN_LIMIT = 1000  # objects init looks at in an occupied location to name what is there
+_HEX = frozenset("0123456789abcdef")
 
 
 def chunk_key(index: int) -> str:
@@ -70,16 +79,48 @@ def chunk_key(index: int) -> str:
 
 
 def chunk_index(key: str) -> int | None:
-    """Inverse of chunk_key, or None for keys that are not chunk objects."""
+    """Inverse of chunk_key, or None for keys that are not chunk objects: exactly 16
+    lower-case hex digits, as int() alone would also take 'A', '_', '+' or spaces, and
+    claim a key that is not the volume's."""
     if not key.startswith(CHUNK_PREFIX):
         return None
     tail = key[len(CHUNK_PREFIX):]
-    if len(tail) != 16:
+    if len(tail) != 16 or not _HEX.issuperset(tail):
         return None
-    try:
-        return int(tail, 16)
-    except ValueError:
-        return None
+    return int(tail, 16)
+
+
+# -- what a volume owns --------------------------------------------------------------------
+# The one definition of a volume's keys (docs/format.md, "Objects of a volume"). delete,
+# resize, import and init go by it; a later format adds its keys here, and nowhere else.
+
+#: keys a volume owns by name; with the chunk keys (chunk_index) they are all of it
+_OWN_KEYS = (LEASE_KEY, METADATA_KEY)
+
+
+def owns(key: str) -> bool:
+    """True if key (relative to a volume's root) is one of the volume's own keys."""
+    return key in _OWN_KEYS or chunk_index(key) is not None
+
+
+def stored_chunks(store: ObjectStore) -> Iterator[tuple[int, ObjectInfo]]:
+    """(index, object size and version) of every chunk stored at store, from a listing;
+    other keys under chunks/ are not the volume's and are skipped."""
+    for info in store.list(CHUNK_PREFIX):
+        index = chunk_index(info.key)
+        if index is not None:
+            yield index, info
+
+
+def own_objects(store: ObjectStore) -> Iterator[ObjectInfo]:
+    """Every object of the volume at store, and nothing else under its root: the chunks,
+    then _OWN_KEYS in their order (volume.json last)."""
+    for _, info in stored_chunks(store):
+        yield info
+    for key in _OWN_KEYS:
+        found = store.stat(key)
+        if found is not None:
+            yield found
 
 
 def round_size(size: int) -> int:
@@ -178,17 +219,24 @@ def _parse_slot(raw: Any) -> KeySlot:
                    wrapped_key=_unb64(raw.get("wrapped_key"), "wrapped key"))
 
 
+def _volume_document(blob: bytes) -> dict[str, Any] | None:
+    """The JSON document of blob if it is a cloudnbd volume.json (of any version, valid
+    or not), None if it is something else that happens to bear the name."""
+    try:
+        doc = json.loads(blob)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == FORMAT_NAME else None
+
+
 def parse_metadata(blob: bytes) -> tuple[VolumeMeta, dict[str, Any], str]:
     """Parse volume.json, checking format and version before anything else.
 
     Returns the metadata, the document without its MAC, and the MAC; the MAC is NOT
     verified here (that needs the master key; see unlock()).
     """
-    try:
-        doc = json.loads(blob)
-    except (ValueError, UnicodeDecodeError):
-        raise UnsupportedFormat("volume.json is not JSON: not a cloudnbd volume") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+    doc = _volume_document(blob)
+    if doc is None:
         raise UnsupportedFormat("volume.json is not a cloudnbd volume")
     version = doc.get("version")
     if not isinstance(version, int) or version < 1:
@@ -365,10 +413,7 @@ class Volume:
 
     def stored_chunks(self) -> Iterator[tuple[int, ObjectInfo]]:
         """(index, object size and version) of every stored chunk, from a listing."""
-        for info in self.store.list(CHUNK_PREFIX):
-            index = chunk_index(info.key)
-            if index is not None:
-                yield index, info
+        return stored_chunks(self.store)
 
     # -- size -----------------------------------------------------------------------------
     def resize(self, new_size: int, allow_shrink: bool = False,
@@ -415,9 +460,7 @@ def create(store: ObjectStore, size: int, chunk_size: int, password: str,
         raise UsageError(f"volume size must be a multiple of {SIZE_ALIGNMENT}")
     if not password:
         raise UsageError("the password must not be empty")
-    store.check()
-    if store.stat(METADATA_KEY) is not None:
-        raise VolumeExists(f"a volume already exists at {store.description}")
+    check_location_free(store)
     volume_id = os.urandom(codec.VOLUME_ID_BYTES)
     master_key = os.urandom(codec.MASTER_KEY_BYTES)
     slot = codec.wrap_master_key(0, password, master_key, volume_id, kdf or ScryptParams())
@@ -456,11 +499,76 @@ def unlock(store: ObjectStore, password: str) -> Volume:
     return Volume(store, meta, keys, version)
 
 
+def check_location_free(store: ObjectStore) -> None:
+    """Refuse a location a new volume would share: VolumeExists if a volume is there,
+    LocationInUse if the location lies inside another volume, or holds any object (a
+    volume further down among them).
+
+    Only the location's own folder marker (an empty object named PREFIX/, which a cloud
+    console's "create folder" leaves) is no object.
+    """
+    store.check()
+    if store.stat(METADATA_KEY) is not None:
+        raise VolumeExists(f"a volume already exists at {store.description}")
+    outer = _enclosing_volume(store)
+    if outer is not None:
+        raise LocationInUse(f"{store.description} lies inside the volume at {outer}: a "
+                            f"volume cannot hold another; choose a location outside it")
+    found = []
+    for info in store.list():
+        if info.key or info.size:
+            found.append(info.key)
+            if len(found) == _SCAN_LIMIT:
+                break
+    if not found:
+        return
+    for key in found:
+        if key.endswith("/" + METADATA_KEY) and _is_volume(store, key):
+            raise LocationInUse(
+                f"{store.description} lies above the volume at {store.description}/"
+                f"{key[:-len(METADATA_KEY) - 1]}: a volume cannot hold another; choose a "
+                f"location outside it")
+    named = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    if all(owns(key) for key in found):
+        raise LocationInUse(f"{store.description} holds the remains of a volume whose "
+                            f"volume.json is gone ({named}); remove them, or choose "
+                            f"another location")
+    raise LocationInUse(f"{store.description} is not empty ({named}): a volume starts in "
+                        f"an empty location, as delete removes only the volume's own "
+                        f"objects; choose another location")
+
+
+def _enclosing_volume(store: ObjectStore) -> str | None:
+    """The location of a volume whose root encloses store's, up to the bucket root (one
+    request per level). A level that may not be read is skipped: a prefix-scoped grant
+    refuses reads above its prefix, and even a volume there would lose nothing, as no
+    command touches another volume's keys."""
+    outer = store.parent()
+    while outer is not None:
+        try:
+            if _is_volume(outer, METADATA_KEY):
+                return outer.description
+        except BackendError as exc:
+            log.info("cannot look for a volume at %s: %s", outer.description, exc.message)
+        outer = outer.parent()
+    return None
+
+
+def _is_volume(store: ObjectStore, key: str) -> bool:
+    """True if key holds a cloudnbd volume.json (not just any object of that name)."""
+    try:
+        return _volume_document(store.get(key)) is not None
+    except ObjectNotFound:
+        return False
+
+
 def delete(store: ObjectStore) -> int:
-    """Remove every object of the volume; volume.json goes last. Returns objects deleted."""
+    """Remove the volume's own objects (own_objects), volume.json last, and nothing else
+    under its root. Returns the number of objects deleted."""
     read_metadata(store)  # refuses anything that is not a cloudnbd volume
-    keys = [info.key for info in store.list() if info.key != METADATA_KEY]
-    store.delete_many(keys)
+    keys = [info.key for info in own_objects(store) if info.key != METADATA_KEY]
+    for start in range(0, len(keys), _DELETE_BATCH):
+        store.delete_many(keys[start:start + _DELETE_BATCH])
     store.delete(METADATA_KEY)
     return len(keys) + 1
 

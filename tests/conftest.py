@@ -9,6 +9,7 @@ tests/servers.py -- real object stores on loopback, started once per session:
     backend_env.name            "file" | "s3" | "gs", the CLI's BACKEND argument
     backend_env.new_location()  a fresh, empty location (a unique prefix in an existing
                                 bucket, or a new directory whose parent exists)
+    backend_env.new_bucket()    the root of a new, empty bucket (file: a new directory)
     backend_env.env             environment for a `cloudnbd` subprocess
     backend_env.cli_args        extra CLI arguments, e.g. ['--endpoint-url', URL]
     backend_env.options         StoreOptions for open_store() in the test process

@@ -200,13 +200,18 @@ def start_fake_gcs(directory: Path) -> Server:
             return False
 
     server.wait_ready(ready)
+    create_gcs_bucket(endpoint, GCS_BUCKET)
+    return server
+
+
+def create_gcs_bucket(endpoint: str, name: str) -> None:
+    """Create bucket name on fake-gcs-server, through the GCS JSON API."""
     request = urllib.request.Request(
         f"{endpoint}/storage/v1/b?project={GCS_PROJECT}", method="POST",
-        data=json.dumps({"name": GCS_BUCKET}).encode(),
+        data=json.dumps({"name": name}).encode(),
         headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200, response.read()
-    return server
 
 
 @pytest.fixture(scope="session")
@@ -251,6 +256,17 @@ class BackendEnv:
             return str(self.root / "bucket" / unique)
         bucket = S3_BUCKET if self.name == "s3" else GCS_BUCKET
         return f"{bucket}/tests/{unique}"
+
+    def new_bucket(self) -> str:
+        """The root of a new, empty bucket (file: a new directory whose parent exists)."""
+        unique = f"bucket-{uuid.uuid4().hex[:12]}"
+        if self.name == "file":
+            return str(self.root / unique)
+        if self.name == "s3":
+            s3_client(self.target).create_bucket(Bucket=unique)  # type: ignore[attr-defined]
+        else:
+            create_gcs_bucket(self.target, unique)
+        return unique
 
     def missing_bucket_location(self) -> str:
         if self.name == "file":

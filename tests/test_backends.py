@@ -143,6 +143,28 @@ def test_delete_many(backend_env: BackendEnv) -> None:
     assert len(list(store.list())) == 3
 
 
+def test_parent_is_the_enclosing_location_up_to_the_top(backend_env: BackendEnv) -> None:
+    location = backend_env.new_location()
+    store = backend_env.store(f"{location}/a/b")
+    store.put("x", b"inner")
+    backend_env.store(location).put("x", b"outer")
+    parent = store.parent()
+    assert parent is not None and parent.get("b/x") == b"inner"
+    grandparent = parent.parent()
+    assert grandparent is not None and grandparent.get("x") == b"outer"
+    assert grandparent.description == backend_env.store(location).description
+    top = grandparent
+    for _ in range(100):  # up to the bucket root, or /
+        above = top.parent()
+        if above is None:
+            break
+        top = above
+    assert top.parent() is None
+    assert top.get(f"{location.partition('/')[2]}/a/b/x" if backend_env.name != "file"
+                   else f"{location.lstrip('/')}/a/b/x") == b"inner"
+    assert store.get("x") == b"inner"  # the parents share, never close, its connection
+
+
 def test_missing_bucket_is_a_clear_error(backend_env: BackendEnv) -> None:
     store = backend_env.store(backend_env.missing_bucket_location())
     with pytest.raises(BackendError, match="does not exist") as info:

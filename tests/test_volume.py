@@ -166,6 +166,37 @@ def test_delete_removes_everything(store: FileStore) -> None:
     assert list(store.list()) == []
 
 
+@pytest.mark.parametrize("key", [
+    "chunks/000000000000000A", "chunks/0000_0000_000000a", "chunks/+00000000000000a",
+    "chunks/ 00000000000000a", "chunks/00000000000000a", "chunks/000000000000000a.bak",
+    "chunks/sub/000000000000000a", "chunks/", "lease.old", "volume.json.old",
+    "sub/volume.json", "sub/lease", "notes.txt"])
+def test_keys_that_are_not_the_volumes(key: str) -> None:
+    assert volume.chunk_index(key) is None
+    assert not volume.owns(key)
+
+
+def test_the_volumes_own_keys() -> None:
+    for key in ("volume.json", "lease", volume.chunk_key(0), volume.chunk_key(2**64 - 1)):
+        assert volume.owns(key)
+    assert volume.chunk_index("chunks/00000000000000ff") == 255
+
+
+def test_create_refuses_a_location_inside_a_volume(tmp_path: Path) -> None:
+    volume.create(FileStore(tmp_path / "outer"), 4 * CHUNK, CHUNK, "pw", FAST)
+    with pytest.raises(VolumeExists, match=r"inside the volume at file .*outer"):
+        volume.create(FileStore(tmp_path / "outer" / "inner"), 4 * CHUNK, CHUNK, "pw", FAST)
+    assert not (tmp_path / "outer" / "inner").exists()
+
+
+def test_create_skips_an_enclosing_location_it_cannot_read(tmp_path: Path) -> None:
+    # as a prefix-scoped cloud grant refuses reads above its prefix; here a directory
+    # named volume.json cannot be read as a file
+    (tmp_path / "outer" / "volume.json").mkdir(parents=True)
+    volume.create(FileStore(tmp_path / "outer" / "inner"), 4 * CHUNK, CHUNK, "pw", FAST)
+    assert volume.unlock(FileStore(tmp_path / "outer" / "inner"), "pw").meta.size == 4 * CHUNK
+
+
 def test_find_volumes(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     for name in ("a", "b/c"):

@@ -22,6 +22,7 @@ Promises every backend keeps:
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
@@ -148,6 +149,14 @@ class ObjectStore(ABC):
     def check(self) -> None:
         """Verify the bucket (or directory) exists and is reachable; BackendError if not."""
 
+    def parent(self) -> ObjectStore | None:
+        """The store rooted one level above this one (the prefix without its last part,
+        the parent directory), or None at the top: a bucket root, the file-system root,
+        or a store that reaches nothing outside its own root (RemoteStore). `init` looks
+        up through these for a volume around the new one. A parent shares this store's
+        connection: close this store, never its parent."""
+        return None
+
     def delete_many(self, keys: Iterable[str]) -> None:
         """Remove many keys; backends with batch deletes override this."""
         for key in keys:
@@ -189,6 +198,34 @@ class ObjectStore(ABC):
                           short_reason(exc), delay)
                 time.sleep(random.uniform(0, delay) + delay / 2)
                 delay = min(delay * 2, policy.max_delay)
+
+
+class BucketStore(ObjectStore):
+    """A store rooted at a key prefix in a bucket (S3, GCS): where keys and locations
+    are made, once for both."""
+
+    scheme = "?"  # s3, gs: how description names the location
+
+    def __init__(self, bucket_name: str, prefix: str, retry: RetryPolicy | None = None
+                 ) -> None:
+        super().__init__(retry)
+        self.bucket_name = bucket_name
+        self._root_at(prefix)
+
+    def _root_at(self, prefix: str) -> None:
+        self.prefix = prefix.strip("/")
+        self.description = f"{self.scheme}://{self.bucket_name}" + (
+            f"/{self.prefix}" if self.prefix else "")
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def parent(self) -> BucketStore | None:
+        if not self.prefix:
+            return None
+        outer = copy.copy(self)  # shares the client: see ObjectStore.parent
+        outer._root_at(self.prefix.rpartition("/")[0])
+        return outer
 
 
 def short_reason(exc: BaseException) -> str:

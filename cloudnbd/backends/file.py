@@ -156,6 +156,10 @@ class FileStore(ObjectStore):
                 break
             parent = parent.parent
 
+    def parent(self) -> FileStore | None:
+        root = Path(os.path.abspath(self.root))
+        return None if root.parent == root else FileStore(root.parent, self.retry_policy)
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not self.root.is_dir():
             return

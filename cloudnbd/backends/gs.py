@@ -23,7 +23,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from google.resumable_media import DataCorruption
 
-from cloudnbd.backends.base import ObjectInfo, ObjectStore, RetryPolicy
+from cloudnbd.backends.base import BucketStore, ObjectInfo, RetryPolicy
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
 
 T = TypeVar("T")
@@ -49,15 +49,14 @@ _TEMPORARY = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
 _UNREACHABLE = (requests.exceptions.ConnectionError, google.auth.exceptions.TransportError)
 
 
-class GCSStore(ObjectStore):
+class GCSStore(BucketStore):
     """Objects under gs://bucket/prefix/."""
+
+    scheme = "gs"
 
     def __init__(self, bucket: str, prefix: str, credentials_file: Path | None = None,
                  retry: RetryPolicy | None = None) -> None:
-        super().__init__(retry)
-        self.prefix = prefix.strip("/")
-        self.bucket_name = bucket
-        self.description = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
+        super().__init__(bucket, prefix, retry)
         try:
             if os.environ.get("STORAGE_EMULATOR_HOST"):
                 self.client = storage.Client(project="cloudnbd",
@@ -79,9 +78,6 @@ class GCSStore(ObjectStore):
             self.client._bucket_metadata_cache = None
         self.bucket: Any = self.client.bucket(bucket)
         self._bucket_seen = False
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
 
     def is_temp_failure(self, exc: BaseException) -> bool:
         return isinstance(exc, _TEMPORARY)

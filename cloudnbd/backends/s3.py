@@ -31,7 +31,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from cloudnbd.backends.base import ObjectInfo, ObjectStore, RetryPolicy, short_reason
+from cloudnbd.backends.base import BucketStore, ObjectInfo, RetryPolicy, short_reason
 from cloudnbd.credentials import S3Credentials
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
 
@@ -106,16 +106,16 @@ def _code(exc: botocore.exceptions.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-class S3Store(ObjectStore):
+class S3Store(BucketStore):
     """Objects under s3://bucket/prefix/."""
+
+    scheme = "s3"
 
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None,
                  credentials: S3Credentials | None = None,
                  retry: RetryPolicy | None = None) -> None:
-        super().__init__(retry)
+        super().__init__(bucket, prefix, retry)
         self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self.description = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         config = botocore.config.Config(
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=CONNECT_TIMEOUT, read_timeout=60, max_pool_connections=32,
@@ -129,9 +129,6 @@ class S3Store(ObjectStore):
             aws_access_key_id=credentials.access_key if credentials else None,
             aws_secret_access_key=credentials.secret_key if credentials else None)
         self.endpoint = self.client.meta.endpoint_url
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
 
     # -- errors ----------------------------------------------------------------------------
     def is_temp_failure(self, exc: BaseException) -> bool:
