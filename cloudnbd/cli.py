@@ -770,10 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("delete", cmd_delete, "delete a volume and all its data",
                 "Delete the volume's own objects (volume.json, lease, chunks/) and this "
                 "machine's cache of it. Other objects under its location, other volumes "
-                "included, are left alone. Refused while the volume is open on this "
-                "machine.")
+                "included, are left alone. Refused while the volume is open anywhere.")
     _add_target(p)
-    _add_cache_option(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--force", action="store_true",
                    help="delete although a server of this machine crashed with the "

@@ -18,7 +18,7 @@ import pytest
 
 from cloudnbd import volume
 from cloudnbd.codec import ScryptParams
-from cloudnbd.service import volume_cache_dir
+from cloudnbd.runtime import volume_cache_dir
 from tests.served import KDF, cloudnbd, start
 from tests.servers import BackendEnv
 from tests.test_cli import Cli, assert_one_line_error, cli
@@ -79,11 +79,11 @@ def plant_volume(env: BackendEnv, location: str) -> dict[str, bytes]:
 
 
 def write_data(cli: Cli, location: str) -> None:
-    """Store two chunks and a lease in the volume at location."""
+    """Store two chunks and a (released) lease in the volume at location."""
     vol = volume.unlock(cli.env.store(location), "first password")
     vol.write_chunk(0, os.urandom(vol.meta.chunk_size))
     vol.write_chunk(3, os.urandom(vol.meta.chunk_size))
-    vol.store.put("lease", b'{"host": "stale"}')
+    vol.store.put("lease", b'{"state": "released", "epoch": 3}')  # closed earlier
 
 
 # -- delete --------------------------------------------------------------------------------
@@ -233,10 +233,11 @@ def test_resize_and_import_leave_other_objects_alone(cli: Cli, tmp_path: Path) -
         image.write_bytes(fill * 2**20)
         cloudnbd("import", str(image), cli.env.name, location, *cli.env.cli_args,
                  "--password-file", str(cli.password), "--yes", env=cli.env.env)
-    cli("resize", location, "64KiB", "--shrink", "--password-file", str(cli.password))
+    cli("resize", location, "64KiB", "--shrink", "--yes", "--password-file",
+        str(cli.password))
     after = cli.snapshot(location)
     assert sorted(k for k in after if k not in FOREIGN and not k.startswith("inner/")) == \
-        ["chunks/0000000000000000", "volume.json"]
+        ["chunks/0000000000000000", "lease", "volume.json"]  # lease: released by resize
     assert {k: v for k, v in after.items() if k in FOREIGN} == FOREIGN
     assert {k: v for k, v in after.items() if k.startswith("inner/")} == \
         under("inner", nested)
