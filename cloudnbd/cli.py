@@ -21,7 +21,8 @@ from cloudnbd.backends import BACKENDS, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
 from cloudnbd.codec import ScryptParams
 from cloudnbd.errors import CloudnbdError, UsageError
-from cloudnbd.password import get_password
+from cloudnbd.hardening import no_core_dumps
+from cloudnbd.password import get_password, scrub_environment
 from cloudnbd.progress import Progress
 from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
 
@@ -236,10 +237,27 @@ def _cache_dir(args: argparse.Namespace) -> Path:
     return volume_cache_dir(args.cache or default_cache_root(), args.backend, args.volume)
 
 
+def _check_endpoint(args: argparse.Namespace) -> None:
+    """Where and how to listen: problems are reported here, before the server starts."""
+    from cloudnbd.nbd.device import DeviceError
+    from cloudnbd.nbd.server import stale_socket
+
+    if args.socket is not None:
+        try:
+            stale_socket(args.socket)
+        except DeviceError as exc:
+            raise UsageError(str(exc)) from None
+        port = args.settings["port"]
+        if port.source not in ("default", "command line"):
+            log.warning("port %s (%s) is not used: serving on the Unix socket %s instead",
+                        port.value, port.source, args.socket)
+
+
 def _serve_settings(args: argparse.Namespace) -> object:
     from cloudnbd.engine.device import EngineSettings
     from cloudnbd.service import ServeSettings
 
+    _check_endpoint(args)
     if min(args.uploaders, args.fetchers, args.worker_threads) < 1:
         raise UsageError("--uploaders, --fetchers and --worker-threads must be at least 1")
     max_dirty = parse_size(args.max_dirty, "--max-dirty")
@@ -326,8 +344,10 @@ def cmd_open(args: argparse.Namespace) -> None:
     store = _store(args)
     volume.read_metadata(store)
     password = None if args.password_file else get_password(None)
-    cache_dir = _cache_dir(args)
-    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from cloudnbd.service import default_cache_root, private_cache_dir
+
+    cache_dir = private_cache_dir(args.cache or default_cache_root(), args.backend,
+                                  args.volume)
     log_path = cache_dir / "cloudnbd.log"
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "cloudnbd", *args.argv, "--foreground",
@@ -718,6 +738,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything else: this process may hold keys and plaintext (docs/design.md,
+    # "Security"), and no child may inherit the password from the environment.
+    no_core_dumps()
+    scrub_environment()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

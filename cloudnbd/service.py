@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,43 @@ def volume_cache_dir(root: Path, backend: str, location: str) -> Path:
     return root / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def private_cache_dir(root: Path, backend: str, location: str) -> Path:
+    """The volume's cache directory, created (0700) if missing.
+
+    The journal in it is trusted: replayed over the cloud at open. So neither it nor
+    the cache root may be in another user's hands: whoever can rename entries of a
+    directory can swap in a journal of their own. Refused (one line): a root owned by
+    another user (root excepted) or writable by others without the sticky bit, and a
+    volume directory that is not ours, is not a plain directory, or that others may
+    write to.
+    """
+    path = volume_cache_dir(root, backend, location)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_cache_entry(root, root=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    _check_cache_entry(path, root=False)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _check_cache_entry(path: Path, root: bool) -> None:
+    st = path.lstat() if not root else path.stat()
+    what = "cache directory" if root else "volume cache directory"
+    if not stat.S_ISDIR(st.st_mode):
+        raise CloudnbdError(f"{what} {path} is not a directory")
+    if st.st_uid != os.geteuid() and not (root and st.st_uid == 0):
+        raise CloudnbdError(f"{what} {path} is owned by another user (uid {st.st_uid}); "
+                            f"use a --cache directory of your own")
+    open_to_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if open_to_others and not (root and st.st_mode & stat.S_ISVTX):
+        raise CloudnbdError(f"{what} {path} is writable by others (mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}): they could replace the "
+                            f"journal; run: chmod go-w {path}")
+
+
 def control_socket(cache_dir: Path) -> Path:
     return cache_dir / "control.sock"
 
@@ -104,6 +142,7 @@ class Service:
         self.options = options
         self.volume = vol
         self.settings = settings
+        self.cache_root = cache_root
         self.cache_dir = volume_cache_dir(cache_root, backend, location)
         self.engine: Engine | None = None
         self.server: Any = None
@@ -118,8 +157,7 @@ class Service:
 
     # -- start -----------------------------------------------------------------------------
     def _prepare_cache_dir(self) -> None:
-        self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.cache_dir, 0o700)
+        self.cache_dir = private_cache_dir(self.cache_root, self.backend, self.location)
         self._lock_fd = os.open(self.cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

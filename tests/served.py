@@ -44,7 +44,7 @@ class Served:
     location: str
     socket: Path
     cache: Path
-    password_file: Path
+    password_file: Path | None
     process: subprocess.Popen[bytes]
     store_args: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
@@ -75,16 +75,18 @@ class Served:
         return json.loads(self.cli("status", "--cache", str(self.cache), "--json").stdout)
 
 
-def start(tmp: Path, backend: str, location: str, password_file: Path, *extra: str,
+def start(tmp: Path, backend: str, location: str, password_file: Path | None, *extra: str,
           store_args: list[str] | None = None, env: dict[str, str] | None = None,
-          cache: Path | None = None) -> Served:
-    """`cloudnbd open --foreground` on a Unix socket; returns once it accepts."""
+          cache: Path | None = None, prefix: tuple[str, ...] = ()) -> Served:
+    """`cloudnbd open --foreground` on a Unix socket; returns once it accepts. prefix
+    runs it through a wrapper (e.g. setpriv)."""
     socket_path = tmp / f"nbd-{os.urandom(3).hex()}.sock"
     cache = cache or tmp / "cache"
     read_end, write_end = os.pipe()
-    args = [*CLI, "open", backend, location, *(store_args or []), "--foreground",
-            "--socket", str(socket_path), "--cache", str(cache), "--password-file",
-            str(password_file), "--ready-fd", str(write_end), *extra]
+    args = [*prefix, *CLI, "open", backend, location, *(store_args or []), "--foreground",
+            "--socket", str(socket_path), "--cache", str(cache),
+            *(["--password-file", str(password_file)] if password_file else []),
+            "--ready-fd", str(write_end), *extra]
     log = open(tmp / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(args, pass_fds=(write_end,), stdout=log, stderr=log, env=env)
     os.close(write_end)

@@ -39,6 +39,7 @@ import logging
 import os
 import socket
 import ssl
+import stat
 import struct
 import threading
 import time
@@ -138,6 +139,19 @@ def _discard(sock: socket.socket, n: int, deadline: float | None = None) -> None
         n -= len(chunk)
 
 
+def stale_socket(path: Path) -> bool:
+    """True if a socket (left by an earlier server) is at path and may be replaced;
+    DeviceError if anything else is there: a mistyped --socket must never delete a file."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise DeviceError(errno.EEXIST, f"refusing to listen on {path}: it exists and is "
+                                        f"not a socket")
+    return True
+
+
 class NbdServer:
     """Serves one BlockDevice as one export over TCP and/or a Unix socket."""
 
@@ -204,10 +218,8 @@ class NbdServer:
     def start(self) -> None:
         """Bind and start accepting in background threads."""
         if self.unix_path is not None:
-            try:
-                self.unix_path.unlink()
-            except FileNotFoundError:
-                pass
+            if stale_socket(self.unix_path):
+                self.unix_path.unlink(missing_ok=True)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             old_umask = os.umask(0o177)
             try:
