@@ -22,7 +22,7 @@ from cloudnbd.backends.base import ObjectStore, RetryPolicy
 from cloudnbd.codec import ScryptParams
 from cloudnbd.errors import CloudnbdError, UsageError
 from cloudnbd.hardening import no_core_dumps
-from cloudnbd.password import get_password, scrub_environment
+from cloudnbd.password import check_private_file, get_password, scrub_environment
 from cloudnbd.progress import Progress
 from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
 
@@ -239,8 +239,21 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 def _check_endpoint(args: argparse.Namespace) -> None:
     """Where and how to listen: problems are reported here, before the server starts."""
+    import ssl
+
     from cloudnbd.nbd.device import DeviceError
-    from cloudnbd.nbd.server import stale_socket
+    from cloudnbd.nbd.server import TlsSettings, stale_socket
+
+    tls = TlsSettings(args.tls, args.tls_cert, args.tls_key, args.tls_ca, args.tls_psk)
+    if tls.psk is not None:
+        check_private_file(tls.psk, "PSK file")
+    try:
+        tls.context()
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        raise UsageError(f"TLS: {exc}") from None
+    if tls.mode == "require" and not tls.authenticates_clients:
+        log.warning("TLS is required but clients are not authenticated (no --tls-ca or "
+                    "--tls-psk): anyone who can connect can read and write the volume")
 
     if args.socket is not None:
         try:
@@ -272,6 +285,7 @@ def _serve_settings(args: argparse.Namespace) -> object:
         host=args.bind, port=args.port, socket_path=args.socket,
         export_name=args.export_name, read_only=args.read_only, tls=args.tls,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        tls_psk=args.tls_psk,
         uploaders=args.uploaders, fetchers=args.fetchers,
         threads_per_worker=args.worker_threads,
         upload_limit=parse_size(args.upload_limit, "--upload-limit") if args.upload_limit
@@ -676,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p)
     _add_password_option(p)
     _add_settings(p, "port", "bind", "socket", "export_name", "read_only", "tls",
-                  "tls_cert", "tls_key", "tls_ca", "cache", "cache_size", "max_dirty",
+                  "tls_cert", "tls_key", "tls_ca", "tls_psk", "cache", "cache_size", "max_dirty",
                   "uploaders", "fetchers", "worker_threads", "upload_limit",
                   "writeback_delay", "flush_timeout", "metrics")
     p.add_argument("--force", action="store_true",

@@ -119,6 +119,7 @@ class ServeSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    tls_psk: Path | None = None
     uploaders: int = 1
     fetchers: int = 1
     threads_per_worker: int = 2
@@ -239,7 +240,7 @@ class Service:
             self.server = NbdServer(
                 self.engine, export_name=s.export_name, host=s.host, port=s.port,
                 unix_path=s.socket_path, read_only=s.read_only, tls=s.tls,
-                tls_cert=s.tls_cert, tls_key=s.tls_key, tls_ca=s.tls_ca,
+                tls_cert=s.tls_cert, tls_key=s.tls_key, tls_ca=s.tls_ca, tls_psk=s.tls_psk,
                 description=f"cloudnbd volume {self.volume.store.description}",
                 on_request=metrics.observe_request if metrics else None)
             self.server.start()
