@@ -25,6 +25,7 @@ ENV_VAR = "CLOUDNBD_PASSWORD"
 CREDENTIAL = "password"
 
 _from_environment: list[str] = []  # CLOUDNBD_PASSWORD, once taken out of the environment
+_credential_used: list[bool] = []
 
 
 def scrub_environment() -> None:
@@ -35,12 +36,17 @@ def scrub_environment() -> None:
 
 
 def _credential() -> Path | None:
-    """The password systemd handed over as a credential, if any (systemd.exec(5))."""
+    """The password systemd handed over as a credential, if any (systemd.exec(5)). Like
+    the variable it answers the first request only: passwd's new password must come
+    from elsewhere."""
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not directory:
+    if not directory or _credential_used:
         return None
     path = Path(directory) / CREDENTIAL
-    return path if path.exists() else None
+    if not path.exists():
+        return None
+    _credential_used.append(True)
+    return path
 
 
 def check_private_file(path: Path, what: str) -> None:

@@ -150,6 +150,9 @@ def test_password_comes_from_a_systemd_credential(tmp_path: Path,
     env.pop("CLOUDNBD_PASSWORD", None)
     info = cloudnbd("info", "file", location, env=env)
     assert "volume id" in info.stdout
+    # it answers for the current password only, never also as passwd's new one
+    same = cloudnbd("passwd", "file", location, env=env, check=False, input_text="")
+    assert same.returncode == 2 and "a password is needed" in same.stderr
     (credentials / "password").chmod(0o600)
     (credentials / "password").write_text("not the password\n")
     wrong = cloudnbd("info", "file", location, env=env, check=False)
