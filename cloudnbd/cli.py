@@ -19,9 +19,10 @@ from pathlib import Path
 from cloudnbd import __version__, config, volume
 from cloudnbd.backends import BACKENDS, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
-from cloudnbd.codec import ScryptParams
+from cloudnbd.codec import Argon2idParams
 from cloudnbd.errors import CloudnbdError, UsageError
-from cloudnbd.password import get_password
+from cloudnbd.hardening import no_core_dumps
+from cloudnbd.password import check_private_file, get_password, scrub_environment
 from cloudnbd.progress import Progress
 from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
 
@@ -85,8 +86,11 @@ def _front_store(args: argparse.Namespace) -> ObjectStore:
     return RemoteStore(args.backend, args.volume, _store_options(args))
 
 
-def _kdf(args: argparse.Namespace) -> ScryptParams:
-    return ScryptParams(n=2 ** args.kdf_cost)
+def _kdf(args: argparse.Namespace) -> Argon2idParams | None:
+    """Explicit parameters from --kdf-cost; None: calibrate on this machine."""
+    from cloudnbd import kdf
+
+    return None if args.kdf_cost is None else kdf.explicit(args.kdf_cost)
 
 
 def _unlock(args: argparse.Namespace) -> volume.Volume:
@@ -118,6 +122,7 @@ def cmd_init(args: argparse.Namespace) -> None:
           f"{_size_change_note(requested, size)}, chunk size {format_size(chunk_size)}.")
     print(f"Volume id {created.meta.volume_id.hex()}. Nothing is stored until data is "
           f"written; keep the password safe, without it the data cannot be recovered.")
+    print(f"Key slot 0: {created.meta.slots[0].kdf} (opening needs that much memory).")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -133,16 +138,14 @@ def cmd_info(args: argparse.Namespace) -> None:
         "chunks": meta.chunk_count,
         "stored_chunks": len(stored),
         "stored_bytes": sum(info.size for _, info in stored),
-        "key_slots": [{"slot": s.slot, "kdf": "scrypt", "n": s.kdf.n, "r": s.kdf.r,
-                       "p": s.kdf.p} for s in meta.slots],
+        "key_slots": [{"slot": s.slot, **s.kdf.fields()} for s in meta.slots],
         "generation": meta.generation,
         "created": meta.created,
     }
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    slots = ", ".join(f"{s['slot']} (scrypt n={s['n']} r={s['r']} p={s['p']})"
-                      for s in info["key_slots"])
+    slots = ", ".join(f"{s.slot} ({s.kdf})" for s in meta.slots)
     print(f"location:        {info['location']}")
     print(f"volume id:       {info['volume_id']}")
     print(f"format version:  {info['format_version']}")
@@ -167,7 +170,7 @@ def cmd_passwd(args: argparse.Namespace) -> None:
     new = get_password(args.new_password_file, confirm=True, prompt="New password: ")
     if not new:
         raise UsageError("the new password must not be empty")
-    kdf = _kdf(args) if args.kdf_cost_given else None
+    kdf = _kdf(args)
     if args.add:
         number = vol.add_password(new, kdf)
         print(f"Added key slot {number}.")
@@ -267,10 +270,40 @@ def _cache_dir(args: argparse.Namespace) -> Path:
     return volume_cache_dir(args.cache or default_cache_root(), args.backend, args.volume)
 
 
+def _check_endpoint(args: argparse.Namespace) -> None:
+    """Where and how to listen: problems are reported here, before the server starts."""
+    import ssl
+
+    from cloudnbd.nbd.device import DeviceError
+    from cloudnbd.nbd.server import TlsSettings, stale_socket
+
+    tls = TlsSettings(args.tls, args.tls_cert, args.tls_key, args.tls_ca, args.tls_psk)
+    if tls.psk is not None:
+        check_private_file(tls.psk, "PSK file")
+    try:
+        tls.context()
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        raise UsageError(f"TLS: {exc}") from None
+    if tls.mode == "require" and not tls.authenticates_clients:
+        log.warning("TLS is required but clients are not authenticated (no --tls-ca or "
+                    "--tls-psk): anyone who can connect can read and write the volume")
+
+    if args.socket is not None:
+        try:
+            stale_socket(args.socket)
+        except DeviceError as exc:
+            raise UsageError(str(exc)) from None
+        port = args.settings["port"]
+        if port.source not in ("default", "command line"):
+            log.warning("port %s (%s) is not used: serving on the Unix socket %s instead",
+                        port.value, port.source, args.socket)
+
+
 def _serve_settings(args: argparse.Namespace) -> object:
     from cloudnbd.engine.device import EngineSettings
     from cloudnbd.service import ServeSettings
 
+    _check_endpoint(args)
     if min(args.uploaders, args.fetchers, args.worker_threads) < 1:
         raise UsageError("--uploaders, --fetchers and --worker-threads must be at least 1")
     max_dirty = parse_size(args.max_dirty, "--max-dirty")
@@ -285,6 +318,7 @@ def _serve_settings(args: argparse.Namespace) -> object:
         host=args.bind, port=args.port, socket_path=args.socket,
         export_name=args.export_name, read_only=args.read_only, tls=args.tls,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        tls_psk=args.tls_psk,
         uploaders=args.uploaders, fetchers=args.fetchers,
         threads_per_worker=args.worker_threads,
         upload_limit=parse_size(args.upload_limit, "--upload-limit") if args.upload_limit
@@ -362,8 +396,11 @@ def cmd_open(args: argparse.Namespace) -> None:
     store = _store(args)
     volume.read_metadata(store)
     password = None if args.password_file else get_password(None)
-    cache_dir = _cache_dir(args)
-    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from cloudnbd.runtime import default_cache_root
+    from cloudnbd.service import private_cache_dir
+
+    cache_dir = private_cache_dir(args.cache or default_cache_root(), args.backend,
+                                  args.volume)
     log_path = cache_dir / "cloudnbd.log"
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "cloudnbd", *args.argv, "--foreground",
@@ -693,9 +730,10 @@ def _add_password_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_kdf_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kdf-cost", type=int, default=None, choices=range(10, 25),
-                   metavar="N", help="scrypt cost: 2^N iterations, 128*2^N*8 bytes of "
-                                     "memory (default 17, i.e. 128 MiB)")
+    p.add_argument("--kdf-cost", type=int, default=None, choices=range(10, 23),
+                   metavar="N", help="Argon2id with 2^N KiB of memory (10 to 22: 1 MiB to "
+                                     "4 GiB) and 3 passes, instead of calibrating to about "
+                                     "a second with up to 1 GiB here; below 15 is weak")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -784,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p)
     _add_password_option(p)
     _add_settings(p, "port", "bind", "socket", "export_name", "read_only", "tls",
-                  "tls_cert", "tls_key", "tls_ca", "cache", "cache_size", "max_dirty",
+                  "tls_cert", "tls_key", "tls_ca", "tls_psk", "cache", "cache_size", "max_dirty",
                   "uploaders", "fetchers", "worker_threads", "upload_limit",
                   "writeback_delay", "flush_timeout", "metrics")
     p.add_argument("--force", action="store_true",
@@ -850,16 +888,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything else: this process may hold keys and plaintext (docs/design.md,
+    # "Security"), and no child may inherit the password from the environment.
+    no_core_dumps()
+    scrub_environment()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = [a for a in argv if a != "--debug"]
     if "--debug" in argv:
         args.argv.insert(0, "--debug")
-    if hasattr(args, "kdf_cost"):
-        args.kdf_cost_given = args.kdf_cost is not None
-        if args.kdf_cost is None:
-            args.kdf_cost = 17
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="cloudnbd: %(levelname)s: %(message)s")
     try:

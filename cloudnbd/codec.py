@@ -24,14 +24,16 @@ import os
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import zstandard
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cloudnbd.errors import IntegrityError, WrongPassword
+from cloudnbd.errors import CloudnbdError, IntegrityError, WrongPassword
 
 MASTER_KEY_BYTES = 32
 VOLUME_ID_BYTES = 16
@@ -49,7 +51,8 @@ CHUNK_OVERHEAD = CHUNK_HEADER.size + TAG_BYTES
 
 _CHUNK_INFO = b"cloudnbd chunk v1"
 _META_INFO = b"cloudnbd metadata v1"
-_SLOT_AAD = b"cloudnbd slot v1"
+_SLOT_AAD = b"cloudnbd slot v1"  # scrypt slots
+_ARGON2ID_SLOT_AAD = b"cloudnbd argon2id slot v1"
 _INDEX = struct.Struct(">Q")
 
 DEFAULT_ZSTD_LEVEL = 3
@@ -179,16 +182,71 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
 
 @dataclass(frozen=True)
 class ScryptParams:
-    """Memory-hard KDF parameters stored in each key slot (memory use is 128 * n * r bytes)."""
+    """scrypt parameters of a key slot (memory use is 128 * n * r bytes). Slots of this
+    kind are still opened; new slots use Argon2idParams."""
 
     n: int = 2**17
     r: int = 8
     p: int = 1
 
+    name: ClassVar[str] = "scrypt"
+    aad_label: ClassVar[bytes] = _SLOT_AAD
+
     def derive(self, password: str, salt: bytes) -> bytes:
         return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=self.n, r=self.r,
                               p=self.p, maxmem=129 * self.n * self.r * self.p + 2**20,
                               dklen=32)
+
+    def fields(self) -> dict[str, int | str]:
+        """The slot's KDF fields in volume.json."""
+        return {"kdf": self.name, "n": self.n, "r": self.r, "p": self.p}
+
+    def aad_params(self) -> bytes:
+        return struct.pack(">III", self.n, self.r, self.p)
+
+    def __str__(self) -> str:
+        return f"scrypt n={self.n} r={self.r} p={self.p}"
+
+
+@dataclass(frozen=True)
+class Argon2idParams:
+    """Argon2id (RFC 9106, version 0x13) parameters of a key slot: memory in KiB, passes
+    over it, lanes. kdf.calibrate() chooses them for new slots, as LUKS2 does."""
+
+    memory_kib: int
+    iterations: int
+    lanes: int = 4
+
+    name: ClassVar[str] = "argon2id"
+    aad_label: ClassVar[bytes] = _ARGON2ID_SLOT_AAD
+
+    def derive(self, password: str, salt: bytes) -> bytes:
+        try:
+            kdf = Argon2id(salt=salt, length=32, iterations=self.iterations,
+                           lanes=self.lanes, memory_cost=self.memory_kib)
+            return kdf.derive(password.encode("utf-8"))
+        except MemoryError:
+            raise CloudnbdError(f"not enough memory to derive the key ({self}); the key "
+                                f"slot was made on a machine with more") from None
+        except UnsupportedAlgorithm:
+            raise CloudnbdError("this build of the cryptography package has no Argon2id "
+                                "(it needs OpenSSL 3.2 or later)") from None
+
+    def fields(self) -> dict[str, int | str]:
+        return {"kdf": self.name, "memory_kib": self.memory_kib,
+                "iterations": self.iterations, "lanes": self.lanes}
+
+    def aad_params(self) -> bytes:
+        return struct.pack(">III", self.memory_kib, self.iterations, self.lanes)
+
+    def __str__(self) -> str:
+        memory = (f"{self.memory_kib // 1024} MiB" if self.memory_kib % 1024 == 0
+                  else f"{self.memory_kib} KiB")
+        passes = "pass" if self.iterations == 1 else "passes"
+        return f"Argon2id {memory}, {self.iterations} {passes}, {self.lanes} lanes"
+
+
+KdfParams = ScryptParams | Argon2idParams
 
 
 @dataclass(frozen=True)
@@ -196,21 +254,24 @@ class KeySlot:
     """The master key, wrapped under a key derived from one password."""
 
     slot: int
-    kdf: ScryptParams
+    kdf: KdfParams
     salt: bytes
     nonce: bytes
     wrapped_key: bytes
 
     def binding(self, volume_id: bytes) -> bytes:
         """Associated data: ties the slot to its volume and its own KDF parameters."""
-        params = struct.pack(">IIII", self.slot, self.kdf.n, self.kdf.r, self.kdf.p)
-        return _SLOT_AAD + volume_id + params + self.salt
+        return (self.kdf.aad_label + volume_id + struct.pack(">I", self.slot)
+                + self.kdf.aad_params() + self.salt)
 
 
 def wrap_master_key(slot: int, password: str, master_key: bytes, volume_id: bytes,
-                    kdf: ScryptParams) -> KeySlot:
-    """Make a key slot that password opens."""
-    salt, nonce = os.urandom(16), os.urandom(12)
+                    kdf: KdfParams, salt: bytes | None = None,
+                    nonce: bytes | None = None) -> KeySlot:
+    """Make a key slot that password opens. salt and nonce are only for known-answer
+    tests; production callers leave them random."""
+    salt = os.urandom(16) if salt is None else salt
+    nonce = os.urandom(12) if nonce is None else nonce
     draft = KeySlot(slot, kdf, salt, nonce, b"")
     wrapping_key = kdf.derive(password, salt)
     wrapped = AESGCM(wrapping_key).encrypt(nonce, master_key, draft.binding(volume_id))

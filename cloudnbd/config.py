@@ -96,6 +96,8 @@ SETTINGS: dict[str, Setting] = {
     "tls_cert": Setting(Path, None, "TLS certificate"),
     "tls_key": Setting(Path, None, "TLS private key"),
     "tls_ca": Setting(Path, None, "CA for client certificates"),
+    "tls_psk": Setting(Path, None, "pre-shared keys instead of certificates (lines "
+                       "username:hexkey, mode 0600; Python 3.13 or later)"),
     "cache": Setting(Path, None, "cache and journal directory"),
     "cache_size": Setting(_size, "2GiB", "bound on clean cached chunks"),
     "max_dirty": Setting(_size, "1GiB", "bound on data not yet uploaded"),

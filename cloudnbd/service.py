@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -49,6 +50,43 @@ from cloudnbd.volume import Volume
 log = logging.getLogger(__name__)
 
 
+def private_cache_dir(root: Path, backend: str, location: str) -> Path:
+    """The volume's cache directory, created (0700) if missing.
+
+    The journal in it is trusted: replayed over the cloud at open. So neither it nor
+    the cache root may be in another user's hands: whoever can rename entries of a
+    directory can swap in a journal of their own. Refused (one line): a root owned by
+    another user (root excepted) or writable by others without the sticky bit, and a
+    volume directory that is not ours, is not a plain directory, or that others may
+    write to.
+    """
+    path = runtime.volume_cache_dir(root, backend, location)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_cache_entry(root, root=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    _check_cache_entry(path, root=False)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _check_cache_entry(path: Path, root: bool) -> None:
+    st = path.lstat() if not root else path.stat()
+    what = "cache directory" if root else "volume cache directory"
+    if not stat.S_ISDIR(st.st_mode):
+        raise CloudnbdError(f"{what} {path} is not a directory")
+    if st.st_uid != os.geteuid() and not (root and st.st_uid == 0):
+        raise CloudnbdError(f"{what} {path} is owned by another user (uid {st.st_uid}); "
+                            f"use a --cache directory of your own")
+    open_to_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if open_to_others and not (root and st.st_mode & stat.S_ISVTX):
+        raise CloudnbdError(f"{what} {path} is writable by others (mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}): they could replace the "
+                            f"journal; run: chmod go-w {path}")
+
+
 def control_socket(cache_dir: Path) -> Path:
     return cache_dir / "control.sock"
 
@@ -66,6 +104,7 @@ class ServeSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    tls_psk: Path | None = None
     uploaders: int = 1
     fetchers: int = 1
     threads_per_worker: int = 2
@@ -128,6 +167,7 @@ class Service:
         self.options = options
         self.volume = vol
         self.settings = settings
+        self.cache_root = cache_root
         self.cache_dir = runtime.volume_cache_dir(cache_root, backend, location)
         self.engine: Engine | None = None
         self.server: Any = None
@@ -145,8 +185,7 @@ class Service:
 
     # -- start -----------------------------------------------------------------------------
     def _prepare_cache_dir(self) -> None:
-        self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.cache_dir, 0o700)
+        self.cache_dir = private_cache_dir(self.cache_root, self.backend, self.location)
         self._lock_fd = lock_cache_dir(self.cache_dir)
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
@@ -261,7 +300,7 @@ class Service:
             self.server = NbdServer(
                 self.engine, export_name=s.export_name, host=s.host, port=s.port,
                 unix_path=s.socket_path, read_only=s.read_only, tls=s.tls,
-                tls_cert=s.tls_cert, tls_key=s.tls_key, tls_ca=s.tls_ca,
+                tls_cert=s.tls_cert, tls_key=s.tls_key, tls_ca=s.tls_ca, tls_psk=s.tls_psk,
                 description=f"cloudnbd volume {self.volume.store.description}",
                 on_request=metrics.observe_request if metrics else None)
             self.server.start()

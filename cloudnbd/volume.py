@@ -34,7 +34,7 @@ from typing import Any
 
 from cloudnbd import codec
 from cloudnbd.backends.base import ObjectInfo, ObjectStore
-from cloudnbd.codec import KeySlot, ScryptParams, VolumeKeys
+from cloudnbd.codec import Argon2idParams, KdfParams, KeySlot, ScryptParams, VolumeKeys
 from cloudnbd.errors import (
     BackendError,
     CloudnbdError,
@@ -48,12 +48,15 @@ from cloudnbd.errors import (
     VolumeNotFound,
     WrongPassword,
 )
+from cloudnbd.kdf import calibrate, weakness
 from cloudnbd.lease import LEASE_KEY
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "cloudnbd-volume"
-FORMAT_VERSION = 1
+#: the newest format this code reads and writes. Version 2 added Argon2id key slots; a
+#: volume without one is still written as version 1, so that older cloudnbd reads it.
+FORMAT_VERSION = 2
 METADATA_KEY = "volume.json"
 CHUNK_PREFIX = "chunks/"
 
@@ -68,9 +71,19 @@ MAX_SIZE = 2**63 - SIZE_ALIGNMENT  # NBD sizes are 64-bit; keep signed arithmeti
 MAX_SLOTS = 8
 _DELETE_BATCH = 1000  # keys per delete_many call: one S3 DeleteObjects, one progress step
 _UPDATE_ATTEMPTS = 5  # M1: re-reads of volume.json when concurrent updates keep winning
-_KDF_LIMITS = {"n": (2**10, 2**24), "r": (1, 32), "p": (1, 16)}
 _SCAN_LIMIT = 1000  # objects init looks at in an occupied location to name what is there
 _HEX = frozenset("0123456789abcdef")
+#: what a key slot may ask of the machine that opens it (docs/format.md)
+_KDFS: dict[str, tuple[type[KdfParams], dict[str, tuple[int, int]]]] = {
+    "scrypt": (ScryptParams, {"n": (2**10, 2**24), "r": (1, 32), "p": (1, 16)}),
+    "argon2id": (Argon2idParams, {"memory_kib": (8, 2**22), "iterations": (1, 64),
+                                  "lanes": (1, 16)}),
+}
+
+
+def format_version(slots: tuple[KeySlot, ...]) -> int:
+    """The lowest format version that describes these key slots."""
+    return 2 if any(isinstance(s.kdf, Argon2idParams) for s in slots) else 1
 
 
 def chunk_key(index: int) -> str:
@@ -183,9 +196,8 @@ class VolumeMeta:
             "generation": self.generation,
             "created": self.created,
             "key_slots": [
-                {"slot": s.slot, "kdf": "scrypt", "n": s.kdf.n, "r": s.kdf.r, "p": s.kdf.p,
-                 "salt": _b64(s.salt), "nonce": _b64(s.nonce),
-                 "wrapped_key": _b64(s.wrapped_key)}
+                {"slot": s.slot, **s.kdf.fields(), "salt": _b64(s.salt),
+                 "nonce": _b64(s.nonce), "wrapped_key": _b64(s.wrapped_key)}
                 for s in self.slots
             ],
         }
@@ -204,16 +216,20 @@ def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def _parse_slot(raw: Any) -> KeySlot:
-    if not isinstance(raw, dict) or raw.get("kdf") != "scrypt":
+def _parse_slot(raw: Any, version: int) -> KeySlot:
+    kind = raw.get("kdf") if isinstance(raw, dict) else None
+    if kind not in _KDFS or (kind == "argon2id" and version < 2):
         raise IntegrityError("volume metadata: key slot malformed or of an unknown KDF")
+    params_type, limits = _KDFS[kind]
     params = {}
-    for name, (low, high) in _KDF_LIMITS.items():
+    for name, (low, high) in limits.items():
         value = _field(raw, name, int)
         if not low <= value <= high:
             raise IntegrityError(f"volume metadata: KDF parameter {name}={value} out of range")
         params[name] = value
-    return KeySlot(slot=_field(raw, "slot", int), kdf=ScryptParams(**params),
+    if kind == "argon2id" and params["memory_kib"] < 8 * params["lanes"]:
+        raise IntegrityError("volume metadata: Argon2id memory below 8 KiB per lane")
+    return KeySlot(slot=_field(raw, "slot", int), kdf=params_type(**params),
                    salt=_unb64(raw.get("salt"), "slot salt"),
                    nonce=_unb64(raw.get("nonce"), "slot nonce"),
                    wrapped_key=_unb64(raw.get("wrapped_key"), "wrapped key"))
@@ -261,7 +277,7 @@ def parse_metadata(blob: bytes) -> tuple[VolumeMeta, dict[str, Any], str]:
         chunk_size=_field(doc, "chunk_size", int),
         generation=_field(doc, "generation", int),
         created=_field(doc, "created", str),
-        slots=tuple(_parse_slot(raw) for raw in slots),
+        slots=tuple(_parse_slot(raw, version) for raw in slots),
         version=version,
     )
     return meta, doc, mac
@@ -315,7 +331,9 @@ class Volume:
         for attempt in range(_UPDATE_ATTEMPTS):
             if attempt or self.meta_version is None:
                 self.refresh()
-            meta = replace(change(self.meta), generation=self.meta.generation + 1)
+            meta = change(self.meta)
+            meta = replace(meta, generation=self.meta.generation + 1,
+                           version=format_version(meta.slots))
             try:
                 self.meta_version = self.store.put_if(METADATA_KEY, self.serialize(meta),
                                                       self.meta_version)
@@ -352,14 +370,15 @@ class Volume:
                             "meanwhile by another command?)")
 
     def change_password(self, old_password: str, new_password: str,
-                        kdf: ScryptParams | None = None) -> int:
-        """Re-wrap the slot old_password opens under new_password; returns the slot."""
+                        kdf: KdfParams | None = None) -> int:
+        """Re-wrap the slot old_password opens under new_password, with kdf or newly
+        calibrated Argon2id parameters (a scrypt slot is upgraded); returns the slot."""
         changed: list[int] = []
+        kdf = kdf or calibrate()  # once, not per attempt of update()
 
         def change(meta: VolumeMeta) -> VolumeMeta:
             old = self._slot_opened_by(meta, old_password)
-            new = codec.wrap_master_key(old.slot, new_password, self.keys.master_key,
-                                        meta.volume_id, kdf or old.kdf)
+            new = _wrap(old.slot, new_password, self.keys.master_key, meta.volume_id, kdf)
             changed[:] = [old.slot]
             return replace(meta, slots=tuple(new if s.slot == old.slot else s
                                              for s in meta.slots))
@@ -367,16 +386,16 @@ class Volume:
         self.update(change)
         return changed[0]
 
-    def add_password(self, new_password: str, kdf: ScryptParams | None = None) -> int:
-        """Add a key slot for new_password; returns its number."""
+    def add_password(self, new_password: str, kdf: KdfParams | None = None) -> int:
+        """Add a key slot for new_password (kdf, or calibrated Argon2id); its number."""
         added: list[int] = []
+        kdf = kdf or calibrate()  # once, not per attempt of update()
 
         def change(meta: VolumeMeta) -> VolumeMeta:
             if len(meta.slots) >= MAX_SLOTS:
                 raise UsageError(f"all {MAX_SLOTS} key slots are in use; remove one first")
             number = min(set(range(MAX_SLOTS)) - {s.slot for s in meta.slots})
-            slot = codec.wrap_master_key(number, new_password, self.keys.master_key,
-                                         meta.volume_id, kdf or meta.slots[0].kdf)
+            slot = _wrap(number, new_password, self.keys.master_key, meta.volume_id, kdf)
             added[:] = [number]
             return replace(meta, slots=(*meta.slots, slot))
 
@@ -451,8 +470,18 @@ class Volume:
             self.update(lambda meta: replace(meta, size=new_size))
 
 
+def _wrap(number: int, password: str, master_key: bytes, volume_id: bytes,
+          kdf: KdfParams | None) -> KeySlot:
+    """A new key slot: with kdf, or Argon2id calibrated on this machine (kdf.py)."""
+    if kdf is None:
+        kdf = calibrate()
+    if isinstance(kdf, Argon2idParams) and (weak := weakness(kdf)):
+        log.warning("key slot %d: %s", number, weak)
+    return codec.wrap_master_key(number, password, master_key, volume_id, kdf)
+
+
 def create(store: ObjectStore, size: int, chunk_size: int, password: str,
-           kdf: ScryptParams | None = None) -> Volume:
+           kdf: KdfParams | None = None) -> Volume:
     """Create a new, empty volume at store; VolumeExists if one is already there."""
     check_size(size)
     check_chunk_size(chunk_size)
@@ -463,10 +492,11 @@ def create(store: ObjectStore, size: int, chunk_size: int, password: str,
     check_location_free(store)
     volume_id = os.urandom(codec.VOLUME_ID_BYTES)
     master_key = os.urandom(codec.MASTER_KEY_BYTES)
-    slot = codec.wrap_master_key(0, password, master_key, volume_id, kdf or ScryptParams())
+    slot = _wrap(0, password, master_key, volume_id, kdf)
     meta = VolumeMeta(
         volume_id=volume_id, size=size, chunk_size=chunk_size, generation=1,
         created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), slots=(slot,),
+        version=format_version((slot,)),
     )
     volume = Volume(store, meta, VolumeKeys(volume_id, master_key))
     try:

@@ -25,6 +25,8 @@ import os
 from multiprocessing.context import BaseContext
 from pathlib import Path
 
+from cloudnbd.hardening import no_core_dumps
+
 log = logging.getLogger(__name__)
 
 # Set only while the server starts, and removed by it: tells it which backend to warm.
@@ -56,6 +58,7 @@ def bind_to_front(front_pid: int) -> None:
     zygote died before prctl took effect: then our parent is no longer the zygote that
     the front started.
     """
+    no_core_dumps()  # inherited from the zygote already; stated where each child starts
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)  # SIGKILL
@@ -78,6 +81,7 @@ def _warm(backend: str) -> None:
     from cloudnbd.engine import workers  # noqa: F401 - the code every child runs
     from cloudnbd.engine.malloc import limit_malloc_retention
 
+    no_core_dumps()  # the zygote was exec'd, which made it dumpable again
     limit_malloc_retention()  # inherited by every child
     if backend == "s3":
         from cloudnbd.backends import s3

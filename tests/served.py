@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +26,10 @@ KDF = ["--kdf-cost", "10"]
 
 def cloudnbd(*args: str, env: dict[str, str] | None = None, check: bool = True,
              input_text: str | None = None, timeout: float = 300,
-             machine: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+             prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     """Run the cloudnbd command; with check, fail the test with its stderr if it fails.
-    machine: a command prefix that runs it as another machine (tests.machines)."""
-    result = subprocess.run([*(machine or []), *CLI, *args], capture_output=True,
+    prefix runs it through a wrapper (e.g. as another machine: tests.machines)."""
+    result = subprocess.run([*prefix, *CLI, *args], capture_output=True,
                             text=True, env=env, input=input_text, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"cloudnbd {' '.join(args)} exited {result.returncode}:\n"
@@ -45,11 +45,11 @@ class Served:
     location: str
     socket: Path
     cache: Path
-    password_file: Path
+    password_file: Path | None
     process: subprocess.Popen[bytes]
     store_args: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
-    machine: list[str] = field(default_factory=list)  # runs as another machine
+    prefix: list[str] = field(default_factory=list)  # the wrapper it runs through
     notes: list[str] = field(default_factory=list)  # warnings open gave at start
 
     @property
@@ -59,7 +59,7 @@ class Served:
     def cli(self, command: str, *args: str, check: bool = True
             ) -> subprocess.CompletedProcess[str]:
         return cloudnbd(command, self.backend, self.location, *self.store_args, *args,
-                        env=self.env, check=check, machine=self.machine)
+                        env=self.env, check=check, prefix=self.prefix)
 
     def close(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = self.cli("close", "--cache", str(self.cache), *args, check=check)
@@ -78,18 +78,18 @@ class Served:
         return json.loads(self.cli("status", "--cache", str(self.cache), "--json").stdout)
 
 
-def start(tmp: Path, backend: str, location: str, password_file: Path, *extra: str,
+def start(tmp: Path, backend: str, location: str, password_file: Path | None, *extra: str,
           store_args: list[str] | None = None, env: dict[str, str] | None = None,
-          cache: Path | None = None, machine: list[str] | None = None) -> Served:
-    """`cloudnbd open --foreground` on a Unix socket; returns once it accepts.
-    machine: a command prefix that runs the server as another machine (tests.machines)."""
+          cache: Path | None = None, prefix: Sequence[str] = ()) -> Served:
+    """`cloudnbd open --foreground` on a Unix socket; returns once it accepts. prefix
+    runs it through a wrapper (setpriv, or another machine: tests.machines)."""
     socket_path = tmp / f"nbd-{os.urandom(3).hex()}.sock"
     cache = cache or tmp / "cache"
     read_end, write_end = os.pipe()
-    args = [*(machine or []), *CLI, "open", backend, location, *(store_args or []),
-            "--foreground",
-            "--socket", str(socket_path), "--cache", str(cache), "--password-file",
-            str(password_file), "--ready-fd", str(write_end), *extra]
+    args = [*prefix, *CLI, "open", backend, location, *(store_args or []), "--foreground",
+            "--socket", str(socket_path), "--cache", str(cache),
+            *(["--password-file", str(password_file)] if password_file else []),
+            "--ready-fd", str(write_end), *extra]
     log = open(tmp / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(args, pass_fds=(write_end,), stdout=log, stderr=log, env=env)
     os.close(write_end)
@@ -104,7 +104,7 @@ def start(tmp: Path, backend: str, location: str, password_file: Path, *extra: s
         raise AssertionError(f"server did not start ({answer!r}):\n"
                              f"{(tmp / 'server.log').read_text()}")
     return Served(backend, location, socket_path, cache, password_file, process,
-                  store_args or [], env, machine or [], notes)
+                  store_args or [], env, list(prefix), notes)
 
 
 def make_password_file(tmp: Path, text: str = "correct horse battery") -> Path:

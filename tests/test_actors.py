@@ -40,13 +40,13 @@ def _serve(env: BackendEnv, tmp: Path, location: str, password: Path, name: str,
            *extra: str, machine: list[str] | None = None) -> Served:
     return start(tmp, env.name, location, password, "--writeback-delay", "0.1", *extra,
                  store_args=env.cli_args, env=env.env, cache=tmp / f"cache-{name}",
-                 machine=machine)
+                 prefix=machine or ())
 
 
 def _cli(env: BackendEnv, command: str, location: str, *args: str,
          machine: list[str] | None = None) -> object:
     return cloudnbd(command, env.name, location, *env.cli_args, *args, env=env.env,
-                    check=False, machine=machine)
+                    check=False, prefix=machine or ())
 
 
 def _export(env: BackendEnv, tmp: Path, location: str, password: Path) -> bytes:
@@ -75,7 +75,7 @@ def test_open_force_displaces_the_live_holder_and_no_acknowledged_flush_is_lost(
     client_a.flush()
 
     b = _serve(env, tmp_path, location, password_file, "b", "--force",
-               machine=other_machine.prefix)
+               prefix=other_machine.prefix)
     client_b = NbdClient.unix(str(b.socket))
     assert client_b.pread(0, CHUNK) == a0  # B's clean cache now holds chunk 0
     b3 = os.urandom(SECTOR)
@@ -161,7 +161,7 @@ def test_delete_import_and_shrink_refuse_while_the_volume_is_open(
     for holder in ("this machine", "another machine"):
         machine = other_machine.prefix if holder == "another machine" else None
         server = _serve(env, tmp_path, location, password_file, holder.split()[0],
-                        machine=machine)
+                        prefix=machine or ())
         client = NbdClient.unix(str(server.socket))
         data = os.urandom(CHUNK)
         client.pwrite(data, CHUNK)
@@ -267,7 +267,7 @@ def test_a_journal_overtaken_by_another_server_is_never_replayed(
     client.pwrite(os.urandom(CHUNK), 0)  # never flushed: stays in A's journal
     a.kill()
     b = _serve(env, tmp_path, location, password_file, "b", "--force",
-               machine=other_machine.prefix)
+               prefix=other_machine.prefix)
     newer = os.urandom(CHUNK)
     client_b = NbdClient.unix(str(b.socket))
     client_b.pwrite(newer, 0)

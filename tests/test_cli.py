@@ -59,7 +59,7 @@ def test_init_info_reports_rounding_and_stores_nothing(cli: Cli) -> None:
     _, out, _ = cli("info", location, "--password-file", str(cli.password), "--json")
     info = json.loads(out)
     assert info["size"] == 20000002048 and info["chunk_size"] == 4 * 2**20
-    assert info["format_version"] == 1 and info["stored_chunks"] == 0
+    assert info["format_version"] == 2 and info["stored_chunks"] == 0
     assert [s["slot"] for s in info["key_slots"]] == [0]
     assert list(cli.snapshot(location)) == ["volume.json"]
 
@@ -74,7 +74,7 @@ def test_passwd_rewrites_only_key_slots(cli: Cli, tmp_path: Path) -> None:
     before = cli.snapshot(location)
     assert len([k for k in before if k.startswith("chunks/")]) == 8
     cli("passwd", location, "--password-file", str(cli.password), "--new-password-file",
-        str(cli.new_password))
+        str(cli.new_password), *KDF)
     after = cli.snapshot(location)
     assert {k: v for k, v in after.items() if k != "volume.json"} == \
         {k: v for k, v in before.items() if k != "volume.json"}
@@ -143,11 +143,11 @@ def test_errors_are_one_line_and_change_nothing(cli: Cli) -> None:
     assert cli.snapshot(location) == before
     # a volume written by a newer cloudnbd is refused before any password is asked
     doc = json.loads(before["volume.json"])
-    doc["version"] = 2
+    written, doc["version"] = doc["version"], volume.FORMAT_VERSION + 1
     cli.env.store(location).put("volume.json", json.dumps(doc).encode())
     assert_one_line_error(cli("info", location, *pw, check=False), 8, "newer")
     # a tampered size is refused
-    doc["version"], doc["size"] = 1, 2 * doc["size"]
+    doc["version"], doc["size"] = written, 2 * doc["size"]
     cli.env.store(location).put("volume.json", json.dumps(doc).encode())
     assert_one_line_error(cli("info", location, *pw, check=False), 7, "modified")
 

@@ -45,7 +45,9 @@ def configured_volume(tmp_path: Path, name: str = "vol", **extra: object) -> Pat
 def test_readiness_is_notified_once_the_server_accepts_and_close_stops_it(
         tmp_path: Path) -> None:
     unit = (ROOT / "etc" / "systemd" / "cloudnbd@.service").read_text()
-    for line in ("Type=notify", "ExecStart=/usr/bin/cloudnbd open %i --foreground",
+    for line in ("Type=notify",
+                 "ExecStart=/usr/bin/cloudnbd open %i --foreground --socket "
+                 "/run/cloudnbd/%i/nbd.sock",
                  "ExecStop=/usr/bin/cloudnbd close %i", "Restart=on-failure"):
         assert line in unit.splitlines(), line
     port = free_port()

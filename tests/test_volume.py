@@ -85,7 +85,7 @@ def test_absurd_kdf_parameters_are_refused_before_running_the_kdf(store: FileSto
 def test_newer_format_version_is_refused_with_a_clear_message(store: FileStore) -> None:
     volume.create(store, 10 * CHUNK, CHUNK, "pw", FAST)
     doc = json.loads(store.get(volume.METADATA_KEY))
-    doc["version"] = 2
+    doc["version"] = volume.FORMAT_VERSION + 1
     store.put(volume.METADATA_KEY, json.dumps(doc).encode())
     with pytest.raises(UnsupportedFormat, match="newer than this cloudnbd"):
         volume.read_metadata(store)

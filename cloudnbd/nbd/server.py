@@ -39,7 +39,9 @@ import logging
 import os
 import socket
 import ssl
+import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -73,24 +75,86 @@ class _Disconnect(Exception):
     """End this connection (protocol violation, abort, or the peer went away)."""
 
 
+#: Python's ssl module serves TLS with pre-shared keys from Python 3.13 on
+PSK_SUPPORTED = hasattr(ssl.SSLContext, "set_psk_server_callback")
+MIN_PSK_BYTES = 16
+
+
+def read_psk_file(path: Path) -> dict[str, bytes]:
+    """The keys of a PSK file in the format nbdkit, qemu and GnuTLS's psktool use: one
+    `username:hexkey` per line. ValueError naming the line if it is malformed."""
+    keys: dict[str, bytes] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        name, sep, hexkey = line.strip().partition(":")
+        try:
+            key = bytes.fromhex(hexkey)
+        except ValueError:
+            key = b""
+        if not sep or not name or not key:
+            raise ValueError(f"{path}:{number}: expected username:hexkey")
+        if len(key) < MIN_PSK_BYTES:
+            raise ValueError(f"{path}:{number}: the key of {name} is {len(key)} bytes, "
+                             f"fewer than {MIN_PSK_BYTES} (psktool -u {name} -p {path} "
+                             f"makes a 32-byte one)")
+        keys[name] = key
+    if not keys:
+        raise ValueError(f"{path} holds no keys")
+    return keys
+
+
 @dataclass(frozen=True)
 class TlsSettings:
+    """STARTTLS with a certificate (and optionally a CA that client certificates must
+    chain to), or with pre-shared keys (which authenticate both sides)."""
+
     mode: str = "off"  # off | on | require
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = None
+    psk: Path | None = None
+
+    @property
+    def authenticates_clients(self) -> bool:
+        return self.ca is not None or self.psk is not None
 
     def context(self) -> ssl.SSLContext | None:
+        """The server's TLS context; ValueError, OSError or ssl.SSLError if the settings
+        or the files they name are wrong."""
         if self.mode == "off":
+            if self.psk or self.cert or self.ca:
+                raise ValueError("TLS files are given but --tls is off")
             return None
+        if self.psk is not None:
+            return self._psk_context(self.psk)
         if self.cert is None or self.key is None:
-            raise ValueError("TLS needs a certificate and a key")
+            raise ValueError("TLS needs a certificate and a key (--tls-cert, --tls-key), "
+                             "or pre-shared keys (--tls-psk)")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.cert, self.key)
         if self.ca is not None:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(self.ca)
+        return context
+
+    def _psk_context(self, path: Path) -> ssl.SSLContext:
+        if self.cert or self.key or self.ca:
+            raise ValueError("--tls-psk replaces certificates: give either --tls-psk or "
+                             "--tls-cert and --tls-key (and --tls-ca), not both")
+        if not PSK_SUPPORTED:
+            version = ".".join(map(str, sys.version_info[:3]))
+            raise ValueError(f"--tls-psk needs Python 3.13 or later (this is Python "
+                             f"{version}); use --tls-cert and --tls-key, or run cloudnbd "
+                             f"with a newer Python")
+        keys = read_psk_file(path)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # TLS 1.3 only: its PSK key exchange adds ephemeral (EC)DHE, so a key that leaks
+        # later does not decrypt recorded sessions.
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.set_psk_server_callback(  # type: ignore[attr-defined]
+            lambda identity: keys.get(identity or "", b""))
         return context
 
 
@@ -138,6 +202,19 @@ def _discard(sock: socket.socket, n: int, deadline: float | None = None) -> None
         n -= len(chunk)
 
 
+def stale_socket(path: Path) -> bool:
+    """True if a socket (left by an earlier server) is at path and may be replaced;
+    DeviceError if anything else is there: a mistyped --socket must never delete a file."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise DeviceError(errno.EEXIST, f"refusing to listen on {path}: it exists and is "
+                                        f"not a socket")
+    return True
+
+
 class NbdServer:
     """Serves one BlockDevice as one export over TCP and/or a Unix socket."""
 
@@ -145,7 +222,8 @@ class NbdServer:
                  port: int | None = 10809, unix_path: Path | None = None,
                  read_only: bool = False, tls: str = "off", tls_cert: Path | None = None,
                  tls_key: Path | None = None, tls_ca: Path | None = None,
-                 description: str = "", on_request: RequestHook | None = None,
+                 tls_psk: Path | None = None, description: str = "",
+                 on_request: RequestHook | None = None,
                  max_connections: int = MAX_CONNECTIONS,
                  handshake_timeout: float | None = HANDSHAKE_TIMEOUT) -> None:
         self.device = device
@@ -154,7 +232,7 @@ class NbdServer:
         self.port = None if unix_path is not None else port
         self.unix_path = unix_path
         self.read_only = read_only or device.read_only
-        self.tls = TlsSettings(tls, tls_cert, tls_key, tls_ca)
+        self.tls = TlsSettings(tls, tls_cert, tls_key, tls_ca, tls_psk)
         self.tls_context = self.tls.context()
         self.description = description
         self.on_request = on_request
@@ -204,10 +282,8 @@ class NbdServer:
     def start(self) -> None:
         """Bind and start accepting in background threads."""
         if self.unix_path is not None:
-            try:
-                self.unix_path.unlink()
-            except FileNotFoundError:
-                pass
+            if stale_socket(self.unix_path):
+                self.unix_path.unlink(missing_ok=True)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             old_umask = os.umask(0o177)
             try:
