@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -37,16 +38,16 @@ def _init(env: BackendEnv, password: Path, size: int = SIZE) -> str:
 
 
 def _serve(env: BackendEnv, tmp: Path, location: str, password: Path, name: str,
-           *extra: str, machine: list[str] | None = None) -> Served:
+           *extra: str, prefix: Sequence[str] = ()) -> Served:
     return start(tmp, env.name, location, password, "--writeback-delay", "0.1", *extra,
                  store_args=env.cli_args, env=env.env, cache=tmp / f"cache-{name}",
-                 prefix=machine or ())
+                 prefix=prefix)
 
 
 def _cli(env: BackendEnv, command: str, location: str, *args: str,
-         machine: list[str] | None = None) -> object:
+         prefix: Sequence[str] = ()) -> object:
     return cloudnbd(command, env.name, location, *env.cli_args, *args, env=env.env,
-                    check=False, prefix=machine or ())
+                    check=False, prefix=prefix)
 
 
 def _export(env: BackendEnv, tmp: Path, location: str, password: Path) -> bytes:
@@ -159,9 +160,9 @@ def test_delete_import_and_shrink_refuse_while_the_volume_is_open(
     image.write_bytes(os.urandom(CHUNK))
     pw = ("--password-file", str(password_file))
     for holder in ("this machine", "another machine"):
-        machine = other_machine.prefix if holder == "another machine" else None
+        machine = other_machine.prefix if holder == "another machine" else []
         server = _serve(env, tmp_path, location, password_file, holder.split()[0],
-                        prefix=machine or ())
+                        prefix=machine)
         client = NbdClient.unix(str(server.socket))
         data = os.urandom(CHUNK)
         client.pwrite(data, CHUNK)
