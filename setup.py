@@ -24,7 +24,6 @@ setup(
         "google-cloud-storage>=2.14",
         "cryptography>=45",  # AESGCM.encrypt_into
         "zstandard>=0.22",
-        "diskcache>=5.6",
         "prometheus-client>=0.20",
     ],
     extras_require={

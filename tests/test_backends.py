@@ -80,6 +80,20 @@ def test_conditional_writes_succeed_only_on_the_version_last_seen(
         store.put_if("chunks/0000000000000008", b"x", second)  # never existed
 
 
+def test_a_get_names_the_version_of_what_it_read(backend_env: BackendEnv) -> None:
+    store = backend_env.store(backend_env.new_location())
+    key = "chunks/0000000000000003"
+    first = store.put_if(key, b"one", None)
+    assert store.get_with_version(key) == (b"one", first)
+    second = store.put_if(key, os.urandom(3 * 2**20), first)
+    data, version = store.get_with_version(key)
+    assert (len(data), version) == (3 * 2**20, second) and version != first
+    assert [i.version for i in store.list("chunks/")] == [second]  # what open compares
+    store.delete_if(key, second)
+    with pytest.raises(ObjectNotFound):
+        store.get_with_version(key)
+
+
 # fake-gcs-server ignores ifGenerationMatch on DELETE (real GCS honours it), so a stale
 # conditional delete can only be shown refused on the other stores.
 @pytest.mark.parametrize("backend_env", ["file", "s3"], indirect=True)

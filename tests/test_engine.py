@@ -179,3 +179,52 @@ def test_read_now_answers_hits_and_never_fetches_or_waits(tmp_path: Path) -> Non
     buf = bytearray(CHUNK)
     assert rig.engine.pread_now(memoryview(buf), 2 * CHUNK)  # now a clean-cache hit
     assert bytes(buf) == original
+
+
+def test_a_clean_stop_keeps_only_files_the_store_still_holds(tmp_path: Path) -> None:
+    """C6: another machine rewrote chunk 0 and deleted chunk 1 while this one was
+    stopped; their clean files go at open, the others (one uploaded, one fetched)
+    stay."""
+    rig = EngineRig(tmp_path)
+    fetched = os.urandom(CHUNK)
+    rig.volume.write_chunk(3, fetched)  # in the store before this engine's listing
+    rig.engine.stop(clean=True)
+    rig.reopen()
+    assert rig.read(3 * CHUNK, CHUNK) == fetched  # a fetch makes its clean file
+    ours = os.urandom(3 * CHUNK)
+    rig.write(0, ours)  # uploads make the clean files of chunks 0-2
+    rig.engine.flush()
+    rig.engine.drain()
+    rig.engine.stop(clean=True)
+
+    elsewhere = os.urandom(CHUNK)
+    rig.volume.write_chunk(0, elsewhere)  # the other machine, behind this one's back
+    rig.volume.write_chunk(1, bytes(CHUNK))  # all zeros: the object is deleted
+    engine = rig.reopen()
+    assert [i for i in range(4) if i in engine.clean] == [2, 3]
+    expected = elsewhere + bytes(CHUNK) + ours[2 * CHUNK:] + fetched
+    assert rig.read(0, 4 * CHUNK) == expected
+    assert engine.stats.fetches == 1  # chunk 0; chunks 2 and 3 came from the cache
+
+
+def test_a_clean_file_without_a_recorded_version_is_dropped(tmp_path: Path) -> None:
+    """C6: a file a worker renamed into place without the front learning of it (its
+    result lost with the worker), or one kept by a release that recorded no versions,
+    copies an object nobody can name: it is not trusted."""
+    rig = EngineRig(tmp_path)
+    data = os.urandom(2 * CHUNK)
+    rig.write(0, data)
+    rig.engine.flush()
+    rig.volume.write_chunk(5, os.urandom(CHUNK))
+    rig.engine.stop(clean=True)
+    unrecorded = rig.cache_dir / "clean" / f"{5:016x}"
+    unrecorded.write_bytes(os.urandom(CHUNK))
+    engine = rig.reopen()
+    assert 5 not in engine.clean and not unrecorded.exists()
+    assert [i for i in range(2) if i in engine.clean] == [0, 1]
+    engine.stop(clean=True)
+
+    (rig.cache_dir / "clean-shutdown").write_text("")  # the marker of an older release
+    engine = rig.reopen()
+    assert not any(i in engine.clean for i in range(16))
+    assert rig.read(0, 2 * CHUNK) == data

@@ -36,6 +36,7 @@ def test_remote_store_answers_like_the_store_it_wraps(tmp_path: Path) -> None:
     store.put("a", b"alpha")
     assert store.get("a") == b"alpha"
     assert store.stat("a") is not None and store.stat("a").size == 5  # type: ignore[union-attr]
+    assert store.get_with_version("a") == (b"alpha", store.stat("a").version)  # type: ignore[union-attr]
     assert store.stat("missing") is None
     with pytest.raises(ObjectNotFound):
         store.get("missing")

@@ -7,6 +7,9 @@ interface; compression and encryption live in cloudnbd.codec, never here.
 Promises every backend keeps:
 - put() is atomic: a reader sees the old object, the new one, or none, never a mix.
 - put() returning means the object is durable in the store (the PUT was acknowledged).
+- get_with_version() returns an object's bytes together with the version they are, from
+  the one response that carried them: a local copy can then say which write it copies,
+  and be dropped once the store holds another (the clean cache, engine/cache.py C6).
 - put_if_absent() either creates the object or raises PreconditionFailed; it never
   overwrites.
 - Every object has a version token (ObjectInfo.version: the S3 ETag, the GCS
@@ -72,9 +75,15 @@ class ObjectStore(ABC):
         self.retries = 0
 
     # -- the interface ---------------------------------------------------------------
-    @abstractmethod
     def get(self, key: str) -> bytes:
         """Return the object's bytes; ObjectNotFound if it does not exist."""
+        return self.get_with_version(key)[0]
+
+    @abstractmethod
+    def get_with_version(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and their version (as ObjectInfo.version names it), both
+        from one read, never a stat beside it ("" if the answer named none);
+        ObjectNotFound if it does not exist."""
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:

@@ -43,9 +43,12 @@ class FileStore(ObjectStore):
     def _fail(self, what: str, exc: OSError) -> BackendError:
         return BackendError(f"{self.description}: {what}: {exc.strerror or exc}")
 
-    def get(self, key: str) -> bytes:
+    def get_with_version(self, key: str) -> tuple[bytes, str]:
+        # A write renames a complete new file into place, so the inode opened here never
+        # changes: its stat is the version of exactly the bytes read from it.
         try:
-            return self._path(key).read_bytes()
+            with self._path(key).open("rb") as f:
+                return f.read(), _version(os.fstat(f.fileno()))
         except FileNotFoundError:
             raise ObjectNotFound(f"{self.description}: no object {key}") from None
         except OSError as exc:

@@ -128,10 +128,11 @@ class GCSStore(BucketStore):
             self._bucket_seen = True
         return True
 
-    def get(self, key: str) -> bytes:
+    def get_with_version(self, key: str) -> tuple[bytes, str]:
         blob = self.bucket.blob(self._key(key))
-        return self._call("GET", key, lambda: blob.download_as_bytes(
+        data = self._call("GET", key, lambda: blob.download_as_bytes(
             retry=None, timeout=_TIMEOUT, checksum="crc32c"))
+        return data, str(blob.generation or "")  # the download's x-goog-generation
 
     def put(self, key: str, data: bytes) -> None:
         blob = self.bucket.blob(self._key(key))

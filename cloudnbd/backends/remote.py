@@ -144,8 +144,9 @@ class RemoteStore(ObjectStore):
             self._process = None
 
     # -- the interface ---------------------------------------------------------------------
-    def get(self, key: str) -> bytes:
-        return bytes(self._call("get", key))
+    def get_with_version(self, key: str) -> tuple[bytes, str]:
+        data, version = self._call("get_with_version", key)
+        return bytes(data), str(version)
 
     def put(self, key: str, data: bytes) -> None:
         self._call("put", key, data)

@@ -173,15 +173,15 @@ class S3Store(BucketStore):
             raise BackendError(f"{self.description}: {what}: {short_reason(exc)}") from None
 
     # -- the interface ---------------------------------------------------------------------
-    def get(self, key: str) -> bytes:
-        def fetch() -> bytes:
+    def get_with_version(self, key: str) -> tuple[bytes, str]:
+        def fetch() -> tuple[bytes, str]:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             body = response["Body"]
             data: bytes = body.read()
             if len(data) != response.get("ContentLength", len(data)):
                 raise botocore.exceptions.IncompleteReadError(
                     actual_bytes=len(data), expected_bytes=response["ContentLength"])
-            return data
+            return data, str(response.get("ETag", ""))
         return self._call("GET", key, fetch)
 
     def put(self, key: str, data: bytes) -> None:

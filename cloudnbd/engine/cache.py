@@ -3,7 +3,12 @@
 Files `clean/<chunk index, 16 hex>` each hold the plain contents of one chunk exactly as
 the cloud has it. They are written only by workers, always to a temporary name first
 and renamed into place, and only with contents that just came from (fetch) or just went
-to (upload) the cloud.
+to (upload) the cloud. The front records, for each, the version of the object it copies
+(the one the upload wrote or the fetch read), and a clean stop writes those versions
+into the `clean-shutdown` marker:
+
+    cloudnbd clean cache 1
+    <chunk index, 16 hex> <version>      one line per clean file
 
 Invariants:
 - C1 A clean file never holds data the cloud does not have: new data lives in the journal
@@ -20,6 +25,13 @@ Invariants:
   cache damaged: the run never leaves the clean-shutdown marker, so the stale file is
   discarded at the next open instead of being served. The failure is logged, not
   raised: it must not stop the engine from accounting an upload or waking a reader.
+- C6 A clean file is kept only while the store holds the very object it copies: another
+  machine may have rewritten or deleted the chunk since this one stopped. open() drops
+  every file whose chunk, by the listing taken at open, is at another version than the
+  marker records, or has no object, or has no record (a file a worker renamed into place
+  without the front learning of it). The marker is written only after every clean file
+  it names is fsync'd, and a file is recorded only after it is in place, so a record
+  can never pair a stale file with a newer version.
 """
 
 from __future__ import annotations
@@ -29,12 +41,17 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloudnbd.engine import localfs
+
+if TYPE_CHECKING:
+    from cloudnbd.engine.versions import ChunkVersions
 
 log = logging.getLogger(__name__)
 
 CLEAN_MARKER = "clean-shutdown"
+MARKER_HEADER = "cloudnbd clean cache 1"
 
 
 def clean_name(index: int) -> str:
@@ -49,34 +66,60 @@ class CleanCache:
         self.marker = directory / CLEAN_MARKER
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._lru: OrderedDict[int, int] = OrderedDict()  # index -> file size
+        # index -> (file size, version of the object it copies), least recently used first
+        self._lru: OrderedDict[int, tuple[int, str | None]] = OrderedDict()
         self._pins: dict[int, int] = {}
         self.bytes = 0
         self.hits = 0
         self.misses = 0
         self.damaged = False  # C5
 
-    def open(self) -> bool:
-        """Load the cache; returns True if the previous run stopped cleanly (C3)."""
+    def open(self, stored: ChunkVersions) -> bool:
+        """Load the cache, keeping only files that still copy what the store holds
+        (stored: the versions listed at open, C6); returns True if the previous run
+        stopped cleanly (C3)."""
         localfs.mkdir(self.directory, 0o700)
-        trusted = self.marker.exists()
+        recorded = self._read_marker()
+        trusted = recorded is not None
+        replaced = 0
         for path in sorted(self.directory.iterdir(), key=lambda p: p.stat().st_mtime):
-            try:
-                index = int(path.name, 16)
-            except ValueError:
-                index = None
-            if not trusted or index is None or len(path.name) != 16:
+            index = _index(path.name)
+            version = None if index is None or recorded is None else recorded.get(index)
+            if (index is None or version is None or index >= len(stored)
+                    or stored.version(index) != version):
+                if trusted and index is not None:
+                    replaced += 1
                 localfs.unlink(path)
                 continue
             size = path.stat().st_size
-            self._lru[index] = size
+            self._lru[index] = (size, version)
             self.bytes += size
         if trusted:
             localfs.unlink(self.marker)
             localfs.fsync_dir(self.marker.parent)
         if not trusted:
             log.info("previous run did not stop cleanly: clean cache discarded")
+        elif replaced:
+            log.info("clean cache: dropped %d chunk files the store no longer holds "
+                     "(written elsewhere since this machine's last run)", replaced)
         return trusted
+
+    def _read_marker(self) -> dict[int, str] | None:
+        """The versions a clean stop recorded, or None without a marker (C3). A marker
+        of an older release records none, and every file is refetched once (C6)."""
+        try:
+            lines = self.marker.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return None
+        recorded: dict[int, str] = {}
+        if lines[:1] != [MARKER_HEADER]:
+            return recorded
+        for line in lines[1:]:
+            name, _, version = line.partition(" ")
+            index = _index(name)
+            if index is not None and version:
+                recorded[index] = version
+        return recorded
 
     def path(self, index: int) -> Path:
         return self.directory / clean_name(index)
@@ -108,20 +151,22 @@ class CleanCache:
         with self._lock:
             return index in self._lru
 
-    def added(self, index: int, size: int) -> None:
-        """A worker renamed a new clean file for index into place."""
+    def added(self, index: int, size: int, version: str | None) -> None:
+        """A worker renamed a new clean file for index into place; it copies the object
+        at version (C6; None or "": unknown, so the file is not kept past this run)."""
         with self._lock:
-            self.bytes += size - self._lru.pop(index, 0)
-            self._lru[index] = size
+            old = self._lru.pop(index, None)
+            self.bytes += size - (0 if old is None else old[0])
+            self._lru[index] = (size, version)
         self.evict()
 
     def discard(self, index: int) -> None:
         """Forget index and remove its file (the chunk became all zeros)."""
         with self._lock:
-            size = self._lru.pop(index, None)
-            if size is None:
+            entry = self._lru.pop(index, None)
+            if entry is None:
                 return
-            self.bytes -= size
+            self.bytes -= entry[0]
         self._remove(index)
 
     def evict(self) -> None:
@@ -130,7 +175,7 @@ class CleanCache:
         with self._lock:
             if self.bytes <= self.max_bytes:
                 return
-            for index, size in self._lru.items():
+            for index, (size, _) in self._lru.items():
                 if self.bytes <= self.max_bytes:
                     break
                 if index in self._pins:
@@ -154,13 +199,16 @@ class CleanCache:
                       "discarded at the next open", clean_name(index), exc)
 
     def mark_clean_shutdown(self) -> None:
-        """Make every clean file durable, then leave the marker (C3)."""
+        """Make every clean file durable, then leave the marker with their versions
+        (C3, C6). Called once no worker is left to rename a file into place."""
         if self.damaged:
             log.warning("clean cache damaged this run: not marked clean (C5)")
             return
         with self._lock:
-            indexes = list(self._lru)
-        for index in indexes:
+            entries = [(index, version) for index, (_, version) in self._lru.items()
+                       if version]
+        kept = []
+        for index, version in entries:
             try:
                 fd = localfs.open(self.path(index), os.O_RDONLY)
             except FileNotFoundError:
@@ -169,11 +217,20 @@ class CleanCache:
                 localfs.fsync(fd)
             finally:
                 localfs.close(fd)
+            kept.append(f"{clean_name(index)} {version}\n")
         localfs.fsync_dir(self.directory)
-        fd = localfs.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            localfs.fsync(fd)
-        finally:
-            localfs.close(fd)
+        # Written whole under another name and renamed: a marker is complete or absent.
+        tmp = self.marker.with_name(f".{CLEAN_MARKER}.tmp")
+        localfs.write_file(tmp, "".join([f"{MARKER_HEADER}\n", *kept]).encode(),
+                           sync=True)
+        localfs.replace(tmp, self.marker)
         localfs.fsync_dir(self.marker.parent)
 
+
+def _index(name: str) -> int | None:
+    """The chunk index a clean file name (16 hex digits) stands for, else None."""
+    try:
+        index = int(name, 16)
+    except ValueError:
+        return None
+    return index if name == clean_name(index) else None

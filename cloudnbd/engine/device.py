@@ -163,7 +163,7 @@ class Engine(BlockDevice):
     def start(self) -> None:
         """Load the cache, replay the journal, start workers and write-back."""
         wait_for_orphans(self.cache_dir)
-        self.clean.open()
+        self.clean.open(self.stored)  # C6: against the listing taken at open
         with self._cond:
             for record in self.journal.recover():
                 self._apply(record.kind, record.offset, record.length, record.seq,
@@ -595,7 +595,7 @@ class Engine(BlockDevice):
         self.stored.record(index, result.version)  # F1: the next upload expects it
         self.stats.fenced += result.fenced
         if result.outcome == "stored":
-            self.clean.added(index, result.size)
+            self.clean.added(index, result.size, result.version)
             self.stats.uploads += 1
             self.stats.upload_bytes += result.size
             self.stats.upload_wire_bytes += result.wire_bytes
@@ -615,7 +615,7 @@ class Engine(BlockDevice):
         if result.outcome == "cached":
             if self.metrics is not None:
                 self.metrics.fetch_seconds.observe(result.seconds)
-            self.clean.added(result.index, result.size)
+            self.clean.added(result.index, result.size, result.version)
             self.stats.fetches += 1
             self.stats.gets += 1
             self.stats.fetch_wire_bytes += result.wire_bytes

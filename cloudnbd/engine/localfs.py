@@ -98,12 +98,14 @@ def installed(layer: FileLayer) -> Iterator[FileLayer]:
         install(previous)
 
 
-def write_file(path: StrPath, data: Buffer, mode: int = 0o600) -> None:
-    """Create or truncate path and write data to it (not fsync'd)."""
+def write_file(path: StrPath, data: Buffer, mode: int = 0o600, sync: bool = False) -> None:
+    """Create or truncate path and write data to it; fsync'd only with sync."""
     fd = open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view, done = memoryview(data), 0
         while done < len(view):
             done += pwritev(fd, [view[done:]], done)
+        if sync:
+            fsync(fd)
     finally:
         close(fd)

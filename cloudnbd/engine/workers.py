@@ -27,6 +27,10 @@ Upload task contract (see device.Engine):
   reports "displaced" without writing (F3);
 - the new clean file is written to a temporary name and renamed into place before the
   result is sent; a chunk that came out all zeros is DELETEd, not stored.
+
+Every result that puts a clean file in place carries the version of the object the
+file copies: the one the upload's PUT created, or the one the fetch's GET read (never
+a version looked up beside it), which the clean cache records (cache.py, C6).
 """
 
 from __future__ import annotations
@@ -127,7 +131,9 @@ class Result:
     retries: int = 0
     base_gets: int = 0  # GETs an upload made for the rest of a partly written chunk
     base_wire_bytes: int = 0  # and the bytes they received
-    version: str | None = None  # the object's version after an upload (None: deleted)
+    # the version of the object the new clean file copies (an upload's PUT, a fetch's
+    # GET); after an upload that deleted the object, None
+    version: str | None = None
     fenced: bool = False  # the object had changed since the engine last saw it
 
 
@@ -275,14 +281,14 @@ class _Worker:
         started = time.monotonic()
         retries_before = self.store.retries
         try:
-            blob = self.store.get(chunk_key(task.index))
+            blob, version = self.store.get_with_version(chunk_key(task.index))
         except ObjectNotFound:
             return Result(task.task_id, task.index, "absent")
         plain = codec.decode_chunk(self.config.keys, task.index, blob, self.config.chunk_size)
         self._write_clean(task.index, plain, f"f{task.task_id}")
         return Result(task.task_id, task.index, "cached", size=len(plain),
                       wire_bytes=len(blob), seconds=time.monotonic() - started,
-                      retries=self.store.retries - retries_before)
+                      retries=self.store.retries - retries_before, version=version)
 
     def run(self, task: Task) -> Result:
         try:
