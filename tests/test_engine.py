@@ -6,8 +6,12 @@ import os
 import random
 from pathlib import Path
 
+import pytest
+
 from cloudnbd.engine.workers import UploadTask
 from tests.engine_harness import CHUNK, EngineRig
+
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
 
 
 def test_writes_read_back_before_and_after_upload(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import struct
 from base64 import b64decode
 from pathlib import Path
 
+import pytest
 import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -22,6 +23,8 @@ from cloudnbd import volume as cloudnbd_volume
 from cloudnbd.backends.file import FileStore
 from cloudnbd.codec import ScryptParams
 from tests.test_codec import KAT_BLOB_HEX, KAT_INDEX, KAT_PLAIN, KEYS
+
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
 
 
 def hkdf_sha256(ikm: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:

@@ -70,6 +70,7 @@ def test_close_without_the_cloud_keeps_the_data_for_the_next_open(
     assert out.read_bytes()[2**20:4 * 2**20] == data
 
 
+@pytest.mark.unit
 def test_clean_cache_stays_within_its_bound(tmp_path: Path) -> None:
     rig = EngineRig(tmp_path, chunks=32, cache_bytes=4 * CHUNK)
     for index in range(32):
@@ -81,6 +82,7 @@ def test_clean_cache_stays_within_its_bound(tmp_path: Path) -> None:
     assert rig.read(0, 32 * CHUNK) == rig.cloud_bytes()  # evicted chunks come back
 
 
+@pytest.mark.unit
 def test_writes_past_max_dirty_wait_for_uploads(tmp_path: Path) -> None:
     rig = EngineRig(tmp_path, chunks=64, auto=False, max_dirty=4 * CHUNK)
     for index in range(4):
