@@ -7,20 +7,23 @@ error's exit code; a traceback is shown only with --debug.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from cloudnbd import __version__, config, volume
 from cloudnbd.backends import BACKENDS, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
 from cloudnbd.codec import ScryptParams
-from cloudnbd.errors import CloudnbdError, UsageError
+from cloudnbd.errors import CloudnbdError, UsageError, local_error
 from cloudnbd.password import get_password
 from cloudnbd.progress import Progress
 from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
@@ -110,6 +113,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     volume.check_size(size)
     chunk_size = parse_size(args.chunk_size, "chunk size")
     volume.check_chunk_size(chunk_size)
+    volume.check_chunk_count(size, chunk_size)
     store = _store(args)
     store.check()
     if store.stat(volume.METADATA_KEY) is not None:
@@ -143,7 +147,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    slots = ", ".join(f"{s['slot']} (scrypt n={s['n']} r={s['r']} p={s['p']})"
+    slots = "; ".join(f"slot {s['slot']}: scrypt n={s['n']} r={s['r']} p={s['p']}"
                       for s in info["key_slots"])
     print(f"location:        {info['location']}")
     print(f"volume id:       {info['volume_id']}")
@@ -152,7 +156,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"chunk size:      {format_size(meta.chunk_size)}")
     print(f"chunks stored:   {len(stored)} of {meta.chunk_count}")
     print(f"stored bytes:    {format_size(info['stored_bytes'])} ({info['stored_bytes']})")
-    print(f"key slots:       {slots}")
+    print(f"key slots:       {len(info['key_slots'])} ({slots})")
     print(f"generation:      {meta.generation}")
     print(f"created:         {meta.created}")
 
@@ -216,14 +220,20 @@ def cmd_list(args: argparse.Namespace) -> None:
     store = _store(args, args.location)
     store.check()
     found = list(volume.find_volumes(store))
+    base = args.location.rstrip("/")
+
+    def full(location: str) -> str:
+        """What BACKEND commands take: the listing's location under the one listed."""
+        return f"{base}/{location}" if location else base
+
     if args.json:
-        print(json.dumps([v.__dict__ for v in found], indent=2))
+        print(json.dumps([{**v.__dict__, "location": full(v.location)} for v in found],
+                         indent=2))
         return
     if not found:
         print(f"No volumes under {store.description}.")
-    base = args.location.rstrip("/")
     for v in found:
-        name = f"{base}/{v.location}" if v.location else base
+        name = full(v.location)
         if v.error:
             print(f"{name}\t(unreadable: {v.error})")
         else:
@@ -237,9 +247,14 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 
 def _serve_settings(args: argparse.Namespace) -> object:
+    from cloudnbd.control import SUN_PATH_MAX
     from cloudnbd.engine.device import EngineSettings
     from cloudnbd.service import ServeSettings
 
+    if args.socket is not None and len(os.fsencode(args.socket)) > SUN_PATH_MAX:
+        raise UsageError(f"--socket {args.socket}: a Unix socket path holds at most "
+                         f"{SUN_PATH_MAX} bytes, this one has {len(os.fsencode(args.socket))}; "
+                         f"choose a shorter path")
     if min(args.uploaders, args.fetchers, args.worker_threads) < 1:
         raise UsageError("--uploaders, --fetchers and --worker-threads must be at least 1")
     max_dirty = parse_size(args.max_dirty, "--max-dirty")
@@ -289,7 +304,7 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         del password
         service = Service(args.backend, args.volume, _store_options(args), vol,
                           args.cache or default_cache_root(), settings)  # type: ignore[arg-type]
-        service.start()
+        _start(service, args)
     except CloudnbdError as exc:
         if ready is not None:
             ready.write(f"error {exc.exit_code} {exc.message}\n")
@@ -304,6 +319,23 @@ def _serve_foreground(args: argparse.Namespace) -> None:
     _notify_systemd(notify_socket, b"STOPPING=1")
     if code:
         raise CloudnbdError("closed with data still to upload; it is kept in the journal")
+
+
+def _start(service: object, args: argparse.Namespace) -> None:
+    """service.start(), its failures as one-line errors: a cache directory that cannot be
+    written, a port already taken."""
+    from cloudnbd.nbd.device import DeviceError
+
+    try:
+        service.start()  # type: ignore[attr-defined]
+    except OSError as exc:
+        raise local_error(exc) from exc
+    except DeviceError as exc:  # the NBD listener could not bind
+        if exc.errno == errno.EADDRINUSE:
+            raise CloudnbdError(f"port {args.port} on {args.bind} is in use (by another "
+                                f"server, or a volume still open): choose another with -p"
+                                ) from None
+        raise CloudnbdError(str(exc)) from None
 
 
 def _notify_systemd(address: str | None, message: bytes) -> None:
@@ -327,15 +359,20 @@ def cmd_open(args: argparse.Namespace) -> None:
     volume.read_metadata(store)
     password = None if args.password_file else get_password(None)
     cache_dir = _cache_dir(args)
-    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     log_path = cache_dir / "cloudnbd.log"
+    try:
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log_file = open(log_path, "ab")  # noqa: SIM115 - closed once the child has it
+        os.chmod(log_path, 0o600)
+    except OSError as exc:
+        raise local_error(exc) from exc
+    log_start = log_file.tell()
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "cloudnbd", *args.argv, "--foreground",
             "--ready-fd", str(write_end)]
     if password is not None:
         argv.append("--password-stdin")
-    with open(log_path, "ab") as log_file:
-        os.chmod(log_path, 0o600)
+    with log_file:
         child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_file,
                                  stderr=log_file, pass_fds=(write_end,),
                                  start_new_session=True, close_fds=True)
@@ -358,8 +395,20 @@ def cmd_open(args: argparse.Namespace) -> None:
         error = CloudnbdError(message)
         error.exit_code = int(code)
         raise error
-    raise CloudnbdError(f"the server failed to start (exit {child.returncode}); see "
-                        f"{log_path}")
+    raise CloudnbdError(f"the server failed to start (exit {child.returncode})"
+                        f"{_last_words(log_path, log_start)}; see {log_path}")
+
+
+def _last_words(log_path: Path, start: int) -> str:
+    """': ' and the last line the server wrote to its log (a traceback's last line names
+    the error), or nothing."""
+    try:
+        with open(log_path, "rb") as log_file:
+            log_file.seek(start)
+            lines = log_file.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return f": {lines[-1].strip()}" if lines else ""
 
 
 def cmd_close(args: argparse.Namespace) -> None:
@@ -420,10 +469,14 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
+    from cloudnbd.service import default_cache_root
+
     settings = config.effective(args.name, {}, args.config_dir)
     width = max(len(key) for key in settings)
     for key, value in settings.items():
         shown = "" if value.value is None else str(value.value)
+        if key == "cache" and value.value is None:
+            shown = str(default_cache_root())  # the default depends on the user
         print(f"{key:<{width}}  {shown:<30}  {value.source}")
 
 
@@ -451,10 +504,18 @@ def cmd_verify(args: argparse.Namespace) -> None:
     for index in report.beyond_end:
         print(f"stray: chunk {index} lies past the end of the volume")
     print(f"Checked {report.checked} chunks ({format_size(report.stored_bytes)} stored): "
-          f"{len(report.damaged)} damaged.")
+          f"{len(report.damaged)} damaged, {len(report.beyond_end)} stray.")
     if report.damaged:
-        raise transfer.DamagedVolume(f"{len(report.damaged)} damaged chunks; their "
+        raise transfer.DamagedVolume(f"{_chunks(len(report.damaged), 'damaged')}; their "
                                      f"sectors read as I/O errors")
+    if report.beyond_end:
+        raise CloudnbdError(f"{_chunks(len(report.beyond_end), 'stray')} past the end of the "
+                            f"volume, left by a shrink cut short: never read, but a grow "
+                            f"would bring their old data back")
+
+
+def _chunks(count: int, what: str) -> str:
+    return f"{count} {what} chunk{'' if count == 1 else 's'}"
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -502,7 +563,22 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
-class _CommandParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line, as every other cloudnbd error (argparse prints the usage too).
+
+    An argument that starts with a minus and a digit is a value, never an option (there
+    is none such): `-5GB` reaches the size parser and is refused as a size.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._negative_number_matcher = re.compile(r"^-\d")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cloudnbd: error: {message} (see: {self.prog} --help)\n")
+
+
+class _CommandParser(_Parser):
     """A subcommand parser that lets options sit between positionals in any order.
 
     `init photos 20GB` and `init s3 bucket/vol --endpoint-url URL 20GB` both parse: the
@@ -580,18 +656,51 @@ def _add_password_option(p: argparse.ArgumentParser) -> None:
                    "CLOUDNBD_PASSWORD works too; otherwise it is asked on the terminal")
 
 
+#: scrypt costs offered: 2^20 (1 GiB of memory) is the most Python's scrypt can run
+#: (its maxmem must stay below 2 GiB).
+KDF_COSTS = range(10, 21)
+
+
+def _kdf_cost(text: str) -> int:
+    if not text.isdigit() or int(text) not in KDF_COSTS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the scrypt cost N must be {KDF_COSTS[0]} to {KDF_COSTS[-1]} "
+            f"({KDF_COSTS[-1]} takes 1 GiB of memory, the most scrypt is allowed here)")
+    return int(text)
+
+
 def _add_kdf_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kdf-cost", type=int, default=None, choices=range(10, 25),
-                   metavar="N", help="scrypt cost: 2^N iterations, 128*2^N*8 bytes of "
-                                     "memory (default 17, i.e. 128 MiB)")
+    p.add_argument("--kdf-cost", type=_kdf_cost, default=None, metavar="N",
+                   help=f"scrypt cost, {KDF_COSTS[0]} to {KDF_COSTS[-1]}: 2^N iterations, "
+                        f"128*2^N*8 bytes of memory (default 17, i.e. 128 MiB)")
+
+
+def manual_page() -> Path | None:
+    """The installed man page: in share/man/man1 of the prefix `pip install` used (a venv's
+    too) or of any directory above the package (a --prefix or --user install, an egg, the
+    system's), else the one in this source tree."""
+    package = Path(__file__).resolve().parent
+    for root in (Path(sys.prefix), *package.parents):
+        if (page := root / "share/man/man1/cloudnbd.1").is_file():
+            return page
+    page = package.parent / "cloudnbd.1"
+    return page if page.is_file() else None
+
+
+def _manual_hint() -> str:
+    page = manual_page()
+    if page is None:
+        return "The manual: man cloudnbd"
+    return (f"The manual: man cloudnbd, or wherever MANPATH does not reach it:\n"
+            f"  man {page}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cloudnbd",
         description="A network block device stored, compressed and encrypted, in the "
                     "cloud (S3, Google Cloud Storage, or a local directory).",
-        epilog=SIZE_HELP, formatter_class=_Formatter)
+        epilog=f"{SIZE_HELP}\n\n{_manual_hint()}", formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"cloudnbd {__version__}")
     parser.add_argument("--debug", action="store_true", help="log debugging detail and "
                         "show tracebacks")
@@ -734,11 +843,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.func is not cmd_config:
             _resolve(args)
         args.func(args)
-    except CloudnbdError as exc:
+    except (CloudnbdError, OSError) as exc:
+        # An OSError that nothing turned into a CloudnbdError is still the user's
+        # machine answering (a full disk, a forbidden path): one line, like the rest.
+        error = exc if isinstance(exc, CloudnbdError) else local_error(exc)
         if args.debug:
             log.exception("failed")
-        print(f"cloudnbd: error: {exc.message}", file=sys.stderr)
-        return exc.exit_code
+        print(f"cloudnbd: error: {error.message}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("cloudnbd: interrupted", file=sys.stderr)
         return 130

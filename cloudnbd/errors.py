@@ -67,3 +67,10 @@ class UnsupportedFormat(CloudnbdError):
     """The volume was written by a newer cloudnbd (or is not a cloudnbd volume)."""
 
     exit_code = 8
+
+
+def local_error(exc: OSError) -> CloudnbdError:
+    """A failed local file or socket operation (a read-only or full disk, a missing or
+    forbidden directory) as the one line its user needs: the path and the reason."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return CloudnbdError(f"{where}{exc.strerror or exc}")
