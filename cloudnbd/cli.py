@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -411,6 +412,28 @@ def _last_words(log_path: Path, start: int) -> str:
     return f": {lines[-1].strip()}" if lines else ""
 
 
+class _Stall:
+    """What the close's progress line adds while no upload succeeds: that it is retrying,
+    for how long it has been, and the last reason the server knows."""
+
+    QUIET = 2.0  # seconds without progress before saying so
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.left: int | None = None
+        self.since = time.monotonic()
+
+    def note(self, left: int, reason: str | None) -> str:
+        now = time.monotonic()
+        if left != self.left:
+            self.left, self.since = left, now
+        waited = now - self.since
+        if waited < self.QUIET:
+            return ""
+        return (f"no upload has succeeded for {waited:.0f}s, retrying (gives up after "
+                f"{self.timeout:.0f}s){': ' + reason if reason else ''}")
+
+
 def cmd_close(args: argparse.Namespace) -> None:
     from cloudnbd.control import request
     from cloudnbd.service import control_socket
@@ -418,6 +441,7 @@ def cmd_close(args: argparse.Namespace) -> None:
     cache_dir = _cache_dir(args)
     progress: Progress | None = None
     outcome: dict[str, object] = {}
+    stalled = _Stall(args.timeout)
     for message in request(control_socket(cache_dir), {"cmd": "close",
                                                        "timeout": args.timeout},
                            timeout=None):
@@ -425,13 +449,16 @@ def cmd_close(args: argparse.Namespace) -> None:
             state = message["progress"]
             if progress is None:
                 progress = Progress("Uploading", state["total"])
-            progress.update(state["total"] - state["left"], state["total"])
+            progress.update(state["total"] - state["left"], state["total"],
+                            stalled.note(state["left"], state.get("error")))
         else:
             outcome = message
     if progress is not None:
         progress.finish()
     if "error" in outcome:
-        raise CloudnbdError(str(outcome["error"]))
+        error = CloudnbdError(str(outcome["error"]))
+        error.exit_code = int(outcome.get("exit_code", 1))  # type: ignore[call-overload]
+        raise error
     # The server exits right after answering; wait for it to let go of the cache lock so
     # that an open straight after close succeeds.
     lock = os.open(cache_dir / "lock", os.O_RDWR)
@@ -839,6 +866,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.kdf_cost = 17
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="cloudnbd: %(levelname)s: %(message)s")
+    if sys.stderr.isatty():
+        from cloudnbd.backends import base
+
+        base.retry_notice = lambda line: print(f"cloudnbd: {line}", file=sys.stderr)
     try:
         if args.func is not cmd_config:
             _resolve(args)

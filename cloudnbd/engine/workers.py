@@ -422,7 +422,8 @@ class WorkerPool:
         for task in lost:
             self.submit(task)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 30.0) -> None:
+        """Ask every worker to exit; kill one still busy after grace seconds."""
         self._stopping = True
         self._wakeup_w.send(None)
         self._thread.join(timeout=10)
@@ -433,7 +434,7 @@ class WorkerPool:
                 except (BrokenPipeError, OSError):
                     pass
         for h in self._handles:
-            h.process.join(timeout=30)
+            h.process.join(timeout=grace)
             if h.process.is_alive():
                 h.process.kill()
                 h.process.join()
