@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from cloudnbd import __version__, config, volume
+from cloudnbd import __version__, config, logs, volume
 from cloudnbd.backends import BACKENDS, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
 from cloudnbd.codec import ScryptParams
@@ -864,8 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.kdf_cost_given = args.kdf_cost is not None
         if args.kdf_cost is None:
             args.kdf_cost = 17
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="cloudnbd: %(levelname)s: %(message)s")
+    logs.configure(logging.DEBUG if args.debug else logging.WARNING)
     if sys.stderr.isatty():
         from cloudnbd.backends import base
 

@@ -179,3 +179,17 @@ def test_an_unreachable_endpoint_says_it_is_retrying_on_a_terminal(tmp_path: Pat
     assert notice.startswith("cloudnbd: s3://somebucket/vol: GET failed (") and \
         notice.endswith("); retrying for up to 4s"), terminal
     assert error.startswith("cloudnbd: error: ") and "Could not connect" in error
+
+
+@pytest.mark.parametrize("backend_env", ["s3"], indirect=True)
+def test_debug_is_cloudnbds_own_unless_all_is_asked_for(cli: Cli) -> None:
+    """botocore at DEBUG logs every request and its signature computation: megabytes of
+    a server's log. --debug leaves it at INFO; CLOUDNBD_DEBUG=all lets it through."""
+    location = cli.env.new_location()
+    cli("init", location, "1GiB", "--password-file", str(cli.password), *KDF)
+    args = ["--debug", "info", cli.env.name, location, *cli.env.cli_args, "--password-file",
+            str(cli.password)]
+    own = cloudnbd(*args, env=cli.env.env).stderr
+    assert "StringToSign" not in own and "Sending http request" not in own, own[-2000:]
+    everything = cloudnbd(*args, env={**cli.env.env, "CLOUDNBD_DEBUG": "all"}).stderr
+    assert "StringToSign" in everything and "Sending http request" in everything

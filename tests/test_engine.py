@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
 
 import pytest
 
+from cloudnbd.engine.cache import CleanCache
 from cloudnbd.engine.workers import UploadTask
 from tests.engine_harness import CHUNK, EngineRig
 
@@ -183,3 +185,12 @@ def test_read_now_answers_hits_and_never_fetches_or_waits(tmp_path: Path) -> Non
     buf = bytearray(CHUNK)
     assert rig.engine.pread_now(memoryview(buf), 2 * CHUNK)  # now a clean-cache hit
     assert bytes(buf) == original
+
+
+def test_only_a_run_that_stopped_uncleanly_is_reported_as_such(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cloudnbd.engine.cache")
+    assert not CleanCache(tmp_path, CHUNK).open()  # a new cache: nothing to trust
+    assert "did not stop cleanly" not in caplog.text
+    assert not CleanCache(tmp_path, CHUNK).open()  # the first run ended without its marker
+    assert "previous run did not stop cleanly" in caplog.text

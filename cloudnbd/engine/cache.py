@@ -58,6 +58,7 @@ class CleanCache:
 
     def open(self) -> bool:
         """Load the cache; returns True if the previous run stopped cleanly (C3)."""
+        first_run = not self.directory.exists()
         localfs.mkdir(self.directory, 0o700)
         trusted = self.marker.exists()
         for path in sorted(self.directory.iterdir(), key=lambda p: p.stat().st_mtime):
@@ -74,7 +75,7 @@ class CleanCache:
         if trusted:
             localfs.unlink(self.marker)
             localfs.fsync_dir(self.marker.parent)
-        if not trusted:
+        if not trusted and not first_run:
             log.info("previous run did not stop cleanly: clean cache discarded")
         return trusted
 

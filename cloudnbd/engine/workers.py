@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudnbd import codec, zygote
+from cloudnbd import codec, logs, zygote
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore
 from cloudnbd.codec import VolumeKeys
@@ -279,8 +279,7 @@ def _worker_main(conn: multiprocessing.connection.Connection,
     config: WorkerConfig = conn.recv()
     lock_fd = os.open(config.journal_dir.parent / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock_fd, fcntl.LOCK_SH)  # held until this process exits
-    logging.basicConfig(level=config.log_level,
-                        format="cloudnbd worker: %(levelname)s: %(message)s")
+    logs.configure(config.log_level, "cloudnbd worker")
     worker = _Worker(config, limiter)
     send_lock = threading.Lock()
     tasks: queue.Queue[Any] = queue.Queue()
