@@ -33,5 +33,6 @@ setup(
                  "setuptools>=61", "wheel"],  # tests build and install the package offline
     },
     entry_points={"console_scripts": ["cloudnbd = cloudnbd.cli:main"]},
+    zip_safe=False,  # `setup.py install` then leaves a directory, whose man page cli finds
     data_files=[("share/man/man1", ["cloudnbd.1"])],
 )
