@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from cloudnbd import __version__, config, logs, volume
 from cloudnbd.backends import BACKENDS, StoreOptions, open_store
@@ -28,6 +28,9 @@ from cloudnbd.errors import CloudnbdError, UsageError, local_error
 from cloudnbd.password import get_password
 from cloudnbd.progress import Progress
 from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
+
+if TYPE_CHECKING:
+    from cloudnbd.service import Service
 
 log = logging.getLogger("cloudnbd")
 
@@ -322,13 +325,13 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         raise CloudnbdError("closed with data still to upload; it is kept in the journal")
 
 
-def _start(service: object, args: argparse.Namespace) -> None:
+def _start(service: Service, args: argparse.Namespace) -> None:
     """service.start(), its failures as one-line errors: a cache directory that cannot be
     written, a port already taken."""
     from cloudnbd.nbd.device import DeviceError
 
     try:
-        service.start()  # type: ignore[attr-defined]
+        service.start()
     except OSError as exc:
         raise local_error(exc) from exc
     except DeviceError as exc:  # the NBD listener could not bind

@@ -33,4 +33,14 @@ if ((${#missing[@]})); then
 fi
 
 bash contrib/venv.sh .venv
-.venv/bin/python -m pip install -q -e '.[test]'
+# An editable install follows the source by itself: only a changed setup.py (dependencies,
+# entry points) needs pip again, which otherwise costs 15 s of every `make test-unit`; or
+# a plain install `make demo` made, which must not be what the tests import.
+stamp=.venv/.installed-from
+here="$PWD"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum setup.py)" ] ||
+   ! (cd / && "$here/.venv/bin/python" -c "import cloudnbd, sys
+sys.exit(cloudnbd.__file__ != '$here/cloudnbd/__init__.py')" 2>/dev/null); then
+    .venv/bin/python -m pip install -q -e '.[test]'
+    sha256sum setup.py > "$stamp"
+fi
