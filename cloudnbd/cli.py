@@ -7,24 +7,31 @@ error's exit code; a traceback is shown only with --debug.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-from cloudnbd import __version__, config, volume
+from cloudnbd import __version__, config, logs, volume
 from cloudnbd.backends import BACKENDS, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
 from cloudnbd.codec import Argon2idParams
-from cloudnbd.errors import CloudnbdError, UsageError
+from cloudnbd.errors import CloudnbdError, UsageError, local_error
 from cloudnbd.hardening import no_core_dumps
 from cloudnbd.password import check_private_file, get_password, scrub_environment
 from cloudnbd.progress import Progress
 from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
+
+if TYPE_CHECKING:
+    from cloudnbd.service import Service
 
 log = logging.getLogger("cloudnbd")
 
@@ -114,6 +121,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     volume.check_size(size)
     chunk_size = parse_size(args.chunk_size, "chunk size")
     volume.check_chunk_size(chunk_size)
+    volume.check_chunk_count(size, chunk_size)
     store = _store(args)
     volume.check_location_free(store)  # before the password is asked for
     password = get_password(args.password_file, confirm=True, prompt="New volume password: ")
@@ -153,7 +161,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"chunk size:      {format_size(meta.chunk_size)}")
     print(f"chunks stored:   {len(stored)} of {meta.chunk_count}")
     print(f"stored bytes:    {format_size(info['stored_bytes'])} ({info['stored_bytes']})")
-    print(f"key slots:       {slots}")
+    print(f"key slots:       {len(info['key_slots'])} ({slots})")
     print(f"generation:      {meta.generation}")
     print(f"created:         {meta.created}")
 
@@ -250,14 +258,20 @@ def cmd_list(args: argparse.Namespace) -> None:
     store = _store(args, args.location)
     store.check()
     found = list(volume.find_volumes(store))
+    base = args.location.rstrip("/")
+
+    def full(location: str) -> str:
+        """What BACKEND commands take: the listing's location under the one listed."""
+        return f"{base}/{location}" if location else base
+
     if args.json:
-        print(json.dumps([v.__dict__ for v in found], indent=2))
+        print(json.dumps([{**v.__dict__, "location": full(v.location)} for v in found],
+                         indent=2))
         return
     if not found:
         print(f"No volumes under {store.description}.")
-    base = args.location.rstrip("/")
     for v in found:
-        name = f"{base}/{v.location}" if v.location else base
+        name = full(v.location)
         if v.error:
             print(f"{name}\t(unreadable: {v.error})")
         else:
@@ -300,10 +314,15 @@ def _check_endpoint(args: argparse.Namespace) -> None:
 
 
 def _serve_settings(args: argparse.Namespace) -> object:
+    from cloudnbd.control import SUN_PATH_MAX
     from cloudnbd.engine.device import EngineSettings
     from cloudnbd.service import ServeSettings
 
     _check_endpoint(args)
+    if args.socket is not None and len(os.fsencode(args.socket)) > SUN_PATH_MAX:
+        raise UsageError(f"--socket {args.socket}: a Unix socket path holds at most "
+                         f"{SUN_PATH_MAX} bytes, this one has {len(os.fsencode(args.socket))}; "
+                         f"choose a shorter path")
     if min(args.uploaders, args.fetchers, args.worker_threads) < 1:
         raise UsageError("--uploaders, --fetchers and --worker-threads must be at least 1")
     max_dirty = parse_size(args.max_dirty, "--max-dirty")
@@ -355,7 +374,7 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         del password
         service = Service(args.backend, args.volume, _store_options(args), vol,
                           args.cache or default_cache_root(), settings)  # type: ignore[arg-type]
-        service.start()
+        _start(service, args)
     except CloudnbdError as exc:
         if ready is not None:
             ready.write(f"error {exc.exit_code} {exc.message}\n")
@@ -374,6 +393,23 @@ def _serve_foreground(args: argparse.Namespace) -> None:
     _notify_systemd(notify_socket, b"STOPPING=1")
     if code:
         raise CloudnbdError("closed with data still to upload; it is kept in the journal")
+
+
+def _start(service: Service, args: argparse.Namespace) -> None:
+    """service.start(), its failures as one-line errors: a cache directory that cannot be
+    written, a port already taken."""
+    from cloudnbd.nbd.device import DeviceError
+
+    try:
+        service.start()
+    except OSError as exc:
+        raise local_error(exc) from exc
+    except DeviceError as exc:  # the NBD listener could not bind
+        if exc.errno == errno.EADDRINUSE:
+            raise CloudnbdError(f"port {args.port} on {args.bind} is in use (by another "
+                                f"server, or a volume still open): choose another with -p"
+                                ) from None
+        raise CloudnbdError(str(exc)) from None
 
 
 def _notify_systemd(address: str | None, message: bytes) -> None:
@@ -399,16 +435,21 @@ def cmd_open(args: argparse.Namespace) -> None:
     from cloudnbd.runtime import default_cache_root
     from cloudnbd.service import private_cache_dir
 
-    cache_dir = private_cache_dir(args.cache or default_cache_root(), args.backend,
-                                  args.volume)
-    log_path = cache_dir / "cloudnbd.log"
+    try:
+        cache_dir = private_cache_dir(args.cache or default_cache_root(), args.backend,
+                                      args.volume)
+        log_path = cache_dir / "cloudnbd.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - closed once the child has it
+        os.chmod(log_path, 0o600)
+    except OSError as exc:
+        raise local_error(exc) from exc
+    log_start = log_file.tell()
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "cloudnbd", *args.argv, "--foreground",
             "--ready-fd", str(write_end)]
     if password is not None:
         argv.append("--password-stdin")
-    with open(log_path, "ab") as log_file:
-        os.chmod(log_path, 0o600)
+    with log_file:
         child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_file,
                                  stderr=log_file, pass_fds=(write_end,),
                                  start_new_session=True, close_fds=True)
@@ -434,8 +475,42 @@ def cmd_open(args: argparse.Namespace) -> None:
         error = CloudnbdError(message)
         error.exit_code = int(code)
         raise error
-    raise CloudnbdError(f"the server failed to start (exit {child.returncode}); see "
-                        f"{log_path}")
+    raise CloudnbdError(f"the server failed to start (exit {child.returncode})"
+                        f"{_last_words(log_path, log_start)}; see {log_path}")
+
+
+def _last_words(log_path: Path, start: int) -> str:
+    """': ' and the last line the server wrote to its log (a traceback's last line names
+    the error), or nothing."""
+    try:
+        with open(log_path, "rb") as log_file:
+            log_file.seek(start)
+            lines = log_file.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return f": {lines[-1].strip()}" if lines else ""
+
+
+class _Stall:
+    """What the close's progress line adds while no upload succeeds: that it is retrying,
+    for how long it has been, and the last reason the server knows."""
+
+    QUIET = 2.0  # seconds without progress before saying so
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.left: int | None = None
+        self.since = time.monotonic()
+
+    def note(self, left: int, reason: str | None) -> str:
+        now = time.monotonic()
+        if left != self.left:
+            self.left, self.since = left, now
+        waited = now - self.since
+        if waited < self.QUIET:
+            return ""
+        return (f"no upload has succeeded for {waited:.0f}s, retrying (gives up after "
+                f"{self.timeout:.0f}s){': ' + reason if reason else ''}")
 
 
 def _target(args: argparse.Namespace) -> str:
@@ -486,20 +561,22 @@ def cmd_close(args: argparse.Namespace) -> None:
     entry = _running(args)
     progress: Progress | None = None
     outcome: dict[str, object] = {}
+    stalled = _Stall(args.timeout)
     for message in request(Path(entry.control_socket),  # type: ignore[attr-defined]
                            {"cmd": "close", "timeout": args.timeout}, timeout=None):
         if "progress" in message:
             state = message["progress"]
             if progress is None:
                 progress = Progress("Uploading", state["total"])
-            progress.update(state["total"] - state["left"], state["total"])
+            progress.update(state["total"] - state["left"], state["total"],
+                            stalled.note(state["left"], state.get("error")))
         else:
             outcome = message
     if progress is not None:
         progress.finish()
     if "error" in outcome:
         error = CloudnbdError(str(outcome["error"]))
-        error.exit_code = int(outcome.get("code", 1))  # type: ignore[call-overload]
+        error.exit_code = int(outcome.get("exit_code", 1))  # type: ignore[call-overload]
         raise error
     # The server exits right after answering; wait for it to let go of the cache lock so
     # that an open straight after close succeeds.
@@ -541,10 +618,14 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
+    from cloudnbd.service import default_cache_root
+
     settings = config.effective(args.name, {}, args.config_dir)
     width = max(len(key) for key in settings)
     for key, value in settings.items():
         shown = "" if value.value is None else str(value.value)
+        if key == "cache" and value.value is None:
+            shown = str(default_cache_root())  # the default depends on the user
         print(f"{key:<{width}}  {shown:<30}  {value.source}")
 
 
@@ -596,10 +677,18 @@ def cmd_verify(args: argparse.Namespace) -> None:
     for index in report.beyond_end:
         print(f"stray: chunk {index} lies past the end of the volume")
     print(f"Checked {report.checked} chunks ({format_size(report.stored_bytes)} stored): "
-          f"{len(report.damaged)} damaged.")
+          f"{len(report.damaged)} damaged, {len(report.beyond_end)} stray.")
     if report.damaged:
-        raise transfer.DamagedVolume(f"{len(report.damaged)} damaged chunks; their "
+        raise transfer.DamagedVolume(f"{_chunks(len(report.damaged), 'damaged')}; their "
                                      f"sectors read as I/O errors")
+    if report.beyond_end:
+        raise CloudnbdError(f"{_chunks(len(report.beyond_end), 'stray')} past the end of the "
+                            f"volume, left by a shrink cut short: never read, but a grow "
+                            f"would bring their old data back")
+
+
+def _chunks(count: int, what: str) -> str:
+    return f"{count} {what} chunk{'' if count == 1 else 's'}"
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -651,7 +740,22 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
-class _CommandParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line, as every other cloudnbd error (argparse prints the usage too).
+
+    An argument that starts with a minus and a digit is a value, never an option (there
+    is none such): `-5GB` reaches the size parser and is refused as a size.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._negative_number_matcher = re.compile(r"^-\d")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cloudnbd: error: {message} (see: {self.prog} --help)\n")
+
+
+class _CommandParser(_Parser):
     """A subcommand parser that lets options sit between positionals in any order.
 
     `init photos 20GB` and `init s3 bucket/vol --endpoint-url URL 20GB` both parse: the
@@ -736,12 +840,32 @@ def _add_kdf_option(p: argparse.ArgumentParser) -> None:
                                      "a second with up to 1 GiB here; below 15 is weak")
 
 
+def manual_page() -> Path | None:
+    """The installed man page: in share/man/man1 of the prefix `pip install` used (a venv's
+    too) or of any directory above the package (a --prefix or --user install, an egg, the
+    system's), else the one in this source tree."""
+    package = Path(__file__).resolve().parent
+    for root in (Path(sys.prefix), *package.parents):
+        if (page := root / "share/man/man1/cloudnbd.1").is_file():
+            return page
+    page = package.parent / "cloudnbd.1"
+    return page if page.is_file() else None
+
+
+def _manual_hint() -> str:
+    page = manual_page()
+    if page is None:
+        return "The manual: man cloudnbd"
+    return (f"The manual: man cloudnbd, or wherever MANPATH does not reach it:\n"
+            f"  man {page}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cloudnbd",
         description="A network block device stored, compressed and encrypted, in the "
                     "cloud (S3, Google Cloud Storage, or a local directory).",
-        epilog=SIZE_HELP, formatter_class=_Formatter)
+        epilog=f"{SIZE_HELP}\n\n{_manual_hint()}", formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"cloudnbd {__version__}")
     parser.add_argument("--debug", action="store_true", help="log debugging detail and "
                         "show tracebacks")
@@ -898,17 +1022,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = [a for a in argv if a != "--debug"]
     if "--debug" in argv:
         args.argv.insert(0, "--debug")
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="cloudnbd: %(levelname)s: %(message)s")
+    logs.configure(logging.DEBUG if args.debug else logging.WARNING)
+    if sys.stderr.isatty():
+        from cloudnbd.backends import base
+
+        base.retry_notice = lambda line: print(f"cloudnbd: {line}", file=sys.stderr)
     try:
         if args.func is not cmd_config:
             _resolve(args)
         args.func(args)
-    except CloudnbdError as exc:
+    except (CloudnbdError, OSError) as exc:
+        # An OSError that nothing turned into a CloudnbdError is still the user's
+        # machine answering (a full disk, a forbidden path): one line, like the rest.
+        error = exc if isinstance(exc, CloudnbdError) else local_error(exc)
         if args.debug:
             log.exception("failed")
-        print(f"cloudnbd: error: {exc.message}", file=sys.stderr)
-        return exc.exit_code
+        print(f"cloudnbd: error: {error.message}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("cloudnbd: interrupted", file=sys.stderr)
         return 130

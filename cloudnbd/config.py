@@ -132,6 +132,10 @@ def _read(path: Path, section: str, volume_file: bool) -> dict[str, Value]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} on "
+                          f"line {line})") from None
     for number, raw in enumerate(lines, start=1):
         where = f"{path}:{number}"
         line = raw.strip()

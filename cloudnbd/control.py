@@ -3,6 +3,10 @@
 A Unix socket, mode 0600 inside the 0700 cache directory, so only the owner can use it.
 Requests and replies are JSON objects, one per line. `close` streams progress lines and
 ends with a line holding "done" or "error".
+
+A socket's path may hold at most SUN_PATH_MAX bytes; a deeper cache directory (a long
+--cache, or a test's temporary directory) is reached through /proc/self/fd/N/, N a
+descriptor of the directory (`_address`), so any cache directory works.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,22 @@ from cloudnbd.errors import CloudnbdError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], dict[str, Any]]
+
+#: The longest path a Unix socket address holds (sun_path is 108 bytes with its NUL).
+SUN_PATH_MAX = 107
+
+
+@contextmanager
+def _address(path: Path) -> Iterator[str]:
+    """path as an AF_UNIX address, valid inside the with block (for bind or connect)."""
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield str(path)
+        return
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
 
 
 class ControlServer:
@@ -36,7 +57,8 @@ class ControlServer:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
-            self._sock.bind(str(path))
+            with _address(path) as address:
+                self._sock.bind(address)
         finally:
             os.umask(old_umask)
         self._sock.listen(8)
@@ -89,7 +111,8 @@ def request(path: Path, message: dict[str, Any], timeout: float | None = 10.0
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(str(path))
+        with _address(path) as address:
+            sock.connect(address)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         raise CloudnbdError("the volume is not open on this machine (no server at "

@@ -85,3 +85,10 @@ class NeedsRecovery(CloudnbdError):
     """A server of this machine stopped with writes not yet uploaded: open, then close."""
 
     exit_code = 11
+
+
+def local_error(exc: OSError) -> CloudnbdError:
+    """A failed local file or socket operation (a read-only or full disk, a missing or
+    forbidden directory) as the one line its user needs: the path and the reason."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return CloudnbdError(f"{where}{exc.strerror or exc}")

@@ -35,7 +35,8 @@ class Progress:
         t0, d0 = self._samples[0]
         return (done - d0) / (now - t0) if now > t0 else 0.0
 
-    def update(self, done: int, total: int | None = None) -> None:
+    def update(self, done: int, total: int | None = None, note: str = "") -> None:
+        """Redraw (at most every interval); note, if any, ends the line: why it waits."""
         if total is not None:
             self.total = total
         rate = self.rate(done)
@@ -49,7 +50,7 @@ class Progress:
         eta = f"{int(left / rate) // 60}:{int(left / rate) % 60:02d}" if rate > 0 else "?"
         self.stream.write(f"\r{self.label}: {format_size(done)} of {format_size(self.total)}"
                           f", {format_size(left)} left, {format_size(int(rate))}/s, "
-                          f"ETA {eta}   ")
+                          f"ETA {eta}{'; ' + note if note else ''}\033[K")
         self.stream.flush()
 
     def finish(self, message: str | None = None) -> None:

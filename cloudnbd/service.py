@@ -403,19 +403,21 @@ class Service:
 
             def progress(left: int, chunks: int) -> None:
                 if send is not None:
-                    send({"progress": {"left": left, "chunks": chunks, "total": total}})
+                    send({"progress": {"left": left, "chunks": chunks, "total": total,
+                                       "error": self.engine.last_error}})
 
             try:
                 self.engine.drain(progress, stall_timeout=timeout)
             except Displaced as exc:
                 self.engine.stop(clean=False)
                 self.exit_code = exc.exit_code
-                return {"error": self._set_aside_displaced(exc), "code": exc.exit_code}
+                return {"error": self._set_aside_displaced(exc), "exit_code": exc.exit_code}
             except CloudnbdError as exc:
                 self.engine.stop(clean=False)
                 self.exit_code = 1
                 return {"error": f"{exc.message}; the data is safe in the local journal "
-                                 f"at {self.cache_dir} and the next open resumes uploading"}
+                                 f"at {self.cache_dir} and the next open resumes uploading",
+                        "exit_code": exc.exit_code}
             self.engine.stop(clean=True)
             if self.lease is not None:
                 self.lease.release()

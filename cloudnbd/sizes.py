@@ -41,7 +41,8 @@ def parse_size(text: str, what: str = "size") -> int:
 
 def format_size(n: int) -> str:
     """n bytes in the largest IEC unit that keeps it readable, e.g. '20 GiB', '1.5 MiB'."""
-    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, factor in (("EiB", 2**60), ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30),
+                         ("MiB", 2**20), ("KiB", 2**10)):
         if n >= factor:
             value = n / factor
             text = f"{value:.2f}".rstrip("0").rstrip(".")

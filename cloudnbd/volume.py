@@ -50,6 +50,7 @@ from cloudnbd.errors import (
 )
 from cloudnbd.kdf import calibrate, weakness
 from cloudnbd.lease import LEASE_KEY
+from cloudnbd.sizes import format_size
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ MAX_CHUNK_SIZE = 64 * 1024 * 1024
 #: see docs/chunk-size.md for the measurement behind this choice
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_SIZE = 2**63 - SIZE_ALIGNMENT  # NBD sizes are 64-bit; keep signed arithmetic safe
+#: The most chunks a volume may have. A serving process keeps 1 byte per chunk of the
+#: volume and 16 per stored chunk (engine/versions.py): 256 MiB at open, 4.25 GiB when
+#: every chunk is stored. That is 1 PiB in 4 MiB chunks, 16 PiB in 64 MiB chunks.
+MAX_CHUNKS = 2**28
 MAX_SLOTS = 8
 _DELETE_BATCH = 1000  # keys per delete_many call: one S3 DeleteObjects, one progress step
 _UPDATE_ATTEMPTS = 5  # M1: re-reads of volume.json when concurrent updates keep winning
@@ -146,6 +151,17 @@ def check_size(size: int) -> None:
         raise UsageError("volume size must be larger than zero")
     if size > MAX_SIZE:
         raise UsageError("volume size is larger than NBD can address (2^63 bytes)")
+
+
+def check_chunk_count(size: int, chunk_size: int) -> None:
+    """Refuse a size that `open` could not hold in memory (MAX_CHUNKS)."""
+    if -(-size // chunk_size) > MAX_CHUNKS:
+        raise UsageError(
+            f"a volume of {format_size(chunk_size)} chunks can be at most "
+            f"{format_size(MAX_CHUNKS * chunk_size)}: serving it takes 1 byte per chunk of "
+            f"memory, plus 16 per stored chunk, so a volume has at most 2^28 chunks (256 MiB "
+            f"to open, 4.25 GiB when full); a larger --chunk-size (up to "
+            f"{format_size(MAX_CHUNK_SIZE)}) allows a larger volume")
 
 
 def check_chunk_size(chunk_size: int) -> None:
@@ -445,6 +461,7 @@ class Volume:
         progress(bytes deleted, bytes to delete) follows the deletion, which can be long.
         """
         check_size(new_size)
+        check_chunk_count(new_size, self.meta.chunk_size)
         old_size = self.meta.size
         if new_size < old_size:
             if not allow_shrink:
@@ -485,6 +502,7 @@ def create(store: ObjectStore, size: int, chunk_size: int, password: str,
     """Create a new, empty volume at store; VolumeExists if one is already there."""
     check_size(size)
     check_chunk_size(chunk_size)
+    check_chunk_count(size, chunk_size)
     if size % SIZE_ALIGNMENT:
         raise UsageError(f"volume size must be a multiple of {SIZE_ALIGNMENT}")
     if not password:

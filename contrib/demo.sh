@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # A demo volume on the local-directory backend: no cloud account needed.
 # Creates ./demo/bucket/photos (a 1 GiB volume), serves it on 127.0.0.1:10809 and
-# prints how to attach it. Stop it with the `cloudnbd close` line it prints.
+# prints how to attach it. Stop it with the `cloudnbd close` line it prints. `make demo`
+# runs it with the project's .venv/bin first on PATH; the lines it prints name the
+# cloudnbd it used, so they work from a shell without that PATH too.
 set -euo pipefail
+cloudnbd="$(command -v cloudnbd)"
 demo="${DEMO_DIR:-$PWD/demo}"
 port="${DEMO_PORT:-10809}"
 mkdir -p "$demo/bucket"   # the directory that plays the bucket must exist
@@ -23,5 +26,5 @@ Try it:
   nbdinfo nbd://127.0.0.1:$port
   nbdcopy --flush some-disk-image.raw nbd://127.0.0.1:$port   # or format it: see README
 Stop it (uploads everything first):
-  cloudnbd close file $volume --cache $demo/cache
+  $cloudnbd close file $volume --cache $demo/cache
 EOT

@@ -24,11 +24,31 @@ namespace and runtime directory): run a command there with `other_machine.prefix
 
 tests/served.py: `served` (a real `cloudnbd open` on a file-backend volume, Unix
 socket), `memory_server` (the NBD layer alone over a MemoryDevice), `password_file`.
+
+Tests marked `unit` run in the test process alone (`make test-unit`): a unit test that
+starts a subprocess, and so any server, fails (`_unit_tests_start_no_process`).
 """
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
 
 from tests.machines import other_machine
 from tests.served import memory_server, password_file, served
 from tests.servers import backend_env, fake_gcs, seaweedfs
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request: pytest.FixtureRequest,
+                                 monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Keep the `unit` marker honest: such a test may not start a process."""
+    if request.node.get_closest_marker("unit") is not None:
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise AssertionError("a test marked unit started a process: drop the marker")
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield
+
 
 __all__ = ["backend_env", "fake_gcs", "memory_server", "other_machine", "password_file",
            "seaweedfs", "served"]

@@ -37,7 +37,7 @@ class InlinePool:
     def start(self) -> None:
         pass
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 30.0) -> None:
         pass
 
     def capacity(self, kind: str) -> int:

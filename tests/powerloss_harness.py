@@ -63,7 +63,8 @@ class ThreadedPool:
         for thread in self.threads:
             thread.start()
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 30.0) -> None:
+        """Let every thread finish its task (a thread cannot be killed: no grace)."""
         for thread in self.threads:
             if thread.is_alive():
                 self.tasks.put(None)

@@ -7,6 +7,7 @@ Readiness comes from the server itself (--ready-fd), never from sleeping.
 from __future__ import annotations
 
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -35,6 +36,28 @@ def cloudnbd(*args: str, env: dict[str, str] | None = None, check: bool = True,
         raise AssertionError(f"cloudnbd {' '.join(args)} exited {result.returncode}:\n"
                              f"{result.stdout}{result.stderr}")
     return result
+
+
+def on_terminal(args: list[str], env: dict[str, str] | None = None
+                ) -> tuple[int, str, str]:
+    """Run with stderr on a pseudo-terminal: (exit status, stdout, what the terminal got)."""
+    master, slave = pty.openpty()
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=slave, env=env)
+    os.close(slave)
+    seen = bytearray()
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the last writer of the terminal is gone
+            break
+        if not data:
+            break
+        seen += data
+    os.close(master)
+    assert process.stdout is not None
+    out = process.stdout.read().decode()
+    return process.wait(timeout=60), out, seen.decode(errors="replace")
 
 
 @dataclass

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import struct
 import subprocess
@@ -58,15 +59,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+# The kernel hands out ports from 32768 up to outgoing connections (ip_local_port_range):
+# a port chosen there can be taken by any client between the probe and the server's bind.
+# SeaweedFS's ports, and their gRPC ports 10000 above, stay below it.
+_WEED_PORTS = range(10000, 22768)
+START_ATTEMPTS = 3
+
+
 def _free_weed_ports(names: tuple[str, ...]) -> dict[str, int]:
     """Ports for weed's services: consecutive, so that no service port can equal another's
     gRPC port (service port + 10000, which weed refuses), and all of them and their gRPC
     ports free."""
-    import random
-
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20000, 30000 - len(names))
+        base = rng.randrange(_WEED_PORTS.start, _WEED_PORTS.stop - len(names))
         wanted = [base + i for i in range(len(names))]
         probes = []
         try:
@@ -81,6 +87,10 @@ def _free_weed_ports(names: tuple[str, ...]) -> dict[str, int]:
                 probe.close()
         return dict(zip(names, wanted, strict=True))
     raise RuntimeError("no free block of ports for SeaweedFS")
+
+
+class PortTaken(RuntimeError):
+    """A server exited at start because one of its ports was in use."""
 
 
 @dataclass
@@ -105,7 +115,10 @@ class Server:
                 code = self.process.wait(timeout=0.05)
             except subprocess.TimeoutExpired:
                 continue
-            raise RuntimeError(f"{self.name} exited with {code} at start\n" + self.log_tail())
+            tail = self.log_tail()
+            taken = ("address already in use" in tail.lower() or "is not available" in tail)
+            kind = PortTaken if taken else RuntimeError
+            raise kind(f"{self.name} exited with {code} at start\n" + tail)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -143,15 +156,32 @@ def s3_client(endpoint: str, access_key: str = S3_ACCESS_KEY,
                                       read_timeout=10))
 
 
+def _start_retrying(start_once: Callable[[], Server]) -> Server:
+    """start_once(), again while the server dies because a port it was given was taken
+    meanwhile (another test session, or a parallel worker, chose it too)."""
+    for attempt in range(START_ATTEMPTS):
+        try:
+            return start_once()
+        except PortTaken:
+            if attempt == START_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def start_seaweedfs(directory: Path) -> Server:
     """`weed mini` with every port chosen free, S3 auth on, and S3_BUCKET created."""
+    return _start_retrying(lambda: _start_seaweedfs_once(directory))
+
+
+def _start_seaweedfs_once(directory: Path) -> Server:
     config = directory / "s3.json"
     config.write_text(json.dumps({"identities": [{
         "name": "cloudnbd-tests",
         "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     ports = _free_weed_ports(("s3", "master", "volume", "filer", "webdav", "admin"))
-    (directory / "data").mkdir(exist_ok=True)
+    shutil.rmtree(directory / "data", ignore_errors=True)  # left by an attempt that failed
+    (directory / "data").mkdir()
     args = ["weed", "mini", f"-dir={directory / 'data'}", "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1", f"-s3.config={config}", "-master.telemetry=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -185,6 +215,10 @@ def _fake_gcs_binary() -> Path:
 
 def start_fake_gcs(directory: Path) -> Server:
     """fake-gcs-server over HTTP on a free port, with GCS_BUCKET created."""
+    return _start_retrying(lambda: _start_fake_gcs_once(directory))
+
+
+def _start_fake_gcs_once(directory: Path) -> Server:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     args = [str(_fake_gcs_binary()), "-scheme", "http", "-host", "127.0.0.1",

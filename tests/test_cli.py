@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from cloudnbd import volume
-from tests.served import KDF, cloudnbd
-from tests.servers import BackendEnv
+from tests.served import CLI, KDF, cloudnbd, on_terminal
+from tests.servers import BackendEnv, free_port
 
 
 class Cli:
@@ -164,3 +164,33 @@ def test_unreachable_endpoint_is_one_line(tmp_path: Path) -> None:
                       str(password), env=env, check=False)
     assert_one_line_error((result.returncode, result.stdout, result.stderr), 3,
                           "Could not connect")
+
+
+def test_an_unreachable_endpoint_says_it_is_retrying_on_a_terminal(tmp_path: Path) -> None:
+    password = tmp_path / "pw"
+    password.write_text("x\n")
+    password.chmod(0o600)
+    env = {"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin",
+           "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "HOME": str(tmp_path)}
+    code, _, terminal = on_terminal(
+        [*CLI, "info", "s3", "somebucket/vol", "--endpoint-url", f"http://127.0.0.1:{free_port()}",
+         "--timeout", "4", "--password-file", str(password)], env=env)
+    assert code == 3, terminal
+    notice, error = terminal.strip().splitlines()
+    assert notice.startswith("cloudnbd: s3://somebucket/vol: GET failed (") and \
+        notice.endswith("); retrying for up to 4s"), terminal
+    assert error.startswith("cloudnbd: error: ") and "Could not connect" in error
+
+
+@pytest.mark.parametrize("backend_env", ["s3"], indirect=True)
+def test_debug_is_cloudnbds_own_unless_all_is_asked_for(cli: Cli) -> None:
+    """botocore at DEBUG logs every request and its signature computation: megabytes of
+    a server's log. --debug leaves it at INFO; CLOUDNBD_DEBUG=all lets it through."""
+    location = cli.env.new_location()
+    cli("init", location, "1GiB", "--password-file", str(cli.password), *KDF)
+    args = ["--debug", "info", cli.env.name, location, *cli.env.cli_args, "--password-file",
+            str(cli.password)]
+    own = cloudnbd(*args, env=cli.env.env).stderr
+    assert "StringToSign" not in own and "Sending http request" not in own, own[-2000:]
+    everything = cloudnbd(*args, env={**cli.env.env, "CLOUDNBD_DEBUG": "all"}).stderr
+    assert "StringToSign" in everything and "Sending http request" in everything

@@ -14,6 +14,8 @@ from cloudnbd import codec
 from cloudnbd.codec import VolumeKeys
 from cloudnbd.errors import IntegrityError, WrongPassword
 
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
+
 CHUNK = 64 * 1024
 KEYS = VolumeKeys(bytes(range(16)), bytes(range(32, 64)))
 

@@ -22,6 +22,7 @@ def etc(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.unit
 def test_precedence_and_sources(etc: Path) -> None:
     settings = config.effective("photos", {"port": 12345}, etc)
     assert settings["port"] == config.Value(12345, "command line")
@@ -31,6 +32,7 @@ def test_precedence_and_sources(etc: Path) -> None:
     assert settings["location"].value == "/srv/photos"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("line,message", [
     ("bogus = 1", "photos.conf:6: unknown key 'bogus'"),
     ("fetchers = zero", "photos.conf:6: bad value for fetchers"),
@@ -45,6 +47,7 @@ def test_bad_lines_name_file_and_line(etc: Path, line: str, message: str) -> Non
         config.effective("photos", {}, etc)
 
 
+@pytest.mark.unit
 def test_volume_only_keys_are_refused_in_the_global_file(etc: Path) -> None:
     with open(etc / "cloudnbd.conf", "a") as f:
         f.write("location = /x\n")

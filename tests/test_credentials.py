@@ -13,6 +13,8 @@ from cloudnbd import credentials
 from cloudnbd.credentials import S3Credentials
 from cloudnbd.errors import CloudnbdError
 
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
+
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 
 

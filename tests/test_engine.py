@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
 
+import pytest
+
+from cloudnbd.engine.cache import CleanCache
 from cloudnbd.engine.workers import UploadTask
 from tests.engine_harness import CHUNK, EngineRig
+
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
 
 
 def test_writes_read_back_before_and_after_upload(tmp_path: Path) -> None:
@@ -228,3 +234,12 @@ def test_a_clean_file_without_a_recorded_version_is_dropped(tmp_path: Path) -> N
     engine = rig.reopen()
     assert not any(i in engine.clean for i in range(16))
     assert rig.read(0, 2 * CHUNK) == data
+
+
+def test_only_a_run_that_stopped_uncleanly_is_reported_as_such(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cloudnbd.engine.cache")
+    assert not CleanCache(tmp_path, CHUNK).open()  # a new cache: nothing to trust
+    assert "did not stop cleanly" not in caplog.text
+    assert not CleanCache(tmp_path, CHUNK).open()  # the first run ended without its marker
+    assert "previous run did not stop cleanly" in caplog.text

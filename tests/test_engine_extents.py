@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloudnbd.engine.extents import ChunkExtents, Extent
+
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
 
 SIZE = 64
 Op = tuple[int, int, int, int, bool, int | None]  # start, length, segment, pos, zero, drop

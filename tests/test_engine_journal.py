@@ -7,9 +7,13 @@ import errno
 import os
 from pathlib import Path
 
+import pytest
+
 from cloudnbd.engine import localfs
 from cloudnbd.engine.journal import HEADER_BYTES, Journal, Kind
 from cloudnbd.engine.localfs import OsLayer
+
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
 
 
 def _write(journal: Journal, offset: int, data: bytes) -> tuple[int, int, int]:

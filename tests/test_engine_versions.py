@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from cloudnbd.engine.versions import PAGE, ChunkVersions
 from cloudnbd.engine.workers import UploadTask
 from tests.engine_harness import CHUNK, EngineRig
+
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
 
 tokens = st.one_of(
     st.binary(min_size=16, max_size=16).map(lambda b: f'"{b.hex()}"'),  # S3 ETag (MD5)

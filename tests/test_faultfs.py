@@ -11,6 +11,8 @@ import pytest
 from cloudnbd.engine import localfs
 from tests.faultfs import SECTOR, FaultFS, Policy, PowerIsOff
 
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
+
 
 def _create(path: Path, data: bytes) -> int:
     fd = localfs.open(path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -35,6 +35,8 @@ from tests.test_codec import (
     KEYS,
 )
 
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
+
 
 def hkdf_sha256(ikm: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
     prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()

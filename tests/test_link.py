@@ -17,6 +17,8 @@ import pytest
 from tests.link import SLACK, Link, _Transmitter
 from tests.servers import FaultProxy
 
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
+
 
 class Sink:
     """A loopback TCP server that reads each connection to its end, answers with the

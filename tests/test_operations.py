@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.nbdclient import NbdClient
-from tests.served import CLI, KDF, cloudnbd
+from tests.served import CLI, KDF, cloudnbd, on_terminal
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,27 +134,6 @@ def test_status_shows_connections_backlog_rates_and_cache(tmp_path: Path) -> Non
     assert lines["cache"].strip().startswith("8 MiB of 2 GiB"), text
 
 
-def _on_terminal(args: list[str]) -> tuple[int, str, str]:
-    """Run with stderr on a pseudo-terminal: (exit status, stdout, what the terminal got)."""
-    master, slave = pty.openpty()
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=slave)
-    os.close(slave)
-    seen = bytearray()
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the last writer of the terminal is gone
-            break
-        if not data:
-            break
-        seen += data
-    os.close(master)
-    assert process.stdout is not None
-    out = process.stdout.read().decode()
-    return process.wait(timeout=60), out, seen.decode(errors="replace")
-
-
 @pytest.fixture
 def filled(tmp_path: Path) -> tuple[Path, list[str]]:
     """A configured volume with three chunks of data; (config dir, CLI prefix)."""
@@ -166,7 +144,7 @@ def filled(tmp_path: Path) -> tuple[Path, list[str]]:
     return etc, [*CLI, "--config-dir", str(etc)]
 
 
-@pytest.mark.parametrize("on_terminal", [True, False], ids=["terminal", "pipe"])
+@pytest.mark.parametrize("tty", [True, False], ids=["terminal", "pipe"])
 @pytest.mark.parametrize("operation,label", [
     (["export", "vol", "{tmp}/out.img"], "Exporting"),
     (["import", "{tmp}/seed.img", "vol", "--yes"], "Importing"),
@@ -175,11 +153,11 @@ def filled(tmp_path: Path) -> tuple[Path, list[str]]:
 ], ids=["export", "import", "verify", "shrink"])
 def test_long_operations_show_progress_on_a_terminal_only(
         tmp_path: Path, filled: tuple[Path, list[str]], operation: list[str],
-        label: str, on_terminal: bool) -> None:
+        label: str, tty: bool) -> None:
     _, prefix = filled
     args = [*prefix, *(a.format(tmp=tmp_path) for a in operation)]
-    if on_terminal:
-        code, out, terminal = _on_terminal(args)
+    if tty:
+        code, out, terminal = on_terminal(args)
         assert code == 0, terminal
         assert re.search(rf"\r{label}: [\d.]+ [KMG]?i?B of [\d.]+ [KMG]?i?B, .* ETA ",
                          terminal), terminal
@@ -203,7 +181,7 @@ def test_close_shows_the_upload_on_a_terminal_and_keeps_the_log_clean(
             client.pwrite(os.urandom(CHUNK), index * CHUNK)
         client.close()
         if attempt == "terminal":
-            code, out, terminal = _on_terminal([*prefix, "close", "vol"])
+            code, out, terminal = on_terminal([*prefix, "close", "vol"])
             assert code == 0 and "everything is uploaded" in out, terminal
             assert re.search(r"\rUploading: [\d.]+ [KM]i?B of 16 MiB", terminal), terminal
         else:

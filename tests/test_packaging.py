@@ -155,7 +155,7 @@ def test_make_demo_script_serves_a_volume(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     [close_line] = [line.strip() for line in demo.stdout.splitlines()
-                    if line.strip().startswith("cloudnbd close ")]
+                    if line.strip().startswith(f"{wrapper} close ")]
     try:
         client = NbdClient.tcp("127.0.0.1", port)
         assert client.size == 2**30

@@ -4,9 +4,12 @@ kind, with listings as LIST (priced like PUT) rather than GET."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.servers import S3_BUCKET, FaultProxy, Server, request_kind, s3_client
 
 
+@pytest.mark.unit
 def test_request_kinds() -> None:
     assert request_kind(b"GET /bucket?list-type=2&prefix=vol%2F HTTP/1.1") == "LIST"
     assert request_kind(b"GET /bucket/?prefix=blocks&marker=00ff HTTP/1.1") == "LIST"

@@ -4,7 +4,9 @@ engine's bounds (clean cache size, dirty data)."""
 from __future__ import annotations
 
 import os
+import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from cloudnbd.engine.workers import UploadTask
 from tests.engine_harness import CHUNK, EngineRig
 from tests.nbdclient import NbdClient
-from tests.served import KDF, cloudnbd, start
+from tests.served import CLI, KDF, cloudnbd, on_terminal, start
 from tests.servers import BackendEnv, FaultProxy, backend_env_for
 
 
@@ -68,6 +70,37 @@ def test_close_without_the_cloud_keeps_the_data_for_the_next_open(
     assert out.read_bytes()[2**20:4 * 2**20] == data
 
 
+def test_close_gives_up_by_its_timeout_says_why_and_exits_as_a_store_error(
+        tmp_path: Path, password_file: Path, request: pytest.FixtureRequest) -> None:
+    """The server retries each upload for its own --timeout (60 s here); `close
+    --timeout 3` stops waiting after 3 s without an upload, shows on the terminal that it
+    is retrying, and exits 3 (object store error, cloudnbd.1 EXIT STATUS)."""
+    env: BackendEnv = backend_env_for("s3", tmp_path, request)
+    location = env.new_location()
+    cloudnbd("init", "s3", location, "64MiB", *env.cli_args, "--password-file",
+             str(password_file), *KDF, env=env.env)
+    proxy = FaultProxy(env.cli_args[1], [])
+    server = start(tmp_path, "s3", location, password_file, "--writeback-delay", "3600",
+                   store_args=["--endpoint-url", proxy.url], env=env.env)
+    client = NbdClient.unix(str(server.socket))
+    client.pwrite(os.urandom(2**20), 0)
+    client.close()
+    proxy.close()  # the cloud is gone
+    began = time.monotonic()
+    code, _, terminal = on_terminal(
+        [*CLI, "close", "s3", location, "--endpoint-url", proxy.url, "--cache",
+         str(server.cache), "--timeout", "3"], env=env.env)
+    took = time.monotonic() - began
+    assert code == 3, terminal
+    assert re.search(r"no upload has succeeded for [1-3]s, retrying", terminal), terminal
+    last = re.split(r"[\r\n]+", terminal.strip())[-1].replace("\033[K", "")
+    assert last.startswith("cloudnbd: error: no upload succeeded for 3s"), terminal
+    # bounded by the close's timeout, not by the 60 s the workers would go on retrying
+    assert took < 30, took
+    server.process.wait(timeout=60)
+
+
+@pytest.mark.unit
 def test_clean_cache_stays_within_its_bound(tmp_path: Path) -> None:
     rig = EngineRig(tmp_path, chunks=32, cache_bytes=4 * CHUNK)
     for index in range(32):
@@ -79,6 +112,7 @@ def test_clean_cache_stays_within_its_bound(tmp_path: Path) -> None:
     assert rig.read(0, 32 * CHUNK) == rig.cloud_bytes()  # evicted chunks come back
 
 
+@pytest.mark.unit
 def test_writes_past_max_dirty_wait_for_uploads(tmp_path: Path) -> None:
     rig = EngineRig(tmp_path, chunks=64, auto=False, max_dirty=4 * CHUNK)
     for index in range(4):

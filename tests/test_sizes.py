@@ -7,6 +7,8 @@ import pytest
 from cloudnbd.errors import UsageError
 from cloudnbd.sizes import format_size, parse_size
 
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
+
 
 @pytest.mark.parametrize("text,expected", [
     ("512", 512), ("20GB", 20 * 10**9), ("20gb", 20 * 10**9), ("20GiB", 20 * 2**30),

@@ -21,6 +21,8 @@ from cloudnbd.errors import (
     WrongPassword,
 )
 
+pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
+
 FAST = ScryptParams(n=2**10)
 CHUNK = 64 * 1024
 

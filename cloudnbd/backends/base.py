@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Told once, in one line, when a request has kept failing for NOTICE_AFTER seconds and
+#: is still being retried. The CLI points it at a terminal, so that a user is not left
+#: in silence for the whole --timeout; elsewhere retries show in the metrics and the log.
+retry_notice: Callable[[str], None] | None = None
+NOTICE_AFTER = 1.0
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -188,6 +194,7 @@ class ObjectStore(ABC):
         policy = self.retry_policy
         start = time.monotonic()
         delay = policy.initial_delay
+        noticed = False
         while True:
             try:
                 return fn()
@@ -203,6 +210,10 @@ class ObjectStore(ABC):
                         f"{short_reason(exc)}"
                     ) from exc
                 self.retries += 1
+                if retry_notice is not None and not noticed and elapsed >= NOTICE_AFTER:
+                    noticed = True
+                    retry_notice(f"{self.description}: {what} failed ({short_reason(exc)}); "
+                                 f"retrying for up to {policy.deadline:.0f}s")
                 log.debug("%s: %s failed (%s); retrying in %.2fs", self.description, what,
                           short_reason(exc), delay)
                 time.sleep(random.uniform(0, delay) + delay / 2)

@@ -78,6 +78,7 @@ class CleanCache:
         """Load the cache, keeping only files that still copy what the store holds
         (stored: the versions listed at open, C6); returns True if the previous run
         stopped cleanly (C3)."""
+        first_run = not self.directory.exists()
         localfs.mkdir(self.directory, 0o700)
         recorded = self._read_marker()
         trusted = recorded is not None
@@ -97,7 +98,7 @@ class CleanCache:
         if trusted:
             localfs.unlink(self.marker)
             localfs.fsync_dir(self.marker.parent)
-        if not trusted:
+        if not trusted and not first_run:
             log.info("previous run did not stop cleanly: clean cache discarded")
         elif replaced:
             log.info("clean cache: dropped %d chunk files the store no longer holds "

@@ -59,7 +59,7 @@ from cloudnbd.engine.workers import (
     WorkerPool,
     wait_for_orphans,
 )
-from cloudnbd.errors import CloudnbdError
+from cloudnbd.errors import BackendError
 from cloudnbd.metrics import Metrics
 from cloudnbd.nbd.device import BlockDevice, DeviceError
 
@@ -69,7 +69,11 @@ HOLE = 1
 ZERO_FLAG = 2
 
 
-class CloudUnreachable(CloudnbdError):
+#: Seconds workers get to finish at an unclean stop before they are killed.
+UNCLEAN_STOP_GRACE = 2.0
+
+
+class CloudUnreachable(BackendError):
     """Uploads stopped making progress while closing."""
 
 
@@ -216,7 +220,10 @@ class Engine(BlockDevice):
             self._stopped = True
             self._cond.notify_all()
         self._scheduler.join(timeout=10)
-        self.pool.stop()
+        # An unclean stop follows a drain that gave up (or a failed start): the workers
+        # may be deep in retries the journal makes pointless, and killing one is safe
+        # (fencing, docs/design.md), so they get a moment, not the clean stop's grace.
+        self.pool.stop(grace=30.0 if clean else UNCLEAN_STOP_GRACE)
         if clean and not self.dirty:
             self.journal.reset()
         self.journal.close()
@@ -229,6 +236,11 @@ class Engine(BlockDevice):
             if new_size > self._size:
                 self.stored.grow(-(-new_size // self.chunk_size))
                 self._size = new_size
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last upload failed, for a close that waits on the cloud."""
+        return self._last_error
 
     # -- BlockDevice: properties -----------------------------------------------------------
     @property

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudnbd import codec, lease, zygote
+from cloudnbd import codec, lease, logs, zygote
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore
 from cloudnbd.codec import VolumeKeys
@@ -330,8 +330,7 @@ def _worker_main(conn: multiprocessing.connection.Connection,
     config: WorkerConfig = conn.recv()
     lock_fd = os.open(config.journal_dir.parent / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock_fd, fcntl.LOCK_SH)  # held until this process exits
-    logging.basicConfig(level=config.log_level,
-                        format="cloudnbd worker: %(levelname)s: %(message)s")
+    logs.configure(config.log_level, "cloudnbd worker")
     worker = _Worker(config, limiter)
     send_lock = threading.Lock()
     tasks: queue.Queue[Any] = queue.Queue()
@@ -473,7 +472,8 @@ class WorkerPool:
         for task in lost:
             self.submit(task)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 30.0) -> None:
+        """Ask every worker to exit; kill one still busy after grace seconds."""
         self._stopping = True
         self._wakeup_w.send(None)
         self._thread.join(timeout=10)
@@ -484,7 +484,7 @@ class WorkerPool:
                 except (BrokenPipeError, OSError):
                     pass
         for h in self._handles:
-            h.process.join(timeout=30)
+            h.process.join(timeout=grace)
             if h.process.is_alive():
                 h.process.kill()
                 h.process.join()
