@@ -76,7 +76,7 @@ def run(chunk_size: int, workload: str, tmp: Path) -> dict[str, float]:
     pools: list[CountingPool] = []
 
     def make_pool(on_result):  # type: ignore[no-untyped-def]
-        config = WorkerConfig("file", str(store.root), StoreOptions(), vol.keys, chunk_size,
+        config = WorkerConfig("file", str(store.root), StoreOptions(), vol.chunk_codec,
                               tmp / "cache" / "clean", tmp / "cache" / "journal")
         pools.append(CountingPool(config, on_result))
         return pools[-1]

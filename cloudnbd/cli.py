@@ -19,6 +19,7 @@ from pathlib import Path
 from cloudnbd import __version__, config, volume
 from cloudnbd.backends import BACKENDS, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
+from cloudnbd.chunks import chunk_key
 from cloudnbd.codec import Argon2idParams
 from cloudnbd.errors import CloudnbdError, UsageError
 from cloudnbd.hardening import no_core_dumps
@@ -592,7 +593,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
     report = transfer.verify(vol, threads=args.threads, progress=update)
     progress.finish()
     for index, problem in report.damaged:
-        print(f"damaged: chunk {index} ({volume.chunk_key(index)}): {problem}")
+        print(f"damaged: chunk {index} ({chunk_key(index)}): {problem}")
     for index in report.beyond_end:
         print(f"stray: chunk {index} lies past the end of the volume")
     print(f"Checked {report.checked} chunks ({format_size(report.stored_bytes)} stored): "

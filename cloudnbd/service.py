@@ -262,10 +262,9 @@ class Service:
             os.close(dir_fd)
 
     def _make_pool(self, on_result: Any) -> WorkerPool:
-        meta = self.volume.meta
         config = WorkerConfig(
             backend=self.backend, location=self.location, options=self.options,
-            keys=self.volume.keys, chunk_size=meta.chunk_size,
+            codec=self.volume.chunk_codec,
             clean_dir=self.cache_dir / "clean", journal_dir=self.cache_dir / "journal",
             log_level=logging.getLogger().level,
             lease_version=self.lease.version if self.lease is not None else None)

@@ -98,8 +98,8 @@ class EngineRig:
 
     def _make_pool(self, on_result: Callable[[str, Result], None]) -> InlinePool:
         config = WorkerConfig(backend="file", location=str(self.store.root),
-                              options=StoreOptions(), keys=self.volume.keys,
-                              chunk_size=CHUNK, clean_dir=self.cache_dir / "clean",
+                              options=StoreOptions(), codec=self.volume.chunk_codec,
+                              clean_dir=self.cache_dir / "clean",
                               journal_dir=self.cache_dir / "journal")
         self.pool = InlinePool(config, on_result, self.auto)
         return self.pool

@@ -154,8 +154,9 @@ class PowerLossCampaign:
     # -- engine life ------------------------------------------------------------------------
     def _make_pool(self, on_result: Callable[[str, Result], None]) -> ThreadedPool:
         config = WorkerConfig(backend=self.target.backend, location=self.target.location,
-                              options=self.target.options, keys=self.target.volume.keys,
-                              chunk_size=self.chunk_size, clean_dir=self.cache_dir / "clean",
+                              options=self.target.options,
+                              codec=self.target.volume.chunk_codec,
+                              clean_dir=self.cache_dir / "clean",
                               journal_dir=self.cache_dir / "journal")
         self.pool = ThreadedPool(config, on_result, self.fs)
         return self.pool

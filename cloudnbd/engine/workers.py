@@ -49,14 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudnbd import codec, lease, zygote
+from cloudnbd import lease, zygote
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore
-from cloudnbd.codec import VolumeKeys
+from cloudnbd.chunks import ChunkCodec, ChunkStore
 from cloudnbd.engine import localfs
 from cloudnbd.engine.malloc import limit_malloc_retention
-from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound, PreconditionFailed
-from cloudnbd.volume import chunk_key
+from cloudnbd.errors import CloudnbdError, IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +66,9 @@ class WorkerConfig:
     backend: str
     location: str
     options: StoreOptions
-    keys: VolumeKeys = field(repr=False)
-    chunk_size: int
+    codec: ChunkCodec  # keys, chunk size, zstd level
     clean_dir: Path
     journal_dir: Path
-    zstd_level: int = codec.DEFAULT_ZSTD_LEVEL
     threads: int = 1
     log_level: int = logging.WARNING
     #: the version of the lease object while this volume's server holds it (None: the
@@ -169,6 +166,7 @@ class _Worker:
         self.config = config
         self.limiter = limiter
         self.store: ObjectStore = open_store(config.backend, config.location, config.options)
+        self.chunks = ChunkStore(self.store, config.codec)
 
     def _write_clean(self, index: int, data: bytes | bytearray, tag: str) -> None:
         name = f"{index:016x}"
@@ -192,48 +190,27 @@ class _Worker:
             for fd in fds.values():
                 localfs.close(fd)
         base_gets = int(task.base == "cloud")
-        if codec.is_zero(plain):
-            _, fenced = self._fenced(task, lambda expected: self._delete(task.index,
-                                                                         expected))
-            return Result(task.task_id, task.index, "deleted",
-                          seconds=time.monotonic() - started,
-                          retries=self.store.retries - retries_before,
-                          base_gets=base_gets, base_wire_bytes=base_wire_bytes,
-                          fenced=fenced)
-        blob = codec.encode_chunk(cfg.keys, task.index, plain, cfg.zstd_level)
-        if self.limiter is not None:
-            self.limiter.acquire(len(blob))
-        version, fenced = self._fenced(task, lambda expected: self.store.put_if(
-            chunk_key(task.index), blob, expected))
-        self._write_clean(task.index, plain, f"u{task.task_id}")
-        return Result(task.task_id, task.index, "stored", size=len(plain),
-                      wire_bytes=len(blob), seconds=time.monotonic() - started,
-                      retries=self.store.retries - retries_before,
-                      base_gets=base_gets, base_wire_bytes=base_wire_bytes,
-                      version=version, fenced=fenced)
 
-    def _delete(self, index: int, expected: str | None) -> None:
-        if expected is not None:  # None: there is no object to delete
-            self.store.delete_if(chunk_key(index), expected)
-
-    def _fenced(self, task: UploadTask, write: Callable[[str | None], str | None]
-                ) -> tuple[str | None, bool]:
-        """Run write conditional on the version the engine last saw (F1); returns what
-        it returns (the new version) and whether the object had changed behind our back.
-        If it had (F2), a late request of a dead process of ours landed first: what this
-        upload holds is newer (it is built from the journal), so write again,
-        conditional on what is there now."""
-        try:
-            return write(task.expected), False
-        except PreconditionFailed:
+        def conflict(current: str | None) -> None:
+            """F2: the object changed behind the engine's back. Only a process that no
+            longer holds the volume can have done it if the lease is still ours (F3);
+            then what this upload holds is newer (built from the journal)."""
             self._prove_lease()
-            found = self.store.stat(chunk_key(task.index))
-            current = None if found is None else found.version
             log.warning("chunk %d changed in the store behind this volume's back (version "
                         "%s, expected %s): a late write of a process that no longer holds "
                         "the volume; the lease is still ours, so writing over it",
                         task.index, current, task.expected)
-            return write(current), True
+
+        written = self.chunks.write(task.index, plain, task.expected,  # F1
+                                    on_conflict=conflict, pacer=self.limiter)
+        if written.stored:
+            self._write_clean(task.index, plain, f"u{task.task_id}")
+        return Result(task.task_id, task.index, "stored" if written.stored else "deleted",
+                      size=len(plain) if written.stored else 0,
+                      wire_bytes=written.wire_bytes, seconds=time.monotonic() - started,
+                      retries=self.store.retries - retries_before,
+                      base_gets=base_gets, base_wire_bytes=base_wire_bytes,
+                      version=written.version, fenced=written.fenced)
 
     def _prove_lease(self) -> None:
         """Raise Displaced unless the volume's lease is still ours (F3)."""
@@ -254,19 +231,17 @@ class _Worker:
         """The chunk's new plain contents, its base with the journal pieces laid over, and
         the bytes received to get that base."""
         cfg = self.config
-        plain = bytearray(cfg.chunk_size)
+        plain = bytearray(cfg.codec.chunk_size)
         view = memoryview(plain)
         received = 0
         if task.base == "clean":
             with open(cfg.clean_dir / f"{task.index:016x}", "rb") as f:
                 f.readinto(plain)
         elif task.base == "cloud":
-            try:
-                blob = self.store.get(chunk_key(task.index))
-                received = len(blob)
-                plain[:] = codec.decode_chunk(cfg.keys, task.index, blob, cfg.chunk_size)
-            except ObjectNotFound:
-                pass
+            found = self.chunks.get(task.index)
+            received = found.wire_bytes
+            if found.plain is not None:
+                plain[:] = found.plain
         for piece in task.pieces:
             target = view[piece.start:piece.end]
             if piece.zero:
@@ -280,15 +255,13 @@ class _Worker:
     def fetch(self, task: FetchTask) -> Result:
         started = time.monotonic()
         retries_before = self.store.retries
-        try:
-            blob, version = self.store.get_with_version(chunk_key(task.index))
-        except ObjectNotFound:
+        found = self.chunks.get(task.index)
+        if found.plain is None:
             return Result(task.task_id, task.index, "absent")
-        plain = codec.decode_chunk(self.config.keys, task.index, blob, self.config.chunk_size)
-        self._write_clean(task.index, plain, f"f{task.task_id}")
-        return Result(task.task_id, task.index, "cached", size=len(plain),
-                      wire_bytes=len(blob), seconds=time.monotonic() - started,
-                      retries=self.store.retries - retries_before, version=version)
+        self._write_clean(task.index, found.plain, f"f{task.task_id}")
+        return Result(task.task_id, task.index, "cached", size=len(found.plain),
+                      wire_bytes=found.wire_bytes, seconds=time.monotonic() - started,
+                      retries=self.store.retries - retries_before, version=found.version)
 
     def run(self, task: Task) -> Result:
         try:
