@@ -41,8 +41,8 @@ from cloudnbd.control import ControlServer
 from cloudnbd.engine.device import Engine, EngineSettings
 from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.engine.versions import ChunkVersions
-from cloudnbd.engine.workers import Displaced, WorkerConfig, WorkerPool
-from cloudnbd.errors import CloudnbdError, IntegrityError
+from cloudnbd.engine.workers import WorkerConfig, WorkerPool
+from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced, IntegrityError
 from cloudnbd.metrics import Metrics
 from cloudnbd.rates import RateSampler
 from cloudnbd.volume import Volume
@@ -112,10 +112,6 @@ class ServeSettings:
     force: bool = False
     metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint
     engine: EngineSettings = field(default_factory=EngineSettings)
-
-
-class CacheLocked(CloudnbdError):
-    exit_code = 9
 
 
 LEASE_EPOCH_FILE = "lease-epoch"

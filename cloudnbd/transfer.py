@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cloudnbd.errors import CloudnbdError, IntegrityError, UsageError
+from cloudnbd.errors import IntegrityError, UsageError
 from cloudnbd.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,3 @@ def _device_size(path: Path) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
-
-
-class DamagedVolume(CloudnbdError):
-    exit_code = 7

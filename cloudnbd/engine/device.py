@@ -50,7 +50,6 @@ from cloudnbd.engine.extents import ChunkExtents, Extent
 from cloudnbd.engine.journal import Journal, Kind
 from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import (
-    Displaced,
     FetchTask,
     LeaseTask,
     Piece,
@@ -59,7 +58,7 @@ from cloudnbd.engine.workers import (
     WorkerPool,
     wait_for_orphans,
 )
-from cloudnbd.errors import CloudnbdError
+from cloudnbd.errors import CloudUnreachable, Displaced
 from cloudnbd.metrics import Metrics
 from cloudnbd.nbd.device import BlockDevice, DeviceError
 
@@ -67,10 +66,6 @@ log = logging.getLogger(__name__)
 
 HOLE = 1
 ZERO_FLAG = 2
-
-
-class CloudUnreachable(CloudnbdError):
-    """Uploads stopped making progress while closing."""
 
 
 @dataclass(frozen=True)

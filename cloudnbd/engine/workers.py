@@ -55,7 +55,7 @@ from cloudnbd.backends.base import ObjectStore
 from cloudnbd.chunks import ChunkCodec, ChunkStore
 from cloudnbd.engine import localfs
 from cloudnbd.engine.malloc import limit_malloc_retention
-from cloudnbd.errors import CloudnbdError, IntegrityError
+from cloudnbd.errors import CloudnbdError, Displaced, IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +132,6 @@ class Result:
     # GET); after an upload that deleted the object, None
     version: str | None = None
     fenced: bool = False  # the object had changed since the engine last saw it
-
-
-class Displaced(CloudnbdError):
-    """Another server holds the volume's lease now: this one must stop writing (F3)."""
-
-    exit_code = 9
 
 
 class RateLimiter:
