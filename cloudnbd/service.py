@@ -41,7 +41,7 @@ from cloudnbd.control import ControlServer
 from cloudnbd.engine.device import Engine, EngineSettings
 from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.engine.versions import ChunkVersions
-from cloudnbd.engine.workers import WorkerConfig, WorkerPool
+from cloudnbd.engine.workers import WorkerConfig, WorkerKind, WorkerPool
 from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced, IntegrityError
 from cloudnbd.metrics import Metrics
 from cloudnbd.rates import RateSampler
@@ -353,7 +353,7 @@ class Service:
             "cache_limit": self.engine.clean.max_bytes,
             "cache_hits": self.engine.clean.hits,
             "cache_misses": self.engine.clean.misses,
-            "worker_pids": {kind: self.engine.pool.pids(kind) for kind in ("upload", "fetch")},
+            "worker_pids": {str(kind): self.engine.pool.pids(kind) for kind in WorkerKind},
         }
 
     def _handle(self, request: dict[str, Any], send: Any) -> dict[str, Any]:
