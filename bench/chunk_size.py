@@ -15,6 +15,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,8 +25,17 @@ from cloudnbd.backends import StoreOptions
 from cloudnbd.backends.file import FileStore
 from cloudnbd.codec import ScryptParams
 from cloudnbd.engine.device import Engine, EngineSettings
+from cloudnbd.engine.inprocess import InProcessPool
 from cloudnbd.engine.versions import ChunkVersions
-from cloudnbd.engine.workers import WorkerConfig, _Worker
+from cloudnbd.engine.workers import (
+    FetchTask,
+    Outcome,
+    Result,
+    Task,
+    UploadTask,
+    WorkerConfig,
+    WorkerKind,
+)
 
 PUT_PRICE, GET_PRICE = 0.005 / 1000, 0.0004 / 1000
 GiB = 2**30
@@ -33,37 +43,23 @@ VOLUME = 8 * GiB
 REGION = 512 * 2**20
 
 
-class CountingPool:
-    """Runs tasks inline with the real worker code and counts requests and bytes."""
+class Counts:
+    """Requests and bytes of every task the pool ran (InProcessPool's observe hook)."""
 
-    def __init__(self, config: WorkerConfig, on_result) -> None:  # type: ignore[no-untyped-def]
-        self.worker = _Worker(config, None)
-        self.on_result = on_result
+    def __init__(self) -> None:
         self.puts = self.gets = self.deletes = self.put_bytes = self.plain_bytes = 0
 
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-    def capacity(self, kind: str) -> int: return 8
-    def pids(self, kind: str) -> list[int]: return []
-
-    def submit(self, task) -> None:  # type: ignore[no-untyped-def]
-        import threading
-
-        from cloudnbd.engine.workers import UploadTask
-        result = self.worker.run(task)
+    def __call__(self, task: Task, result: Result) -> None:
         if isinstance(task, UploadTask):
             self.gets += task.base == "cloud"
-            if result.outcome == "stored":
+            if result.outcome == Outcome.STORED:
                 self.puts += 1
                 self.put_bytes += result.wire_bytes
                 self.plain_bytes += result.size
             else:
                 self.deletes += 1
-        else:
+        elif isinstance(task, FetchTask):
             self.gets += 1
-        threading.Thread(target=self.on_result,
-                         args=("upload" if isinstance(task, UploadTask) else "fetch",
-                               result)).start()
 
 
 def run(chunk_size: int, workload: str, tmp: Path) -> dict[str, float]:
@@ -73,13 +69,12 @@ def run(chunk_size: int, workload: str, tmp: Path) -> dict[str, float]:
     if workload.startswith("random"):  # a used disk: the region is full of data
         for index in range(REGION // chunk_size):
             vol.write_chunk(index, rng.randbytes(chunk_size))
-    pools: list[CountingPool] = []
+    pool = Counts()
 
-    def make_pool(on_result):  # type: ignore[no-untyped-def]
-        config = WorkerConfig("file", str(store.root), StoreOptions(), vol.keys, chunk_size,
+    def make_pool(on_result: Callable[[WorkerKind, Result], None]) -> InProcessPool:
+        config = WorkerConfig("file", str(store.root), StoreOptions(), vol.chunk_codec,
                               tmp / "cache" / "clean", tmp / "cache" / "journal")
-        pools.append(CountingPool(config, on_result))
-        return pools[-1]
+        return InProcessPool(config, on_result, threads=8, capacity=8, observe=pool)
 
     engine = Engine(VOLUME, chunk_size, tmp / "cache", ChunkVersions.of_volume(vol),
                     EngineSettings(writeback_delay=3600), make_pool)  # type: ignore[arg-type]
@@ -100,7 +95,6 @@ def run(chunk_size: int, workload: str, tmp: Path) -> dict[str, float]:
                 engine.flush()
         engine.flush()
     seconds = time.monotonic() - started
-    pool = pools[0]
     engine.stop(clean=True)
     per_gib = GiB / written
     return {"puts_per_gib": pool.puts * per_gib, "upload_amp": pool.plain_bytes / written,

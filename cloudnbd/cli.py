@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, NoReturn
 from cloudnbd import __version__, config, logs, volume
 from cloudnbd.backends import BACKENDS, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
+from cloudnbd.chunks import chunk_key
 from cloudnbd.codec import Argon2idParams
-from cloudnbd.errors import CloudnbdError, UsageError, local_error
+from cloudnbd.errors import CloudnbdError, DamagedVolume, UsageError, VolumeBusy, local_error
 from cloudnbd.hardening import no_core_dumps
 from cloudnbd.password import check_private_file, get_password, scrub_environment
 from cloudnbd.progress import Progress
@@ -188,7 +189,7 @@ def cmd_passwd(args: argparse.Namespace) -> None:
 
 
 def cmd_resize(args: argparse.Namespace) -> None:
-    from cloudnbd import lease, runtime
+    from cloudnbd import runtime
 
     requested = parse_size(args.size)
     size = volume.round_size(requested)
@@ -205,7 +206,7 @@ def cmd_resize(args: argparse.Namespace) -> None:
     local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
     if local.running is not None:
         if size < old:
-            raise lease.VolumeBusy(f"volume is open on this machine (pid "
+            raise VolumeBusy(f"volume is open on this machine (pid "
                                    f"{local.running.pid}); close it before shrinking")
         answer = _control(local.running, {"cmd": "grow", "size": size})
         print(f"Resized {vol.store.description} from {format_size(old)} to "
@@ -230,14 +231,14 @@ def cmd_resize(args: argparse.Namespace) -> None:
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
-    from cloudnbd import lease, runtime
+    from cloudnbd import runtime
     from cloudnbd.service import purging_cache
 
     store = _store(args)
     volume.read_metadata(store)
     local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
     if local.running is not None:
-        raise lease.VolumeBusy(f"volume is open on this machine (pid {local.running.pid}); "
+        raise VolumeBusy(f"volume is open on this machine (pid {local.running.pid}); "
                                f"close it first; nothing was deleted")
     # the cache a crashed server left (found by the registry), else the one named here
     with purging_cache(local.cache_dir or _cache_dir(args)):
@@ -651,11 +652,11 @@ def _take_lease(store: ObjectStore, force: bool, purpose: str, local: object) ->
 
     try:
         return lease.acquire(store, purpose, force=force)
-    except lease.VolumeBusy as exc:
+    except VolumeBusy as exc:
         state: runtime.LocalState = local  # type: ignore[assignment]
         if exc.holder is not None and exc.holder.alive() is False and \
                 state.stopped_unclean:
-            raise lease.VolumeBusy(f"{state.crash_message()}; or pass --force to "
+            raise VolumeBusy(f"{state.crash_message()}; or pass --force to "
                                    f"{purpose} anyway", exc.holder) from None
         raise
 
@@ -673,13 +674,13 @@ def cmd_verify(args: argparse.Namespace) -> None:
     report = transfer.verify(vol, threads=args.threads, progress=update)
     progress.finish()
     for index, problem in report.damaged:
-        print(f"damaged: chunk {index} ({volume.chunk_key(index)}): {problem}")
+        print(f"damaged: chunk {index} ({chunk_key(index)}): {problem}")
     for index in report.beyond_end:
         print(f"stray: chunk {index} lies past the end of the volume")
     print(f"Checked {report.checked} chunks ({format_size(report.stored_bytes)} stored): "
           f"{len(report.damaged)} damaged, {len(report.beyond_end)} stray.")
     if report.damaged:
-        raise transfer.DamagedVolume(f"{_chunks(len(report.damaged), 'damaged')}; their "
+        raise DamagedVolume(f"{_chunks(len(report.damaged), 'damaged')}; their "
                                      f"sectors read as I/O errors")
     if report.beyond_end:
         raise CloudnbdError(f"{_chunks(len(report.beyond_end), 'stray')} past the end of the "
@@ -707,7 +708,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             why = (f"volume is open on {busy.describe()}: its newest data may not be "
                    f"uploaded yet. Close it first")
         if not args.force:
-            raise lease.VolumeBusy(f"{why}; or pass --force to export what the store "
+            raise VolumeBusy(f"{why}; or pass --force to export what the store "
                                    f"holds now", busy)
         log.warning("exporting while the volume is open on %s", busy.describe())
     progress, update = _progress_callback("Exporting")

@@ -18,16 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloudnbd.errors import CloudnbdError, UsageError
+from cloudnbd.errors import ConfigError, UsageError
 from cloudnbd.sizes import parse_size
 
 DEFAULT_CONFIG_DIR = Path("/etc/cloudnbd")
 CONFIG_DIR_ENV = "CLOUDNBD_CONFIG_DIR"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class ConfigError(CloudnbdError):
-    exit_code = 2
 
 
 def _size(text: str) -> str:

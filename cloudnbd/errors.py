@@ -1,4 +1,4 @@
-"""The one exception hierarchy of cloudnbd.
+"""The one exception hierarchy of cloudnbd: every error a user can meet is defined here.
 
 Every error a user can cause or meet carries a message written for that user; the CLI
 prints it as a single line and exits with the class's exit code. Internal bugs are not
@@ -7,6 +7,11 @@ ordinary failures.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cloudnbd.lease import Holder
 
 
 class CloudnbdError(Exception):
@@ -25,10 +30,18 @@ class UsageError(CloudnbdError):
     exit_code = 2
 
 
+class ConfigError(UsageError):
+    """A config file is malformed: the message names the file and line."""
+
+
 class BackendError(CloudnbdError):
     """The object store failed: unreachable, permission denied, missing bucket."""
 
     exit_code = 3
+
+
+class CloudUnreachable(BackendError):
+    """Uploads stopped making progress (close, or a FLUSH with a deadline)."""
 
 
 class ObjectNotFound(BackendError):
@@ -69,6 +82,10 @@ class IntegrityError(CloudnbdError):
     exit_code = 7
 
 
+class DamagedVolume(IntegrityError):
+    """verify found chunks that do not authenticate."""
+
+
 class UnsupportedFormat(CloudnbdError):
     """The volume was written by a newer cloudnbd (or is not a cloudnbd volume)."""
 
@@ -85,6 +102,25 @@ class NeedsRecovery(CloudnbdError):
     """A server of this machine stopped with writes not yet uploaded: open, then close."""
 
     exit_code = 11
+
+
+class VolumeBusy(CloudnbdError):
+    """Another server (here or on another machine) holds the volume's lease; holder says
+    who, when known (lease.Holder)."""
+
+    exit_code = 9
+
+    def __init__(self, message: str, holder: Holder | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class CacheLocked(VolumeBusy):
+    """A server of this machine holds the volume's cache directory."""
+
+
+class Displaced(VolumeBusy):
+    """Another server took the volume's lease: this one must stop writing (F3)."""
 
 
 def local_error(exc: OSError) -> CloudnbdError:

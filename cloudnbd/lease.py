@@ -35,22 +35,12 @@ from dataclasses import asdict, dataclass, field
 
 from cloudnbd import identity
 from cloudnbd.backends.base import ObjectStore
-from cloudnbd.errors import CloudnbdError, ObjectNotFound, PreconditionFailed
+from cloudnbd.errors import ObjectNotFound, PreconditionFailed, VolumeBusy
 
 log = logging.getLogger(__name__)
 
 LEASE_KEY = "lease"
 _ACQUIRE_ATTEMPTS = 5
-
-
-class VolumeBusy(CloudnbdError):
-    """Another machine (or process) has the volume open."""
-
-    exit_code = 9
-
-    def __init__(self, message: str, holder: Holder | None = None) -> None:
-        super().__init__(message)
-        self.holder = holder
 
 
 # -- the record ----------------------------------------------------------------------------

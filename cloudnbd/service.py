@@ -41,8 +41,8 @@ from cloudnbd.control import ControlServer
 from cloudnbd.engine.device import Engine, EngineSettings
 from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.engine.versions import ChunkVersions
-from cloudnbd.engine.workers import Displaced, WorkerConfig, WorkerPool
-from cloudnbd.errors import CloudnbdError, IntegrityError
+from cloudnbd.engine.workers import WorkerConfig, WorkerKind, WorkerPool
+from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced, IntegrityError
 from cloudnbd.metrics import Metrics
 from cloudnbd.rates import RateSampler
 from cloudnbd.volume import Volume
@@ -112,10 +112,6 @@ class ServeSettings:
     force: bool = False
     metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint
     engine: EngineSettings = field(default_factory=EngineSettings)
-
-
-class CacheLocked(CloudnbdError):
-    exit_code = 9
 
 
 LEASE_EPOCH_FILE = "lease-epoch"
@@ -262,10 +258,9 @@ class Service:
             os.close(dir_fd)
 
     def _make_pool(self, on_result: Any) -> WorkerPool:
-        meta = self.volume.meta
         config = WorkerConfig(
             backend=self.backend, location=self.location, options=self.options,
-            keys=self.volume.keys, chunk_size=meta.chunk_size,
+            codec=self.volume.chunk_codec,
             clean_dir=self.cache_dir / "clean", journal_dir=self.cache_dir / "journal",
             log_level=logging.getLogger().level,
             lease_version=self.lease.version if self.lease is not None else None)
@@ -358,7 +353,7 @@ class Service:
             "cache_limit": self.engine.clean.max_bytes,
             "cache_hits": self.engine.clean.hits,
             "cache_misses": self.engine.clean.misses,
-            "worker_pids": {kind: self.engine.pool.pids(kind) for kind in ("upload", "fetch")},
+            "worker_pids": {str(kind): self.engine.pool.pids(kind) for kind in WorkerKind},
         }
 
     def _handle(self, request: dict[str, Any], send: Any) -> dict[str, Any]:

@@ -17,9 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cloudnbd import codec
-from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound, UsageError
-from cloudnbd.volume import Volume, chunk_key
+from cloudnbd.errors import IntegrityError, UsageError
+from cloudnbd.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +52,13 @@ def verify(vol: Volume, threads: int = 8, progress: ProgressFn | None = None) ->
     total = sum(sizes.values())
     report = VerifyReport()
 
+    chunks = vol.chunks
+
     def check(index: int) -> str | None:
         try:
-            codec.decode_chunk(vol.keys, index, vol.store.get(chunk_key(index)),
-                               vol.meta.chunk_size)
+            chunks.get(index)  # a chunk deleted since the listing has nothing to verify
         except IntegrityError as exc:
             return exc.message
-        except ObjectNotFound:
-            return None  # deleted since the listing: nothing to verify
         return None
 
     done = 0
@@ -127,7 +125,10 @@ def import_image(vol: Volume, source: Path, threads: int = 8,
     if size > meta.size:
         raise UsageError(f"{source} is {size} bytes, larger than the volume "
                          f"({meta.size}); resize the volume first")
-    previously_stored = {i for i, _ in vol.stored_chunks()}
+    chunks = vol.chunks
+    # each write conditional on the version listed: the lease keeps servers away, and a
+    # writer that ignores it makes the import fail rather than be overwritten
+    versions = {i: info.version for i, info in chunks.list()}
     fd = os.open(source, os.O_RDONLY)
     stored = 0
     try:
@@ -137,12 +138,7 @@ def import_image(vol: Volume, source: Path, threads: int = 8,
             plain = bytearray(meta.chunk_size)
             if length and _has_data(fd, start, length):
                 os.preadv(fd, [memoryview(plain)[:length]], start)
-            if codec.is_zero(plain):
-                if index in previously_stored:
-                    vol.store.delete(chunk_key(index))
-                return False
-            vol.write_chunk(index, bytes(plain))
-            return True
+            return chunks.write(index, plain, versions.get(index)).stored
 
         for index, future in _bounded_map(threads, put, iter(range(meta.chunk_count))):
             stored += bool(future.result())
@@ -167,7 +163,3 @@ def _device_size(path: Path) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
-
-
-class DamagedVolume(CloudnbdError):
-    exit_code = 7

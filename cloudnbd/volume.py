@@ -34,6 +34,7 @@ from typing import Any
 
 from cloudnbd import codec
 from cloudnbd.backends.base import ObjectInfo, ObjectStore
+from cloudnbd.chunks import ChunkCodec, ChunkStore, chunk_index, chunk_key, stored_chunks
 from cloudnbd.codec import Argon2idParams, KdfParams, KeySlot, ScryptParams, VolumeKeys
 from cloudnbd.errors import (
     BackendError,
@@ -59,7 +60,6 @@ FORMAT_NAME = "cloudnbd-volume"
 #: volume without one is still written as version 1, so that older cloudnbd reads it.
 FORMAT_VERSION = 2
 METADATA_KEY = "volume.json"
-CHUNK_PREFIX = "chunks/"
 
 #: sizes are rounded up to this, the largest logical block size NBD clients and the Linux
 #: kernel use, so that a 4 KiB-block filesystem fills the whole device
@@ -77,7 +77,6 @@ MAX_SLOTS = 8
 _DELETE_BATCH = 1000  # keys per delete_many call: one S3 DeleteObjects, one progress step
 _UPDATE_ATTEMPTS = 5  # M1: re-reads of volume.json when concurrent updates keep winning
 _SCAN_LIMIT = 1000  # objects init looks at in an occupied location to name what is there
-_HEX = frozenset("0123456789abcdef")
 #: what a key slot may ask of the machine that opens it (docs/format.md)
 _KDFS: dict[str, tuple[type[KdfParams], dict[str, tuple[int, int]]]] = {
     "scrypt": (ScryptParams, {"n": (2**10, 2**24), "r": (1, 32), "p": (1, 16)}),
@@ -91,23 +90,6 @@ def format_version(slots: tuple[KeySlot, ...]) -> int:
     return 2 if any(isinstance(s.kdf, Argon2idParams) for s in slots) else 1
 
 
-def chunk_key(index: int) -> str:
-    """Object key of chunk index."""
-    return f"{CHUNK_PREFIX}{index:016x}"
-
-
-def chunk_index(key: str) -> int | None:
-    """Inverse of chunk_key, or None for keys that are not chunk objects: exactly 16
-    lower-case hex digits, as int() alone would also take 'A', '_', '+' or spaces, and
-    claim a key that is not the volume's."""
-    if not key.startswith(CHUNK_PREFIX):
-        return None
-    tail = key[len(CHUNK_PREFIX):]
-    if len(tail) != 16 or not _HEX.issuperset(tail):
-        return None
-    return int(tail, 16)
-
-
 # -- what a volume owns --------------------------------------------------------------------
 # The one definition of a volume's keys (docs/format.md, "Objects of a volume"). delete,
 # resize, import and init go by it; a later format adds its keys here, and nowhere else.
@@ -119,15 +101,6 @@ _OWN_KEYS = (LEASE_KEY, METADATA_KEY)
 def owns(key: str) -> bool:
     """True if key (relative to a volume's root) is one of the volume's own keys."""
     return key in _OWN_KEYS or chunk_index(key) is not None
-
-
-def stored_chunks(store: ObjectStore) -> Iterator[tuple[int, ObjectInfo]]:
-    """(index, object size and version) of every chunk stored at store, from a listing;
-    other keys under chunks/ are not the volume's and are skipped."""
-    for info in store.list(CHUNK_PREFIX):
-        index = chunk_index(info.key)
-        if index is not None:
-            yield index, info
 
 
 def own_objects(store: ObjectStore) -> Iterator[ObjectInfo]:
@@ -431,24 +404,26 @@ class Volume:
         self.update(change)
 
     # -- chunks ---------------------------------------------------------------------------
+    @property
+    def chunk_codec(self) -> ChunkCodec:
+        return ChunkCodec(self.keys, self.meta.chunk_size)
+
+    @property
+    def chunks(self) -> ChunkStore:
+        """The volume's chunks (cloudnbd/chunks.py)."""
+        return ChunkStore(self.store, self.chunk_codec)
+
     def read_chunk(self, index: int) -> bytes | None:
         """The plain contents of chunk index, or None if it is not stored (all zeros)."""
-        try:
-            blob = self.store.get(chunk_key(index))
-        except ObjectNotFound:
-            return None
-        return codec.decode_chunk(self.keys, index, blob, self.meta.chunk_size)
+        return self.chunks.get(index).plain
 
     def write_chunk(self, index: int, plain: bytes) -> None:
-        """Store chunk index; an all-zero chunk is deleted instead of stored."""
-        if codec.is_zero(plain):
-            self.store.delete(chunk_key(index))
-        else:
-            self.store.put(chunk_key(index), codec.encode_chunk(self.keys, index, plain))
+        """Store chunk index over its current version (chunks.ChunkStore.replace)."""
+        self.chunks.replace(index, plain)
 
     def stored_chunks(self) -> Iterator[tuple[int, ObjectInfo]]:
         """(index, object size and version) of every stored chunk, from a listing."""
-        return stored_chunks(self.store)
+        return self.chunks.list()
 
     # -- size -----------------------------------------------------------------------------
     def resize(self, new_size: int, allow_shrink: bool = False,

@@ -2,7 +2,7 @@
 left as the kernel may leave it, then a fresh engine on that disk and the invariant.
 
 The engine runs in this process with the real uploader and fetcher code on threads
-(ThreadedPool), against a real object store, so that one FaultFS sees every fsync,
+(cloudnbd's InProcessPool), against a real object store, so that one FaultFS sees every fsync,
 rename and unlink of the journal, the clean cache and the workers. A power-loss point:
 1. arm FaultFS to cut the power at its N-th mutating operation from now (N random), and
    run a random workload of writes (10% FUA), WRITE_ZEROES, reads and FLUSHes, a few at
@@ -24,9 +24,7 @@ more, and the volume reopened and checked exactly again.
 
 from __future__ import annotations
 
-import queue
 import random
-import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,59 +35,13 @@ from typing import Any
 
 from cloudnbd.engine import localfs
 from cloudnbd.engine.device import Engine, EngineSettings
+from cloudnbd.engine.inprocess import InProcessPool
 from cloudnbd.engine.versions import ChunkVersions
-from cloudnbd.engine.workers import FetchTask, Result, UploadTask, WorkerConfig, _Worker
+from cloudnbd.engine.workers import Result, WorkerConfig, WorkerKind
 from cloudnbd.nbd.device import DeviceError
 from cloudnbd.volume import Volume
 from tests.crash_harness import SECTOR, ZERO, Model
 from tests.faultfs import FaultFS, Policy
-
-
-class ThreadedPool:
-    """WorkerPool's interface with the real worker code (workers._Worker) on threads of
-    this process, so that FaultFS, installed in this process, sees what workers do."""
-
-    def __init__(self, config: WorkerConfig, on_result: Callable[[str, Result], None],
-                 fs: FaultFS, threads: int = 3) -> None:
-        self.worker = _Worker(config, None)
-        self.on_result = on_result
-        self.fs = fs
-        self.tasks: queue.Queue[UploadTask | FetchTask | None] = queue.Queue()
-        self.threads = [threading.Thread(target=self._serve, daemon=True)
-                        for _ in range(threads)]
-        self.errors: list[str] = []  # the engine failing on a result with the power on
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def stop(self, grace: float = 30.0) -> None:
-        """Let every thread finish its task (a thread cannot be killed: no grace)."""
-        for thread in self.threads:
-            if thread.is_alive():
-                self.tasks.put(None)
-        for thread in self.threads:
-            if thread.ident is not None:
-                thread.join()
-
-    def capacity(self, kind: str) -> int:
-        return 2
-
-    def pids(self, kind: str) -> list[int]:
-        return []
-
-    def submit(self, task: UploadTask | FetchTask) -> None:
-        self.tasks.put(task)
-
-    def _serve(self) -> None:
-        while (task := self.tasks.get()) is not None:
-            result = self.worker.run(task)
-            kind = "upload" if isinstance(task, UploadTask) else "fetch"
-            try:
-                self.on_result(kind, result)
-            except Exception as exc:  # with the power off the engine's own unlinks fail
-                if not self.fs.dead:
-                    self.errors.append(f"{kind} result {result}: {exc!r}")
 
 
 class PowerLost(Exception):
@@ -147,19 +99,26 @@ class PowerLossCampaign:
             segment_bytes=64 * 1024)  # small segments: many rolls and deletions
         self.report = PowerLossReport()
         self.engine: Engine | None = None
-        self.pool: ThreadedPool | None = None
+        self.pool: InProcessPool | None = None
+        self.errors: list[str] = []  # the engine failing on a result with the power on
         self.ops = ThreadPoolExecutor(4, thread_name_prefix="client")
         self.counter = 0
         self.seed = seed
 
     # -- engine life ------------------------------------------------------------------------
-    def _make_pool(self, on_result: Callable[[str, Result], None]) -> ThreadedPool:
+    def _make_pool(self, on_result: Callable[[WorkerKind, Result], None]) -> InProcessPool:
         config = WorkerConfig(backend=self.target.backend, location=self.target.location,
-                              options=self.target.options, keys=self.target.volume.keys,
-                              chunk_size=self.chunk_size, clean_dir=self.cache_dir / "clean",
+                              options=self.target.options,
+                              codec=self.target.volume.chunk_codec,
+                              clean_dir=self.cache_dir / "clean",
                               journal_dir=self.cache_dir / "journal")
-        self.pool = ThreadedPool(config, on_result, self.fs)
+        self.pool = InProcessPool(config, on_result, capacity=2,
+                                  on_failure=self._engine_failed)
         return self.pool
+
+    def _engine_failed(self, what: str) -> None:
+        if not self.fs.dead:  # with the power off the engine's own unlinks fail
+            self.errors.append(what)
 
     def _open(self) -> Engine:
         volume = self.target.volume
@@ -172,30 +131,18 @@ class PowerLossCampaign:
 
     def _power_went_off(self) -> None:
         """Called by FaultFS, possibly under the engine lock: wake waiters elsewhere."""
-        engine = self.engine
-        if engine is not None:
-            engine._stopped = True  # a FLUSH waiting for uploads that now fail gives up
-
-            def wake() -> None:
-                with engine._cond:
-                    engine._cond.notify_all()
-
-            threading.Thread(target=wake, daemon=True).start()
+        if self.engine is not None:
+            self.engine.interrupt()  # a FLUSH waiting for uploads that now fail gives up
 
     def _abandon(self) -> None:
         """What is left of a running engine after the power is cut: nothing."""
         engine, self.engine = self.engine, None
         if engine is None:
             return
-        engine._stopped = True
-        with engine._cond:
-            engine._cond.notify_all()
-        if engine._scheduler.ident is not None:
-            engine._scheduler.join()
+        engine.halt()
         if self.pool is not None:
             self.pool.stop()
-            assert not self.pool.errors, self.pool.errors
-        engine.journal.close()
+            assert not self.errors, self.errors
 
     # -- workload ---------------------------------------------------------------------------
     def _value(self) -> bytes:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cloudnbd import volume
+from cloudnbd.chunks import chunk_key
 from tests.served import CLI, KDF, cloudnbd, on_terminal
 from tests.servers import BackendEnv, free_port
 
@@ -104,7 +105,7 @@ def test_resize_grow_and_shrink(cli: Cli, tmp_path: Path) -> None:
     cli("resize", location, "6MiB", "--shrink", "--yes", "--password-file",
         str(cli.password))
     stored = sorted(k for k in cli.snapshot(location) if k.startswith("chunks/"))
-    assert stored == [volume.chunk_key(0), volume.chunk_key(1)]
+    assert stored == [chunk_key(0), chunk_key(1)]
     export = tmp_path / "export"
     cloudnbd("export", cli.env.name, location, str(export), *cli.env.cli_args,
              "--password-file", str(cli.password), env=cli.env.env)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cloudnbd import config
+from cloudnbd.errors import ConfigError
 from tests.served import cloudnbd
 
 
@@ -43,7 +44,7 @@ def test_precedence_and_sources(etc: Path) -> None:
 def test_bad_lines_name_file_and_line(etc: Path, line: str, message: str) -> None:
     with open(etc / "volumes.d" / "photos.conf", "a") as f:
         f.write(line + "\n")
-    with pytest.raises(config.ConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         config.effective("photos", {}, etc)
 
 
@@ -52,7 +53,7 @@ def test_volume_only_keys_are_refused_in_the_global_file(etc: Path) -> None:
     with open(etc / "cloudnbd.conf", "a") as f:
         f.write("location = /x\n")
     expected = re.escape("cloudnbd.conf:5: unknown key 'location'")
-    with pytest.raises(config.ConfigError, match=expected):
+    with pytest.raises(ConfigError, match=expected):
         config.effective(None, {}, etc)
 
 

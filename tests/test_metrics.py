@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudnbd.volume import chunk_key
+from cloudnbd.chunks import chunk_key
 from tests.nbdclient import NbdClient
 from tests.served import KDF, cloudnbd, start
 from tests.servers import BackendEnv

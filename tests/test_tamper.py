@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudnbd.volume import METADATA_KEY, chunk_key
+from cloudnbd.chunks import chunk_key
+from cloudnbd.volume import METADATA_KEY
 from tests.nbdclient import NbdClient, NbdError
 from tests.served import KDF, cloudnbd, start
 from tests.servers import BackendEnv, backend_env_for, free_port

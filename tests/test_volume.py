@@ -11,6 +11,7 @@ import pytest
 
 from cloudnbd import volume
 from cloudnbd.backends.file import FileStore
+from cloudnbd.chunks import chunk_index, chunk_key
 from cloudnbd.codec import ScryptParams
 from cloudnbd.errors import (
     IntegrityError,
@@ -174,14 +175,14 @@ def test_delete_removes_everything(store: FileStore) -> None:
     "chunks/sub/000000000000000a", "chunks/", "lease.old", "volume.json.old",
     "sub/volume.json", "sub/lease", "notes.txt"])
 def test_keys_that_are_not_the_volumes(key: str) -> None:
-    assert volume.chunk_index(key) is None
+    assert chunk_index(key) is None
     assert not volume.owns(key)
 
 
 def test_the_volumes_own_keys() -> None:
-    for key in ("volume.json", "lease", volume.chunk_key(0), volume.chunk_key(2**64 - 1)):
+    for key in ("volume.json", "lease", chunk_key(0), chunk_key(2**64 - 1)):
         assert volume.owns(key)
-    assert volume.chunk_index("chunks/00000000000000ff") == 255
+    assert chunk_index("chunks/00000000000000ff") == 255
 
 
 def test_create_refuses_a_location_inside_a_volume(tmp_path: Path) -> None:

@@ -58,6 +58,17 @@ def clean_name(index: int) -> str:
     return f"{index:016x}"
 
 
+def clean_path(directory: Path, index: int) -> Path:
+    """The clean file of chunk index in the clean/ directory."""
+    return directory / clean_name(index)
+
+
+def clean_temp_path(directory: Path, index: int, tag: str) -> Path:
+    """Where a worker writes chunk index's new clean file before renaming it into place
+    (C1); tag tells concurrent writers apart, and open() removes leftovers."""
+    return directory / f".{clean_name(index)}.{tag}.tmp"
+
+
 class CleanCache:
     """LRU bookkeeping over the clean/ directory."""
 
@@ -123,10 +134,7 @@ class CleanCache:
         return recorded
 
     def path(self, index: int) -> Path:
-        return self.directory / clean_name(index)
-
-    def temp_path(self, index: int, tag: str) -> Path:
-        return self.directory / f".{clean_name(index)}.{tag}.tmp"
+        return clean_path(self.directory, index)
 
     def pin(self, index: int) -> None:
         """Keep index from eviction (whether or not it is cached yet)."""

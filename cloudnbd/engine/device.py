@@ -50,16 +50,17 @@ from cloudnbd.engine.extents import ChunkExtents, Extent
 from cloudnbd.engine.journal import Journal, Kind
 from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import (
-    Displaced,
     FetchTask,
     LeaseTask,
+    Outcome,
     Piece,
     Result,
     UploadTask,
+    WorkerKind,
     WorkerPool,
     wait_for_orphans,
 )
-from cloudnbd.errors import BackendError
+from cloudnbd.errors import CloudUnreachable, Displaced
 from cloudnbd.metrics import Metrics
 from cloudnbd.nbd.device import BlockDevice, DeviceError
 
@@ -71,10 +72,6 @@ ZERO_FLAG = 2
 
 #: Seconds workers get to finish at an unclean stop before they are killed.
 UNCLEAN_STOP_GRACE = 2.0
-
-
-class CloudUnreachable(BackendError):
-    """Uploads stopped making progress while closing."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,7 @@ class Engine(BlockDevice):
 
     def __init__(self, size: int, chunk_size: int, cache_dir: Path, stored: ChunkVersions,
                  settings: EngineSettings,
-                 make_pool: Callable[[Callable[[str, Result], None]], WorkerPool],
+                 make_pool: Callable[[Callable[[WorkerKind, Result], None]], WorkerPool],
                  metrics: Metrics | None = None, lease_checks: bool = False) -> None:
         self._size = size
         self.chunk_size = chunk_size
@@ -213,6 +210,28 @@ class Engine(BlockDevice):
                                    ) from None
         if progress is not None:
             progress(0, 0)
+
+    def interrupt(self) -> None:
+        """Make every waiter give up (a FLUSH gets ESHUTDOWN) and write-back stop. Safe
+        from any thread, one holding the engine lock included: the wake-up is sent from
+        a thread of its own (fault injection cuts the power from inside file calls)."""
+        self._stopped = True
+
+        def wake() -> None:
+            with self._cond:
+                self._cond.notify_all()
+
+        threading.Thread(target=wake, daemon=True).start()
+
+    def halt(self) -> None:
+        """Stop as a crash would leave things: no drain, no clean-shutdown marker, the
+        workers and the journal as they are (the crash and power-loss harnesses)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._scheduler.ident is not None:
+            self._scheduler.join(timeout=10)
+        self.journal.close()
 
     def stop(self, clean: bool) -> None:
         """Stop workers; with clean, the journal is empty and the cache is kept."""
@@ -508,7 +527,7 @@ class Engine(BlockDevice):
     def _dispatch_locked(self) -> None:
         if self.displaced is not None:
             return  # F3: not a byte more
-        room = self.pool.capacity("upload") * 2 - len(self._uploading)
+        room = self.pool.capacity(WorkerKind.UPLOAD) * 2 - len(self._uploading)
         if room <= 0:
             return
         now = time.monotonic()
@@ -548,11 +567,11 @@ class Engine(BlockDevice):
         self._uploading[index] = _Upload(task, segments)
         self.pool.submit(task)
 
-    def _on_result(self, kind: str, result: Result) -> None:
+    def _on_result(self, kind: WorkerKind, result: Result) -> None:
         with self._cond:
-            if result.outcome in ("lease-held", "lease-lost"):
+            if result.outcome in (Outcome.LEASE_HELD, Outcome.LEASE_LOST):
                 self._lease_done_locked(result)
-            elif kind == "upload":
+            elif kind == WorkerKind.UPLOAD:
                 self._upload_done_locked(result)
             else:
                 self._fetch_done_locked(result)
@@ -560,7 +579,7 @@ class Engine(BlockDevice):
 
     def _lease_done_locked(self, result: Result) -> None:
         started, self._lease_checking = self._lease_checking, None
-        if result.outcome == "lease-held":
+        if result.outcome == Outcome.LEASE_HELD:
             self._lease_confirmed = max(self._lease_confirmed, started or 0)
         else:
             self._displace_locked(result.error or "another server")
@@ -583,10 +602,10 @@ class Engine(BlockDevice):
         self.stats.gets += result.base_gets
         self.stats.fetch_wire_bytes += result.base_wire_bytes
         self._uploads_answered += 1
-        if result.outcome == "displaced":
+        if result.outcome == Outcome.DISPLACED:
             self._displace_locked(result.error or "another server")
             return
-        if result.outcome == "error":
+        if result.outcome == Outcome.ERROR:
             self.stats.upload_errors += 1
             self.stats.integrity_errors += result.integrity
             self._last_error = result.error
@@ -606,7 +625,7 @@ class Engine(BlockDevice):
         self.journal.account({}, released)
         self.stored.record(index, result.version)  # F1: the next upload expects it
         self.stats.fenced += result.fenced
-        if result.outcome == "stored":
+        if result.outcome == Outcome.STORED:
             self.clean.added(index, result.size, result.version)
             self.stats.uploads += 1
             self.stats.upload_bytes += result.size
@@ -624,14 +643,14 @@ class Engine(BlockDevice):
 
     def _account_fetch_locked(self, result: Result, waiter: _Fetch) -> None:
         self.stats.retries += result.retries
-        if result.outcome == "cached":
+        if result.outcome == Outcome.CACHED:
             if self.metrics is not None:
                 self.metrics.fetch_seconds.observe(result.seconds)
             self.clean.added(result.index, result.size, result.version)
             self.stats.fetches += 1
             self.stats.gets += 1
             self.stats.fetch_wire_bytes += result.wire_bytes
-        elif result.outcome == "absent":
+        elif result.outcome == Outcome.ABSENT:
             self.stats.gets += 1
             self.stored.record(result.index, None)
         else:

@@ -78,6 +78,11 @@ def _segment_name(number: int) -> str:
     return f"{number:016x}.log"
 
 
+def segment_path(directory: Path, number: int) -> Path:
+    """Journal segment number in directory (workers open segments by it)."""
+    return directory / _segment_name(number)
+
+
 class Journal:
     """Append-only segment files with live-byte accounting and oldest-first deletion.
 
@@ -199,7 +204,7 @@ class Journal:
             localfs.fsync(fd)
 
     def path(self, segment: int) -> Path:
-        return self.directory / _segment_name(segment)
+        return segment_path(self.directory, segment)
 
     def fd(self, segment: int) -> int:
         return self._fds[segment]

@@ -46,17 +46,19 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from cloudnbd import codec, lease, logs, zygote
+from cloudnbd import lease, logs, zygote
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore
-from cloudnbd.codec import VolumeKeys
+from cloudnbd.chunks import ChunkCodec, ChunkStore
 from cloudnbd.engine import localfs
+from cloudnbd.engine.cache import clean_path, clean_temp_path
+from cloudnbd.engine.journal import segment_path
 from cloudnbd.engine.malloc import limit_malloc_retention
-from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound, PreconditionFailed
-from cloudnbd.volume import chunk_key
+from cloudnbd.errors import CloudnbdError, Displaced, IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,9 @@ class WorkerConfig:
     backend: str
     location: str
     options: StoreOptions
-    keys: VolumeKeys = field(repr=False)
-    chunk_size: int
+    codec: ChunkCodec  # keys, chunk size, zstd level
     clean_dir: Path
     journal_dir: Path
-    zstd_level: int = codec.DEFAULT_ZSTD_LEVEL
     threads: int = 1
     log_level: int = logging.WARNING
     #: the version of the lease object while this volume's server holds it (None: the
@@ -117,12 +117,36 @@ class LeaseTask:
 Task = UploadTask | FetchTask | LeaseTask
 
 
+class WorkerKind(StrEnum):
+    """The two kinds of worker process; a lease check goes to an uploader."""
+
+    UPLOAD = "upload"
+    FETCH = "fetch"
+
+
+def kind_of(task: Task) -> WorkerKind:
+    """Which kind of worker runs task."""
+    return WorkerKind.FETCH if isinstance(task, FetchTask) else WorkerKind.UPLOAD
+
+
+class Outcome(StrEnum):
+    """How a task ended (Result.outcome)."""
+
+    STORED = "stored"  # upload: the chunk object was written
+    DELETED = "deleted"  # upload: the chunk came out all zeros, its object is gone
+    CACHED = "cached"  # fetch: the clean file is in place
+    ABSENT = "absent"  # fetch: the store holds no object (zeros)
+    ERROR = "error"  # error says why; the engine retries uploads
+    DISPLACED = "displaced"  # upload met another holder of the lease (F3); error: who
+    LEASE_HELD = "lease-held"  # lease check: still ours
+    LEASE_LOST = "lease-lost"  # lease check: error says who holds it now
+
+
 @dataclass(frozen=True)
 class Result:
     task_id: int
     index: int
-    outcome: str  # "stored", "deleted", "cached", "absent", "error", "displaced",
-    #               "lease-held", "lease-lost" (displaced and lease-lost: error names who)
+    outcome: Outcome
     size: int = 0  # clean file size, or bytes sent/received
     wire_bytes: int = 0
     error: str | None = None
@@ -135,12 +159,6 @@ class Result:
     # GET); after an upload that deleted the object, None
     version: str | None = None
     fenced: bool = False  # the object had changed since the engine last saw it
-
-
-class Displaced(CloudnbdError):
-    """Another server holds the volume's lease now: this one must stop writing (F3)."""
-
-    exit_code = 9
 
 
 class RateLimiter:
@@ -169,12 +187,12 @@ class _Worker:
         self.config = config
         self.limiter = limiter
         self.store: ObjectStore = open_store(config.backend, config.location, config.options)
+        self.chunks = ChunkStore(self.store, config.codec)
 
     def _write_clean(self, index: int, data: bytes | bytearray, tag: str) -> None:
-        name = f"{index:016x}"
-        tmp = self.config.clean_dir / f".{name}.{tag}.tmp"
+        tmp = clean_temp_path(self.config.clean_dir, index, tag)
         localfs.write_file(tmp, data)
-        localfs.replace(tmp, self.config.clean_dir / name)
+        localfs.replace(tmp, clean_path(self.config.clean_dir, index))
 
     def upload(self, task: UploadTask) -> Result:
         cfg = self.config
@@ -182,7 +200,7 @@ class _Worker:
         retries_before = self.store.retries
         # Segments are opened per task: the front deletes them once no longer needed, and a
         # descriptor kept here would keep their disk space allocated.
-        fds = {segment: localfs.open(cfg.journal_dir / f"{segment:016x}.log", os.O_RDONLY)
+        fds = {segment: localfs.open(segment_path(cfg.journal_dir, segment), os.O_RDONLY)
                for segment in {p.segment for p in task.pieces}}
         try:
             for fd in fds.values():  # journal J1: durable locally before it is in the cloud
@@ -192,48 +210,27 @@ class _Worker:
             for fd in fds.values():
                 localfs.close(fd)
         base_gets = int(task.base == "cloud")
-        if codec.is_zero(plain):
-            _, fenced = self._fenced(task, lambda expected: self._delete(task.index,
-                                                                         expected))
-            return Result(task.task_id, task.index, "deleted",
-                          seconds=time.monotonic() - started,
-                          retries=self.store.retries - retries_before,
-                          base_gets=base_gets, base_wire_bytes=base_wire_bytes,
-                          fenced=fenced)
-        blob = codec.encode_chunk(cfg.keys, task.index, plain, cfg.zstd_level)
-        if self.limiter is not None:
-            self.limiter.acquire(len(blob))
-        version, fenced = self._fenced(task, lambda expected: self.store.put_if(
-            chunk_key(task.index), blob, expected))
-        self._write_clean(task.index, plain, f"u{task.task_id}")
-        return Result(task.task_id, task.index, "stored", size=len(plain),
-                      wire_bytes=len(blob), seconds=time.monotonic() - started,
-                      retries=self.store.retries - retries_before,
-                      base_gets=base_gets, base_wire_bytes=base_wire_bytes,
-                      version=version, fenced=fenced)
 
-    def _delete(self, index: int, expected: str | None) -> None:
-        if expected is not None:  # None: there is no object to delete
-            self.store.delete_if(chunk_key(index), expected)
-
-    def _fenced(self, task: UploadTask, write: Callable[[str | None], str | None]
-                ) -> tuple[str | None, bool]:
-        """Run write conditional on the version the engine last saw (F1); returns what
-        it returns (the new version) and whether the object had changed behind our back.
-        If it had (F2), a late request of a dead process of ours landed first: what this
-        upload holds is newer (it is built from the journal), so write again,
-        conditional on what is there now."""
-        try:
-            return write(task.expected), False
-        except PreconditionFailed:
+        def conflict(current: str | None) -> None:
+            """F2: the object changed behind the engine's back. Only a process that no
+            longer holds the volume can have done it if the lease is still ours (F3);
+            then what this upload holds is newer (built from the journal)."""
             self._prove_lease()
-            found = self.store.stat(chunk_key(task.index))
-            current = None if found is None else found.version
             log.warning("chunk %d changed in the store behind this volume's back (version "
                         "%s, expected %s): a late write of a process that no longer holds "
                         "the volume; the lease is still ours, so writing over it",
                         task.index, current, task.expected)
-            return write(current), True
+
+        written = self.chunks.write(task.index, plain, task.expected,  # F1
+                                    on_conflict=conflict, pacer=self.limiter)
+        if written.stored:
+            self._write_clean(task.index, plain, f"u{task.task_id}")
+        outcome = Outcome.STORED if written.stored else Outcome.DELETED
+        return Result(task.task_id, task.index, outcome, size=len(plain) if written.stored else 0,
+                      wire_bytes=written.wire_bytes, seconds=time.monotonic() - started,
+                      retries=self.store.retries - retries_before,
+                      base_gets=base_gets, base_wire_bytes=base_wire_bytes,
+                      version=written.version, fenced=written.fenced)
 
     def _prove_lease(self) -> None:
         """Raise Displaced unless the volume's lease is still ours (F3)."""
@@ -247,26 +244,24 @@ class _Worker:
         try:
             self._prove_lease()
         except Displaced as exc:
-            return Result(task.task_id, task.index, "lease-lost", error=exc.message)
-        return Result(task.task_id, task.index, "lease-held")
+            return Result(task.task_id, task.index, Outcome.LEASE_LOST, error=exc.message)
+        return Result(task.task_id, task.index, Outcome.LEASE_HELD)
 
     def _assemble(self, task: UploadTask, fds: dict[int, int]) -> tuple[bytearray, int]:
         """The chunk's new plain contents, its base with the journal pieces laid over, and
         the bytes received to get that base."""
         cfg = self.config
-        plain = bytearray(cfg.chunk_size)
+        plain = bytearray(cfg.codec.chunk_size)
         view = memoryview(plain)
         received = 0
         if task.base == "clean":
-            with open(cfg.clean_dir / f"{task.index:016x}", "rb") as f:
+            with open(clean_path(cfg.clean_dir, task.index), "rb") as f:
                 f.readinto(plain)
         elif task.base == "cloud":
-            try:
-                blob = self.store.get(chunk_key(task.index))
-                received = len(blob)
-                plain[:] = codec.decode_chunk(cfg.keys, task.index, blob, cfg.chunk_size)
-            except ObjectNotFound:
-                pass
+            found = self.chunks.get(task.index)
+            received = found.wire_bytes
+            if found.plain is not None:
+                plain[:] = found.plain
         for piece in task.pieces:
             target = view[piece.start:piece.end]
             if piece.zero:
@@ -280,15 +275,13 @@ class _Worker:
     def fetch(self, task: FetchTask) -> Result:
         started = time.monotonic()
         retries_before = self.store.retries
-        try:
-            blob, version = self.store.get_with_version(chunk_key(task.index))
-        except ObjectNotFound:
-            return Result(task.task_id, task.index, "absent")
-        plain = codec.decode_chunk(self.config.keys, task.index, blob, self.config.chunk_size)
-        self._write_clean(task.index, plain, f"f{task.task_id}")
-        return Result(task.task_id, task.index, "cached", size=len(plain),
-                      wire_bytes=len(blob), seconds=time.monotonic() - started,
-                      retries=self.store.retries - retries_before, version=version)
+        found = self.chunks.get(task.index)
+        if found.plain is None:
+            return Result(task.task_id, task.index, Outcome.ABSENT)
+        self._write_clean(task.index, found.plain, f"f{task.task_id}")
+        return Result(task.task_id, task.index, Outcome.CACHED, size=len(found.plain),
+                      wire_bytes=found.wire_bytes, seconds=time.monotonic() - started,
+                      retries=self.store.retries - retries_before, version=found.version)
 
     def run(self, task: Task) -> Result:
         try:
@@ -298,15 +291,15 @@ class _Worker:
                 return self.check_lease(task)
             return self.fetch(task)
         except Displaced as exc:
-            return Result(task.task_id, task.index, "displaced", error=exc.message)
+            return Result(task.task_id, task.index, Outcome.DISPLACED, error=exc.message)
         except IntegrityError as exc:
-            return Result(task.task_id, task.index, "error", error=exc.message,
+            return Result(task.task_id, task.index, Outcome.ERROR, error=exc.message,
                           integrity=True)
         except CloudnbdError as exc:
-            return Result(task.task_id, task.index, "error", error=exc.message)
+            return Result(task.task_id, task.index, Outcome.ERROR, error=exc.message)
         except Exception as exc:  # a bug or a local I/O error: report, keep serving
             log.error("worker task failed: %s", traceback.format_exc())
-            return Result(task.task_id, task.index, "error", error=f"{type(exc).__name__}: "
+            return Result(task.task_id, task.index, Outcome.ERROR, error=f"{type(exc).__name__}: "
                           f"{exc}")
 
 
@@ -367,7 +360,7 @@ def _worker_main(conn: multiprocessing.connection.Connection,
 
 @dataclass
 class _Handle:
-    kind: str
+    kind: WorkerKind
     process: Any
     conn: multiprocessing.connection.Connection
     in_flight: dict[int, Task] = field(default_factory=dict)
@@ -382,14 +375,14 @@ class WorkerPool:
     """
 
     def __init__(self, config: WorkerConfig, uploaders: int, fetchers: int,
-                 on_result: Callable[[str, Result], None], upload_limit: float = 0,
+                 on_result: Callable[[WorkerKind, Result], None], upload_limit: float = 0,
                  threads_per_process: int = 1) -> None:
         self.config = config
         self.on_result = on_result
         self._ctx = zygote.context(config.backend)
         self.limiter = RateLimiter(upload_limit, self._ctx) if upload_limit > 0 else None
         self.threads = threads_per_process
-        self.counts = {"upload": uploaders, "fetch": fetchers}
+        self.counts = {WorkerKind.UPLOAD: uploaders, WorkerKind.FETCH: fetchers}
         self._handles: list[_Handle] = []
         self._lock = threading.Lock()
         self._stopping = False
@@ -403,7 +396,7 @@ class WorkerPool:
                 self._handles.append(self._spawn(kind))
         self._thread.start()
 
-    def _spawn(self, kind: str) -> _Handle:
+    def _spawn(self, kind: WorkerKind) -> _Handle:
         parent, child = multiprocessing.Pipe(duplex=True)
         process = self._ctx.Process(target=_worker_main, args=(child, self.limiter, os.getpid()),
                               name=f"cloudnbd-{kind}er", daemon=True)
@@ -412,15 +405,15 @@ class WorkerPool:
         parent.send(WorkerConfig(**{**self.config.__dict__, "threads": self.threads}))
         return _Handle(kind, process, parent)
 
-    def pids(self, kind: str) -> list[int]:
+    def pids(self, kind: WorkerKind | str) -> list[int]:
         with self._lock:
             return [h.process.pid for h in self._handles if h.kind == kind]
 
-    def capacity(self, kind: str) -> int:
+    def capacity(self, kind: WorkerKind | str) -> int:
         return self.counts[kind] * self.threads
 
     def submit(self, task: Task) -> None:
-        kind = "fetch" if isinstance(task, FetchTask) else "upload"
+        kind = kind_of(task)
         with self._lock:
             handle = min((h for h in self._handles if h.kind == kind),
                          key=lambda h: len(h.in_flight))
