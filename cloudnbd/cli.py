@@ -154,7 +154,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    slots = ", ".join(f"{s.slot} ({s.kdf})" for s in meta.slots)
+    slots = "; ".join(f"slot {s.slot}: {s.kdf}" for s in meta.slots)
     print(f"location:        {info['location']}")
     print(f"volume id:       {info['volume_id']}")
     print(f"format version:  {info['format_version']}")
@@ -619,7 +619,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from cloudnbd.service import default_cache_root
+    from cloudnbd.runtime import default_cache_root
 
     settings = config.effective(args.name, {}, args.config_dir)
     width = max(len(key) for key in settings)
@@ -834,8 +834,20 @@ def _add_password_option(p: argparse.ArgumentParser) -> None:
                    "CLOUDNBD_PASSWORD works too; otherwise it is asked on the terminal")
 
 
+#: --kdf-cost: 2^N KiB of Argon2id memory, 1 MiB to 4 GiB
+KDF_COSTS = range(10, 23)
+
+
+def _kdf_cost(text: str) -> int:
+    if not text.isdigit() or int(text) not in KDF_COSTS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: N must be {KDF_COSTS[0]} to {KDF_COSTS[-1]} (2^N KiB of memory: "
+            f"1 MiB to 4 GiB)")
+    return int(text)
+
+
 def _add_kdf_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kdf-cost", type=int, default=None, choices=range(10, 23),
+    p.add_argument("--kdf-cost", type=_kdf_cost, default=None,
                    metavar="N", help="Argon2id with 2^N KiB of memory (10 to 22: 1 MiB to "
                                      "4 GiB) and 3 passes, instead of calibrating to about "
                                      "a second with up to 1 GiB here; below 15 is weak")

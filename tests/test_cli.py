@@ -178,7 +178,7 @@ def test_an_unreachable_endpoint_says_it_is_retrying_on_a_terminal(tmp_path: Pat
          "--timeout", "4", "--password-file", str(password)], env=env)
     assert code == 3, terminal
     notice, error = terminal.strip().splitlines()
-    assert notice.startswith("cloudnbd: s3://somebucket/vol: GET failed (") and \
+    assert notice.startswith("cloudnbd: s3://somebucket/vol: HEAD failed (") and \
         notice.endswith("); retrying for up to 4s"), terminal
     assert error.startswith("cloudnbd: error: ") and "Could not connect" in error
 

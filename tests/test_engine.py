@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cloudnbd.engine.cache import CleanCache
+from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import UploadTask
 from tests.engine_harness import CHUNK, EngineRig
 
@@ -239,7 +240,8 @@ def test_a_clean_file_without_a_recorded_version_is_dropped(tmp_path: Path) -> N
 def test_only_a_run_that_stopped_uncleanly_is_reported_as_such(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cloudnbd.engine.cache")
-    assert not CleanCache(tmp_path, CHUNK).open()  # a new cache: nothing to trust
+    listing = ChunkVersions(0)
+    assert not CleanCache(tmp_path, CHUNK).open(listing)  # a new cache: nothing to trust
     assert "did not stop cleanly" not in caplog.text
-    assert not CleanCache(tmp_path, CHUNK).open()  # the first run ended without its marker
+    assert not CleanCache(tmp_path, CHUNK).open(listing)  # the first run ended unmarked
     assert "previous run did not stop cleanly" in caplog.text
