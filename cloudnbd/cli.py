@@ -619,7 +619,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from cloudnbd.service import default_cache_root
+    from cloudnbd.runtime import default_cache_root
 
     settings = config.effective(args.name, {}, args.config_dir)
     width = max(len(key) for key in settings)
