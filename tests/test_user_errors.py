@@ -21,7 +21,7 @@ import pytest
 from cloudnbd import volume
 from cloudnbd.backends.file import FileStore
 from cloudnbd.cli import main
-from cloudnbd.service import default_cache_root
+from cloudnbd.runtime import default_cache_root
 from tests.served import CLI, KDF, cloudnbd, start
 from tests.test_cli import assert_one_line_error
 
