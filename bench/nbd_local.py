@@ -1,14 +1,20 @@
 """cloudnbd's NBD front on a warm local cache, side by side with nbdkit's file plugin on
-the same disk, in one run: nbdcopy 1 GiB write and read, fio 4 KiB random read and
-write at queue depth 16. Prints a Markdown table (medians of --runs runs, ratios to
-nbdkit). cloudnbd uses the file backend; the cloud is not what is measured here.
+the same disk, in one run: nbdcopy sequential write and read, fio 4 KiB random write and
+read at queue depth 16 (issue 15's table). Prints two Markdown tables, medians of --runs
+runs: the four ratios to nbdkit with the p99 latencies, then every metric. cloudnbd uses
+the file backend; the cloud is not what is measured here.
 
-    python bench/nbd_local.py [--runs 3] [--size-mib 1024]
+    python bench/nbd_local.py [--runs 3] [--size-mib 512] [--seconds 10] [--iodepth 16]
+                              [--save results.json]
+
+The machine may be shared: compare ratios from runs made close together, not absolute
+numbers from different days.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import tempfile
@@ -17,7 +23,6 @@ from pathlib import Path
 from common import (
     KDF,
     cloudnbd,
-    fio,
     fio_command,
     fio_result,
     machine,
@@ -26,6 +31,14 @@ from common import (
     run,
     start,
     timed,
+)
+
+#: (label, metric): the rows of issue 15's table, in its order
+RATIOS = (
+    ("nbdcopy sequential write", "nbdcopy write MiB/s"),
+    ("nbdcopy sequential read", "nbdcopy read MiB/s"),
+    ("fio 4 KiB random write", "randwrite IOPS"),
+    ("fio 4 KiB random read", "randread IOPS"),
 )
 
 
@@ -53,6 +66,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, list[flo
     def add(who: str, what: str, value: float) -> None:
         results[who].setdefault(what, []).append(value)
 
+    def fio(uri: str, rw: str) -> list[str]:
+        return fio_command(uri, rw, args.seconds, size, args.iodepth)
+
     back = tmp / "back.img"
     try:
         for _ in range(args.runs):
@@ -63,42 +79,61 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, list[flo
                                     f"nbdcopy {source} $uri")
                     t_read = timed("nbdkit", "-U", "-", "file", f"file={image}", "--run",
                                    f"nbdcopy $uri {back}")
-                    for rw in ("randread", "randwrite"):
-                        # no argument has a space; $uri is for the shell nbdkit --run uses
-                        command = " ".join(fio_command("$uri", rw, args.seconds, size))
-                        iops, p99 = fio_result(nbdkit(image, command), rw)
-                        add(who, f"{rw} IOPS", iops)
-                        add(who, f"{rw} p99 ms", p99)
                 else:
                     t_write = timed("nbdcopy", str(source), served.uri)
                     t_read = timed("nbdcopy", served.uri, str(back))
-                    for rw in ("randread", "randwrite"):
-                        iops, p99 = fio(served.uri, rw, args.seconds, size)
-                        add(who, f"{rw} IOPS", iops)
-                        add(who, f"{rw} p99 ms", p99)
                 add(who, "nbdcopy write MiB/s", args.size_mib / t_write)
                 add(who, "nbdcopy read MiB/s", args.size_mib / t_read)
+                for rw in ("randwrite", "randread"):
+                    if who == "nbdkit":
+                        # no argument has a space; $uri is for the shell nbdkit --run uses
+                        out = nbdkit(image, " ".join(fio("$uri", rw)))
+                    else:
+                        out = run(*fio(served.uri, rw))
+                    iops, p99 = fio_result(out, rw)
+                    add(who, f"{rw} IOPS", iops)
+                    add(who, f"{rw} p99 ms", p99)
     finally:
         served.close(check=False)
     return results
 
 
+def tables(results: dict[str, dict[str, list[float]]], iodepth: int) -> str:
+    """The ratio table of issue 15, then every metric."""
+    med = {who: {k: median(v) for k, v in r.items()} for who, r in results.items()}
+    lines = ["| workload | cloudnbd / nbdkit-file | p99 ms cloudnbd / nbdkit |",
+             "|---|---|---|"]
+    for label, metric in RATIOS:
+        label = label + (f", QD{iodepth}" if "fio" in label else "")
+        p99 = ""
+        if metric.endswith("IOPS"):
+            key = metric.replace("IOPS", "p99 ms")
+            p99 = f"{med['cloudnbd'][key]:.2f} / {med['nbdkit'][key]:.2f}"
+        lines.append(f"| {label} | {med['cloudnbd'][metric] / med['nbdkit'][metric]:.2f}"
+                     f" | {p99} |")
+    lines += ["", "| metric | nbdkit file | cloudnbd | cloudnbd / nbdkit |", "|---|---|---|---|"]
+    for metric in med["nbdkit"]:
+        ref, ours = med["nbdkit"][metric], med["cloudnbd"][metric]
+        lines.append(f"| {metric} | {ref:,.1f} | {ours:,.1f} | {ours / ref:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--iodepth", type=int, default=16)
+    parser.add_argument("--save", type=Path, help="also write the raw results as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         results = measure(args, Path(tmp))
+    if args.save:
+        args.save.write_text(json.dumps(results, indent=1))
     print(f"Machine: {machine()}")
     print(f"Command: python bench/nbd_local.py {shlex.join(os.sys.argv[1:])}")
     print(f"Medians of {args.runs} runs.\n")
-    print("| metric | nbdkit file | cloudnbd | cloudnbd / nbdkit |")
-    print("|---|---|---|---|")
-    for metric in results["nbdkit"]:
-        ref, ours = median(results["nbdkit"][metric]), median(results["cloudnbd"][metric])
-        print(f"| {metric} | {ref:,.1f} | {ours:,.1f} | {ours / ref:.2f} |")
+    print(tables(results, args.iodepth))
 
 
 if __name__ == "__main__":
