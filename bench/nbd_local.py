@@ -84,7 +84,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, list[flo
                     t_read = timed("nbdcopy", served.uri, str(back))
                 add(who, "nbdcopy write MiB/s", args.size_mib / t_write)
                 add(who, "nbdcopy read MiB/s", args.size_mib / t_read)
-                for rw in ("randwrite", "randread"):
+                for rw in ("randread", "randwrite"):
                     if who == "nbdkit":
                         # no argument has a space; $uri is for the shell nbdkit --run uses
                         out = nbdkit(image, " ".join(fio("$uri", rw)))
