@@ -150,12 +150,16 @@ Part = bytes | bytearray | memoryview
 
 def _advance(views: list[Part], sent: int) -> list[Part]:
     """What is left of views after sent bytes went out."""
-    while views and sent >= len(views[0]):
-        sent -= len(views[0])
-        views = views[1:]
-    if views and sent:
-        views = [memoryview(views[0])[sent:], *views[1:]]
-    return views
+    done = 0
+    while done < len(views) and sent >= len(views[done]):
+        sent -= len(views[done])
+        done += 1
+    if done == len(views):
+        return []
+    left = views[done:]
+    if sent:
+        left[0] = memoryview(left[0])[sent:]
+    return left
 
 
 def _pieces(offset: int, length: int) -> Iterator[tuple[int, int]]:
