@@ -1,14 +1,17 @@
 """cloudnbd's NBD front on a warm local cache, side by side with nbdkit's file plugin on
-the same disk, in one run: nbdcopy sequential write and read, fio 4 KiB random write and
-read at queue depth 16 (issue 15's table). Prints two Markdown tables, medians of --runs
+the same disk, in one run: nbdcopy sequential write and read, fio 4 KiB random read and
+write at queue depth 16 (issue 15's table). Prints Markdown tables, medians of --runs
 runs: the four ratios to nbdkit with the p99 latencies, then every metric. cloudnbd uses
-the file backend; the cloud is not what is measured here.
+the file backend; the cloud is not what is measured here. Before each measurement of a
+cloudnbd the bench waits until it has uploaded everything (nothing dirty), so a read is
+not measured against the uploads of the write before it.
 
     python bench/nbd_local.py [--runs 3] [--size-mib 512] [--seconds 10] [--iodepth 16]
-                              [--save results.json]
+                              [--baseline DIR] [--save results.json]
 
-The machine may be shared: compare ratios from runs made close together, not absolute
-numbers from different days.
+--baseline DIR serves a second cloudnbd from another source tree (e.g. `git archive` of
+an older commit) in the same runs, for before/after ratios measured side by side: the
+machine may be shared, so compare ratios from one run, not numbers from different days.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import json
 import os
 import shlex
 import tempfile
+import time
 from pathlib import Path
 
 from common import (
     KDF,
+    Served,
     cloudnbd,
     fio_command,
     fio_result,
@@ -47,6 +52,13 @@ def nbdkit(image: Path, command: str) -> str:
     return run("nbdkit", "-U", "-", "file", f"file={image}", "--run", command)
 
 
+def _settle(served: Served) -> None:
+    """Wait until the server has uploaded every write (its uploaders compete for the
+    CPU with whatever is measured next)."""
+    while served.status()["dirty_chunks"]:
+        time.sleep(0.5)
+
+
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, list[float]]]:
     size = args.size_mib * 2**20
     source = tmp / "source.img"
@@ -56,12 +68,23 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, list[flo
     image = tmp / "nbdkit.img"
     run("truncate", "-s", str(size), str(image))
     password = make_password_file(tmp)
-    location = str(tmp / "bucket" / "vol")
     (tmp / "bucket").mkdir()
-    cloudnbd("init", "file", location, str(size), "--password-file", str(password), *KDF)
-    served = start(tmp, "file", location, password, "--cache-size", f"{4 * size}",
-                   "--max-dirty", f"{4 * size}")
-    results: dict[str, dict[str, list[float]]] = {"nbdkit": {}, "cloudnbd": {}}
+    trees = {"cloudnbd": None}
+    if args.baseline:
+        trees["baseline"] = args.baseline.resolve()
+    servers: dict[str, Served] = {}
+    for who, tree in trees.items():
+        # PYTHONSAFEPATH: `python -m` must not put the current directory (maybe this
+        # tree) before the baseline's
+        env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree),
+                                         "PYTHONSAFEPATH": "1"}
+        location = str(tmp / "bucket" / who)
+        cloudnbd("init", "file", location, str(size), "--password-file", str(password),
+                 *KDF, env=env)
+        (tmp / who).mkdir()
+        servers[who] = start(tmp / who, "file", location, password, "--cache-size",
+                             f"{4 * size}", "--max-dirty", f"{4 * size}", env=env)
+    results: dict[str, dict[str, list[float]]] = {who: {} for who in ("nbdkit", *servers)}
 
     def add(who: str, what: str, value: float) -> None:
         results[who].setdefault(what, []).append(value)
@@ -72,49 +95,57 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, list[flo
     back = tmp / "back.img"
     try:
         for _ in range(args.runs):
-            for who in ("nbdkit", "cloudnbd"):
-                if who == "nbdkit":
+            for who in results:
+                served = servers.get(who)
+                if served is None:
                     # nbdkit starts in milliseconds; its start-up is inside these times
                     t_write = timed("nbdkit", "-U", "-", "file", f"file={image}", "--run",
                                     f"nbdcopy {source} $uri")
                     t_read = timed("nbdkit", "-U", "-", "file", f"file={image}", "--run",
                                    f"nbdcopy $uri {back}")
                 else:
+                    _settle(served)
                     t_write = timed("nbdcopy", str(source), served.uri)
+                    _settle(served)
                     t_read = timed("nbdcopy", served.uri, str(back))
                 add(who, "nbdcopy write MiB/s", args.size_mib / t_write)
                 add(who, "nbdcopy read MiB/s", args.size_mib / t_read)
                 for rw in ("randread", "randwrite"):
-                    if who == "nbdkit":
+                    if served is None:
                         # no argument has a space; $uri is for the shell nbdkit --run uses
                         out = nbdkit(image, " ".join(fio("$uri", rw)))
                     else:
+                        _settle(served)
                         out = run(*fio(served.uri, rw))
                     iops, p99 = fio_result(out, rw)
                     add(who, f"{rw} IOPS", iops)
                     add(who, f"{rw} p99 ms", p99)
     finally:
-        served.close(check=False)
+        for served in servers.values():
+            served.close(check=False)
     return results
 
 
 def tables(results: dict[str, dict[str, list[float]]], iodepth: int) -> str:
-    """The ratio table of issue 15, then every metric."""
+    """The ratio table of issue 15 (each cloudnbd against nbdkit), then every metric."""
     med = {who: {k: median(v) for k, v in r.items()} for who, r in results.items()}
-    lines = ["| workload | cloudnbd / nbdkit-file | p99 ms cloudnbd / nbdkit |",
-             "|---|---|---|"]
+    ours = [who for who in med if who != "nbdkit"]
+    lines = ["| workload | " + " | ".join(f"{who} / nbdkit-file" for who in ours)
+             + " | p99 ms: " + " / ".join([*ours, "nbdkit"]) + " |",
+             "|---" * (len(ours) + 2) + "|"]
     for label, metric in RATIOS:
         label = label + (f", QD{iodepth}" if "fio" in label else "")
+        ratios = [f"{med[who][metric] / med['nbdkit'][metric]:.2f}" for who in ours]
         p99 = ""
         if metric.endswith("IOPS"):
             key = metric.replace("IOPS", "p99 ms")
-            p99 = f"{med['cloudnbd'][key]:.2f} / {med['nbdkit'][key]:.2f}"
-        lines.append(f"| {label} | {med['cloudnbd'][metric] / med['nbdkit'][metric]:.2f}"
-                     f" | {p99} |")
-    lines += ["", "| metric | nbdkit file | cloudnbd | cloudnbd / nbdkit |", "|---|---|---|---|"]
+            p99 = " / ".join(f"{med[who][key]:.2f}" for who in [*ours, "nbdkit"])
+        lines.append(f"| {label} | {' | '.join(ratios)} | {p99} |")
+    lines += ["", "| metric | nbdkit file | " + " | ".join(ours) + " |",
+              "|---" * (len(ours) + 2) + "|"]
     for metric in med["nbdkit"]:
-        ref, ours = med["nbdkit"][metric], med["cloudnbd"][metric]
-        lines.append(f"| {metric} | {ref:,.1f} | {ours:,.1f} | {ours / ref:.2f} |")
+        values = " | ".join(f"{med[who][metric]:,.1f}" for who in ours)
+        lines.append(f"| {metric} | {med['nbdkit'][metric]:,.1f} | {values} |")
     return "\n".join(lines)
 
 
@@ -124,6 +155,8 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--iodepth", type=int, default=16)
+    parser.add_argument("--baseline", type=Path,
+                        help="a cloudnbd source tree to serve side by side with this one")
     parser.add_argument("--save", type=Path, help="also write the raw results as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
