@@ -370,9 +370,9 @@ def test_hammer_long_tier(live: Live, seed: int) -> None:
 # -- a server in its own process: memory --------------------------------------------------
 def _memory(child: Child, rounds: int, workers: int, cases: int) -> None:
     """Rounds of the hammer plus connections that each pin the most a connection may
-    hold: without agreeing on block sizes, a 32 MiB WRITE half sent, or eight READs of
-    the whole export left unread (both streamed), measuring the server's resident
-    memory after each round."""
+    hold: without agreeing on block sizes, a 32 MiB WRITE half sent, or eight 32 MiB
+    READs left unread (both streamed now; before issue 15 each was held whole),
+    measuring the server's resident memory after each round."""
     from cloudnbd.nbd.server import MAX_IN_FLIGHT_BYTES, RECV_BUFFER
 
     export = h.learn_export(child.connect)
@@ -390,7 +390,7 @@ def _memory(child: Child, rounds: int, workers: int, cases: int) -> None:
                                     + bytes(1 << 20))
             else:
                 for _ in range(8):
-                    client.send(m.CMD_READ, 0, SIZE)
+                    client.send(m.CMD_READ, pinned_region, 32 << 20)
             pinned.append(client)
         report.merge(h.hammer(child.connect, export, seed=1000 + r, workers=workers,
                               cases=cases))
