@@ -9,12 +9,12 @@ wait in a batch that goes out in one sendmsg before the reader's next recv that 
 block, or once BATCH_BYTES of payload wait. The hand-off to a pool thread cost more than
 the request itself (4 KiB random reads went from about 4,000 to 10,000 per second when
 they stopped taking it; writes, with the batching, from about 4,100 to 9,400: see
-docs/performance.md). Everything else runs on a
-pool shared by all connections, so replies go out in whatever order requests finish.
-There are two pools: requests that may wait for the cloud (WRITE, WRITE_ZEROES and TRIM
-wait for room past --max-dirty, FLUSH and FUA for uploads) run on one, READ, CACHE and
-BLOCK_STATUS on the other, so reads are never queued behind writes held by backpressure,
-whichever connection sent them.
+docs/performance.md). Everything else runs on a pool shared by all connections, so
+replies go out in whatever order requests finish. There are two pools: requests that
+may wait for the cloud (WRITE, WRITE_ZEROES and TRIM wait for room past --max-dirty,
+FLUSH and FUA for uploads) run on one, READ, CACHE and BLOCK_STATUS on the other, so
+reads are never queued behind writes held by backpressure, whichever connection sent
+them.
 
 No pool thread ever waits for a client: it hands its reply to the socket without
 blocking (header and payload in one sendmsg), and whatever the socket will not take yet
