@@ -8,7 +8,7 @@ backpressure: BlockDevice.pwrite_now, straight from the receive buffer). Those r
 wait in a batch that goes out in one sendmsg before the reader's next recv that may
 block, or once BATCH_BYTES of payload wait. The hand-off to a pool thread cost more than
 the request itself (4 KiB random reads went from about 4,000 to 10,000 per second when
-they stopped taking it; writes, with the batching, from about 4,100 to 9,400: see
+they stopped taking it; writes, with the batching, from about 4,200 to 10,200: see
 docs/performance.md). Everything else runs on a pool shared by all connections, so
 replies go out in whatever order requests finish. There are two pools: requests that
 may wait for the cloud (WRITE, WRITE_ZEROES and TRIM wait for room past --max-dirty,
