@@ -51,11 +51,12 @@ def machine() -> str:
             f"Linux {platform.release()}, Python {platform.python_version()}")
 
 
-def fio_command(uri: str, rw: str, seconds: float, size: int) -> list[str]:
+def fio_command(uri: str, rw: str, seconds: float, size: int, iodepth: int = 16
+                ) -> list[str]:
     """fio's nbd engine doing 4 KiB random I/O (rw: randread or randwrite) at queue depth
-    16 over the first `size` bytes, for `seconds`."""
+    iodepth over the first `size` bytes, for `seconds`."""
     return ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
-            "--iodepth=16", f"--size={size}", f"--runtime={seconds}", "--time_based",
+            f"--iodepth={iodepth}", f"--size={size}", f"--runtime={seconds}", "--time_based",
             "--output-format=json"]
 
 

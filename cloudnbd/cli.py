@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from cloudnbd import __version__, config, logs, volume
+from cloudnbd import __version__, backends, config, logs, volume
 from cloudnbd.backends import BACKENDS, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
 from cloudnbd.chunks import chunk_key
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cloudnbd")
 
-LOCATION_HELP = "file: a directory; s3 and gs: BUCKET/PREFIX"
+LOCATION_HELP = backends.location_help()
 
 
 def _store_options(args: argparse.Namespace) -> StoreOptions:
@@ -87,7 +87,7 @@ def _store(args: argparse.Namespace, location: str | None = None) -> ObjectStore
 def _front_store(args: argparse.Namespace) -> ObjectStore:
     """The serving process's own store. A cloud SDK stays out of that long-lived process:
     its few requests go through an agent forked from the zygote (backends.remote)."""
-    if args.backend == "file":
+    if backends.find(args.backend).in_front:
         return _store(args)
     from cloudnbd.backends.remote import RemoteStore
 
@@ -809,7 +809,8 @@ def _add_settings(p: argparse.ArgumentParser, *keys: str) -> None:
 
 
 def _add_store_options(p: argparse.ArgumentParser, location: str = "volume") -> None:
-    p.add_argument("backend", choices=BACKENDS, help="where the volume lives")
+    p.add_argument("backend", choices=BACKENDS,
+                   help=f"where the volume lives: {backends.describe()}")
     p.add_argument(location, help=LOCATION_HELP)
     _add_settings(p, "endpoint_url", "credentials", "timeout")
 
@@ -817,7 +818,7 @@ def _add_store_options(p: argparse.ArgumentParser, location: str = "volume") -> 
 def _add_target(p: argparse.ArgumentParser) -> None:
     """BACKEND VOLUME, or the NAME of a volume defined in the config directory."""
     p.add_argument("target", metavar="BACKEND|NAME",
-                   help="file, s3 or gs; or NAME, a volume defined in "
+                   help=f"{backends.names()}; or NAME, a volume defined in "
                         "/etc/cloudnbd/volumes.d/NAME.conf")
     p.add_argument("volume", nargs="?", metavar="VOLUME",
                    help=LOCATION_HELP + " (omitted with NAME)")

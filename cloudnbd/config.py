@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cloudnbd import backends
 from cloudnbd.errors import ConfigError, UsageError
 from cloudnbd.sizes import parse_size
 
@@ -78,8 +79,8 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {
-    "backend": Setting(_choice("file", "s3", "gs"), None, "file, s3 or gs", True),
-    "location": Setting(str, None, "directory, or BUCKET/PREFIX", True),
+    "backend": Setting(_choice(*backends.BACKENDS), None, backends.names(), True),
+    "location": Setting(str, None, backends.location_help(), True),
     "endpoint_url": Setting(str, None, "S3-compatible endpoint URL"),
     "credentials": Setting(Path, None, "cloudnbd credentials file"),
     "password_file": Setting(Path, None, "file holding the password (mode 0600)", True),

@@ -1,10 +1,13 @@
 """Cloud credentials when the SDKs' own chains find none: a cloudnbd credentials file,
 or the terminal.
 
-Order: an explicit --credentials FILE; the SDK's standard chain (environment, ~/.aws,
-application default credentials); the default file ~/.config/cloudnbd/credentials; and,
-on a terminal, asking, with an offer to save the answer to that file (created 0600). The
-file must not be readable by others. Secrets never reach a log line or a repr.
+Order, the same for every backend: an explicit --credentials FILE; the SDK's standard
+chain (environment, ~/.aws, application default credentials); the default file
+~/.config/cloudnbd/credentials; and, on a terminal, asking, with an offer to save the
+answer to that file (created 0600). The file must not be readable by others. Each
+backend says what it wants (a `Wanted`: its section of the file, the questions, how its
+SDK's chain is asked) and calls lookup(); this module knows no backend. Secrets never
+reach a log line or a repr.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import configparser
 import getpass
 import os
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cloudnbd.errors import BackendError
@@ -23,11 +27,25 @@ DEFAULT_FILE = Path("~/.config/cloudnbd/credentials")
 
 
 @dataclass(frozen=True)
-class S3Credentials:
-    """A static S3 key pair; its repr shows neither half."""
+class Question:
+    """One value of a backend's credentials: its key in the file, and how it is asked."""
 
-    access_key: str = field(repr=False)
-    secret_key: str = field(repr=False)
+    option: str
+    prompt: str
+    secret: bool = False  # asked without echo
+    # checks an answer typed on the terminal and returns what to keep (BackendError if bad)
+    accept: Callable[[str], str] | None = None
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What one backend's credentials are and where else they may come from."""
+
+    section: str  # of the credentials file: the backend's name
+    what: str  # for messages: "S3 credentials"
+    hint: str  # how to provide them, when none are found and none can be asked
+    questions: tuple[Question, ...]
+    sdk_has_credentials: Callable[[], bool]  # whether the SDK's own chain finds some
 
 
 def default_file() -> Path:
@@ -55,26 +73,29 @@ def save(path: Path, section: str, values: dict[str, str]) -> None:
         parser.write(f)
 
 
-def _option(parser: configparser.ConfigParser, path: Path, section: str, name: str) -> str:
-    value = parser.get(section, name, fallback="").strip()
-    if not value:
-        raise BackendError(f"credentials file {path}: [{section}] has no {name}")
-    return value
-
-
-def _s3_from(parser: configparser.ConfigParser, path: Path) -> S3Credentials:
-    return S3Credentials(_option(parser, path, "s3", "aws_access_key_id"),
-                         _option(parser, path, "s3", "aws_secret_access_key"))
+def _values(parser: configparser.ConfigParser, path: Path, wanted: Wanted) -> dict[str, str]:
+    found = {}
+    for question in wanted.questions:
+        value = parser.get(wanted.section, question.option, fallback="").strip()
+        if not value:
+            raise BackendError(f"credentials file {path}: [{wanted.section}] has no "
+                               f"{question.option}")
+        found[question.option] = value
+    return found
 
 
 def _can_ask(interactive: bool) -> bool:
     return interactive and sys.stdin.isatty()
 
 
-def _sdk_has_s3_credentials() -> bool:
-    import boto3
-
-    return boto3.session.Session().get_credentials() is not None
+def _ask(wanted: Wanted) -> dict[str, str]:
+    answers = {}
+    for question in wanted.questions:
+        answer = (getpass.getpass if question.secret else input)(question.prompt).strip()
+        if not answer:
+            raise BackendError(f"no {wanted.what} given")
+        answers[question.option] = question.accept(answer) if question.accept else answer
+    return answers
 
 
 def _offer_to_save(path: Path, section: str, values: dict[str, str]) -> None:
@@ -84,66 +105,25 @@ def _offer_to_save(path: Path, section: str, values: dict[str, str]) -> None:
         print(f"Saved to {path}.", file=sys.stderr)
 
 
-def s3_credentials(explicit: Path | None, interactive: bool) -> S3Credentials | None:
-    """Credentials to pass to boto3, or None to let its own chain decide."""
+def lookup(wanted: Wanted, explicit: Path | None, interactive: bool
+           ) -> dict[str, str] | None:
+    """The backend's credentials as option -> value, or None to let its SDK's chain
+    decide (see the module docstring for the order)."""
     if explicit is not None:
         parser = _read(explicit)
-        if not parser.has_section("s3"):
-            raise BackendError(f"credentials file {explicit} has no [s3] section")
-        return _s3_from(parser, explicit)
-    if _sdk_has_s3_credentials():
+        if not parser.has_section(wanted.section):
+            raise BackendError(f"credentials file {explicit} has no [{wanted.section}] "
+                               f"section")
+        return _values(parser, explicit, wanted)
+    if wanted.sdk_has_credentials():
         return None
     path = default_file()
     if path.exists():
         parser = _read(path)
-        if parser.has_section("s3"):
-            return _s3_from(parser, path)
+        if parser.has_section(wanted.section):
+            return _values(parser, path, wanted)
     if not _can_ask(interactive):
-        raise BackendError("no S3 credentials found: set AWS_ACCESS_KEY_ID and "
-                           "AWS_SECRET_ACCESS_KEY, configure ~/.aws, or give --credentials "
-                           "FILE with an [s3] section")
-    access_key = input("S3 access key id: ").strip()
-    secret_key = getpass.getpass("S3 secret access key: ").strip()
-    if not access_key or not secret_key:
-        raise BackendError("no S3 credentials given")
-    _offer_to_save(path, "s3", {"aws_access_key_id": access_key,
-                                "aws_secret_access_key": secret_key})
-    return S3Credentials(access_key, secret_key)
-
-
-def _sdk_has_gcs_credentials() -> bool:
-    import google.auth
-    import google.auth.exceptions
-
-    try:
-        google.auth.default()
-    except google.auth.exceptions.DefaultCredentialsError:
-        return False
-    return True
-
-
-def gcs_credentials_file(explicit: Path | None, interactive: bool) -> Path | None:
-    """A service-account key file to use, or None for application default credentials."""
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        return None
-    if explicit is not None:
-        parser = _read(explicit)
-        if not parser.has_section("gs"):
-            raise BackendError(f"credentials file {explicit} has no [gs] section")
-        return Path(_option(parser, explicit, "gs", "service_account_file")).expanduser()
-    if _sdk_has_gcs_credentials():
-        return None
-    path = default_file()
-    if path.exists():
-        parser = _read(path)
-        if parser.has_section("gs"):
-            return Path(_option(parser, path, "gs", "service_account_file")).expanduser()
-    if not _can_ask(interactive):
-        raise BackendError("no Google Cloud credentials found: run `gcloud auth "
-                           "application-default login`, set GOOGLE_APPLICATION_CREDENTIALS, "
-                           "or give --credentials FILE with a [gs] section")
-    key_file = Path(input("Path to a service-account key file (JSON): ").strip()).expanduser()
-    if not key_file.is_file():
-        raise BackendError(f"{key_file} is not a file")
-    _offer_to_save(path, "gs", {"service_account_file": str(key_file.absolute())})
-    return key_file
+        raise BackendError(f"no {wanted.what} found: {wanted.hint}")
+    answers = _ask(wanted)
+    _offer_to_save(path, wanted.section, answers)
+    return answers

@@ -6,8 +6,9 @@ commands that change a volume's contents behind a server's back (`import`, `resi
 `delete`). Its rules:
 
 - L1 Every change of the lease object is conditional on the version read just before
-  (create-if-absent, or If-Match / ifGenerationMatch / compare-and-rename), so of two
-  actors racing for it exactly one wins; the other re-reads and sees the winner.
+  (ObjectStore.put_if: If-None-Match / If-Match on S3, ifGenerationMatch on GCS, a
+  compare under the directory's flock on the file backend), so of two actors racing for
+  it exactly one wins; the other re-reads and sees the winner.
 - L2 The lease is never deleted while the volume exists: `release` writes a released
   record. Its `epoch` rises by one at every acquisition. A server records the epoch it
   holds next to its journal; a journal whose epoch is not the one the store still shows

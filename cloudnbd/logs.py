@@ -1,8 +1,9 @@
 """Logging set-up, one rule for every cloudnbd process (the CLI, the server, its workers).
 
---debug is cloudnbd's own detail. The libraries under it (botocore and boto3, s3transfer,
-urllib3, google-*) stay at INFO even then: at DEBUG botocore logs every request with its
-signature computation, megabytes per run. CLOUDNBD_DEBUG=all lets them through too; it is
+--debug is cloudnbd's own detail. The libraries under it (urllib3, and each backend's
+SDK as its Backend.loggers name it: botocore, boto3, s3transfer, google-*) stay at INFO
+even then: at DEBUG botocore logs every request with its signature computation,
+megabytes per run. CLOUDNBD_DEBUG=all lets them through too; it is
 an environment variable so that the server and its worker processes inherit it.
 """
 
@@ -11,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 
+from cloudnbd import backends
+
 DEBUG_ALL_ENV = "CLOUDNBD_DEBUG"
-THIRD_PARTY = ("botocore", "boto3", "s3transfer", "urllib3", "google")
+THIRD_PARTY = ("urllib3", *(name for b in backends.REGISTRY for name in b.loggers))
 
 
 def configure(level: int, prefix: str = "cloudnbd") -> None:

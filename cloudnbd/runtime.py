@@ -21,7 +21,7 @@ import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cloudnbd import identity
+from cloudnbd import backends, identity
 from cloudnbd.errors import CloudnbdError
 
 
@@ -35,9 +35,7 @@ def default_cache_root() -> Path:
 
 def normalize_location(backend: str, location: str) -> str:
     """The location as a stable key: absolute for directories, no trailing slash."""
-    if backend == "file":
-        return str(Path(location).expanduser().absolute())
-    return location.strip("/")
+    return backends.find(backend).normalize(location)
 
 
 def volume_key(backend: str, location: str) -> str:

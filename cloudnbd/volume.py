@@ -60,6 +60,10 @@ FORMAT_NAME = "cloudnbd-volume"
 #: volume without one is still written as version 1, so that older cloudnbd reads it.
 FORMAT_VERSION = 2
 METADATA_KEY = "volume.json"
+#: what every chunk is sealed and packed with (codec.py); volume.json names them, and a
+#: volume that names others was not written by this cloudnbd
+CIPHER = "aes-256-gcm"
+COMPRESSION = "zstd"
 
 #: sizes are rounded up to this, the largest logical block size NBD clients and the Linux
 #: kernel use, so that a 4 KiB-block filesystem fills the whole device
@@ -180,8 +184,8 @@ class VolumeMeta:
             "volume_id": self.volume_id.hex(),
             "size": self.size,
             "chunk_size": self.chunk_size,
-            "cipher": "aes-256-gcm",
-            "compression": "zstd",
+            "cipher": CIPHER,
+            "compression": COMPRESSION,
             "generation": self.generation,
             "created": self.created,
             "key_slots": [
@@ -235,7 +239,8 @@ def _volume_document(blob: bytes) -> dict[str, Any] | None:
 
 
 def parse_metadata(blob: bytes) -> tuple[VolumeMeta, dict[str, Any], str]:
-    """Parse volume.json, checking format and version before anything else.
+    """Parse volume.json, checking format, version, cipher and compression before
+    anything else (all before a password is asked for).
 
     Returns the metadata, the document without its MAC, and the MAC; the MAC is NOT
     verified here (that needs the master key; see unlock()).
@@ -249,6 +254,10 @@ def parse_metadata(blob: bytes) -> tuple[VolumeMeta, dict[str, Any], str]:
     if version > FORMAT_VERSION:
         raise UnsupportedFormat(f"volume format version {version} is newer than this "
                                 f"cloudnbd supports ({FORMAT_VERSION}); upgrade cloudnbd")
+    for name, known in (("cipher", CIPHER), ("compression", COMPRESSION)):
+        if doc.get(name) != known:
+            raise UnsupportedFormat(f"volume.json names {name} {doc.get(name)!r}; this "
+                                    f"cloudnbd reads {known} only")
     mac = _field(doc, "mac", str)
     del doc["mac"]
     try:

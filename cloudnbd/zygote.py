@@ -78,17 +78,13 @@ def _parent_of(pid: int) -> int:
 
 def _warm(backend: str) -> None:
     """In the server: load everything a child needs, then freeze it for sharing."""
+    from cloudnbd.backends import find
     from cloudnbd.engine import workers  # noqa: F401 - the code every child runs
     from cloudnbd.engine.malloc import limit_malloc_retention
 
     no_core_dumps()  # the zygote was exec'd, which made it dumpable again
     limit_malloc_retention()  # inherited by every child
-    if backend == "s3":
-        from cloudnbd.backends import s3
-
-        s3.load_model()
-    elif backend == "gs":
-        from cloudnbd.backends import gs  # noqa: F401
+    find(backend).warm()  # its SDK, and whatever the backend has its children share
     gc.collect()
     gc.freeze()
 

@@ -768,7 +768,10 @@ class _Checker:
         partial: dict[int, tuple[m.Request, Answer]] = {}
         answers: dict[int, Answer] = {}
         reset = False
-        limit = max(self.export.maximum, 1 << 20) + 64
+        # the longest payload a reply may carry: a client that agreed on block sizes
+        # gets at most the maximum; one that did not may ask for the whole export
+        limit = (max(self.export.maximum, 1 << 20) if s.block_agreed else
+                 max(self.export.maximum, self.export.size)) + 64
         while True:
             try:
                 (magic,) = struct.unpack(">I", self.wire.recv(4))

@@ -357,7 +357,8 @@ def judge(export: Export, s: Session, cmd: int, flags: int, offset: int, length:
             errors.add(ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else EINVAL)
         else:  # past the end, but "one or more sectors beyond" it there are none
             unspecified = True
-    if cmd in (CMD_READ, CMD_WRITE) and length > export.maximum:
+    oversized = cmd in (CMD_READ, CMD_WRITE) and length > export.maximum
+    if oversized and s.block_agreed:  # "the client MUST NOT request a length larger"
         errors |= {EINVAL, EOVERFLOW}
     if s.block_agreed and (offset % export.minimum or length % export.minimum):
         if cmd == CMD_BLOCK_STATUS:
@@ -373,6 +374,11 @@ def judge(export: Export, s: Session, cmd: int, flags: int, offset: int, length:
         ok.add(ENOTSUP)
     if cmd == CMD_READ and flags & CF_DF and length > 65536:
         ok.add(EOVERFLOW)
+    if oversized:
+        # without agreed sizes the maximum is only the default's floor: a server "SHOULD"
+        # take at least 2^25 bytes, and may take more ("effectively unlimited") or
+        # "cleanly error commands that fall outside" its own constraints
+        ok |= {EINVAL, EOVERFLOW}
     if unspecified:
         ok |= WIRE_ERRNOS
     return frozenset(ok)

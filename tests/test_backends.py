@@ -7,25 +7,33 @@ retry and error paths run through the same SDK code as in production.
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
+import re
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
-from cloudnbd.backends import BACKENDS, StoreOptions, open_store
+from cloudnbd.backends import BACKENDS, REGISTRY, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
-from cloudnbd.credentials import S3Credentials
+from cloudnbd.backends.s3 import S3Credentials
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed, UsageError
 from tests.servers import (
     S3_ACCESS_KEY,
     S3_BUCKET,
     S3_SECRET_KEY,
+    TEST_SERVERS,
     BackendEnv,
     FaultProxy,
     free_port,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 clouds = pytest.mark.parametrize("backend_env", ["s3", "gs"], indirect=True)
 s3_only = pytest.mark.parametrize("backend_env", ["s3"], indirect=True)
@@ -316,3 +324,46 @@ def test_malformed_locations_are_usage_errors() -> None:
     for backend, location, message in cases:
         with pytest.raises(UsageError, match=message):
             open_store(backend, location)
+
+
+@pytest.mark.unit
+def test_every_backend_is_shipped_documented_and_tested() -> None:
+    """What adding a backend takes beyond its module and its REGISTRY entry."""
+    setup, spec = (ROOT / "setup.py").read_text(), (ROOT / "cloudnbd.spec").read_text()
+    man = (ROOT / "cloudnbd.1").read_text().split(".SH BACKENDS", 1)[1].split(".SH", 1)[0]
+    readme = (ROOT / "README").read_text()
+    assert set(TEST_SERVERS) == set(BACKENDS)
+    for backend in REGISTRY:
+        module = importlib.import_module(backend.module)
+        assert callable(module.open_store) and callable(module.warm), backend.name
+        assert f'.BI "{backend.name} "' in man, backend.name
+        assert f"cloudnbd init {backend.name} " in readme, backend.name
+        if backend.sdk is not None:
+            assert re.search(rf'"{re.escape(backend.sdk)}[>=<"]', setup), backend.sdk
+            assert re.search(rf"^Requires:\s+python3-{re.escape(backend.sdk)}$", spec,
+                             re.MULTILINE), backend.sdk
+            assert backend.loggers, backend.name
+
+
+def test_the_front_loads_no_cloud_sdk(tmp_path: Path) -> None:
+    """Parsing, config, location checks and runtime keys of every backend stay in the
+    registry: the front process never imports an SDK (docs/design.md, "Processes")."""
+    sdks = sorted({name for backend in REGISTRY for name in backend.loggers})
+    assert "boto3" in sdks and "google" in sdks
+    probe = f"""
+import sys
+from cloudnbd import cli, runtime, service
+from cloudnbd.backends import REGISTRY, remote
+parser = cli.build_parser()
+for backend in REGISTRY:
+    args = parser.parse_args(["info", backend.name, "bucket/vol"])
+    cli._resolve(args)
+    backend.check_location("bucket/vol")
+    runtime.volume_key(backend.name, "bucket/vol")
+print(sorted(m for m in sys.modules if m.split(".")[0] in {sdks!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env={**os.environ, "CLOUDNBD_CONFIG_DIR": str(tmp_path)},
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

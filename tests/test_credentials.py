@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from cloudnbd import credentials
-from cloudnbd.credentials import S3Credentials
+from cloudnbd.backends import gs as gs_backend
+from cloudnbd.backends import s3 as s3_backend
+from cloudnbd.backends.s3 import S3Credentials
 from cloudnbd.errors import CloudnbdError
 
 pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
@@ -56,12 +58,12 @@ class Terminal:
 
 def test_non_interactive_without_credentials_is_one_clear_error() -> None:
     with pytest.raises(CloudnbdError) as s3:
-        credentials.s3_credentials(None, interactive=False)
+        s3_backend.find_credentials(None, interactive=False)
     assert "no S3 credentials found" in s3.value.message
     assert "AWS_ACCESS_KEY_ID" in s3.value.message and "--credentials" in s3.value.message
     assert "\n" not in s3.value.message
     with pytest.raises(CloudnbdError) as gs:
-        credentials.gcs_credentials_file(None, interactive=False)
+        gs_backend.find_key_file(None, interactive=False)
     assert "no Google Cloud credentials found" in gs.value.message
     assert "\n" not in gs.value.message
 
@@ -69,19 +71,19 @@ def test_non_interactive_without_credentials_is_one_clear_error() -> None:
 def test_interactive_is_refused_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("AKIA\nsecret\n"))  # not a TTY
     with pytest.raises(CloudnbdError, match="no S3 credentials found"):
-        credentials.s3_credentials(None, interactive=True)
+        s3_backend.find_credentials(None, interactive=True)
 
 
 def test_sdk_chain_comes_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFROMENV")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    assert credentials.s3_credentials(None, interactive=False) is None  # boto3 decides
+    assert s3_backend.find_credentials(None, interactive=False) is None  # boto3 decides
 
 
 def test_asked_credentials_are_saved_0600(no_cloud_setup: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     terminal = Terminal(monkeypatch, ["AKIAEXAMPLE", SECRET, "y"])
-    found = credentials.s3_credentials(None, interactive=True)
+    found = s3_backend.find_credentials(None, interactive=True)
     assert found == S3Credentials("AKIAEXAMPLE", SECRET)
     assert any("0600" in p for p in terminal.prompts)
     path = no_cloud_setup / ".config" / "cloudnbd" / "credentials"
@@ -91,13 +93,13 @@ def test_asked_credentials_are_saved_0600(no_cloud_setup: Path,
     assert "[s3]" in text and "aws_access_key_id = AKIAEXAMPLE" in text
     # the next run finds them in the file without asking
     Terminal(monkeypatch, [])
-    assert credentials.s3_credentials(None, interactive=True) == found
+    assert s3_backend.find_credentials(None, interactive=True) == found
 
 
 def test_declined_credentials_are_not_saved(no_cloud_setup: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     Terminal(monkeypatch, ["AKIAEXAMPLE", SECRET, "n"])
-    assert credentials.s3_credentials(None, interactive=True) == S3Credentials(
+    assert s3_backend.find_credentials(None, interactive=True) == S3Credentials(
         "AKIAEXAMPLE", SECRET)
     assert not (no_cloud_setup / ".config" / "cloudnbd" / "credentials").exists()
 
@@ -110,10 +112,10 @@ def test_saving_gs_keeps_the_s3_section(no_cloud_setup: Path,
     key_file = no_cloud_setup / "sa.json"
     key_file.write_text("{}")
     Terminal(monkeypatch, [str(key_file), "yes"])
-    assert credentials.gcs_credentials_file(None, interactive=True) == key_file
-    assert credentials.s3_credentials(path, interactive=False) == S3Credentials(
+    assert gs_backend.find_key_file(None, interactive=True) == key_file
+    assert s3_backend.find_credentials(path, interactive=False) == S3Credentials(
         "AKIAEXAMPLE", SECRET)
-    assert credentials.gcs_credentials_file(path, interactive=False) == key_file
+    assert gs_backend.find_key_file(path, interactive=False) == key_file
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
@@ -123,7 +125,7 @@ def test_a_file_others_can_read_is_refused(tmp_path: Path, mode: int) -> None:
     path.write_text(f"[s3]\naws_access_key_id = AKIAEXAMPLE\naws_secret_access_key = {SECRET}\n")
     path.chmod(mode)
     with pytest.raises(CloudnbdError) as info:
-        credentials.s3_credentials(path, interactive=False)
+        s3_backend.find_credentials(path, interactive=False)
     assert info.value.message == (f"credentials file {path} is accessible by others (mode "
                                   f"{mode:04o}); run: chmod 600 {path}")
 
@@ -134,7 +136,7 @@ def test_the_default_file_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> Non
                                   "aws_secret_access_key": SECRET})
     path.chmod(0o644)
     with pytest.raises(CloudnbdError, match="accessible by others"):
-        credentials.s3_credentials(None, interactive=False)
+        s3_backend.find_credentials(None, interactive=False)
 
 
 def test_incomplete_file_names_what_is_missing(tmp_path: Path) -> None:
@@ -142,9 +144,9 @@ def test_incomplete_file_names_what_is_missing(tmp_path: Path) -> None:
     path.write_text("[s3]\naws_access_key_id = AKIAEXAMPLE\n")
     path.chmod(0o600)
     with pytest.raises(CloudnbdError, match=r"\[s3\] has no aws_secret_access_key"):
-        credentials.s3_credentials(path, interactive=False)
+        s3_backend.find_credentials(path, interactive=False)
     with pytest.raises(CloudnbdError, match=r"has no \[gs\] section"):
-        credentials.gcs_credentials_file(path, interactive=False)
+        gs_backend.find_key_file(path, interactive=False)
 
 
 def test_secrets_stay_out_of_reprs_and_errors(tmp_path: Path) -> None:
@@ -154,10 +156,10 @@ def test_secrets_stay_out_of_reprs_and_errors(tmp_path: Path) -> None:
     path.write_text(f"[s3]\naws_secret_access_key = {SECRET}\n")
     path.chmod(0o600)
     with pytest.raises(CloudnbdError) as info:
-        credentials.s3_credentials(path, interactive=False)
+        s3_backend.find_credentials(path, interactive=False)
     assert SECRET not in info.value.message
 
 
 def test_emulator_needs_no_gcs_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:1")
-    assert credentials.gcs_credentials_file(None, interactive=False) is None
+    assert gs_backend.find_key_file(None, interactive=False) is None

@@ -111,6 +111,7 @@ def read_volume(root: Path, password: str) -> bytes:
     """The whole volume's bytes, read as docs/format.md says."""
     doc = json.loads((root / "volume.json").read_bytes())
     assert doc["format"] == "cloudnbd-volume" and doc["version"] in (1, 2)
+    assert doc["cipher"] == "aes-256-gcm" and doc["compression"] == "zstd"
     master_key = open_master_key(doc, password)
     verify_mac(doc, master_key)
     size, chunk_size = doc["size"], doc["chunk_size"]

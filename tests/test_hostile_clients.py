@@ -370,8 +370,11 @@ def test_hammer_long_tier(live: Live, seed: int) -> None:
 # -- a server in its own process: memory --------------------------------------------------
 def _memory(child: Child, rounds: int, workers: int, cases: int) -> None:
     """Rounds of the hammer plus connections that each pin the most a connection may
-    hold (a 32 MiB WRITE half sent, 32 MiB READs left unread), measuring the server's
-    resident memory after each round."""
+    hold: without agreeing on block sizes, a 32 MiB WRITE half sent, or eight 32 MiB
+    READs left unread (both streamed now; before issue 15 each was held whole),
+    measuring the server's resident memory after each round."""
+    from cloudnbd.nbd.server import MAX_IN_FLIGHT_BYTES, RECV_BUFFER
+
     export = h.learn_export(child.connect)
     report = h.Report("hostile memory")
     pinned_region = 32 << 20  # above the hammer's regions
@@ -400,11 +403,13 @@ def _memory(child: Child, rounds: int, workers: int, cases: int) -> None:
     print(f"{report.summary()}; server RSS {baseline / mib:.0f} MiB at start, after each "
           f"round {[round(a / mib) for a in after]} MiB, peak {peak / mib:.0f} MiB")
     assert report.failures == [] and report.good_failures == []
-    # per connection at most one 32 MiB request in flight (or 8 MiB of smaller ones),
-    # plus 1 MiB to skip a refused payload or an oversized option, for the pinning
-    # clients, the hostile workers and the good client; and what the regions hold
+    # per connection at most its payload budget in flight (or one streamed piece of that
+    # size) and its receive buffer, for the pinning clients, the hostile workers and the
+    # good client, plus 2 MiB of slack each (socket buffers, heap); and what the regions
+    # hold
     regions = (workers + 1) * 4 * mib
-    bound = baseline + regions + (pins + workers + 1) * 34 * mib + 32 * mib
+    per_connection = MAX_IN_FLIGHT_BYTES + RECV_BUFFER + 2 * mib
+    bound = baseline + regions + (pins + workers + 1) * per_connection + 32 * mib
     assert peak <= bound, f"peak RSS {peak / mib:.0f} MiB above {bound / mib:.0f} MiB"
     # nothing grows round after round
     assert after[-1] <= after[0] + 32 * mib, [a // mib for a in after]

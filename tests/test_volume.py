@@ -94,6 +94,22 @@ def test_newer_format_version_is_refused_with_a_clear_message(store: FileStore) 
         volume.read_metadata(store)
 
 
+@pytest.mark.parametrize("field,value", [("cipher", "chacha20-poly1305"),
+                                         ("compression", "lz4"), ("cipher", None)])
+def test_unknown_cipher_or_compression_is_refused_before_the_password(
+        store: FileStore, field: str, value: object) -> None:
+    volume.create(store, 10 * CHUNK, CHUNK, "pw", FAST)
+    doc = json.loads(store.get(volume.METADATA_KEY))
+    if value is None:
+        del doc[field]
+    else:
+        doc[field] = value
+    store.put(volume.METADATA_KEY, json.dumps(doc).encode())
+    with pytest.raises(UnsupportedFormat) as info:
+        volume.read_metadata(store)
+    assert f"{field} {value!r}" in info.value.message and "\n" not in info.value.message
+
+
 def test_not_a_volume(store: FileStore) -> None:
     store.put(volume.METADATA_KEY, b"<html>")
     with pytest.raises(UnsupportedFormat):

@@ -13,11 +13,11 @@ Promises every backend keeps:
 - put_if_absent() either creates the object or raises PreconditionFailed; it never
   overwrites.
 - Every object has a version token (ObjectInfo.version: the S3 ETag, the GCS
-  generation, a file's inode and change time) that changes on every write. put_if()
-  writes only if the object is still at the version the caller last saw, delete_if()
-  deletes only then; otherwise PreconditionFailed. This is what fences a late request:
-  a PUT of a dead process that reaches the store after a newer write carries an older
-  expected version and is refused (docs/design.md, "Fencing").
+  generation, a file's inode number, modification time and size) that changes on every
+  write. put_if() writes only if the object is still at the version the caller last
+  saw, delete_if() deletes only then; otherwise PreconditionFailed. This is what fences
+  a late request: a PUT of a dead process that reaches the store after a newer write
+  carries an older expected version and is refused (docs/design.md, "Fencing").
 - delete() of a missing key is not an error.
 - Errors come out as cloudnbd.errors.BackendError (or its subclasses) with a message
   naming the store; transient failures are retried first by `retrying`.

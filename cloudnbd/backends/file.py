@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cloudnbd.backends import StoreOptions
 from cloudnbd.backends.base import ObjectInfo, ObjectStore, RetryPolicy
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
 
@@ -203,3 +204,12 @@ class FileStore(ObjectStore):
 
 def _version(st: os.stat_result) -> str:
     return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+
+def open_store(location: str, options: StoreOptions) -> FileStore:
+    """The backend registry's entry point (cloudnbd.backends)."""
+    return FileStore(location, options.retry)
+
+
+def warm() -> None:
+    """Nothing to load: no SDK."""

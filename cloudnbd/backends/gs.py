@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import google.api_core.exceptions as gexc
+import google.auth
 import google.auth.exceptions
 import requests.exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from google.resumable_media import DataCorruption
 
+from cloudnbd import credentials
+from cloudnbd.backends import StoreOptions, split_bucket
 from cloudnbd.backends.base import BucketStore, ObjectInfo, RetryPolicy
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
 
@@ -193,3 +196,50 @@ class GCSStore(BucketStore):
 
     def close(self) -> None:
         self.client.close()
+
+
+def warm() -> None:
+    """Nothing beyond importing this module, which loads the library (cloudnbd.zygote)."""
+
+
+def _sdk_has_credentials() -> bool:
+    try:
+        google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError:
+        return False
+    return True
+
+
+def _key_file(answer: str) -> str:
+    path = Path(answer).expanduser()
+    if not path.is_file():
+        raise BackendError(f"{path} is not a file")
+    return str(path.absolute())
+
+
+CREDENTIALS = credentials.Wanted(
+    section="gs", what="Google Cloud credentials",
+    hint="run `gcloud auth application-default login`, set GOOGLE_APPLICATION_CREDENTIALS, "
+         "or give --credentials FILE with a [gs] section",
+    questions=(credentials.Question("service_account_file",
+                                    "Path to a service-account key file (JSON): ",
+                                    accept=_key_file),),
+    sdk_has_credentials=_sdk_has_credentials)
+
+
+def find_key_file(explicit: Path | None, interactive: bool) -> Path | None:
+    """A service-account key file to use, or None for application default credentials
+    (or the emulator, which needs none)."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return None
+    found = credentials.lookup(CREDENTIALS, explicit, interactive)
+    return None if found is None else Path(found["service_account_file"]).expanduser()
+
+
+def open_store(location: str, options: StoreOptions) -> GCSStore:
+    """The backend registry's entry point (cloudnbd.backends)."""
+    bucket, prefix = split_bucket("gs", location)
+    return GCSStore(bucket, prefix,
+                    credentials_file=find_key_file(options.credentials_file,
+                                                   options.interactive),
+                    retry=options.retry)

@@ -25,14 +25,17 @@ import hashlib
 import io
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
+from cloudnbd import credentials
+from cloudnbd.backends import StoreOptions, split_bucket
 from cloudnbd.backends.base import BucketStore, ObjectInfo, RetryPolicy, short_reason
-from cloudnbd.credentials import S3Credentials
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
 
 T = TypeVar("T")
@@ -62,7 +65,7 @@ _shared_session: boto3.session.Session | None = None
 def _session() -> boto3.session.Session:
     """The process's one boto3 session. Its loader caches the parsed S3 model, so every
     client made from it shares one copy, and so does every process forked from the
-    zygote after load_model(). Credentials are given per client, never to the session."""
+    zygote after warm(). Credentials are given per client, never to the session."""
     global _shared_session
     if _shared_session is None:
         _shared_session = boto3.session.Session()
@@ -76,9 +79,48 @@ def _client(**kwargs: Any) -> Any:
                               **kwargs)
 
 
-def load_model() -> None:
+def warm() -> None:
     """Parse the S3 model now (see cloudnbd.zygote); no request is made."""
     _client(aws_access_key_id="unused", aws_secret_access_key="unused").close()
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """A static S3 key pair; its repr shows neither half."""
+
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+
+
+def _sdk_has_credentials() -> bool:
+    # A session of its own: the shared one would keep what it found for the process's life.
+    return boto3.session.Session().get_credentials() is not None
+
+
+CREDENTIALS = credentials.Wanted(
+    section="s3", what="S3 credentials",
+    hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, configure ~/.aws, or give "
+         "--credentials FILE with an [s3] section",
+    questions=(credentials.Question("aws_access_key_id", "S3 access key id: "),
+               credentials.Question("aws_secret_access_key", "S3 secret access key: ",
+                                    secret=True)),
+    sdk_has_credentials=_sdk_has_credentials)
+
+
+def find_credentials(explicit: Path | None, interactive: bool) -> S3Credentials | None:
+    """Credentials to pass to boto3, or None to let its own chain decide."""
+    found = credentials.lookup(CREDENTIALS, explicit, interactive)
+    if found is None:
+        return None
+    return S3Credentials(found["aws_access_key_id"], found["aws_secret_access_key"])
+
+
+def open_store(location: str, options: StoreOptions) -> S3Store:
+    """The backend registry's entry point (cloudnbd.backends)."""
+    bucket, prefix = split_bucket("s3", location)
+    return S3Store(bucket, prefix, endpoint_url=options.endpoint_url,
+                   credentials=find_credentials(options.credentials_file, options.interactive),
+                   retry=options.retry)
 
 
 def _body(data: bytes | bytearray) -> io.BytesIO:

@@ -326,12 +326,23 @@ class Engine(BlockDevice):
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         self._refuse_if_displaced()
         self._wait_for_room()
-        with self._cond:
-            seq, segment, pos = self.journal.append(Kind.WRITE, offset, len(buf), buf)
-            self._apply(Kind.WRITE, offset, len(buf), seq, segment, pos)
+        seq, segment = self._append_write(buf, offset)
         if fua:
             self.journal.sync({segment})
             self._wait_durable(seq)
+
+    def pwrite_now(self, buf: memoryview, offset: int) -> bool:
+        if self.journal.live_bytes >= self.settings.max_dirty:
+            return False  # backpressure: pwrite waits for room, on a pool thread
+        self._append_write(buf, offset)
+        return True
+
+    def _append_write(self, buf: memoryview, offset: int) -> tuple[int, int]:
+        """Journal a WRITE and lay it over the extent maps; (seq, segment)."""
+        with self._cond:
+            seq, segment, pos = self.journal.append(Kind.WRITE, offset, len(buf), buf)
+            self._apply(Kind.WRITE, offset, len(buf), seq, segment, pos)
+        return seq, segment
 
     def zero(self, offset: int, length: int, fua: bool, may_trim: bool = True,
              fast: bool = False) -> None:

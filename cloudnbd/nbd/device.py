@@ -55,6 +55,13 @@ class BlockDevice(ABC):
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
         """Write buf at offset; with fua, durable before returning."""
 
+    def pwrite_now(self, buf: memoryview, offset: int) -> bool:
+        """Write buf at offset (without FUA) if that needs no waiting (no backpressure);
+        False otherwise, having written nothing, and the server calls pwrite on a pool
+        thread. Lets the connection's reader append writes itself. buf is only lent for
+        the call: it may be the server's receive buffer."""
+        return False
+
     @abstractmethod
     def flush(self) -> None:
         """Make every completed write durable."""
@@ -113,6 +120,10 @@ class MemoryDevice(BlockDevice):
             for page, within, n, at in self._span(offset, len(buf)):
                 data = self._pages.setdefault(page, bytearray(self.PAGE))
                 data[within:within + n] = buf[at:at + n]
+
+    def pwrite_now(self, buf: memoryview, offset: int) -> bool:
+        self.pwrite(buf, offset, False)
+        return True
 
     def flush(self) -> None:
         self.flushes += 1

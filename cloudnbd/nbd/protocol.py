@@ -188,6 +188,14 @@ def structured_error(handle: int, error: int, message: str = "") -> bytes:
     return structured_header(handle, ChunkType.ERROR, len(payload), True) + payload
 
 
+def structured_error_offset(handle: int, error: int, offset: int, message: str = ""
+                            ) -> bytes:
+    """A final NBD_REPLY_TYPE_ERROR_OFFSET chunk: the read failed at offset."""
+    text = message.encode()[:MAX_STRING]
+    payload = struct.pack(">IH", error, len(text)) + text + struct.pack(">Q", offset)
+    return structured_header(handle, ChunkType.ERROR_OFFSET, len(payload), True) + payload
+
+
 def block_status_payload(context_id: int, extents: list[tuple[int, int]]) -> bytes:
     return struct.pack(">I", context_id) + b"".join(
         struct.pack(">II", length, flags) for length, flags in extents)
