@@ -5,10 +5,10 @@ systemd) and `cloudnbd close` talks to its control socket. The order of start-up
 shutdown is what makes close safe:
 
     open:  unlock -> local lock -> lease (its epoch recorded next to the journal)
-           -> chunk listing -> engine (journal replay) -> NBD listener -> control
-           socket -> registered as running -> ready
-    close: stop accepting NBD requests -> drain (upload everything, then prove the
-           lease still ours) -> stop workers -> empty journal, mark cache clean
+           -> head -> engine (map pages, the store's journal, local journal replay)
+           -> NBD listener -> control socket -> registered as running -> ready
+    close: stop accepting NBD requests -> drain (commit everything, fold the store's
+           journal into chunks) -> stop workers -> empty journal, mark cache clean
            -> release lease -> unregister -> exit
 
 If the drain cannot finish (cloud unreachable), the journal stays, the lease is kept (so
@@ -38,9 +38,8 @@ from cloudnbd import lease as lease_mod
 from cloudnbd import runtime
 from cloudnbd.backends import StoreOptions
 from cloudnbd.control import ControlServer
-from cloudnbd.engine.device import Engine, EngineSettings
+from cloudnbd.engine.device import CloudState, Engine, EngineSettings
 from cloudnbd.engine.malloc import limit_malloc_retention
-from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import WorkerConfig, WorkerKind, WorkerPool
 from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced, IntegrityError
 from cloudnbd.metrics import Metrics
@@ -223,10 +222,12 @@ class Service:
             tmp.write_text(f"{current}\n")
             os.replace(tmp, seen_file)
 
-    def _adopt_journal(self, taken: lease_mod.Lease) -> None:
+    def _adopt_journal(self, taken: lease_mod.Lease) -> bool:
         """L2: replay the journal only if it was written under the lease epoch the store
         still showed when we took the lease; then record our own epoch, durably, before
-        anything is written under it."""
+        anything is written under it. Returns whether the local journal is the volume's
+        newest (else the store's journal objects are imported: a new cache, or one that
+        another server's writes have overtaken)."""
         record = self.cache_dir / LEASE_EPOCH_FILE
         try:
             recorded: int | None = int(record.read_text())
@@ -235,7 +236,8 @@ class Service:
         journal = self.cache_dir / "journal"
         left = runtime.journal_bytes(self.cache_dir)
         before = taken.previous.epoch if taken.previous is not None else 0
-        if left and recorded is not None and recorded != before:
+        ours = recorded is not None and recorded == before
+        if left and not ours:
             aside = self.cache_dir / f"journal.superseded-{time.strftime('%Y%m%dT%H%M%S')}"
             journal.rename(aside)
             self.notes.append(
@@ -256,14 +258,14 @@ class Service:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        return ours
 
     def _make_pool(self, on_result: Any) -> WorkerPool:
         config = WorkerConfig(
             backend=self.backend, location=self.location, options=self.options,
             codec=self.volume.chunk_codec,
             clean_dir=self.cache_dir / "clean", journal_dir=self.cache_dir / "journal",
-            log_level=logging.getLogger().level,
-            lease_version=self.lease.version if self.lease is not None else None)
+            log_level=logging.getLogger().level)
         return WorkerPool(config, self.settings.uploaders, self.settings.fetchers, on_result,
                           upload_limit=self.settings.upload_limit,
                           threads_per_process=self.settings.threads_per_worker)
@@ -276,15 +278,18 @@ class Service:
         self.lease = lease_mod.acquire(self.volume.store, "open", force=self.settings.force)
         self.notes.extend(self.lease.notes)
         try:
-            self._adopt_journal(self.lease)
+            ours = self._adopt_journal(self.lease)
             # The lease may have changed hands since the unlock: read the size again.
             self.volume.refresh()
             meta = self.volume.meta
+            head, head_version = self.volume.objects.get_head(meta.head)
+            runtime.check_head(meta.volume_id, head.generation)
             s = self.settings
             metrics = Metrics() if s.metrics else None
-            self.engine = Engine(meta.size, meta.chunk_size, self.cache_dir,
-                                 ChunkVersions.of_volume(self.volume), s.engine,
-                                 self._make_pool, metrics, lease_checks=True)
+            cloud = CloudState(meta.head, head, head_version, self.lease.epoch,
+                               import_journal=not ours)
+            self.engine = Engine(meta.size, meta.chunk_size, self.cache_dir, cloud,
+                                 s.engine, self._make_pool, metrics)
             self.engine.start()
             stats = self.engine.stats
             self.rates = RateSampler(lambda: {"sent": stats.upload_wire_bytes,
@@ -414,6 +419,7 @@ class Service:
                                  f"at {self.cache_dir} and the next open resumes uploading",
                         "exit_code": exc.exit_code}
             self.engine.stop(clean=True)
+            runtime.check_head(self.volume.meta.volume_id, self.engine.head.generation)
             if self.lease is not None:
                 self.lease.release()
             return {"done": True}

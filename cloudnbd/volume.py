@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from cloudnbd import codec
+from cloudnbd import codec, layout
 from cloudnbd.backends.base import ObjectInfo, ObjectStore
 from cloudnbd.chunks import ChunkCodec, ChunkStore, chunk_index, chunk_key, stored_chunks
 from cloudnbd.codec import Argon2idParams, KdfParams, KeySlot, ScryptParams, VolumeKeys
@@ -51,6 +51,7 @@ from cloudnbd.errors import (
 )
 from cloudnbd.kdf import calibrate, weakness
 from cloudnbd.lease import LEASE_KEY
+from cloudnbd.objects import VolumeObjects
 from cloudnbd.sizes import format_size
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "cloudnbd-volume"
 #: the newest format this code reads and writes. Version 2 added Argon2id key slots; a
 #: volume without one is still written as version 1, so that older cloudnbd reads it.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: the version that stores data as immutable objects under a head (docs/format.md)
+LAYOUT_V3 = 3
 METADATA_KEY = "volume.json"
 #: what every chunk is sealed and packed with (codec.py); volume.json names them, and a
 #: volume that names others was not written by this cloudnbd
@@ -89,8 +92,11 @@ _KDFS: dict[str, tuple[type[KdfParams], dict[str, tuple[int, int]]]] = {
 }
 
 
-def format_version(slots: tuple[KeySlot, ...]) -> int:
-    """The lowest format version that describes these key slots."""
+def format_version(slots: tuple[KeySlot, ...], head: str = "") -> int:
+    """The lowest format version that describes a volume: 3 with a head (every volume
+    cloudnbd creates now), else 2 with an Argon2id key slot, else 1."""
+    if head:
+        return LAYOUT_V3
     return 2 if any(isinstance(s.kdf, Argon2idParams) for s in slots) else 1
 
 
@@ -103,15 +109,20 @@ _OWN_KEYS = (LEASE_KEY, METADATA_KEY)
 
 
 def owns(key: str) -> bool:
-    """True if key (relative to a volume's root) is one of the volume's own keys."""
-    return key in _OWN_KEYS or chunk_index(key) is not None
+    """True if key (relative to a volume's root) is one of the volume's own keys: those
+    of versions 1 and 2, and version 3's families (layout.owns_v3)."""
+    return key in _OWN_KEYS or chunk_index(key) is not None or layout.owns_v3(key)
 
 
 def own_objects(store: ObjectStore) -> Iterator[ObjectInfo]:
-    """Every object of the volume at store, and nothing else under its root: the chunks,
-    then _OWN_KEYS in their order (volume.json last)."""
+    """Every object of the volume at store, and nothing else under its root: the chunks
+    and the other version-3 objects, then _OWN_KEYS in their order (volume.json last)."""
     for _, info in stored_chunks(store):
         yield info
+    for prefix in ("chunks/", "map/", "journal/", "head-"):
+        for info in store.list(prefix):
+            if layout.owns_v3(info.key):
+                yield info
     for key in _OWN_KEYS:
         found = store.stat(key)
         if found is not None:
@@ -171,6 +182,7 @@ class VolumeMeta:
     created: str
     slots: tuple[KeySlot, ...]
     version: int = FORMAT_VERSION
+    head: str = ""  # version 3: the key of the head object
 
     @property
     def chunk_count(self) -> int:
@@ -193,6 +205,7 @@ class VolumeMeta:
                  "nonce": _b64(s.nonce), "wrapped_key": _b64(s.wrapped_key)}
                 for s in self.slots
             ],
+            **({"head": self.head} if self.version >= LAYOUT_V3 else {}),
         }
 
 
@@ -277,8 +290,16 @@ def parse_metadata(blob: bytes) -> tuple[VolumeMeta, dict[str, Any], str]:
         created=_field(doc, "created", str),
         slots=tuple(_parse_slot(raw, version) for raw in slots),
         version=version,
+        head=_head_field(doc) if version >= LAYOUT_V3 else "",
     )
     return meta, doc, mac
+
+
+def _head_field(doc: dict[str, Any]) -> str:
+    head = _field(doc, "head", str)
+    if layout.parse_head_key(head) is None:
+        raise IntegrityError(f"volume metadata: malformed head key {head!r}")
+    return head
 
 
 def read_metadata(store: ObjectStore) -> tuple[VolumeMeta, dict[str, Any], str]:
@@ -331,7 +352,7 @@ class Volume:
                 self.refresh()
             meta = change(self.meta)
             meta = replace(meta, generation=self.meta.generation + 1,
-                           version=format_version(meta.slots))
+                           version=format_version(meta.slots, meta.head))
             try:
                 self.meta_version = self.store.put_if(METADATA_KEY, self.serialize(meta),
                                                       self.meta_version)
@@ -418,6 +439,11 @@ class Volume:
         return ChunkCodec(self.keys, self.meta.chunk_size)
 
     @property
+    def objects(self) -> VolumeObjects:
+        """The volume's version-3 objects (cloudnbd/objects.py)."""
+        return VolumeObjects(self.store, self.chunk_codec)
+
+    @property
     def chunks(self) -> ChunkStore:
         """The volume's chunks (cloudnbd/chunks.py)."""
         return ChunkStore(self.store, self.chunk_codec)
@@ -482,8 +508,12 @@ def _wrap(number: int, password: str, master_key: bytes, volume_id: bytes,
 
 
 def create(store: ObjectStore, size: int, chunk_size: int, password: str,
-           kdf: KdfParams | None = None) -> Volume:
-    """Create a new, empty volume at store; VolumeExists if one is already there."""
+           kdf: KdfParams | None = None, version: int = LAYOUT_V3) -> Volume:
+    """Create a new, empty volume at store; VolumeExists if one is already there.
+
+    Version 3 (the default) writes its first head (generation 1, nothing stored)
+    before volume.json, so that a volume.json never names a head that is not there.
+    Versions 1 and 2 are for tests of reading and upgrading old volumes."""
     check_size(size)
     check_chunk_size(chunk_size)
     check_chunk_count(size, chunk_size)
@@ -495,12 +525,19 @@ def create(store: ObjectStore, size: int, chunk_size: int, password: str,
     volume_id = os.urandom(codec.VOLUME_ID_BYTES)
     master_key = os.urandom(codec.MASTER_KEY_BYTES)
     slot = _wrap(0, password, master_key, volume_id, kdf)
+    head = layout.head_key(layout.new_key_id()) if version >= LAYOUT_V3 else ""
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     meta = VolumeMeta(
         volume_id=volume_id, size=size, chunk_size=chunk_size, generation=1,
-        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), slots=(slot,),
-        version=format_version((slot,)),
+        created=created, slots=(slot,), version=format_version((slot,), head), head=head,
     )
     volume = Volume(store, meta, VolumeKeys(volume_id, master_key))
+    if head:
+        first = layout.Head(volume_id, 1, 0, 0, (), (), created)
+        try:
+            store.put_if(head, layout.encode_head(volume.keys, first), None)
+        except PreconditionFailed:
+            raise VolumeExists(f"a volume already exists at {store.description}") from None
     try:
         volume.meta_version = store.put_if(METADATA_KEY, volume.serialize(meta), None)
     except PreconditionFailed:

@@ -15,10 +15,10 @@ from cloudnbd import volume
 from cloudnbd.backends import StoreOptions
 from cloudnbd.backends.file import FileStore
 from cloudnbd.codec import ScryptParams
-from cloudnbd.engine.device import Engine, EngineSettings
+from cloudnbd.engine.device import CloudState, Engine, EngineSettings
 from cloudnbd.engine.inprocess import InProcessPool
-from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import Result, WorkerConfig, WorkerKind
+from cloudnbd.reader import Image
 
 CHUNK = 64 * 1024
 
@@ -36,6 +36,7 @@ class EngineRig:
         self.auto = auto
         self.settings = EngineSettings(**{"writeback_delay": 0.0, **settings})  # type: ignore[arg-type]
         self.pool: InProcessPool | None = None
+        self.epoch = 0  # plays the lease: every open takes the next epoch
         self.engine = self.open()
 
     def _make_pool(self, on_result: Callable[[WorkerKind, Result], None]) -> InProcessPool:
@@ -46,9 +47,15 @@ class EngineRig:
         self.pool = InProcessPool(config, on_result, auto=self.auto)
         return self.pool
 
-    def open(self) -> Engine:
-        engine = Engine(self.volume.meta.size, CHUNK, self.cache_dir,
-                        ChunkVersions.of_volume(self.volume),
+    def open(self, import_journal: bool | None = None) -> Engine:
+        """An engine as `open` makes it: this machine's journal is the newest unless told
+        (import_journal: the store's journal objects replace it, as on another machine)."""
+        self.epoch += 1
+        head, version = self.volume.objects.get_head(self.volume.meta.head)
+        cloud = CloudState(self.volume.meta.head, head, version, self.epoch,
+                           import_journal=self.epoch == 1 if import_journal is None
+                           else import_journal)
+        engine = Engine(self.volume.meta.size, CHUNK, self.cache_dir, cloud,
                         self.settings, self._make_pool)  # type: ignore[arg-type]
         engine.start()
         return engine
@@ -57,17 +64,15 @@ class EngineRig:
         """Abandon the engine as kill -9 would: no drain, no clean-shutdown marker."""
         self.engine.halt()
 
-    def reopen(self) -> Engine:
-        self.engine = self.open()
+    def reopen(self, import_journal: bool = False) -> Engine:
+        self.engine = self.open(import_journal)
         return self.engine
 
     def cloud_bytes(self) -> bytes:
-        """The volume as the cloud has it, decoded by the volume layer."""
+        """The volume as the store's head names it (reader.Image)."""
         out = bytearray(self.volume.meta.size)
-        for index in range(self.volume.meta.chunk_count):
-            plain = self.volume.read_chunk(index)
-            if plain is not None:
-                out[index * CHUNK:(index + 1) * CHUNK] = plain
+        for index, plain in Image(self.volume).chunks():
+            out[index * CHUNK:(index + 1) * CHUNK] = plain
         return bytes(out)
 
     def read(self, offset: int, length: int) -> bytes:

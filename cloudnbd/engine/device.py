@@ -1,17 +1,18 @@
 """The engine: the block device the NBD server calls, backed by journal, cache and cloud.
 
 Data path (one way; workers answer only through the pool's results):
-    NBD request -> Engine -> journal (writes) / clean cache + journal (reads)
-                -> WorkerPool -> uploader/fetcher processes -> codec -> object store
+    NBD request -> Engine -> local journal (writes) / clean cache + journal (reads)
+                -> WorkerPool -> uploader/fetcher processes -> objects -> object store
 
-What is durable when (docs/design.md has the full argument):
-- WRITE returns once its record is in the journal (page cache of the local disk). A crash
-  of the cloudnbd processes keeps it; a power loss may lose it.
-- WRITE with FUA returns once the record is fsync'd and every write up to it is in the
-  cloud (PUT or DELETE acknowledged).
-- FLUSH returns once every write acknowledged before it is in the cloud.
+The volume is stored in format version 3 (docs/format.md): immutable objects named by
+one head. What is durable when (docs/design.md has the full argument):
+- WRITE returns once its record is in the local journal (page cache). A crash of the
+  cloudnbd processes keeps it; a power loss may lose it.
+- FLUSH returns once a commit covers every write acknowledged before it: a journal
+  object holding those writes (or chunk objects that fold them) is stored, and the head
+  naming it replaced, conditionally, by this server (W2). FUA: the same for its write.
 - A crash may lose only writes no FLUSH or FUA covered; after one, open() replays the
-  journal (journal J2, J3) and uploads again what was dirty.
+  local journal (J2, J3), or, on another machine, the journal objects the head names.
 
 Engine invariants:
 - E1 A chunk has at most one upload in flight; a chunk rewritten during its upload keeps
@@ -21,17 +22,18 @@ Engine invariants:
 - E3 Reads take a consistent snapshot under the engine lock: the extents then, and a
   descriptor of the clean file then; journal segments they read are pinned. The bytes
   of a journal record never change once written.
-- E4 Extents are dropped only when the result of an upload that included them arrives,
-  after the uploader has renamed the new clean file into place.
-- F1 Every upload is conditional on the chunk object's version the engine last saw
-  (`stored`), and its result carries the new version; a late request of a dead process
-  therefore cannot land after a newer upload (workers.py has F2, docs/design.md the
-  argument).
-- F3 With lease checks on (a served volume), no FLUSH, FUA or drain reports success
-  until a check of the lease that started after the uploads it waited for found the
-  lease still ours. A server whose lease was taken over (`open --force` elsewhere, or
-  the volume deleted) is displaced: from then on it uploads nothing and fails every
-  request with EIO, so it never acknowledges a FLUSH that a later holder will not see.
+- E4 Extents are dropped only when a commit names a chunk object that holds them
+  (a CHUNK record with a seq at or above theirs), so until then the local journal keeps
+  everything the store's head does not hold yet, and the clean file the upload made
+  already has them.
+- E5 One commit is in flight at a time, and commits are applied in order: a head is
+  written only after the objects it names are stored, conditionally on the version of
+  the head this engine wrote before (W2). A head write that fails its condition means
+  another server has taken the volume over: this one is displaced, uploads nothing more
+  and fails every request with EIO, so it never acknowledges a FLUSH that a later holder
+  will not see.
+- E6 The sequence numbers of this engine's writes are above every number the store's
+  head or its journal objects hold, so the store's order is the order of writing.
 """
 
 from __future__ import annotations
@@ -42,25 +44,36 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
+from cloudnbd import layout
 from cloudnbd.engine.cache import CleanCache
+from cloudnbd.engine.chunkmap import ChunkMap
 from cloudnbd.engine.extents import ChunkExtents, Extent
 from cloudnbd.engine.journal import Journal, Kind
-from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import (
+    DeleteTask,
     FetchTask,
-    LeaseTask,
+    HeadTask,
+    JournalPiece,
+    JournalTask,
+    ListTask,
     Outcome,
+    PageTask,
     Piece,
+    ReadJournalTask,
+    ReadPageTask,
     Result,
+    Task,
     UploadTask,
     WorkerKind,
     WorkerPool,
     wait_for_orphans,
 )
-from cloudnbd.errors import CloudUnreachable, Displaced
+from cloudnbd.errors import CloudUnreachable, Displaced, IntegrityError
+from cloudnbd.layout import Entry, Head, JChunk, JournalRef, JWrite, JZero, Record
 from cloudnbd.metrics import Metrics
 from cloudnbd.nbd.device import BlockDevice, DeviceError
 
@@ -68,7 +81,6 @@ log = logging.getLogger(__name__)
 
 HOLE = 1
 ZERO_FLAG = 2
-
 
 #: Seconds workers get to finish at an unclean stop before they are killed.
 UNCLEAN_STOP_GRACE = 2.0
@@ -86,6 +98,33 @@ class EngineSettings:
     read_only: bool = False
     segment_bytes: int = 64 * 2**20
     retry_backoff: float = 1.0
+    #: a chunk with this share of it written since it was stored is uploaded whole
+    #: rather than left to the journal (and is folded at once)
+    fold_fraction: float = 0.5
+    #: the store's journal is folded into chunks (a checkpoint) past this many bytes,
+    #: or when its oldest object is this old
+    checkpoint_bytes: int = 128 * 2**20
+    checkpoint_age: float = 3600.0
+    #: a FLUSH puts at most this much data in one journal object; beyond, the chunks
+    #: with the most are uploaded whole instead
+    journal_object_bytes: int = 64 * 2**20
+    #: uploaded chunks wait at most this long to be named by a commit
+    commit_delay: float = 2.0
+    #: objects no head names are deleted only after this long (a reader of an older
+    #: head may still need them), and garbage is looked for this often
+    gc_grace: float = 900.0
+
+
+@dataclass(frozen=True)
+class CloudState:
+    """What open() read from the store (the head), and who we are in it."""
+
+    head_key: str
+    head: Head
+    head_version: str
+    epoch: int  # our lease epoch: the high half of every stamp we make
+    #: import the store's journal into the local one (it is not ours, or not the newest)
+    import_journal: bool
 
 
 @dataclass
@@ -101,6 +140,22 @@ class _Upload:
 
 
 @dataclass
+class _Commit:
+    """A commit in flight: its journal object (or pages), then the head (E5)."""
+
+    target: int  # head.seq once done (the writes it makes durable)
+    chunks: tuple[JChunk, ...]  # the uploads it names
+    segments: set[int]
+    journal: JournalRef | None = None
+    pages: dict[int, int] = field(default_factory=dict)  # page -> stamp, a checkpoint's
+    retire: tuple[JournalRef, ...] = ()  # the journal objects a checkpoint folds
+    waiting: int = 0  # page writes still in flight
+    head: Head | None = None
+    retry_head: bool = False  # the head write failed: write the same head again
+    touched: dict[int, int] = field(default_factory=dict)  # its writes: chunk -> last seq
+
+
+@dataclass
 class EngineStats:
     """Counters for status and metrics (read without locking; approximate is fine)."""
 
@@ -108,28 +163,37 @@ class EngineStats:
     upload_errors: int = 0
     upload_bytes: int = 0
     upload_wire_bytes: int = 0
-    deletes: int = 0
+    deletes: int = 0  # chunks that became zeros (no object)
     fetches: int = 0
-    gets: int = 0  # every chunk GET answered: fetches, absent chunks, uploads' bases
+    gets: int = 0  # every chunk GET answered: fetches, and uploads' bases
     fetch_errors: int = 0
     fetch_wire_bytes: int = 0
     integrity_errors: int = 0
     retries: int = 0
-    fenced: int = 0  # uploads that met an object changed behind our back (F2)
+    commits: int = 0  # heads written
+    commit_errors: int = 0
+    journal_objects: int = 0
+    journal_bytes: int = 0  # plain bytes of data written to journal objects
+    journal_wire_bytes: int = 0
+    checkpoints: int = 0
+    garbage_deleted: int = 0
 
 
 class Engine(BlockDevice):
     """Write-back block device over the journal, the clean cache and the worker pool."""
 
-    def __init__(self, size: int, chunk_size: int, cache_dir: Path, stored: ChunkVersions,
+    def __init__(self, size: int, chunk_size: int, cache_dir: Path, cloud: CloudState,
                  settings: EngineSettings,
                  make_pool: Callable[[Callable[[WorkerKind, Result], None]], WorkerPool],
-                 metrics: Metrics | None = None, lease_checks: bool = False) -> None:
+                 metrics: Metrics | None = None) -> None:
         self._size = size
         self.chunk_size = chunk_size
         self.cache_dir = cache_dir
         self.settings = settings
-        self.stored = stored  # what the store holds per chunk, and at which version
+        self.cloud = cloud
+        #: committed: what the head names for every chunk (read at start)
+        self.map = ChunkMap(-(-size // chunk_size))
+        self.head = cloud.head
         self.journal = Journal(cache_dir / "journal", settings.segment_bytes)
         self.clean = CleanCache(cache_dir, settings.cache_bytes)
         self.pool = make_pool(self._on_result)
@@ -137,13 +201,25 @@ class Engine(BlockDevice):
         self.metrics = metrics
         self._cond = threading.Condition(threading.Lock())
         self.dirty: dict[int, ChunkExtents] = {}
-        self._first_seq: dict[int, int] = {}
         self._last_write: dict[int, float] = {}
         self._uploading: dict[int, _Upload] = {}
         self._fetching: dict[int, _Fetch] = {}
         self._retry_at: dict[int, float] = {}
-        self._last_error: str | None = None
+        #: uploads done and not yet named by a commit: index -> (stamp, seq, when)
+        self._pending: dict[int, tuple[int, int, float]] = {}
+        self._commit: _Commit | None = None
+        self._commit_retry_at = 0.0
         self._flush_target = 0
+        #: a checkpoint in progress: the journal objects it folds, and for every chunk
+        #: their writes touch, the seq its object must hold before they can go
+        self._checkpoint_refs: tuple[JournalRef, ...] | None = None
+        self._fold_needed: dict[int, int] = {}
+        # what this engine knows of each journal object the head names, by stamp
+        self._journal_born: dict[int, float] = {}  # when committed (or read, at open)
+        self._journal_chunks: dict[int, set[str]] = {}  # keys its CHUNK records name
+        self._journal_touched: dict[int, dict[int, int]] = {}  # chunk -> its last write
+        self._counter = 0
+        self._last_error: str | None = None
         self._task_ids = 0
         self._stopped = False
         self._last_read_end = -1
@@ -151,46 +227,114 @@ class Engine(BlockDevice):
         self._zeros = memoryview(bytes(chunk_size))
         self._scheduler = threading.Thread(target=self._schedule, name="writeback",
                                            daemon=True)
+        self._waiting_reads: dict[int, list[Result]] = {}  # open: journal objects read
+        self._store_tasks: dict[int, str] = {}  # task id -> "journal", "page", "head", ...
+        self._garbage_seen: tuple[float, set[str]] | None = None
+        self._gc_at = time.monotonic() + settings.gc_grace
+        self._gc_busy = False
         self.recovered_records = 0
-        # F3: uploads answered so far; the count when the last successful lease check
-        # started; the count when the one in flight started (None: none in flight)
-        self.lease_checks = lease_checks
-        self._uploads_answered = 0
-        self._lease_confirmed = 0
-        self._lease_checking: int | None = None
         self.displaced: str | None = None  # who took the volume over
+
+    @property
+    def committed_seq(self) -> int:
+        return self.head.seq
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Load the cache, replay the journal, start workers and write-back."""
+        """Load the cache, read the store's journal, replay the local one, start workers
+        and write-back."""
         wait_for_orphans(self.cache_dir)
-        self.clean.open(self.stored)  # C6: against the listing taken at open
+        self.pool.start()
+        pages = self._read_all([ReadPageTask(self._next_task_id(), page, stamp)
+                                for page, stamp in self.head.pages], "map page")
+        self.map = ChunkMap.from_pages(len(self.map), zip(
+            (page for page, _ in self.head.pages), pages, strict=True))
+        journals = self._read_all([ReadJournalTask(self._next_task_id(), ref.stamp)
+                                   for ref in self.head.journal], "journal object")
         with self._cond:
-            for record in self.journal.recover():
-                self._apply(record.kind, record.offset, record.length, record.seq,
-                            record.segment, record.data_pos)
-                self.recovered_records += 1
+            cloud_max = max(self.head.seq, self._apply_store_journal(
+                list(zip(self.head.journal, journals, strict=True))))
+        self.clean.open(self.map)  # C6: against the map the head names
+        with self._cond:
+            if not self.cloud.import_journal:
+                for record in self.journal.recover():
+                    self._apply(record.kind, record.offset, record.length, record.seq,
+                                record.segment, record.data_pos)
+                    self.recovered_records += 1
+            self.journal.skip_to(cloud_max + 1)  # E6
         if self.recovered_records:
             log.warning("replayed %d journal records; %d chunks to upload",
                         self.recovered_records, len(self.dirty))
-        self.pool.start()
         self._scheduler.start()
+
+    def _read_all(self, tasks: list[Task], what: str) -> list[object]:
+        """Run read tasks on the workers, in parallel; their values, in order. The map
+        pages and journal objects the head names are read at start: the pages are the
+        map, the journal's CHUNK records are part of it, and on a machine whose own
+        journal is not the newest, the journal's writes are the newest data."""
+        with self._cond:
+            for task in tasks:
+                self._waiting_reads[task.task_id] = []
+                self._submit(task)
+            while any(not self._waiting_reads[t.task_id] for t in tasks):
+                self._cond.wait(timeout=1.0)
+            results = [self._waiting_reads.pop(t.task_id)[0] for t in tasks]
+        for result in results:
+            if result.outcome != Outcome.DONE:
+                raise IntegrityError(f"reading the volume's {what}s failed: {result.error}")
+        return [result.value for result in results]
+
+    def _apply_store_journal(self, journals: list[tuple[JournalRef, list[Record]]]) -> int:
+        """Lay the store's journal over the map (engine lock held): its CHUNK records
+        always, its writes into the local journal when importing. Returns the highest
+        sequence number it holds."""
+        highest = 0
+        now = time.monotonic()
+        for ref, records in journals:
+            self._journal_born[ref.stamp] = now
+            named = self._journal_chunks[ref.stamp] = set()
+            touched = self._journal_touched[ref.stamp] = {}
+            for record in records:
+                highest = max(highest, record.seq)
+                if isinstance(record, JChunk):
+                    if record.stamp:
+                        named.add(layout.chunk_key(record.index, record.stamp))
+                    if record.seq > self.map.seq(record.index):
+                        self._fold_locked(record.index, record.stamp, record.seq)
+                    continue
+                length = len(record.data) if isinstance(record, JWrite) else record.length
+                _touch(touched, record.seq, record.offset, length, self.chunk_size)
+                if self.cloud.import_journal:
+                    self._import_locked(record)
+        return highest
+
+    def _import_locked(self, record: JWrite | JZero) -> None:
+        """A write of the store's journal into the local one, with its own number, so
+        that it counts as committed (E6), and over the extents if still current."""
+        if isinstance(record, JWrite):
+            length = len(record.data)
+            seq, segment, pos = self.journal.append(Kind.WRITE, record.offset, length,
+                                                    record.data, seq=record.seq)
+            self._apply(Kind.WRITE, record.offset, length, seq, segment, pos)
+        else:
+            seq, segment, pos = self.journal.append(Kind.ZERO, record.offset,
+                                                    record.length, seq=record.seq)
+            self._apply(Kind.ZERO, record.offset, record.length, seq, segment, pos)
+        self.recovered_records += 1
 
     def drain(self, progress: Callable[[int, int], None] | None = None,
               stall_timeout: float | None = None) -> None:
-        """Upload everything (close): returns when nothing is dirty.
-
-        Raises CloudUnreachable when no upload has made progress for stall_timeout
-        seconds; the journal keeps the data for the next open.
-        """
+        """Close: commit everything and fold the store's journal into chunks, so that
+        nothing but the head and what it names remains. Raises CloudUnreachable when no
+        progress was made for stall_timeout seconds (the journal keeps the data), and
+        Displaced if another server took the volume over."""
         with self._cond:
             self._flush_target = max(self._flush_target, self.journal.next_seq - 1)
-            self._cond.notify_all()
-            last_left, last_progress = self.journal.live_bytes, time.monotonic()
-            while self.dirty:
+            last_left, last_progress = self._backlog_locked(), time.monotonic()
+            while self.dirty or self._pending or self.head.journal or self._commit:
                 if self.displaced is not None:
                     raise Displaced(self._displaced_message())
-                left = self.journal.live_bytes
+                left = self._backlog_locked()
                 now = time.monotonic()
                 if left < last_left:
                     last_left, last_progress = left, now
@@ -200,16 +344,16 @@ class Engine(BlockDevice):
                     raise CloudUnreachable(
                         f"no upload succeeded for {stall_timeout:.0f}s "
                         f"({self._last_error or 'no answer from the cloud'})")
+                if self._checkpoint_refs is None and self.head.seq >= self._flush_target:
+                    self._begin_checkpoint_locked(fold_all=True)
+                self._cond.notify_all()
                 self._cond.wait(timeout=0.5)
-        try:
-            self._confirm_lease(time.monotonic() + stall_timeout if stall_timeout else None)
-        except DeviceError as exc:
-            if self.displaced is not None:
-                raise Displaced(self._displaced_message()) from None
-            raise CloudUnreachable(f"the lease could not be checked: {exc}"
-                                   ) from None
         if progress is not None:
             progress(0, 0)
+
+    def _backlog_locked(self) -> int:
+        """Bytes still to go: live journal bytes, or a little while only commits remain."""
+        return self.journal.live_bytes + len(self._pending) + len(self.head.journal)
 
     def interrupt(self) -> None:
         """Make every waiter give up (a FLUSH gets ESHUTDOWN) and write-back stop. Safe
@@ -238,12 +382,14 @@ class Engine(BlockDevice):
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        self._scheduler.join(timeout=10)
+        if self._scheduler.ident is not None:
+            self._scheduler.join(timeout=10)
         # An unclean stop follows a drain that gave up (or a failed start): the workers
         # may be deep in retries the journal makes pointless, and killing one is safe
-        # (fencing, docs/design.md), so they get a moment, not the clean stop's grace.
+        # (every request is a create-if-absent or a conditional head write), so they
+        # get a moment, not the clean stop's grace.
         self.pool.stop(grace=30.0 if clean else UNCLEAN_STOP_GRACE)
-        if clean and not self.dirty:
+        if clean and not self.dirty and not self._pending:
             self.journal.reset()
         self.journal.close()
         self.clean.mark_clean_shutdown()
@@ -253,12 +399,12 @@ class Engine(BlockDevice):
         made from now on see it; existing ones keep the size they were told."""
         with self._cond:
             if new_size > self._size:
-                self.stored.grow(-(-new_size // self.chunk_size))
+                self.map.grow(-(-new_size // self.chunk_size))
                 self._size = new_size
 
     @property
     def last_error(self) -> str | None:
-        """Why the last upload failed, for a close that waits on the cloud."""
+        """Why the last upload or commit failed, for a close that waits on the cloud."""
         return self._last_error
 
     # -- BlockDevice: properties -----------------------------------------------------------
@@ -275,10 +421,22 @@ class Engine(BlockDevice):
     # every connection, so a FLUSH on any of them covers writes acknowledged on all.
     can_multi_conn = True
 
+    # -- what the store holds --------------------------------------------------------------
+    def _stamp_of(self, index: int) -> int:
+        """The object that holds chunk index now (0: zeros): an upload not yet named by a
+        commit, or else what the head names."""
+        pending = self._pending.get(index)
+        return pending[0] if pending is not None else self.map.get(index).stamp
+
+    def _next_stamp(self) -> int:
+        self._counter += 1
+        return layout.stamp(self.cloud.epoch, self._counter)
+
     # -- writes ----------------------------------------------------------------------------
     def _apply(self, kind: Kind, offset: int, length: int, seq: int, segment: int,
                data_pos: int) -> None:
-        """Lay one journal record over the extent maps (engine lock held)."""
+        """Lay one journal record over the extent maps (engine lock held). Pieces a chunk
+        object already holds (its map seq is at or past the record's) are skipped."""
         added: dict[int, int] = {}
         released: dict[int, int] = {}
         now = time.monotonic()
@@ -287,13 +445,13 @@ class Engine(BlockDevice):
         while pos < end:
             index, within = divmod(pos, cs)
             n = min(cs - within, end - pos)
-            if kind == Kind.ZERO and not self.stored.has(index) and index not in self.dirty:
+            if seq <= self.map.seq(index) or (kind == Kind.ZERO and index not in self.dirty
+                                               and not self._stamp_of(index)):
                 pos += n
-                continue  # already zeros everywhere: nothing to record
+                continue  # folded already, or zeros everywhere: nothing to record
             extents = self.dirty.get(index)
             if extents is None:
                 extents = self.dirty[index] = ChunkExtents()
-                self._first_seq[index] = seq
             zero = kind == Kind.ZERO
             extents.add(Extent(within, within + n, seq, segment,
                                0 if zero else data_pos + (pos - offset), zero), released)
@@ -304,7 +462,7 @@ class Engine(BlockDevice):
 
     def _needs_zeroing(self, offset: int, length: int) -> bool:
         first, last = offset // self.chunk_size, (offset + length - 1) // self.chunk_size
-        return any(self.stored.has(i) or i in self.dirty for i in range(first, last + 1))
+        return any(self._stamp_of(i) or i in self.dirty for i in range(first, last + 1))
 
     def _wait_for_room(self) -> None:
         """Backpressure: past --max-dirty, writes wait for uploads instead of failing."""
@@ -313,6 +471,7 @@ class Engine(BlockDevice):
         with self._cond:
             self._cond.notify_all()
             while self.journal.live_bytes >= self.settings.max_dirty and not self._stopped:
+                self._refuse_if_displaced()
                 self._cond.wait(timeout=1.0)
 
     def _refuse_if_displaced(self) -> None:
@@ -332,8 +491,8 @@ class Engine(BlockDevice):
             self._wait_durable(seq)
 
     def pwrite_now(self, buf: memoryview, offset: int) -> bool:
-        if self.journal.live_bytes >= self.settings.max_dirty:
-            return False  # backpressure: pwrite waits for room, on a pool thread
+        if self.journal.live_bytes >= self.settings.max_dirty or self.displaced:
+            return False  # backpressure (or the error): pwrite, on a pool thread
         self._append_write(buf, offset)
         return True
 
@@ -347,7 +506,7 @@ class Engine(BlockDevice):
     def zero(self, offset: int, length: int, fua: bool, may_trim: bool = True,
              fast: bool = False) -> None:
         # Zeroing is always fast here: it is a journal record, and whole chunks that end
-        # up all zeros are deleted from the cloud, not stored.
+        # up all zeros get no object at all.
         self._refuse_if_displaced()
         with self._cond:
             if not self._needs_zeroing(offset, length):
@@ -365,17 +524,16 @@ class Engine(BlockDevice):
         self._wait_durable(self.journal.next_seq - 1)
 
     def _wait_durable(self, seq: int) -> None:
-        """Block until every record up to seq is in the cloud, under a lease that is still
-        ours (F3), or the flush deadline passes."""
+        """Block until a commit covers every record up to seq (E5), or the flush deadline
+        passes."""
         timeout = self.settings.flush_timeout
         deadline = time.monotonic() + timeout if timeout else None
         with self._cond:
             if seq > self._flush_target:
                 self._flush_target = seq
                 self._cond.notify_all()
-            while min(self._first_seq.values(), default=seq + 1) <= seq:
+            while self.head.seq < seq:
                 self._wait_locked(deadline)
-        self._confirm_lease(deadline)
 
     def _wait_locked(self, deadline: float | None) -> None:
         """One wait of a FLUSH for the cloud (engine lock held): EIO once displaced or
@@ -387,20 +545,6 @@ class Engine(BlockDevice):
         if remaining is not None and remaining <= 0:
             raise DeviceError(errno.EIO, f"flush timed out: {self._last_error}")
         self._cond.wait(timeout=remaining)
-
-    def _confirm_lease(self, deadline: float | None) -> None:
-        """F3: return once a lease check that started after every upload answered so far
-        found the lease ours; DeviceError (EIO) if another server holds it now."""
-        if not self.lease_checks:
-            return
-        with self._cond:
-            needed = self._uploads_answered
-            while self._lease_confirmed < needed:
-                if self._lease_checking is None and self.displaced is None:
-                    self._lease_checking = self._uploads_answered
-                    self._task_ids += 1
-                    self.pool.submit(LeaseTask(self._task_ids))
-                self._wait_locked(deadline)
 
     # -- reads -----------------------------------------------------------------------------
     def pread_into(self, buf: memoryview, offset: int) -> None:
@@ -445,8 +589,8 @@ class Engine(BlockDevice):
                     if self.clean.touch(index):
                         base_fd = os.open(self.clean.path(index), os.O_RDONLY)
                         self.clean.hits += 1
-                    elif not self.stored.has(index):
-                        pass  # never written, or deleted when it became zeros
+                    elif not self._stamp_of(index):
+                        pass  # never written, or zeros
                     elif not may_wait:
                         return False
                     elif index in self._uploading:
@@ -494,8 +638,7 @@ class Engine(BlockDevice):
         waiter = self._fetching.get(index)
         if waiter is None:
             waiter = self._fetching[index] = _Fetch()
-            self._task_ids += 1
-            self.pool.submit(FetchTask(self._task_ids, index))
+            self._submit(FetchTask(self._next_task_id(), index, self._stamp_of(index)))
         return waiter
 
     def _prefetch(self, indexes: range) -> None:
@@ -503,7 +646,7 @@ class Engine(BlockDevice):
             for index in indexes:
                 if index * self.chunk_size >= self._size:
                     break
-                if (self.stored.has(index) and index not in self.clean
+                if (self._stamp_of(index) and index not in self.clean
                         and index not in self._uploading and index not in self._fetching):
                     self._request_fetch_locked(index)
 
@@ -519,7 +662,8 @@ class Engine(BlockDevice):
             while pos < end:
                 index, within = divmod(pos, cs)
                 n = min(cs - within, end - pos)
-                flags = 0 if self.stored.has(index) or index in self.dirty else HOLE | ZERO_FLAG
+                stored = self._stamp_of(index) or index in self.dirty
+                flags = 0 if stored else HOLE | ZERO_FLAG
                 if found and found[-1][1] == flags:
                     found[-1] = (found[-1][0] + n, flags)
                 else:
@@ -527,82 +671,96 @@ class Engine(BlockDevice):
                 pos += n
         return found
 
-    # -- write-back ------------------------------------------------------------------------
+    # -- write-back: uploads ---------------------------------------------------------------
+    def _next_task_id(self) -> int:
+        self._task_ids += 1
+        return self._task_ids
+
+    def _submit(self, task: Task, purpose: str | None = None) -> None:
+        """Hand task to the pool; purpose routes the result of a task that is not about
+        one chunk (journal, page, head, list, delete)."""
+        if purpose is not None:
+            self._store_tasks[task.task_id] = purpose
+        self.pool.submit(task)
+
     def _schedule(self) -> None:
-        delay = self.settings.writeback_delay
         with self._cond:
             while not self._stopped:
-                self._dispatch_locked()
-                self._cond.wait(timeout=max(0.05, delay / 2))
+                if self.displaced is None:
+                    self._dispatch_locked()
+                    self._maybe_commit_locked()
+                    self._maybe_collect_garbage_locked()
+                self._cond.wait(timeout=max(0.05, self.settings.writeback_delay / 2))
+
+    def _wants_upload(self, index: int, extents: ChunkExtents, now: float,
+                      pressure: bool) -> bool:
+        """Whether chunk index should be uploaded whole now (engine lock held)."""
+        if not extents or extents.max_seq <= self._pending.get(index, (0, 0, 0))[1]:
+            return False  # everything is in an upload already
+        if self._fold_needed.get(index, 0) > self.map.seq(index):
+            return True  # a checkpoint folds it
+        if pressure:
+            return True
+        settled = now - self._last_write.get(index, 0) >= self.settings.writeback_delay
+        written = sum(e.end - e.start for e in extents.extents)
+        return settled and (extents.covers(self.chunk_size)
+                            or written >= self.settings.fold_fraction * self.chunk_size)
 
     def _dispatch_locked(self) -> None:
-        if self.displaced is not None:
-            return  # F3: not a byte more
         room = self.pool.capacity(WorkerKind.UPLOAD) * 2 - len(self._uploading)
         if room <= 0:
             return
         now = time.monotonic()
         pressure = self.journal.live_bytes >= self.settings.max_dirty // 2
-        delay = self.settings.writeback_delay
         candidates = []
-        for index, first in self._first_seq.items():
+        for index, extents in self.dirty.items():
             if index in self._uploading or index in self._fetching:
                 continue  # E1, E2
             if self._retry_at.get(index, 0) > now:
                 continue
-            if (first <= self._flush_target or pressure
-                    or now - self._last_write[index] >= delay):
-                candidates.append((first, index))
+            if self._wants_upload(index, extents, now, pressure):
+                candidates.append((extents.min_seq, index))
         candidates.sort()
         for _, index in candidates[:room]:
             self._dispatch_upload_locked(index)
 
     def _dispatch_upload_locked(self, index: int) -> None:
         extents = self.dirty[index]
+        base_stamp = 0
         if extents.covers(self.chunk_size):
             base = "zero"
         elif index in self.clean:
             base = "clean"
-        elif self.stored.has(index):
-            base = "cloud"
+        elif self._stamp_of(index):
+            base, base_stamp = "cloud", self._stamp_of(index)
         else:
             base = "zero"
-        self._task_ids += 1
-        task = UploadTask(self._task_ids, index, extents.max_seq, base,
+        task = UploadTask(self._next_task_id(), index, extents.max_seq, base,
                           tuple(Piece(e.start, e.end, e.segment, e.pos, e.zero)
                                 for e in extents.extents),
-                          expected=self.stored.version(index))  # F1
+                          stamp=self._next_stamp(), base_stamp=base_stamp)
         segments = extents.segments()
         self.journal.pin(segments)
         self.clean.pin(index)  # C4: its clean file is about to be replaced
         self._uploading[index] = _Upload(task, segments)
-        self.pool.submit(task)
+        self._submit(task)
 
     def _on_result(self, kind: WorkerKind, result: Result) -> None:
         with self._cond:
-            if result.outcome in (Outcome.LEASE_HELD, Outcome.LEASE_LOST):
-                self._lease_done_locked(result)
+            purpose = self._store_tasks.pop(result.task_id, None)
+            if result.task_id in self._waiting_reads:
+                self._waiting_reads[result.task_id].append(result)
+            elif purpose == "list":
+                self._garbage_listed_locked(result)
+            elif purpose == "delete":
+                self._gc_busy = False
+            elif purpose is not None:
+                self._commit_step_done_locked(purpose, result)
             elif kind == WorkerKind.UPLOAD:
                 self._upload_done_locked(result)
             else:
                 self._fetch_done_locked(result)
             self._cond.notify_all()
-
-    def _lease_done_locked(self, result: Result) -> None:
-        started, self._lease_checking = self._lease_checking, None
-        if result.outcome == Outcome.LEASE_HELD:
-            self._lease_confirmed = max(self._lease_confirmed, started or 0)
-        else:
-            self._displace_locked(result.error or "another server")
-
-    def _displace_locked(self, holder: str) -> None:
-        """F3: another server holds the lease; stop writing to the store for good."""
-        if self.displaced is None:
-            self.displaced = holder
-            log.error("the volume's lease was taken over by %s: this server stops "
-                      "uploading, and fails every request from now on; %d bytes of writes "
-                      "that no FLUSH covered stay in the local journal", holder,
-                      self.journal.live_bytes)
 
     def _upload_done_locked(self, result: Result) -> None:
         index = result.index
@@ -612,10 +770,6 @@ class Engine(BlockDevice):
         self.stats.retries += result.retries
         self.stats.gets += result.base_gets
         self.stats.fetch_wire_bytes += result.base_wire_bytes
-        self._uploads_answered += 1
-        if result.outcome == Outcome.DISPLACED:
-            self._displace_locked(result.error or "another server")
-            return
         if result.outcome == Outcome.ERROR:
             self.stats.upload_errors += 1
             self.stats.integrity_errors += result.integrity
@@ -626,17 +780,9 @@ class Engine(BlockDevice):
         self._retry_at.pop(index, None)
         if self.metrics is not None:
             self.metrics.upload_seconds.observe(result.seconds)
-        released: dict[int, int] = {}
-        extents = self.dirty[index]
-        extents.drop_through(upload.task.seq, released)  # E4
-        if extents:
-            self._first_seq[index] = extents.min_seq
-        else:
-            del self.dirty[index], self._first_seq[index], self._last_write[index]
-        self.journal.account({}, released)
-        self.stored.record(index, result.version)  # F1: the next upload expects it
-        self.stats.fenced += result.fenced
-        if result.outcome == Outcome.STORED:
+        stamp = upload.task.stamp if result.outcome == Outcome.STORED else 0
+        self._pending[index] = (stamp, upload.task.seq, time.monotonic())  # E4: until named
+        if stamp:
             self.clean.added(index, result.size, result.version)
             self.stats.uploads += 1
             self.stats.upload_bytes += result.size
@@ -661,14 +807,282 @@ class Engine(BlockDevice):
             self.stats.fetches += 1
             self.stats.gets += 1
             self.stats.fetch_wire_bytes += result.wire_bytes
-        elif result.outcome == Outcome.ABSENT:
-            self.stats.gets += 1
-            self.stored.record(result.index, None)
-        else:
+        elif result.outcome != Outcome.ABSENT:
             self.stats.fetch_errors += 1
             self.stats.integrity_errors += result.integrity
             log.error("fetch of chunk %d failed: %s", result.index, result.error)
             waiter.error = result.error
+
+    # -- commits ---------------------------------------------------------------------------
+    def _maybe_commit_locked(self) -> None:
+        """Start the next commit (E5) if one is due: a FLUSH waits, uploads wait to be
+        named, or a checkpoint is ready."""
+        if time.monotonic() < self._commit_retry_at:
+            return
+        if self._commit is not None:
+            if self._commit.retry_head:
+                self._submit_head_locked(self._commit)
+            return
+        if self._checkpoint_ready_locked():
+            self._start_checkpoint_commit_locked()
+            return
+        flush = self._flush_target > self.head.seq
+        oldest = min((when for _, _, when in self._pending.values()), default=None)
+        uploads_due = oldest is not None and (
+            time.monotonic() - oldest >= self.settings.commit_delay
+            or len(self._pending) >= 32 or self._checkpoint_refs is not None
+            or self.journal.live_bytes >= self.settings.max_dirty // 2)
+        if flush:
+            self._start_flush_commit_locked()
+        elif uploads_due:
+            self._start_commit_locked(self.head.seq, ())
+
+    def _start_flush_commit_locked(self) -> None:
+        """Commit every write acknowledged so far: pieces into a journal object, except
+        for chunks that would make it too big, which are uploaded whole first (their
+        CHUNK records then name them)."""
+        target = self.journal.next_seq - 1
+        pieces: list[JournalPiece] = []
+        by_chunk: list[tuple[int, int]] = []
+        for index, extents in self.dirty.items():
+            folded = self._pending.get(index, (0, 0, 0))[1]
+            mine = [e for e in extents.extents if self.head.seq < e.seq <= target
+                    and e.seq > folded]
+            if not mine:
+                continue
+            base = index * self.chunk_size
+            nbytes = sum(e.end - e.start for e in mine if not e.zero)
+            by_chunk.append((nbytes, index))
+            pieces.extend(JournalPiece(e.seq, base + e.start, e.end - e.start, e.segment,
+                                       e.pos, e.zero) for e in mine)
+        total = sum(n for n, _ in by_chunk)
+        if total > self.settings.journal_object_bytes:
+            # too much for one journal object: the biggest chunks go whole, and the
+            # commit waits for them (a sequential write is never sent twice)
+            for nbytes, index in sorted(by_chunk, reverse=True):
+                if total <= self.settings.journal_object_bytes:
+                    break
+                total -= nbytes
+                if index not in self._uploading and index not in self._fetching:
+                    self._dispatch_upload_locked(index)
+            return  # the next round commits them, with what is left in a journal object
+        pieces.sort(key=lambda p: p.seq)
+        self._start_commit_locked(target, tuple(pieces))
+
+    def _start_commit_locked(self, target: int, pieces: tuple[JournalPiece, ...]) -> None:
+        chunks = tuple(JChunk(seq, index, stamp)
+                       for index, (stamp, seq, _) in sorted(self._pending.items()))
+        if not pieces and not chunks:
+            if target > self.head.seq:  # nothing was written since: a new head is moot
+                self.head = replace(self.head, seq=target)
+            return
+        segments = {p.segment for p in pieces if not p.zero}
+        self.journal.pin(segments)
+        commit = self._commit = _Commit(target, chunks, segments)
+        stamp = self._next_stamp()
+        seqs = [p.seq for p in pieces] + [c.seq for c in chunks]
+        commit.journal = JournalRef(stamp, min(seqs), max(seqs), 0)
+        for piece in pieces:
+            _touch(commit.touched, piece.seq, piece.offset, piece.length, self.chunk_size)
+        self._submit(JournalTask(self._next_task_id(), stamp, pieces, chunks), "journal")
+        self.stats.journal_bytes += sum(p.length for p in pieces if not p.zero)
+
+    def _commit_step_done_locked(self, purpose: str, result: Result) -> None:
+        """A journal object, map page or head of the commit in flight is written (E5)."""
+        commit = self._commit
+        assert commit is not None, "a commit step answered with no commit in flight"
+        if result.outcome == Outcome.DISPLACED:
+            self._displace_locked(result.error or "another server")
+            return
+        if result.outcome != Outcome.DONE:
+            self.stats.commit_errors += 1
+            self._last_error = result.error
+            log.warning("commit failed (will retry): %s", result.error)
+            if purpose == "head":
+                # The head may have been written with its answer lost: write the very
+                # same head again, which the worker recognises (and never a new one,
+                # whose condition would fail against ours and look like a takeover).
+                self._commit_retry_at = time.monotonic() + self.settings.retry_backoff
+                commit.retry_head = True
+                return
+            self.journal.unpin(commit.segments)
+            self._commit = None  # the next attempt builds it again, under new stamps
+            self._commit_retry_at = time.monotonic() + self.settings.retry_backoff
+            return
+        if purpose == "head":
+            self._commit_done_locked(commit, str(result.value))
+            return
+        if purpose == "journal":
+            assert commit.journal is not None
+            commit.journal = replace(commit.journal, size=result.wire_bytes)
+            self.stats.journal_objects += 1
+            self.stats.journal_wire_bytes += result.wire_bytes
+        else:
+            commit.waiting -= 1
+            if commit.waiting:
+                return
+        self._write_head_locked(commit)
+
+    def _write_head_locked(self, commit: _Commit) -> None:
+        journal = tuple(r for r in self.head.journal if r not in commit.retire)
+        if commit.journal is not None and not commit.pages:
+            journal += (commit.journal,)
+        pages = dict(self.head.pages)
+        pages.update(commit.pages)
+        for page in [p for p in pages if not self.map.page_in_use(p)] if commit.pages else []:
+            del pages[page]
+        commit.head = Head(self.head.volume_id, self.head.generation + 1, self.cloud.epoch,
+                           max(self.head.seq, commit.target), tuple(sorted(pages.items())),
+                           journal, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        self._submit_head_locked(commit)
+
+    def _submit_head_locked(self, commit: _Commit) -> None:
+        assert commit.head is not None
+        commit.retry_head = False
+        self._submit(HeadTask(self._next_task_id(), self.cloud.head_key, commit.head,
+                              self.cloud.head_version), "head")
+
+    def _commit_done_locked(self, commit: _Commit, version: str) -> None:
+        assert commit.head is not None
+        self.head = commit.head
+        self.cloud = replace(self.cloud, head=commit.head, head_version=version)
+        self._commit = None
+        self.journal.unpin(commit.segments)
+        self.stats.commits += 1
+        if commit.journal is not None and not commit.pages:
+            self._journal_born[commit.journal.stamp] = time.monotonic()
+            self._journal_chunks[commit.journal.stamp] = {
+                layout.chunk_key(c.index, c.stamp) for c in commit.chunks if c.stamp}
+            self._journal_touched[commit.journal.stamp] = commit.touched
+        for ref in commit.retire:
+            self._journal_born.pop(ref.stamp, None)
+            self._journal_chunks.pop(ref.stamp, None)
+            self._journal_touched.pop(ref.stamp, None)
+        if commit.pages or commit.retire:
+            self.stats.checkpoints += 1
+            self.map.changed_pages.difference_update(commit.pages)
+            self._checkpoint_refs = None
+            self._fold_needed = {}
+        for record in commit.chunks:
+            if self._pending.get(record.index, (None,))[0] == record.stamp:
+                del self._pending[record.index]
+            if record.seq > self.map.seq(record.index):
+                self._fold_locked(record.index, record.stamp, record.seq)
+
+    def _fold_locked(self, index: int, stamp: int, seq: int) -> None:
+        """Chunk index is now object stamp as of seq (a commit named it): drop the extents
+        it holds (E4)."""
+        self.map.set(index, Entry(stamp, seq))
+        extents = self.dirty.get(index)
+        if extents is None:
+            return
+        released: dict[int, int] = {}
+        extents.drop_through(seq, released)
+        if not extents:
+            del self.dirty[index]
+            self._last_write.pop(index, None)
+        self.journal.account({}, released)
+
+    def _displace_locked(self, holder: str) -> None:
+        """E5: another server replaced the head; stop writing to the store for good."""
+        if self.displaced is None:
+            self.displaced = holder
+            log.error("the volume was taken over by %s (its head changed under this "
+                      "server): this server stops writing, and fails every request from "
+                      "now on; %d bytes of writes that no FLUSH covered stay in the local "
+                      "journal", holder, self.journal.live_bytes)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _begin_checkpoint_locked(self, fold_all: bool = False) -> None:
+        """Fold the store's journal into chunks: every chunk the journal objects named now
+        wrote to is uploaded whole (with whatever is newer), then the map pages that
+        changed and a head without those journal objects are written. Closing
+        (fold_all), every dirty chunk is folded, so that nothing but the head and what
+        it names is left."""
+        if self._checkpoint_refs is not None and not fold_all:
+            return
+        self._checkpoint_refs = self.head.journal
+        needed: dict[int, int] = {}
+        for ref in self._checkpoint_refs:
+            for index, seq in self._journal_touched.get(ref.stamp, {}).items():
+                needed[index] = max(needed.get(index, 0), seq)
+        if fold_all:
+            for index, extents in self.dirty.items():
+                needed[index] = max(needed.get(index, 0), extents.max_seq)
+        self._fold_needed = needed
+
+    def _checkpoint_due_locked(self) -> bool:
+        journal = self.head.journal
+        if not journal:
+            return False
+        stored = sum(r.size for r in journal)
+        oldest = min((self._journal_born.get(r.stamp, 0) for r in journal), default=0)
+        return (stored >= self.settings.checkpoint_bytes or len(journal) >= 512
+                or time.monotonic() - oldest >= self.settings.checkpoint_age)
+
+    def _checkpoint_ready_locked(self) -> bool:
+        if self._checkpoint_refs is None:
+            if not self._checkpoint_due_locked():
+                return False
+            self._begin_checkpoint_locked()
+        if self._pending or self._flush_target > self.head.seq:
+            return False  # name the uploads (and the flushed writes) first
+        return all(self.map.seq(i) >= seq for i, seq in self._fold_needed.items())
+
+    def _start_checkpoint_commit_locked(self) -> None:
+        retire = tuple(r for r in self._checkpoint_refs or () if r in self.head.journal)
+        pages = sorted(self.map.changed_pages)
+        commit = self._commit = _Commit(self.head.seq, (), set(), retire=retire)
+        commit.pages = {page: self._next_stamp() for page in pages
+                        if self.map.page_in_use(page)}
+        # pages no chunk uses any more are dropped from the head without a write
+        commit.pages.update({page: 0 for page in pages if not self.map.page_in_use(page)})
+        for page, stamp in commit.pages.items():
+            if stamp:
+                commit.waiting += 1
+                self._submit(PageTask(self._next_task_id(), page, stamp,
+                                      tuple(self.map.page_entries(page))), "page")
+        if not commit.waiting:
+            self._write_head_locked(commit)
+
+    # -- garbage ---------------------------------------------------------------------------
+    def _maybe_collect_garbage_locked(self) -> None:
+        """Every gc_grace, list the volume's objects; delete those no head has named since
+        the previous listing, at least gc_grace ago (docs/format.md, "Garbage")."""
+        if self._gc_busy or self._commit is not None or time.monotonic() < self._gc_at:
+            return
+        self._gc_busy = True
+        self._gc_at = time.monotonic() + self.settings.gc_grace
+        self._submit(ListTask(self._next_task_id()), "list")
+
+    def _named_locked(self) -> set[str]:
+        named = {layout.chunk_key(i, s) for i, s in self.map.stamps()}
+        named.update(layout.chunk_key(i, s) for i, (s, _, _) in self._pending.items() if s)
+        named.update(layout.chunk_key(u.task.index, u.task.stamp)
+                     for u in self._uploading.values())
+        named.update(layout.map_key(p, s) for p, s in self.head.pages)
+        for ref in self.head.journal:
+            named.add(layout.journal_key(ref.stamp))
+            named.update(self._journal_chunks.get(ref.stamp, ()))
+        return named
+
+    def _garbage_listed_locked(self, result: Result) -> None:
+        if result.outcome != Outcome.DONE:
+            self._gc_busy = False
+            return
+        now = time.monotonic()
+        garbage = set(result.value) - self._named_locked()
+        doomed: list[str] = []
+        if self._garbage_seen is not None:
+            seen_at, seen = self._garbage_seen
+            if now - seen_at >= self.settings.gc_grace * 0.9:
+                doomed = sorted(garbage & seen)
+        self._garbage_seen = (now, garbage - set(doomed))
+        if doomed:
+            self.stats.garbage_deleted += len(doomed)
+            self._submit(DeleteTask(self._next_task_id(), tuple(doomed)), "delete")
+        else:
+            self._gc_busy = False
 
     # -- status ----------------------------------------------------------------------------
     def backlog(self) -> tuple[int, int, float]:
@@ -677,3 +1091,15 @@ class Engine(BlockDevice):
             oldest = min(self._last_write.values(), default=None)
             return (self.journal.live_bytes, len(self.dirty),
                     0.0 if oldest is None else time.monotonic() - oldest)
+
+    def store_journal(self) -> tuple[int, int]:
+        """(journal objects the head names, their bytes): what a checkpoint would fold."""
+        with self._cond:
+            return len(self.head.journal), sum(r.size for r in self.head.journal)
+
+
+def _touch(touched: dict[int, int], seq: int, offset: int, length: int,
+           chunk_size: int) -> None:
+    """Note that a write of seq touched the chunks [offset, offset+length) lies in."""
+    for index in range(offset // chunk_size, (offset + length - 1) // chunk_size + 1):
+        touched[index] = max(touched.get(index, 0), seq)

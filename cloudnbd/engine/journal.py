@@ -170,14 +170,26 @@ class Journal:
             self._live.setdefault(number, 0)
             self._sizes[number] = 0
 
+    def skip_to(self, seq: int) -> None:
+        """Number the next record seq or later: the volume's sequence numbers go on from
+        where the store's head left them, whoever wrote it."""
+        with self._lock:
+            self.next_seq = max(self.next_seq, seq)
+
     def append(self, kind: Kind, offset: int, length: int,
-               data: memoryview | bytes | None = None) -> tuple[int, int, int]:
-        """Write one record; returns (seq, segment, data position). Not yet fsync'd."""
+               data: memoryview | bytes | None = None,
+               seq: int | None = None) -> tuple[int, int, int]:
+        """Write one record; returns (seq, segment, data position). Not yet fsync'd.
+        seq is given only for records imported from the store's journal, in their order
+        (it must not go below the last one)."""
         data_len = length if kind == Kind.WRITE else 0
         with self._lock:
             self._roll_if_needed(HEADER_BYTES + data_len)
-            seq = self.next_seq
-            self.next_seq += 1
+            if seq is None:
+                seq = self.next_seq
+            elif seq < self.next_seq - 1:
+                raise ValueError(f"journal: record {seq} imported after {self.next_seq - 1}")
+            self.next_seq = seq + 1
             part = _CRC_PART.pack(MAGIC, kind, seq, offset, length)
             crc = zlib.crc32(part)
             if data_len:

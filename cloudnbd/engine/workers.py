@@ -4,33 +4,30 @@ Compression, encryption and every cloud request run here, never in the front pro
 Each worker has its own duplex pipe to the front (never a queue shared between workers),
 so a worker killed at any moment can only lose its own in-flight tasks: the pool notices
 the death through the process sentinel, starts a replacement and hands the lost tasks to
-it again. Tasks are idempotent (an upload PUTs or DELETEs one whole chunk object; a
-fetch rewrites one clean file), so doing one twice is harmless.
+it again. Tasks are idempotent: every object is created under a fresh name with
+create-if-absent (objects.py W1), the head only conditionally (W2), and a fetch rewrites
+one clean file, so doing one twice is harmless, and a request that arrives late can
+only fail.
 
-Only small messages cross the pipes: chunk numbers, sequence numbers and journal
-positions. Chunk data moves through files (journal segments, clean cache files).
+Only small messages cross the pipes: chunk numbers, sequence numbers, journal positions
+and a journal object's records when open reads one. Chunk data moves through files
+(journal segments, clean cache files).
 
-A worker must never outlive the front that started it: an orphan finishing an old PUT
-after a new front has uploaded newer data for the same chunk would roll the chunk back.
-So every worker asks the kernel to kill it when the front dies (zygote.bind_to_front), and
-holds a shared lock on `workers.lock` in the cache directory for its whole life; a new
-front takes that lock exclusively before it replays the journal (wait_for_orphans), which
-waits out any worker still alive.
+A worker must never outlive the front that started it. Nothing it sends can overwrite
+anything any more, but an orphan's objects would be named by nobody, and two fronts'
+workers would race to write the same clean files. So every worker asks the kernel to
+kill it when the front dies (zygote.bind_to_front), and holds a shared lock on
+`workers.lock` in the cache directory for its whole life; a new front takes that lock
+exclusively before it replays the journal (wait_for_orphans), which waits out any
+worker still alive.
 
-Upload task contract (see device.Engine):
-- before its PUT, an uploader fsyncs every journal segment the task reads (journal J1);
-- the PUT or DELETE is conditional on the version the task expects (F1); when the object
-  changed behind the engine's back, the upload first proves that the volume's lease is
-  still ours: then the change was a late request of a dead process of ours, and the
-  upload, which is newer, writes over it, conditional on what is there (F2,
-  _Worker._fenced); otherwise another server took the volume over and the upload
-  reports "displaced" without writing (F3);
-- the new clean file is written to a temporary name and renamed into place before the
-  result is sent; a chunk that came out all zeros is DELETEd, not stored.
-
-Every result that puts a clean file in place carries the version of the object the
-file copies: the one the upload's PUT created, or the one the fetch's GET read (never
-a version looked up beside it), which the clean cache records (cache.py, C6).
+Task contracts (see device.Engine):
+- an upload or a journal object reads only journal segments it has fsync'd (J1);
+- an upload writes the new clean file to a temporary name and renames it into place
+  before the result is sent; a chunk that came out all zeros creates no object;
+- every result that puts a clean file in place carries the stamp of the object the file
+  copies, which the clean cache records (cache.py, C6);
+- a head write that loses its condition reports DISPLACED, naming the lease's holder.
 """
 
 from __future__ import annotations
@@ -53,12 +50,14 @@ from typing import Any
 from cloudnbd import lease, logs, zygote
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore
-from cloudnbd.chunks import ChunkCodec, ChunkStore
+from cloudnbd.chunks import ChunkCodec
 from cloudnbd.engine import localfs
 from cloudnbd.engine.cache import clean_path, clean_temp_path
 from cloudnbd.engine.journal import segment_path
 from cloudnbd.engine.malloc import limit_malloc_retention
-from cloudnbd.errors import CloudnbdError, Displaced, IntegrityError
+from cloudnbd.errors import CloudnbdError, IntegrityError, PreconditionFailed
+from cloudnbd.layout import Entry, Head, JChunk, JournalBuilder
+from cloudnbd.objects import VolumeObjects
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +73,6 @@ class WorkerConfig:
     journal_dir: Path
     threads: int = 1
     log_level: int = logging.WARNING
-    #: the version of the lease object while this volume's server holds it (None: the
-    #: caller holds no lease, e.g. tests of the engine alone; nothing is checked then)
-    lease_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,33 +88,111 @@ class Piece:
 
 @dataclass(frozen=True)
 class UploadTask:
+    """Build chunk `index` as of `seq` (its base, the pieces laid over) and create its
+    object under `stamp`."""
+
     task_id: int
     index: int
     seq: int
-    base: str  # "zero": start from zeros; "clean": the clean file; "cloud": GET the object
+    base: str  # "zero": start from zeros; "clean": the clean file; "cloud": GET base_stamp
     pieces: tuple[Piece, ...]
-    expected: str | None = None  # the object's version the engine last saw (None: none)
+    stamp: int  # the new object's stamp
+    base_stamp: int = 0  # the object the base comes from when base is "cloud"
 
 
 @dataclass(frozen=True)
 class FetchTask:
     task_id: int
     index: int
+    stamp: int  # the object the map names
 
 
 @dataclass(frozen=True)
-class LeaseTask:
-    """Is the volume's lease still ours? Asked before a FLUSH is acknowledged (F3)."""
+class JournalPiece:
+    """A write (or zeros) to put in a journal object: [offset, offset+length) of the
+    volume, its data at `pos` of local journal `segment`."""
+
+    seq: int
+    offset: int
+    length: int
+    segment: int
+    pos: int
+    zero: bool
+
+
+@dataclass(frozen=True)
+class JournalTask:
+    """Create journal/<stamp>: the pieces (seq order) then the CHUNK records."""
 
     task_id: int
+    stamp: int
+    pieces: tuple[JournalPiece, ...]
+    chunks: tuple[JChunk, ...]
     index: int = -1  # not a chunk; keeps the pool's bookkeeping uniform
 
 
-Task = UploadTask | FetchTask | LeaseTask
+@dataclass(frozen=True)
+class PageTask:
+    task_id: int
+    page: int
+    stamp: int
+    entries: tuple[Entry, ...]
+    index: int = -1
+
+
+@dataclass(frozen=True)
+class HeadTask:
+    """Replace the head, conditionally on the version the engine last wrote (W2)."""
+
+    task_id: int
+    key: str
+    head: Head
+    expected: str | None
+    index: int = -1
+
+
+@dataclass(frozen=True)
+class ReadJournalTask:
+    """Download and decode journal/<stamp> (open, on a machine whose journal is not
+    the volume's newest)."""
+
+    task_id: int
+    stamp: int
+    index: int = -1
+
+
+@dataclass(frozen=True)
+class ReadPageTask:
+    """Download and decode map/<page>-<stamp> (open)."""
+
+    task_id: int
+    page: int
+    stamp: int
+    index: int = -1
+
+
+@dataclass(frozen=True)
+class ListTask:
+    """The keys of every version-3 object of the volume but the head (garbage)."""
+
+    task_id: int
+    index: int = -1
+
+
+@dataclass(frozen=True)
+class DeleteTask:
+    task_id: int
+    keys: tuple[str, ...]
+    index: int = -1
+
+
+Task = (UploadTask | FetchTask | JournalTask | PageTask | HeadTask | ReadJournalTask
+        | ReadPageTask | ListTask | DeleteTask)
 
 
 class WorkerKind(StrEnum):
-    """The two kinds of worker process; a lease check goes to an uploader."""
+    """The two kinds of worker process: fetchers read chunks for NBD reads, uploaders do
+    everything else (every write, and the reads of open and garbage collection)."""
 
     UPLOAD = "upload"
     FETCH = "fetch"
@@ -132,14 +206,13 @@ def kind_of(task: Task) -> WorkerKind:
 class Outcome(StrEnum):
     """How a task ended (Result.outcome)."""
 
-    STORED = "stored"  # upload: the chunk object was written
-    DELETED = "deleted"  # upload: the chunk came out all zeros, its object is gone
+    STORED = "stored"  # upload: the chunk object was created (stamp)
+    ZEROS = "zeros"  # upload: the chunk came out all zeros: no object
     CACHED = "cached"  # fetch: the clean file is in place
-    ABSENT = "absent"  # fetch: the store holds no object (zeros)
-    ERROR = "error"  # error says why; the engine retries uploads
-    DISPLACED = "displaced"  # upload met another holder of the lease (F3); error: who
-    LEASE_HELD = "lease-held"  # lease check: still ours
-    LEASE_LOST = "lease-lost"  # lease check: error says who holds it now
+    ABSENT = "absent"  # fetch: the map names no object (zeros)
+    DONE = "done"  # journal, page, head, read, list, delete: done
+    ERROR = "error"  # error says why; the engine retries
+    DISPLACED = "displaced"  # head: another writer replaced it; error says who holds it
 
 
 @dataclass(frozen=True)
@@ -147,7 +220,7 @@ class Result:
     task_id: int
     index: int
     outcome: Outcome
-    size: int = 0  # clean file size, or bytes sent/received
+    size: int = 0  # clean file size, or plain bytes of a journal object
     wire_bytes: int = 0
     error: str | None = None
     integrity: bool = False
@@ -155,10 +228,11 @@ class Result:
     retries: int = 0
     base_gets: int = 0  # GETs an upload made for the rest of a partly written chunk
     base_wire_bytes: int = 0  # and the bytes they received
-    # the version of the object the new clean file copies (an upload's PUT, a fetch's
-    # GET); after an upload that deleted the object, None
+    # the version of the object the new clean file copies (C6): its stamp, hex
     version: str | None = None
-    fenced: bool = False  # the object had changed since the engine last saw it
+    #: what a task returns besides: the head's new version (head), the records of a
+    #: journal object (read), keys (list)
+    value: Any = None
 
 
 class RateLimiter:
@@ -187,65 +261,46 @@ class _Worker:
         self.config = config
         self.limiter = limiter
         self.store: ObjectStore = open_store(config.backend, config.location, config.options)
-        self.chunks = ChunkStore(self.store, config.codec)
+        self.objects = VolumeObjects(self.store, config.codec)
 
     def _write_clean(self, index: int, data: bytes | bytearray, tag: str) -> None:
         tmp = clean_temp_path(self.config.clean_dir, index, tag)
         localfs.write_file(tmp, data)
         localfs.replace(tmp, clean_path(self.config.clean_dir, index))
 
+    def _segments(self, segments: set[int]) -> dict[int, int]:
+        """Open journal segments, fsync'd (J1: durable locally before the cloud has them).
+        Opened per task: the front deletes segments once no longer needed, and a
+        descriptor kept here would keep their disk space allocated."""
+        fds: dict[int, int] = {}
+        try:
+            for segment in segments:
+                fds[segment] = localfs.open(segment_path(self.config.journal_dir, segment),
+                                            os.O_RDONLY)
+                localfs.fsync(fds[segment])
+        except BaseException:
+            _close_all(fds)
+            raise
+        return fds
+
     def upload(self, task: UploadTask) -> Result:
-        cfg = self.config
         started = time.monotonic()
         retries_before = self.store.retries
-        # Segments are opened per task: the front deletes them once no longer needed, and a
-        # descriptor kept here would keep their disk space allocated.
-        fds = {segment: localfs.open(segment_path(cfg.journal_dir, segment), os.O_RDONLY)
-               for segment in {p.segment for p in task.pieces}}
+        fds = self._segments({p.segment for p in task.pieces if not p.zero})
         try:
-            for fd in fds.values():  # journal J1: durable locally before it is in the cloud
-                localfs.fsync(fd)
             plain, base_wire_bytes = self._assemble(task, fds)
         finally:
-            for fd in fds.values():
-                localfs.close(fd)
-        base_gets = int(task.base == "cloud")
-
-        def conflict(current: str | None) -> None:
-            """F2: the object changed behind the engine's back. Only a process that no
-            longer holds the volume can have done it if the lease is still ours (F3);
-            then what this upload holds is newer (built from the journal)."""
-            self._prove_lease()
-            log.warning("chunk %d changed in the store behind this volume's back (version "
-                        "%s, expected %s): a late write of a process that no longer holds "
-                        "the volume; the lease is still ours, so writing over it",
-                        task.index, current, task.expected)
-
-        written = self.chunks.write(task.index, plain, task.expected,  # F1
-                                    on_conflict=conflict, pacer=self.limiter)
-        if written.stored:
+            _close_all(fds)
+        sent = self.objects.put_chunk(task.index, task.stamp, plain, pacer=self.limiter)
+        stored = sent.key is not None
+        if stored:
             self._write_clean(task.index, plain, f"u{task.task_id}")
-        outcome = Outcome.STORED if written.stored else Outcome.DELETED
-        return Result(task.task_id, task.index, outcome, size=len(plain) if written.stored else 0,
-                      wire_bytes=written.wire_bytes, seconds=time.monotonic() - started,
+        return Result(task.task_id, task.index, Outcome.STORED if stored else Outcome.ZEROS,
+                      size=len(plain) if stored else 0, wire_bytes=sent.wire_bytes,
+                      seconds=time.monotonic() - started,
                       retries=self.store.retries - retries_before,
-                      base_gets=base_gets, base_wire_bytes=base_wire_bytes,
-                      version=written.version, fenced=written.fenced)
-
-    def _prove_lease(self) -> None:
-        """Raise Displaced unless the volume's lease is still ours (F3)."""
-        if self.config.lease_version is None:
-            return
-        holder = lease.check(self.store, self.config.lease_version)
-        if holder is not None:
-            raise Displaced(holder)
-
-    def check_lease(self, task: LeaseTask) -> Result:
-        try:
-            self._prove_lease()
-        except Displaced as exc:
-            return Result(task.task_id, task.index, Outcome.LEASE_LOST, error=exc.message)
-        return Result(task.task_id, task.index, Outcome.LEASE_HELD)
+                      base_gets=int(task.base == "cloud"), base_wire_bytes=base_wire_bytes,
+                      version=f"{task.stamp:016x}" if stored else None)
 
     def _assemble(self, task: UploadTask, fds: dict[int, int]) -> tuple[bytearray, int]:
         """The chunk's new plain contents, its base with the journal pieces laid over, and
@@ -258,40 +313,74 @@ class _Worker:
             with open(clean_path(cfg.clean_dir, task.index), "rb") as f:
                 f.readinto(plain)
         elif task.base == "cloud":
-            found = self.chunks.get(task.index)
-            received = found.wire_bytes
-            if found.plain is not None:
-                plain[:] = found.plain
+            base, received = self.objects.get_chunk(task.index, task.base_stamp)
+            if base is not None:
+                plain[:] = base
         for piece in task.pieces:
             target = view[piece.start:piece.end]
             if piece.zero:
                 target[:] = bytes(len(target))
             else:
-                got = os.preadv(fds[piece.segment], [target], piece.pos)
-                if got != len(target):
-                    raise IntegrityError(f"journal segment {piece.segment} is short")
+                _read_exactly(fds[piece.segment], target, piece.pos, piece.segment)
         return plain, received
 
     def fetch(self, task: FetchTask) -> Result:
         started = time.monotonic()
         retries_before = self.store.retries
-        found = self.chunks.get(task.index)
-        if found.plain is None:
+        plain, wire_bytes = self.objects.get_chunk(task.index, task.stamp)
+        if plain is None:
             return Result(task.task_id, task.index, Outcome.ABSENT)
-        self._write_clean(task.index, found.plain, f"f{task.task_id}")
-        return Result(task.task_id, task.index, Outcome.CACHED, size=len(found.plain),
-                      wire_bytes=found.wire_bytes, seconds=time.monotonic() - started,
-                      retries=self.store.retries - retries_before, version=found.version)
+        self._write_clean(task.index, plain, f"f{task.task_id}")
+        return Result(task.task_id, task.index, Outcome.CACHED, size=len(plain),
+                      wire_bytes=wire_bytes, seconds=time.monotonic() - started,
+                      retries=self.store.retries - retries_before,
+                      version=f"{task.stamp:016x}")
+
+    def journal(self, task: JournalTask) -> Result:
+        """Create a journal object: the commit's data, from the local journal (J1)."""
+        started = time.monotonic()
+        retries_before = self.store.retries
+        builder = JournalBuilder()
+        fds = self._segments({p.segment for p in task.pieces if not p.zero})
+        try:
+            for piece in task.pieces:
+                if piece.zero:
+                    builder.add_zero(piece.seq, piece.offset, piece.length)
+                else:
+                    data = bytearray(piece.length)
+                    _read_exactly(fds[piece.segment], memoryview(data), piece.pos,
+                                  piece.segment)
+                    builder.add_write(piece.seq, piece.offset, data)
+        finally:
+            _close_all(fds)
+        for record in task.chunks:
+            builder.add_chunk(record.seq, record.index, record.stamp)
+        sent = self.objects.put_journal(task.stamp, builder)
+        return Result(task.task_id, task.index, Outcome.DONE, size=builder.size,
+                      wire_bytes=sent.wire_bytes, seconds=time.monotonic() - started,
+                      retries=self.store.retries - retries_before)
+
+    def head(self, task: HeadTask) -> Result:
+        started = time.monotonic()
+        try:
+            version = self.objects.put_head(task.key, task.head, task.expected)
+        except PreconditionFailed:
+            # An earlier attempt of this very head may have landed with its answer lost
+            # (the encoding is deterministic): then it is ours. Otherwise another
+            # writer replaced the head: we are displaced (E5).
+            found = self.store.stat(task.key)
+            if found is not None and self.objects.holds_head(task.key, task.head):
+                version = found.version
+            else:
+                holder = lease.holder(self.store)
+                who = holder.describe() if holder is not None else "another writer"
+                return Result(task.task_id, task.index, Outcome.DISPLACED, error=who)
+        return Result(task.task_id, task.index, Outcome.DONE, value=version,
+                      seconds=time.monotonic() - started)
 
     def run(self, task: Task) -> Result:
         try:
-            if isinstance(task, UploadTask):
-                return self.upload(task)
-            if isinstance(task, LeaseTask):
-                return self.check_lease(task)
-            return self.fetch(task)
-        except Displaced as exc:
-            return Result(task.task_id, task.index, Outcome.DISPLACED, error=exc.message)
+            return self._run(task)
         except IntegrityError as exc:
             return Result(task.task_id, task.index, Outcome.ERROR, error=exc.message,
                           integrity=True)
@@ -299,8 +388,43 @@ class _Worker:
             return Result(task.task_id, task.index, Outcome.ERROR, error=exc.message)
         except Exception as exc:  # a bug or a local I/O error: report, keep serving
             log.error("worker task failed: %s", traceback.format_exc())
-            return Result(task.task_id, task.index, Outcome.ERROR, error=f"{type(exc).__name__}: "
-                          f"{exc}")
+            return Result(task.task_id, task.index, Outcome.ERROR,
+                          error=f"{type(exc).__name__}: {exc}")
+
+    def _run(self, task: Task) -> Result:
+        if isinstance(task, UploadTask):
+            return self.upload(task)
+        if isinstance(task, FetchTask):
+            return self.fetch(task)
+        if isinstance(task, JournalTask):
+            return self.journal(task)
+        if isinstance(task, HeadTask):
+            return self.head(task)
+        if isinstance(task, PageTask):
+            sent = self.objects.put_page(task.page, task.stamp, task.entries)
+            return Result(task.task_id, task.index, Outcome.DONE, wire_bytes=sent.wire_bytes)
+        if isinstance(task, ReadJournalTask):
+            records, wire_bytes = self.objects.get_journal(task.stamp)
+            return Result(task.task_id, task.index, Outcome.DONE, wire_bytes=wire_bytes,
+                          value=records)
+        if isinstance(task, ReadPageTask):
+            return Result(task.task_id, task.index, Outcome.DONE,
+                          value=self.objects.get_page(task.page, task.stamp))
+        if isinstance(task, ListTask):
+            return Result(task.task_id, task.index, Outcome.DONE,
+                          value=[info.key for info in self.objects.list_own()])
+        self.store.delete_many(task.keys)
+        return Result(task.task_id, task.index, Outcome.DONE)
+
+
+def _close_all(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        localfs.close(fd)
+
+
+def _read_exactly(fd: int, target: memoryview, pos: int, segment: int) -> None:
+    if os.preadv(fd, [target], pos) != len(target):
+        raise IntegrityError(f"journal segment {segment} is short")
 
 
 WORKERS_LOCK = "workers.lock"
