@@ -35,7 +35,14 @@ from typing import Any
 from cloudnbd import codec
 from cloudnbd.backends.base import ObjectInfo, ObjectStore
 from cloudnbd.chunks import ChunkCodec, ChunkStore, chunk_index, chunk_key, stored_chunks
-from cloudnbd.codec import Argon2idParams, KdfParams, KeySlot, ScryptParams, VolumeKeys
+from cloudnbd.codec import (
+    Argon2idParams,
+    KdfParams,
+    KeySlot,
+    ScryptParams,
+    VolumeKeys,
+    canonical,
+)
 from cloudnbd.errors import (
     BackendError,
     CloudnbdError,
@@ -190,12 +197,6 @@ class VolumeMeta:
                 for s in self.slots
             ],
         }
-
-
-def canonical(document: dict[str, Any]) -> bytes:
-    """The bytes the metadata MAC is computed over (see docs/format.md)."""
-    return json.dumps(document, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True).encode("ascii")
 
 
 def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
