@@ -328,9 +328,9 @@ class JournalBuilder:
         self._body += _ZERO.pack(RecordKind.ZERO, seq, offset, length)
 
     def add_chunk(self, seq: int, index: int, stamp: int) -> None:
+        _u64(index, "chunk"), _u64(stamp, "stamp")  # before _record() counts it
         self._record(seq, _CHUNK.size, False)
-        self._body += _CHUNK.pack(RecordKind.CHUNK, seq, _u64(index, "chunk"),
-                                  _u64(stamp, "stamp"))
+        self._body += _CHUNK.pack(RecordKind.CHUNK, seq, index, stamp)
 
     def seal(self, keys: VolumeKeys, stamp: int, level: int = DEFAULT_ZSTD_LEVEL,
              salt: bytes | None = None) -> bytearray:
