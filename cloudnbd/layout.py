@@ -52,6 +52,10 @@ _STAMP = struct.Struct(">Q")  # a journal object's ident
 _WRITE = struct.Struct(">BQQI")  # kind, seq, offset, length; then the data
 _ZERO = struct.Struct(">BQQQ")  # kind, seq, offset, length
 _CHUNK = struct.Struct(">BQQQ")  # kind, seq, chunk index, stamp
+#: plain bytes a record takes in a journal object: a WRITE's header (its data follows),
+#: a ZERO or CHUNK record (for JournalBuilder users that keep below MAX_JOURNAL_BYTES)
+WRITE_HEADER_BYTES = _WRITE.size
+FIXED_RECORD_BYTES = _ZERO.size
 _WRITTEN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
@@ -370,7 +374,7 @@ def _parse_records(plain: bytes, name: str) -> list[Record]:
     if not end:
         raise IntegrityError(f"{name}: holds no records")
     while pos < end:
-        kind = plain[pos]
+        start, kind = pos, plain[pos]
         record: Record
         if kind == RecordKind.WRITE:
             if pos + _WRITE.size > end:
@@ -392,11 +396,11 @@ def _parse_records(plain: bytes, name: str) -> list[Record]:
         else:
             raise IntegrityError(f"{name}: unknown record kind {kind} at byte {pos}")
         if seq == 0:
-            raise IntegrityError(f"{name}: record with sequence number 0 at byte {pos}")
+            raise IntegrityError(f"{name}: record with sequence number 0 at byte {start}")
         if not isinstance(record, JChunk):
             if length == 0 or record.offset + length > _U64:
-                raise IntegrityError(f"{name}: write of {length} bytes at "
-                                     f"{record.offset} is empty or past 2^64")
+                raise IntegrityError(f"{name}: write of {length} bytes at {record.offset} "
+                                     f"(record at byte {start}) is empty or past 2^64")
             if seq < write_seq:
                 raise IntegrityError(f"{name}: write seq {seq} after {write_seq}: "
                                      f"sequence numbers went back")

@@ -234,7 +234,8 @@ def test_journal_builder_counts_plain_bytes_and_copies_once() -> None:
     data[:] = b"y" * 100  # the builder took its copy when the record was added
     builder.add_zero(2, 0, 4096)
     builder.add_chunk(1, 3, S1)
-    assert builder.size == (21 + 100) + 25 + 25
+    assert builder.size == (21 + 100) + 25 + 25  # docs/format.md's record layouts
+    assert (layout.WRITE_HEADER_BYTES, layout.FIXED_RECORD_BYTES) == (21, 25)
     records = layout.decode_journal(KEYS, S2, bytes(builder.seal(KEYS, S2)))
     assert records == [JWrite(1, 4096, b"x" * 100), JZero(2, 0, 4096), JChunk(1, 3, S1)]
 
@@ -403,8 +404,8 @@ _Z = layout._ZERO
     (_W.pack(1, 1, 0, 0), "empty"),
     (_Z.pack(2, 1, 0, 0), "empty"),
     (_Z.pack(2, 1, 2**64 - 1, 2), "past 2"),
-    (_Z.pack(2, 0, 0, 1), "sequence number 0"),
-    (_Z.pack(3, 0, 0, S1), "sequence number 0"),
+    (_Z.pack(2, 0, 0, 1), "sequence number 0 at byte 0"),
+    (_Z.pack(2, 1, 0, 1) + _Z.pack(3, 0, 0, S1), "sequence number 0 at byte 25"),
     (_Z.pack(2, 5, 0, 1) + _W.pack(1, 4, 0, 1) + b"x", "went back"),
     (_W.pack(1, 5, 0, 1) + b"x" + _Z.pack(2, 4, 0, 1), "went back"),
 ])
