@@ -669,7 +669,9 @@ class ImageBuilder:
                 continue
             base = index * size
             low, high = max(start, base) - base, min(end, base + size) - base
-            piece = None if data is None else data[base + low - start:base + high - start]
+            piece = data
+            if data is not None and high - low != len(data):  # else share, not copy
+                piece = data[base + low - start:base + high - start]
             overlays = state.overlays
             if low == 0 and high == size:
                 overlays.clear()
