@@ -1,13 +1,16 @@
-"""Chunk encoding and key wrapping: pure functions of bytes and keys.
+"""Object encryption and key wrapping: pure functions of bytes and keys.
 
 Everything cloudnbd stores in the cloud, except the clear-text parts of the metadata
-object, passes through here. docs/format.md specifies the same thing byte for byte; the
-known-answer tests in tests/test_codec.py hold the two together.
+object and the head, passes through here: version-1 chunk objects, version-3 sealed
+objects (their kinds and key numbers are cloudnbd/layout.py's), key slots, and the MACs
+of volume.json and the head. docs/format.md specifies the same thing byte for byte; the
+known-answer tests in tests/test_codec.py and tests/vectors_v3.py hold the two together.
 
 Promises:
 - decode_chunk() returns exactly the bytes encode_chunk() was given for the same volume and
   chunk index, or raises IntegrityError. A flipped bit, a truncated object, an object moved
-  to another index or copied from another volume never decodes.
+  to another index or copied from another volume never decodes. unseal_object() promises
+  the same for (kind, ident), and never allocates much more than its limit.
 - Every encryption uses a fresh 256-bit random salt from which the AES key and nonce are
   derived, so a (key, nonce) pair repeats only if two salts collide: with 2^64 uploads the
   chance is about 2^-129, far beyond the 2^32 limit of random 96-bit GCM nonces under a
@@ -20,11 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import zstandard
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
@@ -42,15 +46,18 @@ TAG_BYTES = 16
 
 CHUNK_MAGIC = b"CNBc"
 CHUNK_VERSION = 1
+OBJECT_MAGIC = b"CNB3"  # version 3 sealed objects; the byte after it is their kind
 FLAG_ZSTD = 0x01
 _KNOWN_FLAGS = FLAG_ZSTD
 
-#: magic, version, flags, reserved (must be 0), salt
+#: magic, version (version 3: kind), flags, reserved (must be 0), salt
 CHUNK_HEADER = struct.Struct(">4sBBH32s")
 CHUNK_OVERHEAD = CHUNK_HEADER.size + TAG_BYTES
 
 _CHUNK_INFO = b"cloudnbd chunk v1"
 _META_INFO = b"cloudnbd metadata v1"
+_OBJECT_INFO = b"cloudnbd object v3"
+_HEAD_INFO = b"cloudnbd head v3"
 _SLOT_AAD = b"cloudnbd slot v1"  # scrypt slots
 _ARGON2ID_SLOT_AAD = b"cloudnbd argon2id slot v1"
 _INDEX = struct.Struct(">Q")
@@ -74,15 +81,14 @@ class VolumeKeys:
         """HMAC key that authenticates the metadata object."""
         return _hkdf(self.master_key, None, _META_INFO + self.volume_id, 32)
 
+    @property
+    def head_mac_key(self) -> bytes:
+        """HMAC key that authenticates the head (version 3)."""
+        return _hkdf(self.master_key, None, _HEAD_INFO + self.volume_id, 32)
+
 
 def _hkdf(key: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
-
-
-def _chunk_cipher(keys: VolumeKeys, index: int, salt: bytes) -> tuple[AESGCM, bytes, bytes]:
-    """Per-object AES key and nonce, and the associated data binding volume and index."""
-    okm = _hkdf(keys.master_key, salt, _CHUNK_INFO + keys.volume_id + _INDEX.pack(index), 44)
-    return AESGCM(okm[:32]), okm[32:], keys.volume_id + _INDEX.pack(index)
 
 
 _local = threading.local()
@@ -114,13 +120,15 @@ def _looks_incompressible(plain: bytes | bytearray | memoryview, level: int) -> 
     return True
 
 
-def encode_chunk(keys: VolumeKeys, index: int, plain: bytes | bytearray | memoryview,
-                 level: int = DEFAULT_ZSTD_LEVEL, salt: bytes | None = None) -> bytearray:
-    """Compress (when it helps) and encrypt one chunk for storage as its object.
+def _seal(keys: VolumeKeys, magic: bytes, byte4: int, info: bytes, binding: bytes,
+          plain: bytes | bytearray | memoryview, level: int,
+          salt: bytes | None) -> bytearray:
+    """The header-salt-ciphertext-tag layout that chunk objects (version 1) and sealed
+    objects (version 3) share: compress when it helps, then encrypt under a key and nonce
+    derived from a fresh salt and info, with header || binding as associated data.
 
-    The object is encrypted straight into its final buffer: no copy of the chunk beyond
-    the plain input, the compressed body and the object itself (memory per upload).
-    salt is only for known-answer tests; production callers leave it random.
+    The object is encrypted straight into its final buffer: no copy beyond the plain
+    input, the compressed body and the object itself (memory per upload).
     """
     flags, body = 0, plain
     if not _looks_incompressible(plain, level):
@@ -128,41 +136,107 @@ def encode_chunk(keys: VolumeKeys, index: int, plain: bytes | bytearray | memory
         if len(compressed) < len(plain):
             flags, body = FLAG_ZSTD, compressed
     salt = os.urandom(SALT_BYTES) if salt is None else salt
-    header = CHUNK_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, flags, 0, salt)
-    aead, nonce, binding = _chunk_cipher(keys, index, salt)
+    header = CHUNK_HEADER.pack(magic, byte4, flags, 0, salt)
+    okm = _hkdf(keys.master_key, salt, info, 44)
     blob = bytearray(len(header) + len(body) + TAG_BYTES)
     blob[:len(header)] = header
-    aead.encrypt_into(nonce, body, header + binding, memoryview(blob)[len(header):])
+    AESGCM(okm[:32]).encrypt_into(okm[32:], body, header + binding,
+                                  memoryview(blob)[len(header):])
     return blob
+
+
+def _unseal(keys: VolumeKeys, magic: bytes, byte4: int, info: bytes, binding: bytes,
+            blob: bytes, limit: int, exact: bool, name: str) -> bytes:
+    """Inverse of _seal: the plain bytes, at most limit of them (exactly limit if exact),
+    or IntegrityError with a message that starts with name."""
+    if len(blob) < CHUNK_OVERHEAD:
+        raise IntegrityError(f"{name}: object truncated ({len(blob)} bytes)")
+    found_magic, found_byte4, flags, reserved, salt = CHUNK_HEADER.unpack_from(blob)
+    if found_magic != magic:
+        raise IntegrityError(f"{name}: not a cloudnbd object of this kind "
+                             f"(magic {found_magic!r})")
+    if found_byte4 != byte4 or flags & ~_KNOWN_FLAGS or reserved:
+        raise IntegrityError(f"{name}: unknown header (version or kind {found_byte4}, "
+                             f"flags {flags}, reserved {reserved})")
+    okm = _hkdf(keys.master_key, salt, info, 44)
+    try:
+        body = AESGCM(okm[:32]).decrypt(okm[32:], blob[CHUNK_HEADER.size:],
+                                        blob[:CHUNK_HEADER.size] + binding)
+    except InvalidTag:
+        raise IntegrityError(
+            f"{name}: authentication failed (corrupted, truncated, moved or foreign)"
+        ) from None
+    plain = _inflate(body, limit, name) if flags & FLAG_ZSTD else body
+    if len(plain) > limit or (exact and len(plain) != limit):
+        expected = f"expected {limit}" if exact else f"expected at most {limit}"
+        raise IntegrityError(f"{name}: holds {len(plain)} bytes, {expected}")
+    return plain
+
+
+def _inflate(body: bytes, limit: int, name: str) -> bytes:
+    """The zstd frame body decompressed, never allocating much more than limit: a frame
+    that declares no content size is read as a stream, one that declares too much is
+    refused before anything is allocated."""
+    try:
+        size = zstandard.get_frame_parameters(body).content_size
+        if size == zstandard.CONTENTSIZE_UNKNOWN:
+            with zstandard.ZstdDecompressor().stream_reader(body) as reader:
+                parts, total = [], 0
+                while total <= limit and (part := reader.read(min(limit + 1 - total,
+                                                                  2**24))):
+                    parts.append(part)
+                    total += len(part)
+            return b"".join(parts)
+        if size > limit:
+            raise IntegrityError(f"{name}: holds {size} bytes, expected at most {limit}")
+        return zstandard.ZstdDecompressor().decompress(body)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{name}: bad compressed data: {exc}") from None
+
+
+# -- version 1 and 2: chunk objects chunks/<N> ---------------------------------------------
+
+def _chunk_binding(keys: VolumeKeys, index: int) -> tuple[bytes, bytes]:
+    """HKDF info and associated-data tail of chunk index: bind volume and index."""
+    binding = keys.volume_id + _INDEX.pack(index)
+    return _CHUNK_INFO + binding, binding
+
+
+def encode_chunk(keys: VolumeKeys, index: int, plain: bytes | bytearray | memoryview,
+                 level: int = DEFAULT_ZSTD_LEVEL, salt: bytes | None = None) -> bytearray:
+    """Compress (when it helps) and encrypt one chunk for storage as its object.
+
+    salt is only for known-answer tests; production callers leave it random.
+    """
+    info, binding = _chunk_binding(keys, index)
+    return _seal(keys, CHUNK_MAGIC, CHUNK_VERSION, info, binding, plain, level, salt)
 
 
 def decode_chunk(keys: VolumeKeys, index: int, blob: bytes, chunk_size: int) -> bytes:
     """Authenticate, decrypt and decompress one chunk object; IntegrityError if it is bad."""
-    if len(blob) < CHUNK_OVERHEAD:
-        raise IntegrityError(f"chunk {index}: object truncated ({len(blob)} bytes)")
-    magic, version, flags, reserved, salt = CHUNK_HEADER.unpack_from(blob)
-    if magic != CHUNK_MAGIC:
-        raise IntegrityError(f"chunk {index}: not a cloudnbd chunk object")
-    if version != CHUNK_VERSION or flags & ~_KNOWN_FLAGS or reserved:
-        raise IntegrityError(f"chunk {index}: unknown chunk version {version} or flags {flags}")
-    header = blob[: CHUNK_HEADER.size]
-    aead, nonce, binding = _chunk_cipher(keys, index, salt)
-    try:
-        body = aead.decrypt(nonce, blob[CHUNK_HEADER.size:], header + binding)
-    except InvalidTag:
-        raise IntegrityError(
-            f"chunk {index}: authentication failed (corrupted, truncated, moved or foreign)"
-        ) from None
-    if flags & FLAG_ZSTD:
-        try:
-            plain = zstandard.ZstdDecompressor().decompress(body, max_output_size=chunk_size)
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(f"chunk {index}: bad compressed data: {exc}") from None
-    else:
-        plain = body
-    if len(plain) != chunk_size:
-        raise IntegrityError(f"chunk {index}: holds {len(plain)} bytes, expected {chunk_size}")
-    return plain
+    info, binding = _chunk_binding(keys, index)
+    return _unseal(keys, CHUNK_MAGIC, CHUNK_VERSION, info, binding, blob, chunk_size,
+                   True, f"chunk {index}")
+
+
+# -- version 3: sealed objects (chunks/<N>-<S>, map/<P>-<S>, journal/<S>) -----------------
+# What the kinds and idents mean is cloudnbd/layout.py's business; here they are bytes.
+
+def seal_object(keys: VolumeKeys, kind: int, ident: bytes,
+                plain: bytes | bytearray | memoryview, level: int = DEFAULT_ZSTD_LEVEL,
+                salt: bytes | None = None) -> bytearray:
+    """A version-3 sealed object of kind, bound to its volume and ident (its key's
+    numbers). salt is only for known-answer tests."""
+    return _seal(keys, OBJECT_MAGIC, kind, _OBJECT_INFO + keys.volume_id + bytes([kind])
+                 + ident, keys.volume_id + ident, plain, level, salt)
+
+
+def unseal_object(keys: VolumeKeys, kind: int, ident: bytes, blob: bytes, limit: int,
+                  exact: bool, name: str) -> bytes:
+    """The plain body of a sealed object (at most limit bytes, exactly limit if exact);
+    IntegrityError naming it (name) if it is not that object of this volume."""
+    return _unseal(keys, OBJECT_MAGIC, kind, _OBJECT_INFO + keys.volume_id + bytes([kind])
+                   + ident, keys.volume_id + ident, blob, limit, exact, name)
 
 
 _zero_buffers: dict[int, bytes] = {}
@@ -291,11 +365,27 @@ def unwrap_master_key(slot: KeySlot, password: str, volume_id: bytes) -> bytes:
     return key
 
 
+def canonical(document: dict[str, Any]) -> bytes:
+    """The bytes a JSON object's MAC is computed over (volume.json and the head; see
+    docs/format.md): members sorted, no whitespace, ASCII only."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode("ascii")
+
+
+def _mac(key: bytes, canonical: bytes) -> str:
+    return hmac.new(key, canonical, hashlib.sha256).hexdigest()
+
+
 def metadata_mac(keys: VolumeKeys, canonical: bytes) -> str:
     """Hex HMAC-SHA256 of the canonical metadata bytes."""
-    return hmac.new(keys.metadata_key, canonical, hashlib.sha256).hexdigest()
+    return _mac(keys.metadata_key, canonical)
 
 
 def verify_metadata_mac(keys: VolumeKeys, canonical: bytes, mac: str) -> None:
     if not hmac.compare_digest(metadata_mac(keys, canonical), mac):
         raise IntegrityError("volume metadata failed authentication: it was modified")
+
+
+def head_mac(keys: VolumeKeys, canonical: bytes) -> str:
+    """Hex HMAC-SHA256 of a head's canonical bytes (version 3)."""
+    return _mac(keys.head_mac_key, canonical)

@@ -35,7 +35,14 @@ from typing import Any
 from cloudnbd import codec, layout
 from cloudnbd.backends.base import ObjectInfo, ObjectStore
 from cloudnbd.chunks import ChunkCodec, ChunkStore, chunk_index, chunk_key, stored_chunks
-from cloudnbd.codec import Argon2idParams, KdfParams, KeySlot, ScryptParams, VolumeKeys
+from cloudnbd.codec import (
+    Argon2idParams,
+    KdfParams,
+    KeySlot,
+    ScryptParams,
+    VolumeKeys,
+    canonical,
+)
 from cloudnbd.errors import (
     BackendError,
     CloudnbdError,
@@ -209,12 +216,6 @@ class VolumeMeta:
         }
 
 
-def canonical(document: dict[str, Any]) -> bytes:
-    """The bytes the metadata MAC is computed over (see docs/format.md)."""
-    return json.dumps(document, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True).encode("ascii")
-
-
 def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
     value = doc.get(name)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
@@ -297,7 +298,7 @@ def parse_metadata(blob: bytes) -> tuple[VolumeMeta, dict[str, Any], str]:
 
 def _head_field(doc: dict[str, Any]) -> str:
     head = _field(doc, "head", str)
-    if layout.parse_head_key(head) is None:
+    if layout.head_key_id(head) is None:
         raise IntegrityError(f"volume metadata: malformed head key {head!r}")
     return head
 
