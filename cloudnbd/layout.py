@@ -460,8 +460,6 @@ class Head:
         stamps = [ref.stamp for ref in self.journal]
         if len(set(stamps)) != len(stamps):
             raise ValueError("a journal object is named twice")
-        if any(ref.last_seq > self.seq for ref in self.journal):
-            raise ValueError(f"a journal object holds writes past the head's seq {self.seq}")
         if not _WRITTEN.fullmatch(self.written):
             raise ValueError(f"time written {self.written!r} is not YYYY-MM-DDTHH:MM:SSZ")
 

@@ -146,7 +146,8 @@ class _Commit:
     target: int  # head.seq once done (the writes it makes durable)
     chunks: tuple[JChunk, ...]  # the uploads it names
     segments: set[int]
-    journal: JournalRef | None = None
+    journal: JournalRef | None = None  # once its object is stored
+    span: tuple[int, int, int] = (0, 0, 0)  # its journal object: stamp, first, last seq
     pages: dict[int, int] = field(default_factory=dict)  # page -> stamp, a checkpoint's
     retire: tuple[JournalRef, ...] = ()  # the journal objects a checkpoint folds
     waiting: int = 0  # page writes still in flight
@@ -702,9 +703,7 @@ class Engine(BlockDevice):
         if pressure:
             return True
         settled = now - self._last_write.get(index, 0) >= self.settings.writeback_delay
-        written = sum(e.end - e.start for e in extents.extents)
-        return settled and (extents.covers(self.chunk_size)
-                            or written >= self.settings.fold_fraction * self.chunk_size)
+        return settled and self._mostly_written(extents)
 
     def _dispatch_locked(self) -> None:
         room = self.pool.capacity(WorkerKind.UPLOAD) * 2 - len(self._uploading)
@@ -838,17 +837,24 @@ class Engine(BlockDevice):
             self._start_commit_locked(self.head.seq, ())
 
     def _start_flush_commit_locked(self) -> None:
-        """Commit every write acknowledged so far: pieces into a journal object, except
-        for chunks that would make it too big, which are uploaded whole first (their
-        CHUNK records then name them)."""
-        target = self.journal.next_seq - 1
+        """Commit every write up to the FLUSH target: chunks written whole (or mostly)
+        are uploaded whole and named by CHUNK records, so sequential data is sent once;
+        the other writes go into one journal object, up to its size bound, past which
+        the chunks holding the most are uploaded whole too."""
+        target = self._flush_target
         pieces: list[JournalPiece] = []
         by_chunk: list[tuple[int, int]] = []
+        waiting = False
         for index, extents in self.dirty.items():
             folded = self._pending.get(index, (0, 0, 0))[1]
-            mine = [e for e in extents.extents if self.head.seq < e.seq <= target
-                    and e.seq > folded]
+            mine = [e for e in extents.extents
+                    if self.head.seq < e.seq <= target and e.seq > folded]
             if not mine:
+                continue
+            if self._mostly_written(extents):
+                waiting = True
+                if index not in self._uploading and index not in self._fetching:
+                    self._dispatch_upload_locked(index)
                 continue
             base = index * self.chunk_size
             nbytes = sum(e.end - e.start for e in mine if not e.zero)
@@ -857,17 +863,25 @@ class Engine(BlockDevice):
                                        e.pos, e.zero) for e in mine)
         total = sum(n for n, _ in by_chunk)
         if total > self.settings.journal_object_bytes:
-            # too much for one journal object: the biggest chunks go whole, and the
-            # commit waits for them (a sequential write is never sent twice)
             for nbytes, index in sorted(by_chunk, reverse=True):
                 if total <= self.settings.journal_object_bytes:
                     break
                 total -= nbytes
+                waiting = True
                 if index not in self._uploading and index not in self._fetching:
                     self._dispatch_upload_locked(index)
-            return  # the next round commits them, with what is left in a journal object
+        if waiting:
+            return  # the uploads' results start the commit again, with what is left
         pieces.sort(key=lambda p: p.seq)
         self._start_commit_locked(target, tuple(pieces))
+
+    def _mostly_written(self, extents: ChunkExtents) -> bool:
+        """A chunk written whole, or past fold_fraction: uploading it whole beats sending
+        the writes to a journal object and the chunk again at a checkpoint."""
+        if extents.covers(self.chunk_size):
+            return True
+        written = sum(e.end - e.start for e in extents.extents)
+        return written >= self.settings.fold_fraction * self.chunk_size
 
     def _start_commit_locked(self, target: int, pieces: tuple[JournalPiece, ...]) -> None:
         chunks = tuple(JChunk(seq, index, stamp)
@@ -881,7 +895,7 @@ class Engine(BlockDevice):
         commit = self._commit = _Commit(target, chunks, segments)
         stamp = self._next_stamp()
         seqs = [p.seq for p in pieces] + [c.seq for c in chunks]
-        commit.journal = JournalRef(stamp, min(seqs), max(seqs), 0)
+        commit.span = (stamp, min(seqs), max(seqs))
         for piece in pieces:
             _touch(commit.touched, piece.seq, piece.offset, piece.length, self.chunk_size)
         self._submit(JournalTask(self._next_task_id(), stamp, pieces, chunks), "journal")
@@ -913,8 +927,7 @@ class Engine(BlockDevice):
             self._commit_done_locked(commit, str(result.value))
             return
         if purpose == "journal":
-            assert commit.journal is not None
-            commit.journal = replace(commit.journal, size=result.wire_bytes)
+            commit.journal = JournalRef(*commit.span, result.wire_bytes)
             self.stats.journal_objects += 1
             self.stats.journal_wire_bytes += result.wire_bytes
         else:
