@@ -93,10 +93,15 @@ def export(vol: Volume, target: Path, threads: int = 8, progress: ProgressFn | N
     try:
         if not target.is_block_device():
             os.ftruncate(fd, meta.size)  # sparse: holes where nothing is stored
-        stored = sorted(i for i, _ in vol.stored_chunks() if i < meta.chunk_count)
+        if meta.version >= 3:  # one head, read once: one point in time
+            from cloudnbd.reader import Image
 
-        def fetch(index: int) -> bytes | None:
-            return vol.read_chunk(index)
+            image = Image(vol)
+            stored = [i for i in image.stored() if i < meta.chunk_count]
+            fetch = image.chunk
+        else:
+            stored = sorted(i for i, _ in vol.stored_chunks() if i < meta.chunk_count)
+            fetch = vol.read_chunk
 
         for index, future in _bounded_map(threads, fetch, iter(stored)):
             plain = future.result()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from cloudnbd import layout, volume
+from cloudnbd import offline, volume
 from cloudnbd.backends import StoreOptions
 from cloudnbd.backends.file import FileStore
 from cloudnbd.codec import ScryptParams
@@ -72,37 +72,7 @@ class EngineRig:
         """Another writer stores chunks (zeros: none) and commits them, as a server of
         another machine would; an engine open now is displaced at its next commit."""
         self.epoch += 1
-        objects = self.volume.objects
-        head, version = objects.get_head(self.volume.meta.head)
-        image = Image(self.volume, head)
-        pages = {page: objects.get_page(page, stamp) for page, stamp in head.pages}
-        seq = max([head.seq, *(r.last_seq for r in head.journal)]) + 1
-        counter = 0
-        for index, plain in chunks.items():
-            counter += 1
-            stamp = layout.stamp(self.epoch, counter)
-            sent = objects.put_chunk(index, stamp, plain)
-            page, within = divmod(index, layout.PAGE_CHUNKS)
-            entries = pages.setdefault(page, [layout.ZERO_ENTRY] * layout.PAGE_CHUNKS)
-            entries[within] = layout.Entry(stamp if sent.key else 0, seq)
-        for index, source in image.sources.items():  # fold what the journal held
-            if index not in chunks and source.overlays:
-                counter += 1
-                stamp = layout.stamp(self.epoch, counter)
-                plain = image.chunk(index)
-                assert plain is not None
-                sent = objects.put_chunk(index, stamp, plain)
-                page, within = divmod(index, layout.PAGE_CHUNKS)
-                entries = pages.setdefault(page, [layout.ZERO_ENTRY] * layout.PAGE_CHUNKS)
-                entries[within] = layout.Entry(stamp if sent.key else 0, seq)
-        named = []
-        for page, entries in sorted(pages.items()):
-            counter += 1
-            objects.put_page(page, layout.stamp(self.epoch, counter), entries)
-            named.append((page, layout.stamp(self.epoch, counter)))
-        objects.put_head(self.volume.meta.head, layout.Head(
-            head.volume_id, head.generation + 1, self.epoch, seq, tuple(named), (),
-            head.written), version)
+        offline.commit_chunks(self.volume, self.epoch, chunks)
 
     def cloud_bytes(self) -> bytes:
         """The volume as the store's head names it (reader.Image)."""
