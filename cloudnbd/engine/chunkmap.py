@@ -29,6 +29,7 @@ class ChunkMap:
         self._present = bytearray(count)
         self._pages: dict[int, bytearray] = {}
         self.changed_pages: set[int] = set()
+        self.max_seq = 0  # the highest seq of any entry (E6: later writes number above)
 
     @classmethod
     def from_pages(cls, count: int, pages: Iterable[tuple[int, list[Entry]]]) -> ChunkMap:
@@ -75,6 +76,7 @@ class ChunkMap:
             buf = self._pages[page] = bytearray(PAGE_CHUNKS * _ENTRY.size)
         # a zeros entry keeps its seq too: writes up to it are folded into the zeros
         _ENTRY.pack_into(buf, within * _ENTRY.size, entry.stamp, entry.seq)
+        self.max_seq = max(self.max_seq, entry.seq)
         self._present[index] = 1 if entry.stamp else 0
 
     def seq(self, index: int) -> int:
@@ -92,9 +94,14 @@ class ChunkMap:
                 for i in range(base, base + PAGE_CHUNKS)]
 
     def page_in_use(self, page: int) -> bool:
-        """Whether some chunk of the page has an object (else the head names no page)."""
+        """Whether some entry of the page is not Entry(0, 0) (else the head names no
+        page). A zeros entry counts: its seq keeps older journal writes from coming back
+        (docs/format.md, map pages)."""
         base = page * PAGE_CHUNKS
-        return any(self._present[base:base + PAGE_CHUNKS])
+        if any(self._present[base:base + PAGE_CHUNKS]):
+            return True
+        buf = self._pages.get(page)
+        return buf is not None and any(buf)
 
     def stamps(self) -> Iterator[tuple[int, int]]:
         """(index, stamp) of every chunk that has an object."""

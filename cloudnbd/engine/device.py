@@ -262,7 +262,8 @@ class Engine(BlockDevice):
                     self._apply(record.kind, record.offset, record.length, record.seq,
                                 record.segment, record.data_pos)
                     self.recovered_records += 1
-            self.journal.skip_to(cloud_max + 1)  # E6
+            self.journal.skip_to(max(cloud_max, self.map.max_seq) + 1)  # E6
+            self._set_journal_floor_locked()
         if self.recovered_records:
             log.warning("replayed %d journal records; %d chunks to upload",
                         self.recovered_records, len(self.dirty))
@@ -335,6 +336,8 @@ class Engine(BlockDevice):
             while self.dirty or self._pending or self.head.journal or self._commit:
                 if self.displaced is not None:
                     raise Displaced(self._displaced_message())
+                if self._stopped:
+                    raise DeviceError(errno.ESHUTDOWN, "stopped while closing")
                 left = self._backlog_locked()
                 now = time.monotonic()
                 if left < last_left:
@@ -837,21 +840,27 @@ class Engine(BlockDevice):
             self._start_commit_locked(self.head.seq, ())
 
     def _start_flush_commit_locked(self) -> None:
-        """Commit every write up to the FLUSH target: chunks written whole (or mostly)
-        are uploaded whole and named by CHUNK records, so sequential data is sent once;
-        the other writes go into one journal object, up to its size bound, past which
-        the chunks holding the most are uploaded whole too."""
-        target = self._flush_target
+        """Commit every write acknowledged so far (C1 below). Chunks the FLUSH needs that
+        are written whole (or mostly) are uploaded whole and named by CHUNK records, so
+        sequential data is sent once; the other writes go into one journal object, up to
+        its size bound, past which the chunks holding the most are uploaded whole too.
+
+        C1 A commit up to seq T holds, for every byte, the newest write at or below T
+        or one newer: the live extents, never only those at or below T. A piece a newer
+        write replaced is gone from the extents; were the commit to hold only pieces up
+        to T, the FLUSH would claim the replaced write durable while the store kept an
+        older one (the power-loss campaign found exactly that)."""
+        target = self.journal.next_seq - 1
         pieces: list[JournalPiece] = []
         by_chunk: list[tuple[int, int]] = []
         waiting = False
         for index, extents in self.dirty.items():
             folded = self._pending.get(index, (0, 0, 0))[1]
-            mine = [e for e in extents.extents
-                    if self.head.seq < e.seq <= target and e.seq > folded]
+            mine = [e for e in extents.extents if e.seq > max(self.head.seq, folded)]
             if not mine:
                 continue
-            if self._mostly_written(extents):
+            needed = any(e.seq <= self._flush_target for e in mine)
+            if needed and self._mostly_written(extents):
                 waiting = True
                 if index not in self._uploading and index not in self._fetching:
                     self._dispatch_upload_locked(index)
@@ -981,6 +990,13 @@ class Engine(BlockDevice):
                 del self._pending[record.index]
             if record.seq > self.map.seq(record.index):
                 self._fold_locked(record.index, record.stamp, record.seq)
+        self._set_journal_floor_locked()
+
+    def _set_journal_floor_locked(self) -> None:
+        """J4: below the first journal object the head names, every write is folded."""
+        journal = self.head.journal
+        self.journal.set_floor(min(r.first_seq for r in journal) if journal
+                               else self.head.seq + 1)
 
     def _fold_locked(self, index: int, stamp: int, seq: int) -> None:
         """Chunk index is now object stamp as of seq (a commit named it): drop the extents

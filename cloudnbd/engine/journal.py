@@ -29,6 +29,12 @@ Invariants (relied on by the engine and by recovery):
   survives, and replaying the older one would roll the cloud back), and each deletion
   is fsync'd before the next (a resurrected older segment next to a deleted newer one
   would do the same). This holds whatever order the file system keeps metadata in.
+- J4 A segment is deleted only once all its records are below the floor the engine sets:
+  the store holds every write below it folded into chunk objects (no journal object the
+  head names reaches below it). A record that a newer, not yet committed, write has
+  replaced is not needed while the newer one lives, but if a power loss takes the newer
+  one, the older one is the flushed data; an open that trusts this journal (it does,
+  after a crash of this machine) must still find it here.
 - J3 Recovery reads each segment until its first record that is torn or fails its CRC and
   ignores the rest of that segment: an fsync covers a whole file, so nothing after a bad
   record was ever fsynced, hence never uploaded or flushed.
@@ -104,6 +110,9 @@ class Journal:
         self._active_pos = 0
         self.next_seq = 1
         self._deletion_failed = False
+        self._recovering = False
+        self._segment_seq: dict[int, int] = {}  # segment -> its highest record seq
+        self.floor: int | None = None  # J4; None: no floor (the journal alone, in tests)
 
     # -- recovery -------------------------------------------------------------------------
     def segments_on_disk(self) -> list[int]:
@@ -120,6 +129,13 @@ class Journal:
 
         Afterwards new records go to a fresh segment, so appends never follow a torn tail.
         """
+        self._recovering = True  # segments that fall out of use go at the next account()
+        try:
+            yield from self._recover_segments()
+        finally:
+            self._recovering = False
+
+    def _recover_segments(self) -> Iterator[Record]:
         last_segment = 0
         for number in self.segments_on_disk():
             last_segment = number
@@ -143,6 +159,7 @@ class Journal:
                     break
                 yield Record(Kind(kind), seq, offset, length, number, pos + HEADER_BYTES)
                 self.next_seq = max(self.next_seq, seq + 1)
+                self._segment_seq[number] = max(self._segment_seq.get(number, 0), seq)
                 pos += HEADER_BYTES + data_len
             if pos < size:
                 log.warning("journal segment %s: ignoring %d bytes after the last valid "
@@ -169,6 +186,13 @@ class Journal:
             self._active, self._active_pos = number, 0
             self._live.setdefault(number, 0)
             self._sizes[number] = 0
+
+    def set_floor(self, floor: int) -> None:
+        """J4: the store holds every write below floor folded into chunk objects; segments
+        wholly below it may go once no record of theirs is needed."""
+        with self._lock:
+            self.floor = floor
+            self._delete_dead_locked()
 
     def skip_to(self, seq: int) -> None:
         """Number the next record seq or later: the volume's sequence numbers go on from
@@ -204,6 +228,7 @@ class Journal:
                 raise OSError(f"journal: short write ({written} bytes)")
             self._active_pos += written
             self._sizes[segment] = self._active_pos
+            self._segment_seq[segment] = max(self._segment_seq.get(segment, 0), seq)
             return seq, segment, pos + HEADER_BYTES
 
     # -- durability -----------------------------------------------------------------------
@@ -248,10 +273,16 @@ class Journal:
 
     def _delete_dead_locked(self) -> None:
         # J2: oldest first, never the active segment, never a pinned one, and never again
-        # this run once a deletion failed (see _delete_segment_locked).
+        # this run once a deletion failed (see _delete_segment_locked); not during
+        # recovery either: a segment whose records the replay skips (the store's chunk
+        # objects hold them) is still being read.
+        if self._recovering:
+            return
         for number in sorted(self._live):
             if (self._deletion_failed or number == self._active or self._live[number]
-                    or number in self._pins):
+                    or number in self._pins
+                    or (self.floor is not None
+                        and self._segment_seq.get(number, 0) >= self.floor)):
                 return
             try:
                 self._delete_segment_locked(number)
