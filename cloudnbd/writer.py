@@ -1,0 +1,198 @@
+"""A whole new image of a version-3 volume, written beside the current one, then the
+switch to it and the removal of what it replaced: what the offline commands that rewrite
+a volume share (import, resize --shrink, upgrade, rekey; docs/design.md, "Offline
+commands on version 3").
+
+Rules (each offline command holds the volume's lease throughout):
+- R1 Nothing the current head names is written or deleted before the switch: every
+  object is created once, with create-if-absent, under a fresh stamp of the writer's
+  lease epoch (or, for upgrade, the reserved stamp 1, adopted on a rerun only if it
+  holds exactly what would be written). An interrupted command leaves only garbage.
+- R2 The switch is one conditional write: the head, on the version read before the
+  image was computed (import, shrink), or volume.json (M1) naming a new head (upgrade,
+  rekey). Losing the condition means another writer ignored the lease: the command fails
+  and its objects are garbage.
+- R3 Every entry of the new image, and its head, carries one sequence number above all
+  the old head holds (reader.Image.max_seq), and the new head names no journal object:
+  a server's later writes number above everything it holds (engine E6).
+- R4 collect() runs only after the switch and deletes exactly the volume's objects the
+  new head does not name (reader.unnamed: never another key under the root).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from cloudnbd import codec, layout
+from cloudnbd.backends.base import ObjectStore
+from cloudnbd.errors import CloudnbdError, IntegrityError, PreconditionFailed
+from cloudnbd.layout import PAGE_CHUNKS, ZERO_ENTRY, Entry, Head
+from cloudnbd.objects import VolumeObjects
+from cloudnbd.pool import results
+from cloudnbd.reader import unnamed
+from cloudnbd.volume import DELETE_BATCH, own_objects
+
+log = logging.getLogger(__name__)
+
+
+class ImageWriter:
+    """Chunk objects, map pages and the head of a new image (R1-R3). put_chunk and keep
+    may be called from many threads."""
+
+    def __init__(self, objects: VolumeObjects, epoch: int, seq: int,
+                 reserved: int | None = None) -> None:
+        self.objects = objects
+        self.epoch = epoch
+        self.seq = seq
+        self.reserved = reserved  # upgrade: try this stamp first (R1)
+        self._counter = 0
+        self._lock = threading.Lock()
+        self.entries: dict[int, Entry] = {}
+        self.pages: dict[int, int] = {}  # page -> stamp, once written
+        self.wire_bytes = 0
+
+    def _fresh_stamp(self) -> int:
+        with self._lock:
+            self._counter += 1
+            return layout.stamp(self.epoch, self._counter)
+
+    def put_chunk(self, index: int, plain: bytes | bytearray | memoryview) -> None:
+        """Chunk index of the new image holds plain (a chunk of zeros is not stored)."""
+        if codec.is_zero(plain):
+            with self._lock:
+                self.entries.pop(index, None)
+            return
+        if self.reserved is not None:
+            keys, size = self.objects.keys, self.objects.codec.chunk_size
+            stamp = self._create_or_adopt(
+                lambda s: layout.chunk_key(index, s),
+                lambda s: layout.encode_chunk(keys, index, s, plain,
+                                              self.objects.codec.zstd_level),
+                lambda s, blob: layout.decode_chunk(keys, index, s, blob, size) == plain)
+        else:
+            stamp = self._fresh_stamp()
+            sent = self.objects.put_chunk(index, stamp, plain)
+            with self._lock:
+                self.wire_bytes += sent.wire_bytes
+        self.keep(index, Entry(stamp, self.seq))
+
+    def keep(self, index: int, entry: Entry) -> None:
+        """Chunk index of the new image is entry (an object the old image names already,
+        its seq at most the writer's)."""
+        if entry.seq > self.seq:
+            raise ValueError(f"entry seq {entry.seq} above the new head's {self.seq}")
+        with self._lock:
+            if entry == ZERO_ENTRY:
+                self.entries.pop(index, None)
+            else:
+                self.entries[index] = entry
+
+    def _create_or_adopt(self, key_of: Callable[[int], str],
+                         encode: Callable[[int], bytes | bytearray],
+                         holds: Callable[[int, bytes], bool]) -> int:
+        """The stamp of the object that encode() makes: the reserved stamp, created now
+        or found holding the same contents (an interrupted run made it; holds() judges);
+        else a fresh stamp (R1)."""
+        assert self.reserved is not None
+        key = key_of(self.reserved)
+        blob = encode(self.reserved)
+        try:
+            self.objects.store.put_if(key, blob, None)
+        except PreconditionFailed:
+            try:
+                if holds(self.reserved, self.objects.store.get(key)):
+                    return self.reserved
+                log.info("%s, left by an interrupted run, holds other data; writing "
+                         "another", key)
+            except IntegrityError as exc:
+                log.warning("%s, left by an interrupted run, is damaged (%s); writing "
+                            "another", key, exc.message)
+            stamp = self._fresh_stamp()
+            blob = encode(stamp)
+            self.objects.store.put_if(key_of(stamp), blob, None)
+        else:
+            stamp = self.reserved
+        with self._lock:
+            self.wire_bytes += len(blob)
+        return stamp
+
+    def page_entries(self) -> dict[int, list[Entry]]:
+        """The entries of every page of the new image that holds any."""
+        pages: dict[int, list[Entry]] = {}
+        for index, entry in self.entries.items():
+            page = index // PAGE_CHUNKS
+            if page not in pages:
+                pages[page] = [ZERO_ENTRY] * PAGE_CHUNKS
+            pages[page][index % PAGE_CHUNKS] = entry
+        return pages
+
+    def write_pages(self, threads: int) -> tuple[tuple[int, int], ...]:
+        """Store the map pages; returns the head's (page, stamp) pairs. (Every page is
+        new: a page is 16 GiB of 4 MiB chunks, and rewriting it costs little.)"""
+        pages = self.page_entries()
+
+        def put(page: int) -> int:
+            entries = pages[page]
+            if self.reserved is not None:
+                keys = self.objects.keys
+                return self._create_or_adopt(
+                    lambda s: layout.map_key(page, s),
+                    lambda s: layout.encode_map_page(keys, page, s, entries),
+                    lambda s, blob: layout.decode_map_page(keys, page, s, blob) == entries)
+            stamp = self._fresh_stamp()
+            sent = self.objects.put_page(page, stamp, entries)
+            with self._lock:
+                self.wire_bytes += sent.wire_bytes
+            return stamp
+
+        for page, stamp in results(threads, put, sorted(pages)):
+            self.pages[page] = stamp  # type: ignore[assignment]
+        return tuple(sorted(self.pages.items()))
+
+    def write_head(self, key: str, generation: int, expected: str | None,
+                   threads: int) -> Head:
+        """Store the pages, then the head under key, if the head there is still at
+        version expected (None: create it). CloudnbdError if it is not (R2)."""
+        pages = self.write_pages(threads)
+        head = Head(self.objects.keys.volume_id, generation, self.epoch, self.seq, pages,
+                    (), datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        try:
+            self.objects.put_head(key, head, expected)
+        except PreconditionFailed:
+            raise CloudnbdError(
+                f"{self.objects.store.description}: the volume's head ({key}) changed "
+                f"while this command ran, although it holds the lease: another writer "
+                f"ignored it. Nothing was changed; the objects written are garbage that "
+                f"the next rewrite or server deletes") from None
+        return head
+
+    def named(self, head_key: str) -> set[str]:
+        """Every key the new head names, its own included (after write_head)."""
+        names = {head_key}
+        names.update(layout.map_key(page, stamp) for page, stamp in self.pages.items())
+        names.update(layout.chunk_key(index, entry.stamp)
+                     for index, entry in self.entries.items() if entry.stamp)
+        return names
+
+
+def collect(store: ObjectStore, named: set[str],
+            progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+    """Delete the volume's objects no current head names (R4): after a switch, what the
+    old head named, and any other garbage. Returns (objects, bytes) deleted."""
+    doomed = unnamed(own_objects(store), named)
+    total = sum(info.size for info in doomed)
+    done = 0
+    if progress is not None:
+        progress(0, total)
+    for start in range(0, len(doomed), DELETE_BATCH):
+        batch = doomed[start:start + DELETE_BATCH]
+        store.delete_many([info.key for info in batch])
+        done += sum(info.size for info in batch)
+        if progress is not None:
+            progress(done, total)
+    if doomed:
+        log.info("deleted %d objects (%d bytes) no head names", len(doomed), total)
+    return len(doomed), total
