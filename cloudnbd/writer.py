@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 from cloudnbd import codec, layout
 from cloudnbd.backends.base import ObjectStore
-from cloudnbd.errors import CloudnbdError, IntegrityError, PreconditionFailed
+from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound, PreconditionFailed
 from cloudnbd.layout import PAGE_CHUNKS, ZERO_ENTRY, Entry, Head
 from cloudnbd.objects import VolumeObjects
 from cloudnbd.pool import results
@@ -98,23 +98,21 @@ class ImageWriter:
         else a fresh stamp (R1)."""
         assert self.reserved is not None
         key = key_of(self.reserved)
-        blob = encode(self.reserved)
-        try:
-            self.objects.store.put_if(key, blob, None)
-        except PreconditionFailed:
+        stamp = self.reserved
+        if self.objects.store.stat(key) is not None:  # a HEAD, not a PUT of it all again
             try:
-                if holds(self.reserved, self.objects.store.get(key)):
-                    return self.reserved
+                if holds(stamp, self.objects.store.get(key)):
+                    return stamp
                 log.info("%s, left by an interrupted run, holds other data; writing "
                          "another", key)
             except IntegrityError as exc:
                 log.warning("%s, left by an interrupted run, is damaged (%s); writing "
                             "another", key, exc.message)
+            except ObjectNotFound:
+                pass
             stamp = self._fresh_stamp()
-            blob = encode(stamp)
-            self.objects.store.put_if(key_of(stamp), blob, None)
-        else:
-            stamp = self.reserved
+        blob = encode(stamp)
+        self.objects.store.put_if(key_of(stamp), blob, None)
         with self._lock:
             self.wire_bytes += len(blob)
         return stamp
