@@ -68,7 +68,8 @@ def current(vol: Volume, work: Callable[[Head], T]) -> T:
 class Image:
     """The chunks of a volume as one head names them.
 
-    With on_damage, a map page or journal object that is missing or damaged is reported
+    With on_damage, a map page or journal object that is missing or damaged (an
+    IntegrityError; a store out of reach still raises) is reported
     to it and left out instead of raising (verify, info): the image is then incomplete
     (`complete` False), and must not be read or rewritten, only reported on.
     """
@@ -90,8 +91,8 @@ class Image:
         self.wire_bytes = 0
 
         def damaged(key: str, exc: BaseException) -> None:
-            if on_damage is None or not isinstance(exc, CloudnbdError):
-                raise exc
+            if on_damage is None or not isinstance(exc, IntegrityError):
+                raise exc  # a store that cannot be reached is no damage
             self.complete = False
             self.named.add(key)
             on_damage(key, exc.message)

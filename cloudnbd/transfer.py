@@ -121,7 +121,7 @@ def _verify_head(vol: Volume, head: Head, threads: int, progress: ProgressFn | N
     objects = vol.objects
     for chunk, found in parallel(threads, lambda c: objects.get_chunk(*c), chunks):
         report.checked += 1
-        if isinstance(found, CloudnbdError):
+        if isinstance(found, IntegrityError):
             damaged(layout.chunk_key(*chunk), found.message)
         elif isinstance(found, BaseException):
             raise found
