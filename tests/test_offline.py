@@ -620,3 +620,27 @@ def test_delete_removes_every_object_of_a_version_3_volume_and_nothing_else(
     result = cloudnbd("delete", *vol.target, "--yes", *vol.env.cli_args, env=vol.env.env)
     assert f"({len(owned)} objects)" in result.stdout, result.stdout
     assert vol.snapshot() == foreign
+
+
+@pytest.mark.parametrize("backend_env", ["file"], indirect=True)
+def test_export_to_a_block_device_writes_zeros_where_nothing_is_stored(
+        vol: Offline) -> None:
+    """A device keeps what it held: an export to one must write the unstored ranges
+    too, or the restored filesystem would find stale blocks where it left zeros."""
+    import subprocess
+
+    vol.init("1MiB")
+    pieces = {CHUNK + 5: os.urandom(3000), 9 * CHUNK: os.urandom(CHUNK)}
+    write_image(vol.tmp / "image", MiB, pieces)
+    vol.import_(vol.tmp / "image")
+    backing = vol.tmp / "device"
+    backing.write_bytes(b"\xff" * MiB)
+    loop = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        result = cloudnbd("export", *vol.target, loop, "--password-file",
+                          str(vol.password), *vol.env.cli_args, env=vol.env.env)
+        assert "Exported 1 MiB" in result.stdout
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    assert_image(backing, model(MiB, pieces))
