@@ -1,7 +1,7 @@
 """Rewriting a whole volume in a new form, in place: `upgrade` (versions 1 and 2 to
 version 3) and `rekey` (every object under a new master key).
 
-Both write the new image beside the old one (writer.py R1), then switch with one
+Both write the new image beside the old one (offline.py R1), then switch with one
 conditional write of volume.json (M1) naming a new head, then delete the old objects
 (R4). Until the switch the old volume is untouched and complete, so an interrupted run
 costs only garbage, and after it the new one is. The caller holds the volume's lease
@@ -29,11 +29,12 @@ from cloudnbd import codec, layout, runtime
 from cloudnbd.chunks import ChunkCodec
 from cloudnbd.codec import KdfParams, VolumeKeys
 from cloudnbd.errors import CloudnbdError, IntegrityError
+from cloudnbd.layout import Entry
 from cloudnbd.objects import VolumeObjects
+from cloudnbd.offline import ImageWriter, collect
 from cloudnbd.pool import results
 from cloudnbd.reader import Image, read_head
 from cloudnbd.volume import LAYOUT_V3, Volume, VolumeMeta, new_slot
-from cloudnbd.writer import ImageWriter, collect
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,11 @@ def rekey(vol: Volume, password: str, kdf: KdfParams | None, epoch: int, threads
 
     def reseal(index: int) -> None:
         plain = image.chunk(index)
-        if plain is not None:
-            writer.put_chunk(index, plain)
+        if plain is None or not writer.put_chunk(index, plain):
+            writer.zeroed(index)
+
+    for index, seq in image.zeroed.items():  # R5: as they are
+        writer.keep(index, Entry(0, seq))
 
     stored = image.stored()
     for done, _ in enumerate(results(threads, reseal, stored), 1):

@@ -78,8 +78,10 @@ class Image:
                  on_damage: DamageFn | None = None) -> None:
         self.volume = vol
         self.objects = vol.objects
+        #: the version of the head read here (None: the caller gave the head)
+        self.head_version: str | None = None
         if head is None:
-            head, _ = read_head(vol)
+            head, self.head_version = read_head(vol)
         self.head = head
         self.complete = True
         #: every key the head names (layout.named_keys), its own key included
@@ -119,7 +121,16 @@ class Image:
             self.named |= layout.named_keys(replace(head, pages=(), journal=(ref,)), {},
                                             {ref.stamp: records})
         self.chunk_count = builder.chunk_count
-        self.sources: dict[int, ChunkSource] = dict(builder.chunks())
+        # a chunk folded into zeros (stamp 0, no writes over it) is plain zeros; its seq
+        # is kept for a writer that carries the map over (offline.carry)
+        self.sources: dict[int, ChunkSource] = {}
+        #: chunks made zero (trimmed, zeroed) and the seq that did it
+        self.zeroed: dict[int, int] = {}
+        for index, source in builder.chunks():
+            if source.stamp or source.overlays:
+                self.sources[index] = source
+            else:
+                self.zeroed[index] = source.seq
 
     def stored(self) -> list[int]:
         """The chunks that are not plain zeros, ascending."""

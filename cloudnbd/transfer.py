@@ -9,7 +9,7 @@ A volume of version 3 is read through the head (reader.Image): one point in time
 while a server writes, every named object authenticated, and a head that changed under
 the reader (a server collected what an older one named) read again (reader.current).
 import and shrink write a new image beside the current one and switch to it with one
-conditional head write (writer.py, R1-R4), under the lease the caller holds. Volumes of
+conditional head write (offline.py, R1-R4), under the lease the caller holds. Volumes of
 versions 1 and 2 (chunk objects chunks/<N>) are verified and exported as they are;
 everything else needs `cloudnbd upgrade` first.
 """
@@ -26,11 +26,11 @@ from pathlib import Path
 from cloudnbd import layout, runtime
 from cloudnbd.chunks import chunk_key
 from cloudnbd.errors import CloudnbdError, IntegrityError, UsageError
-from cloudnbd.layout import Entry, Head
+from cloudnbd.layout import Head
+from cloudnbd.offline import ImageWriter, carry, collect
 from cloudnbd.pool import parallel, results
 from cloudnbd.reader import Image, current, read_head, unnamed
 from cloudnbd.volume import LAYOUT_V3, Volume, own_objects
-from cloudnbd.writer import ImageWriter, collect
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def _write_out(vol: Volume, stored: list[int], fetch: Callable[[int], bytes | No
 def import_image(vol: Volume, source: Path, epoch: int, threads: int = 8,
                  progress: ProgressFn | None = None) -> int:
     """Make a raw image the volume's contents, as a new image beside the current one
-    and one conditional head write (writer.py); returns the chunks stored. The caller
+    and one conditional head write (offline.py); returns the chunks stored. The caller
     holds the volume's lease at epoch (the stamps of the new objects).
 
     Zero chunks are not stored, so sparse images stay cheap. The image must not be
@@ -317,21 +317,16 @@ def shrink(vol: Volume, new_size: int, epoch: int, threads: int = 8,
     head, version = read_head(vol)
     image = Image(vol, head, threads)  # it is rewritten: damage stops the shrink
     writer = ImageWriter(vol.objects, epoch, image.max_seq + 1)
-    rewrite = []
-    for index, source in image.sources.items():
-        if index >= keep:
-            continue
-        if source.overlays or (tail and index == keep - 1):
-            rewrite.append(index)
-        elif source.stamp:
-            writer.keep(index, Entry(source.stamp, source.seq))
+    last = {keep - 1} if tail and keep - 1 in image.sources else set()
+    rewrite = sorted({*carry(writer, image, keep, last), *last})
 
     def fold(index: int) -> None:
         plain = image.chunk(index)
         assert plain is not None
-        if tail and index == keep - 1:
+        if index in last:
             plain = plain[:tail] + bytes(meta.chunk_size - tail)
-        writer.put_chunk(index, plain)
+        if not writer.put_chunk(index, plain):
+            writer.zeroed(index)
 
     total = len(rewrite) * meta.chunk_size
     for done, _ in enumerate(results(threads, fold, sorted(rewrite)), 1):

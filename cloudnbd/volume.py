@@ -458,11 +458,37 @@ class Volume:
         return ChunkStore(self.store, self.chunk_codec)
 
     def read_chunk(self, index: int) -> bytes | None:
-        """The plain contents of chunk index, or None if it is not stored (all zeros)."""
+        """The plain contents of chunk index, or None if it is not stored (all zeros).
+        Version 3: as the head names it now (reader.Image; one head read per call)."""
+        if self.meta.version >= LAYOUT_V3:
+            from cloudnbd.reader import Image  # the reader is built on this module
+
+            return Image(self).chunk(index)
         return self.chunks.get(index).plain
 
-    def write_chunk(self, index: int, plain: bytes) -> None:
-        """Store chunk index over its current version (chunks.ChunkStore.replace)."""
+    def write_chunk(self, index: int, plain: bytes, epoch: int | None = None) -> None:
+        """Store chunk index. Versions 1 and 2: over its current object
+        (chunks.ChunkStore.replace). Version 3: committed under a new head by
+        offline.commit_chunks, with stamps of epoch: the caller plays a writer that holds
+        the lease at it. Default: the lease is taken (purpose "import") for the write, so
+        that every call has an epoch of its own and its stamps are unique; if it is held,
+        one above the holder's (the caller plays the holder's successor, once)."""
+        if self.meta.version >= LAYOUT_V3:
+            from cloudnbd import lease, offline
+
+            if epoch is not None:
+                offline.commit_chunks(self, epoch, {index: plain})
+                return
+            found = lease.holder(self.store)
+            if found is not None:
+                offline.commit_chunks(self, found.epoch + 1, {index: plain})
+                return
+            held = lease.acquire(self.store, "import")
+            try:
+                offline.commit_chunks(self, held.epoch, {index: plain})
+            finally:
+                held.release()
+            return
         self.chunks.replace(index, plain)
 
     def stored_chunks(self) -> Iterator[tuple[int, ObjectInfo]]:

@@ -2,7 +2,7 @@
 verify, info, import, resize, upgrade, rekey and delete (docs/design.md, "Offline
 commands on version 3"), run as a user runs them on file, s3 (SeaweedFS) and gs
 (fake-gcs-server), and their rules held in this process where a failure must be
-injected (writer.py R1-R4, convert.py).
+injected (offline.py R1-R5, convert.py).
 
 What a server leaves in the store (journal objects named by the head, as after a crash)
 is written here object by object with the format's own encoders (commit_journal), as
@@ -26,8 +26,8 @@ from cloudnbd.cli import main
 from cloudnbd.codec import ScryptParams
 from cloudnbd.errors import BackendError, IntegrityError
 from cloudnbd.layout import Entry, JournalBuilder, JournalRef
+from cloudnbd.offline import ImageWriter
 from cloudnbd.reader import Image
-from cloudnbd.writer import ImageWriter
 from tests.served import KDF, cloudnbd
 from tests.servers import BackendEnv
 

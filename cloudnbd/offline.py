@@ -1,7 +1,7 @@
-"""A whole new image of a version-3 volume, written beside the current one, then the
-switch to it and the removal of what it replaced: what the offline commands that rewrite
-a volume share (import, resize --shrink, upgrade, rekey; docs/design.md, "Offline
-commands on version 3").
+"""Changing a version-3 volume without a server: a new image written beside the current
+one, the switch to it, and the removal of what it replaced. What the commands that
+rewrite a volume share (import, resize --shrink, upgrade, rekey; docs/design.md,
+"Offline commands on version 3"), and tests that play another writer (commit_chunks).
 
 Rules (each offline command holds the volume's lease throughout):
 - R1 Nothing the current head names is written or deleted before the switch: every
@@ -17,13 +17,17 @@ Rules (each offline command holds the volume's lease throughout):
   a server's later writes number above everything it holds (engine E6).
 - R4 collect() runs only after the switch and deletes exactly the volume's objects the
   new head does not name (reader.unnamed: never another key under the root).
+- R5 What a rewrite does not change it carries over as it is (carry): the entries of
+  chunks held by objects, and of chunks made zero with their seq (a write older than
+  the zeroing must never come back); a chunk the store's journal wrote to is folded
+  into a new object, as the new head names no journal.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 
 from cloudnbd import codec, layout
@@ -32,8 +36,8 @@ from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound, Preco
 from cloudnbd.layout import PAGE_CHUNKS, ZERO_ENTRY, Entry, Head
 from cloudnbd.objects import VolumeObjects
 from cloudnbd.pool import results
-from cloudnbd.reader import unnamed
-from cloudnbd.volume import DELETE_BATCH, own_objects
+from cloudnbd.reader import Image, unnamed
+from cloudnbd.volume import DELETE_BATCH, Volume, own_objects
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +63,13 @@ class ImageWriter:
             self._counter += 1
             return layout.stamp(self.epoch, self._counter)
 
-    def put_chunk(self, index: int, plain: bytes | bytearray | memoryview) -> None:
-        """Chunk index of the new image holds plain (a chunk of zeros is not stored)."""
+    def put_chunk(self, index: int, plain: bytes | bytearray | memoryview) -> bool:
+        """Chunk index of the new image holds plain; whether it was stored (a chunk of
+        zeros is not: it has no entry, unless zeroed() gives it one)."""
         if codec.is_zero(plain):
             with self._lock:
                 self.entries.pop(index, None)
-            return
+            return False
         if self.reserved is not None:
             keys, size = self.objects.keys, self.objects.codec.chunk_size
             stamp = self._create_or_adopt(
@@ -78,6 +83,12 @@ class ImageWriter:
             with self._lock:
                 self.wire_bytes += sent.wire_bytes
         self.keep(index, Entry(stamp, self.seq))
+        return True
+
+    def zeroed(self, index: int) -> None:
+        """Chunk index is zeros as of the new image, and its map entry says so with the
+        image's seq (R5: for a writer that continues the volume's history)."""
+        self.keep(index, Entry(0, self.seq))
 
     def keep(self, index: int, entry: Entry) -> None:
         """Chunk index of the new image is entry (an object the old image names already,
@@ -194,3 +205,43 @@ def collect(store: ObjectStore, named: set[str],
     if doomed:
         log.info("deleted %d objects (%d bytes) no head names", len(doomed), total)
     return len(doomed), total
+
+
+def carry(writer: ImageWriter, image: Image, end: int, changed: Collection[int] = ()
+          ) -> list[int]:
+    """Carry image's chunks below chunk end into writer as they are, but those in
+    changed (R5); returns the chunks the store's journal wrote to, ascending, for the
+    caller to fold (put_chunk of image.chunk())."""
+    fold = []
+    for index, source in image.sources.items():
+        if index >= end or index in changed:
+            continue
+        if source.overlays:
+            fold.append(index)
+        else:
+            writer.keep(index, Entry(source.stamp, source.seq))
+    for index, seq in image.zeroed.items():
+        if index < end and index not in changed:
+            writer.keep(index, Entry(0, seq))
+    return sorted(fold)
+
+
+def commit_chunks(vol: Volume, epoch: int, chunks: Mapping[int, bytes | None],
+                  progress: Callable[[int], None] | None = None) -> Head:
+    """Store chunks (index -> contents; None or zeros: zeroed) under a new head that
+    carries the rest of the current image over (R5), with stamps of epoch (the caller
+    holds the lease at it, or plays a writer that does); returns the new head. What
+    the old head named is left as garbage: for tests and tools that play another writer;
+    the commands collect it (import, shrink)."""
+    image = Image(vol)
+    writer = ImageWriter(vol.objects, epoch, image.max_seq + 1)
+    fold = carry(writer, image, image.chunk_count, chunks.keys())
+    for index in fold:
+        writer.put_chunk(index, image.chunk(index))  # type: ignore[arg-type]
+    for index, plain in chunks.items():
+        if plain is None or not writer.put_chunk(index, plain):
+            writer.zeroed(index)
+        if progress is not None:
+            progress(index)
+    return writer.write_head(vol.meta.head, image.head.generation + 1, image.head_version,
+                             threads=8)
