@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cloudnbd import __version__, backends, config, logs, volume
 from cloudnbd.backends import BACKENDS, StoreOptions, open_store
@@ -40,6 +40,8 @@ from cloudnbd.progress import Progress
 from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
 
 if TYPE_CHECKING:
+    from cloudnbd.lease import Lease
+    from cloudnbd.runtime import LocalState
     from cloudnbd.service import Service
 
 log = logging.getLogger("cloudnbd")
@@ -165,7 +167,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     vol = _unlock(args)
     meta = vol.meta
-    info: dict[str, object] = {
+    info: dict[str, Any] = {
         "location": vol.store.description,
         "volume_id": meta.volume_id.hex(),
         "format_version": meta.version,
@@ -187,32 +189,32 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"size:            {format_size(meta.size)} ({meta.size} bytes)")
     print(f"chunk size:      {format_size(meta.chunk_size)}")
     print(f"chunks stored:   {info['stored_chunks']} of {meta.chunk_count}")
-    print(f"stored bytes:    {format_size(info['stored_bytes'])} ({info['stored_bytes']})")  # type: ignore[arg-type]
+    print(f"stored bytes:    {format_size(info['stored_bytes'])} ({info['stored_bytes']})")
     if "head" in info:
-        head: dict[str, object] = info["head"]  # type: ignore[assignment]
+        head = info["head"]
         print(f"head:            generation {head['generation']}, written "
               f"{head['written']} ({head['key']})")
         print(f"cloud journal:   {info['journal_objects']} objects, "
-              f"{format_size(info['journal_bytes'])} (folded into chunks at close)")  # type: ignore[arg-type]
+              f"{format_size(info['journal_bytes'])} (folded into chunks at close)")
         if info["garbage_objects"] is None:
             print(f"garbage:         unknown: {info['damaged_objects']} objects the head "
                   f"names are missing or damaged; run cloudnbd verify")
         else:
             print(f"garbage:         {info['garbage_objects']} objects, "
-                  f"{format_size(info['garbage_bytes'])} (no head names them)")  # type: ignore[arg-type]
+                  f"{format_size(info['garbage_bytes'])} (no head names them)")
     print(f"key slots:       {len(meta.slots)} ({slots})")
     print(f"generation:      {meta.generation}")
     print(f"created:         {meta.created}")
 
 
-def _stored_v1(vol: volume.Volume) -> dict[str, object]:
+def _stored_v1(vol: volume.Volume) -> dict[str, Any]:
     """What a volume of version 1 or 2 stores: its chunk objects, from a listing."""
     stored = list(vol.stored_chunks())
     return {"stored_chunks": len(stored),
             "stored_bytes": sum(info.size for _, info in stored)}
 
 
-def _stored_v3(vol: volume.Volume) -> dict[str, object]:
+def _stored_v3(vol: volume.Volume) -> dict[str, Any]:
     """What a version-3 volume stores, as its head says (map pages and journal) and a
     listing sizes: the chunks held by objects, the bytes of every named object, the
     store's journal, and garbage."""
@@ -297,12 +299,12 @@ def cmd_resize(args: argparse.Namespace) -> None:
     try:
         if size < old:
             progress, update = _progress_callback("Shrinking")
-            transfer.shrink(vol, size, held.epoch, progress=update)  # type: ignore[attr-defined]
+            transfer.shrink(vol, size, held.epoch, progress=update)
             progress.finish()
         else:
             vol.grow(size)
     finally:
-        held.release()  # type: ignore[attr-defined]
+        held.release()
     print(f"Resized {vol.store.description} from {format_size(old)} to "
           f"{format_size(size)} ({size} bytes){_size_change_note(requested, size)}.")
 
@@ -726,23 +728,23 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
         raise UsageError("not confirmed; nothing was changed")
 
 
-def _take_lease(store: ObjectStore, force: bool, purpose: str, local: object) -> object:
+def _take_lease(store: ObjectStore, force: bool, purpose: str, local: LocalState) -> Lease:
     """The volume's lease for a command that changes it without a server (import,
-    resize, delete): refused while a server may be running, anywhere (lease.py)."""
-    from cloudnbd import lease, runtime
+    resize, delete, upgrade, rekey): refused while a server may be running, anywhere
+    (lease.py)."""
+    from cloudnbd import lease
 
     try:
         return lease.acquire(store, purpose, force=force)
     except VolumeBusy as exc:
-        state: runtime.LocalState = local  # type: ignore[assignment]
         if exc.holder is not None and exc.holder.alive() is False and \
-                state.stopped_unclean:
-            raise VolumeBusy(f"{state.crash_message()}; or pass --force to "
+                local.stopped_unclean:
+            raise VolumeBusy(f"{local.crash_message()}; or pass --force to "
                                    f"{purpose} anyway", exc.holder) from None
         raise
 
 
-def _exclusive(vol: volume.Volume, force: bool, purpose: str, local: object) -> object:
+def _exclusive(vol: volume.Volume, force: bool, purpose: str, local: LocalState) -> Lease:
     """Hold the volume's lease around an operation that must not race a server."""
     return _take_lease(vol.store, force, purpose, local)
 
@@ -829,11 +831,11 @@ def cmd_import(args: argparse.Namespace) -> None:
     held = _exclusive(vol, args.force, "import", local)
     try:
         progress, update = _progress_callback("Importing")
-        stored = transfer.import_image(vol, args.file, held.epoch,  # type: ignore[attr-defined]
+        stored = transfer.import_image(vol, args.file, held.epoch,
                                        threads=args.threads, progress=update)
         progress.finish()
     finally:
-        held.release()  # type: ignore[attr-defined]
+        held.release()
     print(f"Imported {args.file} into {vol.store.description}: {stored} chunks stored.")
 
 
@@ -854,7 +856,7 @@ def cmd_upgrade(args: argparse.Namespace) -> None:
             done = convert.finish_upgrade(vol, threads=args.threads, deleting=update)
             progress.finish()
         finally:
-            held.release()  # type: ignore[attr-defined]
+            held.release()
         print(f"Finished the upgrade of {vol.store.description}: deleted the "
               f"{done.deleted} objects ({format_size(done.deleted_bytes)}) an interrupted "
               f"run left.")
@@ -864,12 +866,12 @@ def cmd_upgrade(args: argparse.Namespace) -> None:
     try:
         progress, update = _progress_callback("Upgrading")
         deleting, update_deleting = _progress_callback("Deleting old chunks")
-        done = convert.upgrade(vol, held.epoch, threads=args.threads,  # type: ignore[attr-defined]
+        done = convert.upgrade(vol, held.epoch, threads=args.threads,
                                progress=update, deleting=update_deleting)
         progress.finish()
         deleting.finish()
     finally:
-        held.release()  # type: ignore[attr-defined]
+        held.release()
     print(f"Upgraded {vol.store.description} from format version {old} to "
           f"{vol.meta.version}: {done.chunks} chunks sealed again, {done.deleted} old "
           f"objects ({format_size(done.deleted_bytes)}) deleted. cloudnbd before format "
@@ -896,13 +898,13 @@ def cmd_rekey(args: argparse.Namespace) -> None:
     try:
         progress, update = _progress_callback("Re-encrypting")
         deleting, update_deleting = _progress_callback("Deleting old objects")
-        done, dropped = convert.rekey(vol, new, kdf, held.epoch,  # type: ignore[attr-defined]
+        done, dropped = convert.rekey(vol, new, kdf, held.epoch,
                                       threads=args.threads, progress=update,
                                       deleting=update_deleting)
         progress.finish()
         deleting.finish()
     finally:
-        held.release()  # type: ignore[attr-defined]
+        held.release()
     print(f"Re-encrypted {vol.store.description} under a new master key: {done.chunks} "
           f"chunks written, {done.deleted} objects of the old key "
           f"({format_size(done.deleted_bytes)}) deleted. Key slot {vol.meta.slots[0].slot} "
