@@ -644,3 +644,45 @@ def test_export_to_a_block_device_writes_zeros_where_nothing_is_stored(
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
     assert_image(backing, model(MiB, pieces))
+
+
+@pytest.mark.parametrize("backend_env", ["file", "s3"], indirect=True)
+def test_what_upgrade_shrink_and_rekey_write_is_served(vol: Offline) -> None:
+    """The engine opens what the offline commands wrote, and a server's later writes are
+    numbered past it (R3): a volume upgraded from version 1, written through NBD, shrunk,
+    re-encrypted, and served again reads as written."""
+    from tests.nbdclient import NbdClient
+    from tests.served import start
+
+    data = bytearray(os.urandom(16 * CHUNK))
+    old_volume(vol.env, vol.location, {i: bytes(data[i * CHUNK:(i + 1) * CHUNK])
+                                       for i in range(16)})
+    vol("upgrade")
+
+    def serve(password: Path, cache: str) -> tuple[object, NbdClient]:
+        server = start(vol.tmp, vol.env.name, vol.location, password,
+                       store_args=vol.env.cli_args, env=vol.env.env,
+                       cache=vol.tmp / cache)
+        return server, NbdClient.unix(str(server.socket))
+
+    server, client = serve(vol.password, "cache")
+    assert client.pread(0, len(data)) == data
+    client.pwrite(b"w" * 4096, 3 * CHUNK + 8192)
+    data[3 * CHUNK + 8192:3 * CHUNK + 12288] = b"w" * 4096
+    client.flush()
+    client.close()
+    server.close()  # type: ignore[attr-defined]
+
+    vol("resize", str(10 * CHUNK), "--shrink", "--yes")
+    new = _password_file(vol.tmp, "pw-new", "new password")
+    vol("rekey", "--new-password-file", str(new), *KDF)
+    server, client = serve(new, "cache")  # the same cache: its copies are not reused
+    assert client.pread(0, 10 * CHUNK) == data[:10 * CHUNK]
+    client.pwrite(b"v" * 4096, 9 * CHUNK)
+    data[9 * CHUNK:9 * CHUNK + 4096] = b"v" * 4096
+    client.flush()
+    client.close()
+    server.close()  # type: ignore[attr-defined]
+    _, exported = vol.export("served.out", password=new)
+    assert_image(exported, data[:10 * CHUNK])
+    assert vol("verify", password=new)[0] == 0
