@@ -1010,10 +1010,24 @@ def _add_cache_option(p: argparse.ArgumentParser) -> None:
     _add_settings(p, "cache")
 
 
-def _add_password_option(p: argparse.ArgumentParser) -> None:
+def _add_rewrite_options(p: argparse.ArgumentParser, verb: str) -> None:
+    """--threads, --force and --cache of a command that rewrites a volume's contents
+    under its lease (import, upgrade, rekey)."""
+    p.add_argument("--threads", type=int, default=8, help="parallel transfers (default 8)")
+    p.add_argument("--force", action="store_true",
+                   help=f"{verb} although a server of this machine crashed with the "
+                        f"volume open (its journal is then never uploaded)")
+    _add_cache_option(p)
+
+
+def _add_password_option(p: argparse.ArgumentParser, new: bool = False) -> None:
+    """--password-file; with new, --new-password-file too (passwd, rekey)."""
     p.add_argument("--password-file", dest="password_file", type=Path, default=None,
                    metavar="FILE", help="read the password from FILE (mode 0600); "
                    "CLOUDNBD_PASSWORD works too; otherwise it is asked on the terminal")
+    if new:
+        p.add_argument("--new-password-file", type=Path, metavar="FILE",
+                       help="read the new password from FILE (mode 0600)")
 
 
 #: --kdf-cost: 2^N KiB of Argon2id memory, 1 MiB to 4 GiB
@@ -1100,9 +1114,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "another key slot, or remove one. Only the metadata object is rewritten; "
                 "the data is not re-encrypted.")
     _add_target(p)
-    _add_password_option(p)
-    p.add_argument("--new-password-file", type=Path, metavar="FILE",
-                   help="read the new password from FILE (mode 0600)")
+    _add_password_option(p, new=True)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--add", action="store_true", help="add a key slot for a new "
                        "password, keeping the current one")
@@ -1195,12 +1207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, help="image file or block device to read")
     _add_target(p)
     _add_password_option(p)
-    p.add_argument("--threads", type=int, default=8, help="parallel uploads (default 8)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--force", action="store_true",
-                   help="import although a server of this machine crashed with the "
-                        "volume open (its journal is then never uploaded)")
-    _add_cache_option(p)
+    _add_rewrite_options(p, "import")
 
     p = command("upgrade", cmd_upgrade, "convert a volume of format version 1 or 2 to "
                 "version 3",
@@ -1212,11 +1220,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "again. Refused while the volume is open anywhere.")
     _add_target(p)
     _add_password_option(p)
-    p.add_argument("--threads", type=int, default=8, help="parallel transfers (default 8)")
-    p.add_argument("--force", action="store_true",
-                   help="upgrade although a server of this machine crashed with the "
-                        "volume open (its journal is then never uploaded)")
-    _add_cache_option(p)
+    _add_rewrite_options(p, "upgrade")
 
     p = command("rekey", cmd_rekey, "re-encrypt the whole volume under a new master key",
                 "Re-encrypt every object of the volume under a new master key, with a new "
@@ -1226,15 +1230,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "key slot; other passwords must be added again. The old objects are "
                 "deleted. Refused while the volume is open anywhere.")
     _add_target(p)
-    _add_password_option(p)
-    p.add_argument("--new-password-file", type=Path, metavar="FILE",
-                   help="read the new password from FILE (mode 0600)")
+    _add_password_option(p, new=True)
     _add_kdf_option(p)
-    p.add_argument("--threads", type=int, default=8, help="parallel transfers (default 8)")
-    p.add_argument("--force", action="store_true",
-                   help="rekey although a server of this machine crashed with the "
-                        "volume open (its journal is then never uploaded)")
-    _add_cache_option(p)
+    _add_rewrite_options(p, "rekey")
 
     p = command("config", cmd_config, "show the effective settings of a configured "
                 "volume and where each comes from")

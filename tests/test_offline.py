@@ -315,14 +315,21 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.unit
-def test_verify_tells_damage_stray_chunks_and_garbage_apart(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def made(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, list[str]]:
+    """A new 1 MiB file-backend volume of 64 KiB chunks, by `init` in this process: its
+    location and the password options."""
     (tmp_path / "bucket").mkdir()
     location = str(tmp_path / "bucket" / "vol")
     pw = ["--password-file", str(_password_file(tmp_path, "pw", PASSWORD))]
     assert run(capsys, "init", "file", location, "1MiB", "--chunk-size", "64KiB",
                *KDF, *pw)[0] == 0
+    return location, pw
+
+
+@pytest.mark.unit
+def test_verify_tells_damage_stray_chunks_and_garbage_apart(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    location, pw = made(tmp_path, capsys)
     image = tmp_path / "image"
     write_image(image, MiB, {0: os.urandom(MiB)})
     assert run(capsys, "import", str(image), "file", location, "--yes", *pw)[0] == 0
@@ -380,9 +387,7 @@ def test_verify_of_a_version_1_volume_reads_its_chunk_objects(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bucket").mkdir()
     store = FileStore(tmp_path / "bucket" / "vol")
-    vol = volume.create(store, 8 * CHUNK, CHUNK, PASSWORD, FAST, version=1)
-    for index in range(4):
-        vol.write_chunk(index, os.urandom(CHUNK))
+    old_volume(store, {i: os.urandom(CHUNK) for i in range(4)}, 8 * CHUNK)
     pw = ["--password-file", str(_password_file(tmp_path, "pw", PASSWORD))]
     location = str(store.root)
     assert run(capsys, "verify", "file", location, *pw)[0] == 0
@@ -402,10 +407,10 @@ def own_keys_of(store: ObjectStore) -> set[str]:
 
 # -- upgrade -------------------------------------------------------------------------------
 
-def old_volume(env: BackendEnv, location: str, chunks: dict[int, bytes],
-               size: int = 16 * CHUNK) -> volume.Volume:
-    """A volume of format version 1 (as cloudnbd before version 3 made it)."""
-    vol = volume.create(env.store(location), size, CHUNK, PASSWORD, FAST, version=1)
+def old_volume(store: ObjectStore, chunks: dict[int, bytes], size: int = 16 * CHUNK
+               ) -> volume.Volume:
+    """A volume of format version 1 (as cloudnbd before version 3 made it) at store."""
+    vol = volume.create(store, size, CHUNK, PASSWORD, FAST, version=1)
     for index, data in chunks.items():
         vol.write_chunk(index, data)
     return vol
@@ -413,7 +418,7 @@ def old_volume(env: BackendEnv, location: str, chunks: dict[int, bytes],
 
 def test_upgrade_converts_a_version_1_volume_in_place(vol: Offline) -> None:
     chunks = {i: os.urandom(CHUNK) for i in (0, 1, 2, 7, 15)}
-    old_volume(vol.env, vol.location, chunks)
+    old_volume(vol.store, chunks)
     vol.store.put(chunk_key(40), os.urandom(100))  # a stray chunk: dropped
     vol.store.put("notes.txt", b"not the volume's")
     code, _, err = vol("open", "--socket", str(vol.tmp / "s"), check=False)
@@ -467,9 +472,7 @@ def test_an_interrupted_upgrade_resumes_and_adopts_only_what_still_holds(
     (tmp_path / "bucket").mkdir()
     root = tmp_path / "bucket" / "vol"
     chunks = {i: os.urandom(CHUNK) for i in range(10)}
-    vol = volume.create(FileStore(root), 16 * CHUNK, CHUNK, PASSWORD, FAST, version=1)
-    for index, data in chunks.items():
-        vol.write_chunk(index, data)
+    vol = old_volume(FileStore(root), chunks)
     broken = _Interrupted(root)
     with pytest.raises(BackendError, match="injected"):
         convert.upgrade(volume.unlock(broken, PASSWORD), epoch=1, threads=2)
@@ -503,9 +506,7 @@ def test_upgrade_stops_at_a_damaged_chunk_with_the_volume_unchanged(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bucket").mkdir()
     store = FileStore(tmp_path / "bucket" / "vol")
-    vol = volume.create(store, 8 * CHUNK, CHUNK, PASSWORD, FAST, version=1)
-    for index in range(3):
-        vol.write_chunk(index, os.urandom(CHUNK))
+    old_volume(store, {i: os.urandom(CHUNK) for i in range(3)}, 8 * CHUNK)
     store.put(chunk_key(1), store.get(chunk_key(2)))  # moved: fails authentication
     before = volume.read_metadata(store)[0]
     code, _, err = run(capsys, "upgrade", "file", str(store.root), "--password-file",
@@ -569,12 +570,8 @@ def test_rekey_leaves_nothing_the_old_master_key_opens(vol: Offline) -> None:
 @pytest.mark.unit
 def test_a_rolled_back_head_is_refused_by_every_command(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "bucket").mkdir()
-    location = str(tmp_path / "bucket" / "vol")
-    pw = ["--password-file", str(_password_file(tmp_path, "pw", PASSWORD))]
+    location, pw = made(tmp_path, capsys)
     new_pw = ["--new-password-file", str(_password_file(tmp_path, "pw2", "other"))]
-    assert run(capsys, "init", "file", location, "1MiB", "--chunk-size", "64KiB",
-               *KDF, *pw)[0] == 0
     image = tmp_path / "image"
     write_image(image, MiB, {0: os.urandom(CHUNK)})
     store = FileStore(location)
@@ -655,7 +652,7 @@ def test_what_upgrade_shrink_and_rekey_write_is_served(vol: Offline) -> None:
     from tests.served import start
 
     data = bytearray(os.urandom(16 * CHUNK))
-    old_volume(vol.env, vol.location, {i: bytes(data[i * CHUNK:(i + 1) * CHUNK])
+    old_volume(vol.store, {i: bytes(data[i * CHUNK:(i + 1) * CHUNK])
                                        for i in range(16)})
     vol("upgrade")
 
