@@ -430,6 +430,11 @@ def test_upgrade_converts_a_version_1_volume_in_place(vol: Offline) -> None:
         expected[index * CHUNK:(index + 1) * CHUNK] = data
     assert_image(before, expected)
 
+    held = lease.acquire(vol.store, "open")  # an older cloudnbd serves it
+    code, _, err = vol("upgrade", check=False)
+    held.release()
+    assert code == 9 and "open on this machine" in err, err
+    assert volume.read_metadata(vol.store)[0].version == 1
     _, out, _ = vol("upgrade")
     assert "from format version 1 to 3: 5 chunks sealed again, 6 old objects" in out, out
     keys = own_keys(vol)
@@ -534,6 +539,11 @@ def test_rekey_leaves_nothing_the_old_master_key_opens(vol: Offline) -> None:
     generation = head_of(vol).generation
 
     new = _password_file(vol.tmp, "pw3", "new password")
+    held = lease.acquire(vol.store, "open")
+    code, _, err = vol("rekey", "--new-password-file", str(new), *KDF, check=False)
+    held.release()
+    assert code == 9 and "open on this machine" in err, err
+    assert vol.store.get("volume.json") == old_doc
     _, out, err = vol("rekey", "--new-password-file", str(new), *KDF)
     assert "under a new master key: 5 chunks written" in out, out  # 0-2, 5, 10
     assert "key slots dropped: 1" in err, err
