@@ -16,22 +16,32 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cloudnbd import __version__, backends, config, logs, volume
 from cloudnbd.backends import BACKENDS, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
-from cloudnbd.chunks import chunk_key
+from cloudnbd.chunks import chunk_index
 from cloudnbd.codec import Argon2idParams
-from cloudnbd.errors import CloudnbdError, DamagedVolume, UsageError, VolumeBusy, local_error
+from cloudnbd.errors import (
+    CloudnbdError,
+    DamagedVolume,
+    UnsupportedFormat,
+    UsageError,
+    VolumeBusy,
+    local_error,
+)
 from cloudnbd.hardening import no_core_dumps
 from cloudnbd.password import check_private_file, get_password, scrub_environment
 from cloudnbd.progress import Progress
 from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
 
 if TYPE_CHECKING:
+    from cloudnbd.lease import Lease
+    from cloudnbd.runtime import LocalState
     from cloudnbd.service import Service
 
 log = logging.getLogger("cloudnbd")
@@ -101,10 +111,30 @@ def _kdf(args: argparse.Namespace) -> Argon2idParams | None:
     return None if args.kdf_cost is None else kdf.explicit(args.kdf_cost)
 
 
-def _unlock(args: argparse.Namespace) -> volume.Volume:
+def _unlock(args: argparse.Namespace, password: str | None = None) -> volume.Volume:
+    """The volume, unlocked with password (else the one the user gives). A version-3
+    head older than the newest this machine has seen is refused here, for every command
+    (runtime.check_head)."""
     store = _store(args)
     volume.read_metadata(store)  # a missing or too-new volume is reported before the prompt
-    return volume.unlock(store, get_password(args.password_file))
+    if password is None:
+        password = get_password(args.password_file)
+    vol = volume.unlock(store, password)
+    if vol.meta.version >= volume.LAYOUT_V3:
+        from cloudnbd.reader import read_head
+
+        read_head(vol)
+    return vol
+
+
+def _require_v3(meta: volume.VolumeMeta, args: argparse.Namespace, command: str) -> None:
+    """Refuse a command that needs the version-3 layout on an older volume, naming the
+    one that converts it."""
+    if meta.version < volume.LAYOUT_V3:
+        raise UnsupportedFormat(
+            f"{command} needs a volume of format version {volume.LAYOUT_V3}, and this one "
+            f"is version {meta.version}: convert it once with `cloudnbd upgrade "
+            f"{_target(args)}` (resumable; export and verify read it as it is meanwhile)")
 
 
 def _size_change_note(requested: int, rounded: int) -> str:
@@ -137,16 +167,14 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     vol = _unlock(args)
     meta = vol.meta
-    stored = list(vol.stored_chunks())
-    info = {
+    info: dict[str, Any] = {
         "location": vol.store.description,
         "volume_id": meta.volume_id.hex(),
         "format_version": meta.version,
         "size": meta.size,
         "chunk_size": meta.chunk_size,
         "chunks": meta.chunk_count,
-        "stored_chunks": len(stored),
-        "stored_bytes": sum(info.size for _, info in stored),
+        **(_stored_v3(vol) if meta.version >= volume.LAYOUT_V3 else _stored_v1(vol)),
         "key_slots": [{"slot": s.slot, **s.kdf.fields()} for s in meta.slots],
         "generation": meta.generation,
         "created": meta.created,
@@ -160,18 +188,63 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"format version:  {info['format_version']}")
     print(f"size:            {format_size(meta.size)} ({meta.size} bytes)")
     print(f"chunk size:      {format_size(meta.chunk_size)}")
-    print(f"chunks stored:   {len(stored)} of {meta.chunk_count}")
+    print(f"chunks stored:   {info['stored_chunks']} of {meta.chunk_count}")
     print(f"stored bytes:    {format_size(info['stored_bytes'])} ({info['stored_bytes']})")
-    print(f"key slots:       {len(info['key_slots'])} ({slots})")
+    if "head" in info:
+        head = info["head"]
+        print(f"head:            generation {head['generation']}, written "
+              f"{head['written']} ({head['key']})")
+        print(f"cloud journal:   {info['journal_objects']} objects, "
+              f"{format_size(info['journal_bytes'])} (folded into chunks at close)")
+        if info["garbage_objects"] is None:
+            print(f"garbage:         unknown: {info['damaged_objects']} objects the head "
+                  f"names are missing or damaged; run cloudnbd verify")
+        else:
+            print(f"garbage:         {info['garbage_objects']} objects, "
+                  f"{format_size(info['garbage_bytes'])} (no head names them)")
+    print(f"key slots:       {len(meta.slots)} ({slots})")
     print(f"generation:      {meta.generation}")
     print(f"created:         {meta.created}")
+
+
+def _stored_v1(vol: volume.Volume) -> dict[str, Any]:
+    """What a volume of version 1 or 2 stores: its chunk objects, from a listing."""
+    stored = list(vol.stored_chunks())
+    return {"stored_chunks": len(stored),
+            "stored_bytes": sum(info.size for _, info in stored)}
+
+
+def _stored_v3(vol: volume.Volume) -> dict[str, Any]:
+    """What a version-3 volume stores, as its head says (map pages and journal) and a
+    listing sizes: the chunks held by objects, the bytes of every named object, the
+    store's journal, and garbage."""
+    from cloudnbd.reader import Image, read_head, unnamed
+    from cloudnbd.volume import own_objects
+
+    head, _ = read_head(vol)
+    damaged: list[str] = []
+    image = Image(vol, head, on_damage=lambda key, _: damaged.append(key))
+    listing = list(own_objects(vol.store))
+    garbage = unnamed(listing, image.named) if image.complete else None
+    return {
+        "stored_chunks": sum(1 for s in image.sources.values() if s.stamp),
+        "stored_bytes": sum(i.size for i in listing
+                            if i.key in image.named and i.key != vol.meta.head),
+        "head": {"key": vol.meta.head, "generation": head.generation, "seq": head.seq,
+                 "epoch": head.epoch, "written": head.written},
+        "journal_objects": len(head.journal),
+        "journal_bytes": sum(ref.size for ref in head.journal),
+        "garbage_objects": None if garbage is None else len(garbage),
+        "garbage_bytes": None if garbage is None else sum(i.size for i in garbage),
+        "damaged_objects": len(damaged),
+    }
 
 
 def cmd_passwd(args: argparse.Namespace) -> None:
     store = _store(args)
     volume.read_metadata(store)
     current = get_password(args.password_file, prompt="Current password: ")
-    vol = volume.unlock(store, current)
+    vol = _unlock(args, current)
     if args.remove is not None:
         vol.remove_slot(args.remove)
         print(f"Removed key slot {args.remove}.")
@@ -189,7 +262,7 @@ def cmd_passwd(args: argparse.Namespace) -> None:
 
 
 def cmd_resize(args: argparse.Namespace) -> None:
-    from cloudnbd import runtime
+    from cloudnbd import runtime, transfer
 
     requested = parse_size(args.size)
     size = volume.round_size(requested)
@@ -203,6 +276,9 @@ def cmd_resize(args: argparse.Namespace) -> None:
         raise UsageError(f"{format_size(size)} is smaller than the volume "
                          f"({format_size(old)}); data past it would be destroyed. "
                          f"Pass --shrink to do so")
+    if size < old:
+        _require_v3(vol.meta, args, "resize --shrink")
+    volume.check_chunk_count(size, vol.meta.chunk_size)
     local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
     if local.running is not None:
         if size < old:
@@ -221,9 +297,12 @@ def cmd_resize(args: argparse.Namespace) -> None:
                        f"{format_size(size)}, deleting everything past the new end?")
     held = _exclusive(vol, args.force, "resize", local)
     try:
-        progress, update = _progress_callback("Deleting")
-        vol.resize(size, allow_shrink=args.shrink, progress=update)
-        progress.finish()
+        if size < old:
+            progress, update = _progress_callback("Shrinking")
+            transfer.shrink(vol, size, held.epoch, progress=update)
+            progress.finish()
+        else:
+            vol.grow(size)
     finally:
         held.release()
     print(f"Resized {vol.store.description} from {format_size(old)} to "
@@ -368,7 +447,8 @@ def _serve_foreground(args: argparse.Namespace) -> None:
     try:
         settings = _serve_settings(args)
         store = _front_store(args)
-        volume.read_metadata(store)
+        meta, _, _ = volume.read_metadata(store)
+        _require_v3(meta, args, "open")
         if args.password_stdin:
             password = sys.stdin.readline().rstrip("\n")
         else:
@@ -433,7 +513,8 @@ def cmd_open(args: argparse.Namespace) -> None:
         return
     _serve_settings(args)  # report bad options here, not from the daemon
     store = _store(args)
-    volume.read_metadata(store)
+    meta, _, _ = volume.read_metadata(store)
+    _require_v3(meta, args, "open")
     password = None if args.password_file else get_password(None)
     from cloudnbd.runtime import default_cache_root
     from cloudnbd.service import private_cache_dir
@@ -647,23 +728,23 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
         raise UsageError("not confirmed; nothing was changed")
 
 
-def _take_lease(store: ObjectStore, force: bool, purpose: str, local: object) -> object:
+def _take_lease(store: ObjectStore, force: bool, purpose: str, local: LocalState) -> Lease:
     """The volume's lease for a command that changes it without a server (import,
-    resize, delete): refused while a server may be running, anywhere (lease.py)."""
-    from cloudnbd import lease, runtime
+    resize, delete, upgrade, rekey): refused while a server may be running, anywhere
+    (lease.py)."""
+    from cloudnbd import lease
 
     try:
         return lease.acquire(store, purpose, force=force)
     except VolumeBusy as exc:
-        state: runtime.LocalState = local  # type: ignore[assignment]
         if exc.holder is not None and exc.holder.alive() is False and \
-                state.stopped_unclean:
-            raise VolumeBusy(f"{state.crash_message()}; or pass --force to "
+                local.stopped_unclean:
+            raise VolumeBusy(f"{local.crash_message()}; or pass --force to "
                                    f"{purpose} anyway", exc.holder) from None
         raise
 
 
-def _exclusive(vol: volume.Volume, force: bool, purpose: str, local: object) -> object:
+def _exclusive(vol: volume.Volume, force: bool, purpose: str, local: LocalState) -> Lease:
     """Hold the volume's lease around an operation that must not race a server."""
     return _take_lease(vol.store, force, purpose, local)
 
@@ -675,23 +756,36 @@ def cmd_verify(args: argparse.Namespace) -> None:
     progress, update = _progress_callback("Verifying")
     report = transfer.verify(vol, threads=args.threads, progress=update)
     progress.finish()
-    for index, problem in report.damaged:
-        print(f"damaged: chunk {index} ({chunk_key(index)}): {problem}")
+    for damage in report.damaged:
+        print(f"damaged: {damage.name}: {damage.problem}")
     for index in report.beyond_end:
         print(f"stray: chunk {index} lies past the end of the volume")
-    print(f"Checked {report.checked} chunks ({format_size(report.stored_bytes)} stored): "
-          f"{len(report.damaged)} damaged, {len(report.beyond_end)} stray.")
+    v3 = vol.meta.version >= volume.LAYOUT_V3
+    if report.garbage_objects:
+        print(f"garbage: {report.garbage_objects} objects "
+              f"({format_size(report.garbage_bytes)}) that the head does not name, left "
+              f"by compaction, an interrupted command or a crashed server (normal: a "
+              f"server deletes them after a grace period; import, resize --shrink, "
+              f"upgrade and rekey at once)")
+    elif report.garbage_objects is None:
+        print("garbage: not counted, as damage hides part of what the head names")
+    what = (f"objects of head generation {report.head_generation}" if v3 else "chunks")
+    garbage = f", {report.garbage_objects or 0} garbage" if v3 else ""
+    print(f"Checked {report.checked} {what} ({format_size(report.stored_bytes)} stored): "
+          f"{len(report.damaged)} damaged, {len(report.beyond_end)} stray{garbage}.")
     if report.damaged:
-        raise DamagedVolume(f"{_chunks(len(report.damaged), 'damaged')}; their "
-                                     f"sectors read as I/O errors")
+        kinds = Counter(damage.kind for damage in report.damaged)
+        raise DamagedVolume(", ".join(_count(n, "damaged", kind)
+                                      for kind, n in sorted(kinds.items()))
+                            + "; what they hold reads as I/O errors")
     if report.beyond_end:
-        raise CloudnbdError(f"{_chunks(len(report.beyond_end), 'stray')} past the end of the "
-                            f"volume, left by a shrink cut short: never read, but a grow "
-                            f"would bring their old data back")
+        raise CloudnbdError(f"{_count(len(report.beyond_end), 'stray', 'chunk')} past the "
+                            f"end of the volume, left by a shrink cut short: never read, "
+                            f"but a grow would bring their old data back")
 
 
-def _chunks(count: int, what: str) -> str:
-    return f"{count} {what} chunk{'' if count == 1 else 's'}"
+def _count(count: int, what: str, noun: str) -> str:
+    return f"{count} {what} {noun}{'' if count == 1 else 's'}"
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -701,18 +795,24 @@ def cmd_export(args: argparse.Namespace) -> None:
     busy = lease.holder(vol.store)
     if busy is not None:
         local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
+        v3 = vol.meta.version >= volume.LAYOUT_V3
         if busy.alive() is False and local.stopped_unclean:
             why = local.crash_message()
         elif busy.alive() is False:
             why = (f"the lease names pid {busy.pid} of this machine, which no longer runs "
                    f"(it crashed); `cloudnbd open {_target(args)}` then `close` settles it")
+        elif v3:
+            why = ""
+            log.warning("the volume is open on %s: exporting it as of its last commit "
+                        "(every write a FLUSH covered by then)", busy.describe())
         else:
             why = (f"volume is open on {busy.describe()}: its newest data may not be "
                    f"uploaded yet. Close it first")
-        if not args.force:
+        if why and not args.force:
             raise VolumeBusy(f"{why}; or pass --force to export what the store "
                                    f"holds now", busy)
-        log.warning("exporting while the volume is open on %s", busy.describe())
+        if why:
+            log.warning("exporting while the volume is open on %s", busy.describe())
     progress, update = _progress_callback("Exporting")
     written = transfer.export(vol, args.file, threads=args.threads, progress=update,
                               overwrite=args.force)
@@ -725,16 +825,95 @@ def cmd_import(args: argparse.Namespace) -> None:
     from cloudnbd import runtime, transfer
 
     vol = _unlock(args)
+    _require_v3(vol.meta, args, "import")
     local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
     _confirm(args, f"Replace the contents of {vol.store.description} with {args.file}?")
     held = _exclusive(vol, args.force, "import", local)
     try:
         progress, update = _progress_callback("Importing")
-        stored = transfer.import_image(vol, args.file, threads=args.threads, progress=update)
+        stored = transfer.import_image(vol, args.file, held.epoch,
+                                       threads=args.threads, progress=update)
         progress.finish()
     finally:
-        held.release()  # type: ignore[attr-defined]
+        held.release()
     print(f"Imported {args.file} into {vol.store.description}: {stored} chunks stored.")
+
+
+def cmd_upgrade(args: argparse.Namespace) -> None:
+    from cloudnbd import convert, runtime
+
+    vol = _unlock(args)
+    local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
+    if vol.meta.version >= volume.LAYOUT_V3:
+        if not any(chunk_index(info.key) is not None
+                   for info in vol.store.list("chunks/")):
+            print(f"{vol.store.description} is format version {vol.meta.version} "
+                  f"already; nothing to do.")
+            return
+        held = _exclusive(vol, args.force, "upgrade", local)
+        try:
+            progress, update = _progress_callback("Deleting old chunks")
+            done = convert.finish_upgrade(vol, threads=args.threads, deleting=update)
+            progress.finish()
+        finally:
+            held.release()
+        print(f"Finished the upgrade of {vol.store.description}: deleted the "
+              f"{done.deleted} objects ({format_size(done.deleted_bytes)}) an interrupted "
+              f"run left.")
+        return
+    old = vol.meta.version
+    held = _exclusive(vol, args.force, "upgrade", local)
+    try:
+        progress, update = _progress_callback("Upgrading")
+        deleting, update_deleting = _progress_callback("Deleting old chunks")
+        done = convert.upgrade(vol, held.epoch, threads=args.threads,
+                               progress=update, deleting=update_deleting)
+        progress.finish()
+        deleting.finish()
+    finally:
+        held.release()
+    print(f"Upgraded {vol.store.description} from format version {old} to "
+          f"{vol.meta.version}: {done.chunks} chunks sealed again, {done.deleted} old "
+          f"objects ({format_size(done.deleted_bytes)}) deleted. cloudnbd before format "
+          f"version 3 can no longer open it.")
+
+
+def cmd_rekey(args: argparse.Namespace) -> None:
+    from cloudnbd import convert, runtime
+
+    store = _store(args)
+    meta, _, _ = volume.read_metadata(store)
+    _require_v3(meta, args, "rekey")
+    current = get_password(args.password_file, prompt="Current password: ")
+    vol = _unlock(args, current)
+    new = get_password(args.new_password_file, confirm=True, prompt="New password: ")
+    if not new:
+        raise UsageError("the new password must not be empty")
+    local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
+    if local.running is not None:
+        raise VolumeBusy(f"volume is open on this machine (pid {local.running.pid}); "
+                         f"close it first")
+    kdf = _kdf(args)
+    held = _exclusive(vol, args.force, "rekey", local)
+    try:
+        progress, update = _progress_callback("Re-encrypting")
+        deleting, update_deleting = _progress_callback("Deleting old objects")
+        done, dropped = convert.rekey(vol, new, kdf, held.epoch,
+                                      threads=args.threads, progress=update,
+                                      deleting=update_deleting)
+        progress.finish()
+        deleting.finish()
+    finally:
+        held.release()
+    print(f"Re-encrypted {vol.store.description} under a new master key: {done.chunks} "
+          f"chunks written, {done.deleted} objects of the old key "
+          f"({format_size(done.deleted_bytes)}) deleted. Key slot {vol.meta.slots[0].slot} "
+          f"holds the new password; a copy of the old volume.json, and the passwords of "
+          f"its key slots, open nothing any more.")
+    if dropped:
+        numbers = ", ".join(str(n) for n in dropped)
+        log.warning("key slots dropped: %s (their passwords opened the old master key "
+                    "only); add those still wanted with `cloudnbd passwd --add`", numbers)
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -831,10 +1010,24 @@ def _add_cache_option(p: argparse.ArgumentParser) -> None:
     _add_settings(p, "cache")
 
 
-def _add_password_option(p: argparse.ArgumentParser) -> None:
+def _add_rewrite_options(p: argparse.ArgumentParser, verb: str) -> None:
+    """--threads, --force and --cache of a command that rewrites a volume's contents
+    under its lease (import, upgrade, rekey)."""
+    p.add_argument("--threads", type=int, default=8, help="parallel transfers (default 8)")
+    p.add_argument("--force", action="store_true",
+                   help=f"{verb} although a server of this machine crashed with the "
+                        f"volume open (its journal is then never uploaded)")
+    _add_cache_option(p)
+
+
+def _add_password_option(p: argparse.ArgumentParser, new: bool = False) -> None:
+    """--password-file; with new, --new-password-file too (passwd, rekey)."""
     p.add_argument("--password-file", dest="password_file", type=Path, default=None,
                    metavar="FILE", help="read the password from FILE (mode 0600); "
                    "CLOUDNBD_PASSWORD works too; otherwise it is asked on the terminal")
+    if new:
+        p.add_argument("--new-password-file", type=Path, metavar="FILE",
+                       help="read the new password from FILE (mode 0600)")
 
 
 #: --kdf-cost: 2^N KiB of Argon2id memory, 1 MiB to 4 GiB
@@ -921,9 +1114,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "another key slot, or remove one. Only the metadata object is rewritten; "
                 "the data is not re-encrypted.")
     _add_target(p)
-    _add_password_option(p)
-    p.add_argument("--new-password-file", type=Path, metavar="FILE",
-                   help="read the new password from FILE (mode 0600)")
+    _add_password_option(p, new=True)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--add", action="store_true", help="add a key slot for a new "
                        "password, keeping the current one")
@@ -946,7 +1137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_option(p)
 
     p = command("delete", cmd_delete, "delete a volume and all its data",
-                "Delete the volume's own objects (volume.json, lease, chunks/) and this "
+                "Delete the volume's own objects (volume.json, lease, head-*, chunks/, "
+                "map/, journal/) and this "
                 "machine's cache of it. Other objects under its location, other volumes "
                 "included, are left alone. Refused while the volume is open anywhere.")
     _add_target(p)
@@ -986,9 +1178,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = command("verify", cmd_verify, "download and authenticate every chunk",
-                "Download every stored chunk, check its authentication tag, and list the "
-                "damaged ones. Exits non-zero if any is damaged.")
+    p = command("verify", cmd_verify, "download and authenticate every object",
+                "Download every object the volume's head names (chunks, map pages, "
+                "journal objects), check its authentication tag, and list the missing "
+                "or damaged ones (exit 7), chunks past the end of the volume (exit 1), "
+                "and garbage: objects no head names (informational). A volume of format "
+                "version 1 or 2: every stored chunk.")
     _add_target(p)
     _add_password_option(p)
     p.add_argument("--threads", type=int, default=8, help="parallel downloads (default 8)")
@@ -1006,16 +1201,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("import", cmd_import, "seed a volume from a raw image file, without NBD",
                 "Replace the volume's contents with FILE (a raw image or block device). "
-                "All-zero chunks are not stored.")
+                "All-zero chunks are not stored. The new contents are written beside "
+                "the old ones and replace them in one step (the head), after which the "
+                "old objects are deleted.")
     p.add_argument("file", type=Path, help="image file or block device to read")
     _add_target(p)
     _add_password_option(p)
-    p.add_argument("--threads", type=int, default=8, help="parallel uploads (default 8)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--force", action="store_true",
-                   help="import although a server of this machine crashed with the "
-                        "volume open (its journal is then never uploaded)")
-    _add_cache_option(p)
+    _add_rewrite_options(p, "import")
+
+    p = command("upgrade", cmd_upgrade, "convert a volume of format version 1 or 2 to "
+                "version 3",
+                "Convert a volume of format version 1 or 2 in place to version 3, which "
+                "this cloudnbd serves: every chunk is read, sealed again as a version-3 "
+                "object, and named by the volume's first head; volume.json then switches "
+                "to it, and the old chunk objects are deleted. Until the switch the "
+                "volume is unchanged; an interrupted upgrade is resumed by running it "
+                "again. Refused while the volume is open anywhere.")
+    _add_target(p)
+    _add_password_option(p)
+    _add_rewrite_options(p, "upgrade")
+
+    p = command("rekey", cmd_rekey, "re-encrypt the whole volume under a new master key",
+                "Re-encrypt every object of the volume under a new master key, with a new "
+                "password: for when a password or a copy of volume.json may have leaked "
+                "(changing the password alone does not help then, as an old volume.json "
+                "and its password still give the master key). The volume then has one "
+                "key slot; other passwords must be added again. The old objects are "
+                "deleted. Refused while the volume is open anywhere.")
+    _add_target(p)
+    _add_password_option(p, new=True)
+    _add_kdf_option(p)
+    _add_rewrite_options(p, "rekey")
 
     p = command("config", cmd_config, "show the effective settings of a configured "
                 "volume and where each comes from")

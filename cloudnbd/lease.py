@@ -3,7 +3,7 @@
 The lease is the object `lease` under the volume root, a small JSON record (format in
 docs/format.md). `open` takes it before it reads or writes any chunk, and so do the
 commands that change a volume's contents behind a server's back (`import`, `resize`,
-`delete`). Its rules:
+`delete`, `upgrade`, `rekey`). Its rules:
 
 - L1 Every change of the lease object is conditional on the version read just before
   (ObjectStore.put_if: If-None-Match / If-Match on S3, ifGenerationMatch on GCS, a
@@ -53,7 +53,7 @@ class Holder:
     state: str  # "held" or "released"
     epoch: int
     token: str = ""
-    purpose: str = "open"  # what holds it: open, import, resize, delete
+    purpose: str = "open"  # what holds it: open, import, resize, delete, upgrade, rekey
     host: str = "?"
     machine_id: str = ""
     boot_id: str = ""

@@ -18,7 +18,7 @@ from cloudnbd import codec, layout
 from cloudnbd.backends.base import ObjectInfo, ObjectStore
 from cloudnbd.chunks import ChunkCodec, Pacer
 from cloudnbd.errors import IntegrityError, ObjectNotFound
-from cloudnbd.layout import Entry, Head, JournalBuilder, Record
+from cloudnbd.layout import Entry, Head, JournalBuilder, JournalRef, Record
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,12 @@ class VolumeObjects:
         self.store.put_if(key, blob, None)
         return Sent(key, len(blob))
 
-    def get_journal(self, stamp: int) -> tuple[list[Record], int]:
+    def get_journal(self, stamp: int, ref: JournalRef | None = None
+                    ) -> tuple[list[Record], int]:
+        """The records of journal/<stamp> and the bytes received; with ref (the head's
+        entry for it), IntegrityError also if its size or seq span differ from ref's."""
         blob = self._get(layout.journal_key(stamp), "journal object")
-        return layout.decode_journal(self.keys, stamp, blob), len(blob)
+        return layout.decode_journal(self.keys, stamp, blob, ref), len(blob)
 
     # -- map pages ---------------------------------------------------------------------------
     def put_page(self, page: int, stamp: int, entries: Sequence[Entry]) -> Sent:

@@ -1,10 +1,17 @@
-"""Bulk operations on a volume that is not being served: verify, export, import.
+"""Bulk operations on a volume that is not being served: verify, export, import, shrink.
 
 They work straight on the object store with the volume layer, without NBD or a cache:
 export is the restore path of last resort, when nothing but the password and the bucket
-is left. All three take the volume's lease, so they never race a running server, run
-chunk transfers on a thread pool (zstd and the store clients release the GIL), and
-report progress through one callback.
+is left. Chunk transfers run on a thread pool (pool.py) and report progress through one
+callback.
+
+A volume of version 3 is read through the head (reader.Image): one point in time even
+while a server writes, every named object authenticated, and a head that changed under
+the reader (a server collected what an older one named) read again (reader.current).
+import and shrink write a new image beside the current one and switch to it with one
+conditional head write (offline.py, R1-R4), under the lease the caller holds. Volumes of
+versions 1 and 2 (chunk objects chunks/<N>) are verified and exported as they are;
+everything else needs `cloudnbd upgrade` first.
 """
 
 from __future__ import annotations
@@ -12,146 +19,265 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cloudnbd.errors import IntegrityError, UsageError
-from cloudnbd.volume import Volume
+from cloudnbd import layout, runtime
+from cloudnbd.chunks import chunk_key
+from cloudnbd.errors import CloudnbdError, IntegrityError, UsageError
+from cloudnbd.layout import Head
+from cloudnbd.offline import ImageWriter, carry, collect
+from cloudnbd.pool import parallel, results
+from cloudnbd.reader import Image, current, read_head, unnamed
+from cloudnbd.volume import LAYOUT_V3, Volume, own_objects
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+#: times verify starts over because the head changed while it read (a busy server)
+_VERIFY_ATTEMPTS = 5
 
 
-def _bounded_map(threads: int, fn: Callable[[int], object], items: Iterator[int]
-                 ) -> Iterator[tuple[int, Future[object]]]:
-    """Run fn over items on a pool, at most 2*threads in flight, yielding in order."""
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending: list[tuple[int, Future[object]]] = []
-        for item in items:
-            pending.append((item, pool.submit(fn, item)))
-            if len(pending) >= 2 * threads:
-                yield pending.pop(0)
-        yield from pending
+# -- verify --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Damage:
+    """An object that is missing or does not authenticate: what it is ("chunk", "map
+    page", "journal object"), its name for a user (e.g. "chunk 5 (chunks/...)"), and
+    what is wrong with it."""
+
+    kind: str
+    name: str
+    problem: str
+
+
+def describe(key: str) -> tuple[str, str]:
+    """(kind, name) of a version-3 object for a user: ("chunk", "chunk 5 (chunks/...)")."""
+    parsed = layout.parse_key(key)
+    if parsed is None:
+        return "object", key
+    kind, number, _ = parsed
+    if kind == layout.Kind.CHUNK:
+        return "chunk", f"chunk {number} ({key})"
+    if kind == layout.Kind.MAP:
+        return "map page", f"map page {number} ({key})"
+    return "journal object", f"journal object {key}"
 
 
 @dataclass
 class VerifyReport:
+    """What verify found. damaged: each object missing or damaged; beyond_end: chunks
+    stored (or named) past the end of the volume; garbage: objects of version 3 that no
+    head names (None: not known, as damage hid part of what the head names)."""
+
     checked: int = 0
     stored_bytes: int = 0
-    damaged: list[tuple[int, str]] = field(default_factory=list)
+    damaged: list[Damage] = field(default_factory=list)
     beyond_end: list[int] = field(default_factory=list)
+    garbage_objects: int | None = 0
+    garbage_bytes: int = 0
+    head_generation: int | None = None
 
 
 def verify(vol: Volume, threads: int = 8, progress: ProgressFn | None = None) -> VerifyReport:
-    """Download and authenticate every stored chunk; list the damaged ones."""
+    """Download and authenticate every object the volume's data is made of; list the
+    damaged ones, stray chunks and garbage."""
+    if vol.meta.version < LAYOUT_V3:
+        return _verify_chunks(vol, threads, progress)
+    for _ in range(_VERIFY_ATTEMPTS):
+        head, version = read_head(vol)
+        report = _verify_head(vol, head, threads, progress)
+        if not report.damaged or read_head(vol)[1] == version:
+            return report
+        log.info("the head changed while verifying; starting over")
+    raise CloudnbdError(f"{vol.store.description}: the volume's head keeps changing while "
+                        f"it is verified (a server is busy writing); try again")
+
+
+def _verify_head(vol: Volume, head: Head, threads: int, progress: ProgressFn | None
+                 ) -> VerifyReport:
+    """verify for version 3: the map pages, journal objects and chunk objects the head
+    names, each fetched and authenticated; what lies past the end; garbage."""
+    report = VerifyReport(head_generation=head.generation)
+
+    def damaged(key: str, problem: str) -> None:
+        log.error("%s is damaged: %s", key, problem)
+        kind, name = describe(key)
+        if problem.startswith(key + ": "):
+            problem = problem[len(key) + 2:]
+        report.damaged.append(Damage(kind, name, problem))
+
+    image = Image(vol, head, threads, on_damage=damaged)
+    listing = list(own_objects(vol.store))
+    listed = {info.key: info.size for info in listing}
+    report.checked = len(head.pages) + len(head.journal)
+    report.stored_bytes = sum(listed.get(key, 0) for key in image.named
+                              if key != vol.meta.head)
+    report.beyond_end = image.stray()
+    chunks = [(i, s) for i, s in image.named_chunks() if i < image.chunk_count]
+    sizes = {c: listed.get(layout.chunk_key(*c), 0) for c in chunks}
+    total, done = sum(sizes.values()), 0
+    objects = vol.objects
+    for chunk, found in parallel(threads, lambda c: objects.get_chunk(*c), chunks):
+        report.checked += 1
+        if isinstance(found, IntegrityError):
+            damaged(layout.chunk_key(*chunk), found.message)
+        elif isinstance(found, BaseException):
+            raise found
+        done += sizes[chunk]
+        if progress is not None:
+            progress(done, total)
+    if image.complete:
+        garbage = unnamed(listing, image.named)
+        report.garbage_objects = len(garbage)
+        report.garbage_bytes = sum(info.size for info in garbage)
+    else:
+        report.garbage_objects = None
+    return report
+
+
+def _verify_chunks(vol: Volume, threads: int, progress: ProgressFn | None) -> VerifyReport:
+    """verify for versions 1 and 2: every stored chunk object."""
     sizes = {index: info.size for index, info in vol.stored_chunks()}
-    stored = sorted(sizes.items())
     total = sum(sizes.values())
     report = VerifyReport()
-
     chunks = vol.chunks
-
-    def check(index: int) -> str | None:
-        try:
-            chunks.get(index)  # a chunk deleted since the listing has nothing to verify
-        except IntegrityError as exc:
-            return exc.message
-        return None
-
     done = 0
-    indexes = (i for i, _ in stored if i < vol.meta.chunk_count)
-    report.beyond_end = [i for i, _ in stored if i >= vol.meta.chunk_count]
-    for index, future in _bounded_map(threads, check, indexes):
-        problem = future.result()
+    indexes = sorted(i for i in sizes if i < vol.meta.chunk_count)
+    report.beyond_end = sorted(i for i in sizes if i >= vol.meta.chunk_count)
+    # a chunk deleted since the listing has nothing to verify
+    for index, found in parallel(threads, chunks.get, indexes):
         report.checked += 1
         report.stored_bytes += sizes[index]
-        if problem is not None:
-            log.error("chunk %d is damaged: %s", index, problem)
-            report.damaged.append((index, str(problem)))
+        if isinstance(found, IntegrityError):
+            log.error("chunk %d is damaged: %s", index, found.message)
+            report.damaged.append(Damage("chunk", f"chunk {index} ({chunk_key(index)})",
+                                         found.message))
+        elif isinstance(found, BaseException):
+            raise found
         done += sizes[index]
         if progress is not None:
             progress(done, total)
     return report
 
 
+# -- export --------------------------------------------------------------------------------
+
 def export(vol: Volume, target: Path, threads: int = 8, progress: ProgressFn | None = None,
            overwrite: bool = False) -> int:
-    """Write the whole volume to a raw image; never-stored chunks become holes.
+    """Write the whole volume to a raw image (never-stored chunks become holes) or a
+    block device (they are written as zeros: a device keeps what it held).
 
     Returns the bytes of data written. A damaged chunk stops the export with an error
     naming it: a restore must never silently contain wrong data.
     """
-    meta = vol.meta
     if target.exists() and not overwrite and not target.is_block_device():
         raise UsageError(f"{target} exists; pass --force to overwrite it")
-    flags = os.O_WRONLY | os.O_CREAT | (0 if target.is_block_device() else os.O_TRUNC)
-    fd = os.open(target, flags, 0o600)
-    written = 0
+    device = target.is_block_device()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | (0 if device else os.O_TRUNC), 0o600)
     try:
-        if not target.is_block_device():
-            os.ftruncate(fd, meta.size)  # sparse: holes where nothing is stored
-        if meta.version >= 3:  # one head, read once: one point in time
-            from cloudnbd.reader import Image
+        if vol.meta.version >= LAYOUT_V3:
+            def from_head(head: Head) -> int:
+                image = Image(vol, head, threads)
+                return _write_out(vol, image.stored(), image.chunk, fd, device, threads,
+                                  progress)
 
-            image = Image(vol)
-            stored = [i for i in image.stored() if i < meta.chunk_count]
-            fetch = image.chunk
+            written = current(vol, from_head)
         else:
-            stored = sorted(i for i, _ in vol.stored_chunks() if i < meta.chunk_count)
-            fetch = vol.read_chunk
-
-        for index, future in _bounded_map(threads, fetch, iter(stored)):
-            plain = future.result()
-            if plain is not None:
-                start = index * meta.chunk_size
-                length = min(meta.chunk_size, meta.size - start)
-                os.pwrite(fd, memoryview(plain)[:length], start)
-                written += length
-            if progress is not None:
-                progress(written, len(stored) * meta.chunk_size)
+            stored = sorted(i for i, _ in vol.stored_chunks() if i < vol.meta.chunk_count)
+            written = _write_out(vol, stored, vol.read_chunk, fd, device, threads, progress)
         os.fsync(fd)
     finally:
         os.close(fd)
     return written
 
 
-def import_image(vol: Volume, source: Path, threads: int = 8,
-                 progress: ProgressFn | None = None) -> int:
-    """Store a raw image as the volume's contents; returns the chunks stored.
+def _write_out(vol: Volume, stored: list[int], fetch: Callable[[int], bytes | None],
+               fd: int, device: bool, threads: int, progress: ProgressFn | None) -> int:
+    """Write chunks (fetch(index): its bytes, None for zeros) to fd from scratch."""
+    meta = vol.meta
+    if not device:
+        os.ftruncate(fd, 0)  # from scratch: a restarted export leaves nothing behind
+        os.ftruncate(fd, meta.size)  # sparse: holes where nothing is stored
+    indexes = range(meta.chunk_count) if device else stored
+    wanted = set(stored)
+    total = len(indexes) * meta.chunk_size
+    zeros = memoryview(bytes(meta.chunk_size))
+    written = done = 0
+    for index, plain in results(threads, lambda i: fetch(i) if i in wanted else None,
+                                indexes):
+        start = index * meta.chunk_size
+        length = min(meta.chunk_size, meta.size - start)
+        if plain is not None:
+            os.pwrite(fd, memoryview(plain)[:length], start)  # type: ignore[arg-type]
+            written += length
+        elif device:
+            os.pwrite(fd, zeros[:length], start)
+        done += meta.chunk_size
+        if progress is not None:
+            progress(done, total)
+    return written
 
-    Zero chunks are not stored (and any object for them is deleted), so sparse images
-    stay cheap. The image must not be larger than the volume.
+
+# -- import --------------------------------------------------------------------------------
+
+def import_image(vol: Volume, source: Path, epoch: int, threads: int = 8,
+                 progress: ProgressFn | None = None) -> int:
+    """Make a raw image the volume's contents, as a new image beside the current one
+    and one conditional head write (offline.py); returns the chunks stored. The caller
+    holds the volume's lease at epoch (the stamps of the new objects).
+
+    Zero chunks are not stored, so sparse images stay cheap. The image must not be
+    larger than the volume. What the old head named is deleted once the new one is
+    written (R4).
     """
     meta = vol.meta
     size = source.stat().st_size if not source.is_block_device() else _device_size(source)
     if size > meta.size:
         raise UsageError(f"{source} is {size} bytes, larger than the volume "
                          f"({meta.size}); resize the volume first")
-    chunks = vol.chunks
-    # each write conditional on the version listed: the lease keeps servers away, and a
-    # writer that ignores it makes the import fail rather than be overwritten
-    versions = {i: info.version for i, info in chunks.list()}
+    head, version = read_head(vol)
+    old = _old_image(vol, head, threads, "importing over it")
+    writer = ImageWriter(vol.objects, epoch, old.max_seq + 1)
     fd = os.open(source, os.O_RDONLY)
-    stored = 0
     try:
-        def put(index: int) -> bool:
+        def put(index: int) -> None:
             start = index * meta.chunk_size
             length = max(0, min(meta.chunk_size, size - start))
             plain = bytearray(meta.chunk_size)
             if length and _has_data(fd, start, length):
                 os.preadv(fd, [memoryview(plain)[:length]], start)
-            return chunks.write(index, plain, versions.get(index)).stored
+            writer.put_chunk(index, plain)
 
-        for index, future in _bounded_map(threads, put, iter(range(meta.chunk_count))):
-            stored += bool(future.result())
+        for index, _ in results(threads, put, range(meta.chunk_count)):
             if progress is not None:
                 progress(min((index + 1) * meta.chunk_size, meta.size), meta.size)
     finally:
         os.close(fd)
-    return stored
+    _switch(vol, writer, head, version, threads)
+    return len(writer.entries)
+
+
+def _old_image(vol: Volume, head: Head, threads: int, going_on: str) -> Image:
+    """The image a rewrite replaces, for its sequence numbers (R3): damage to it is
+    reported, not fatal, as its contents are not used."""
+    def damaged(key: str, problem: str) -> None:
+        log.warning("%s is damaged (%s); %s", key, problem, going_on)
+
+    return Image(vol, head, threads, on_damage=damaged)
+
+
+def _switch(vol: Volume, writer: ImageWriter, head: Head, version: str, threads: int,
+            size: int | None = None) -> None:
+    """Write the new head over head (R2), remember its generation on this machine, then
+    record size in volume.json if given, and delete what the head no longer names (R4)."""
+    key = vol.meta.head
+    new = writer.write_head(key, head.generation + 1, version, threads)
+    runtime.check_head(vol.meta.volume_id, new.generation)
+    if size is not None:
+        vol.update(lambda meta: replace(meta, size=size))
+    collect(vol.store, writer.named(key))
 
 
 def _has_data(fd: int, start: int, length: int) -> bool:
@@ -168,3 +294,44 @@ def _device_size(path: Path) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
+
+
+# -- shrink --------------------------------------------------------------------------------
+
+def shrink(vol: Volume, new_size: int, epoch: int, threads: int = 8,
+           progress: ProgressFn | None = None) -> None:
+    """Shrink a closed version-3 volume to new_size (rounded already), under the lease
+    the caller holds at epoch: a new image without the chunks past the new end, the tail
+    of the new last chunk zeroed, and the store's journal folded in (the image is read,
+    so nothing needs a server); its head first, then volume.json's size. A crash in
+    between leaves the old size with zeros past the new end, and running shrink again
+    finishes; the other order would let a grow bring the old data back.
+
+    progress(bytes done, bytes total) follows the chunks rewritten.
+    """
+    meta = vol.meta
+    if new_size >= meta.size:
+        raise ValueError("shrink() makes a volume smaller")
+    keep = -(-new_size // meta.chunk_size)
+    tail = new_size % meta.chunk_size
+    head, version = read_head(vol)
+    image = Image(vol, head, threads)  # it is rewritten: damage stops the shrink
+    writer = ImageWriter(vol.objects, epoch, image.max_seq + 1)
+    last = {keep - 1} if tail and keep - 1 in image.sources else set()
+    rewrite = sorted({*carry(writer, image, keep, last), *last})
+
+    def fold(index: int) -> None:
+        plain = image.chunk(index)
+        assert plain is not None
+        if index in last:
+            plain = plain[:tail] + bytes(meta.chunk_size - tail)
+        if not writer.put_chunk(index, plain):
+            writer.zeroed(index)
+
+    total = len(rewrite) * meta.chunk_size
+    for done, _ in enumerate(results(threads, fold, sorted(rewrite)), 1):
+        if progress is not None:
+            progress(done * meta.chunk_size, total)
+    if progress is not None and not rewrite:
+        progress(0, 0)
+    _switch(vol, writer, head, version, threads, size=new_size)

@@ -34,7 +34,7 @@ from typing import Any
 
 from cloudnbd import codec, layout
 from cloudnbd.backends.base import ObjectInfo, ObjectStore
-from cloudnbd.chunks import ChunkCodec, ChunkStore, chunk_index, chunk_key, stored_chunks
+from cloudnbd.chunks import ChunkCodec, ChunkStore, chunk_index, stored_chunks
 from cloudnbd.codec import (
     Argon2idParams,
     KdfParams,
@@ -88,7 +88,7 @@ MAX_SIZE = 2**63 - SIZE_ALIGNMENT  # NBD sizes are 64-bit; keep signed arithmeti
 #: every chunk is stored. That is 1 PiB in 4 MiB chunks, 16 PiB in 64 MiB chunks.
 MAX_CHUNKS = 2**28
 MAX_SLOTS = 8
-_DELETE_BATCH = 1000  # keys per delete_many call: one S3 DeleteObjects, one progress step
+DELETE_BATCH = 1000  # keys per delete_many call: one S3 DeleteObjects, one progress step
 _UPDATE_ATTEMPTS = 5  # M1: re-reads of volume.json when concurrent updates keep winning
 _SCAN_LIMIT = 1000  # objects init looks at in an occupied location to name what is there
 #: what a key slot may ask of the machine that opens it (docs/format.md)
@@ -335,18 +335,23 @@ class Volume:
     keys: VolumeKeys
     #: the version of volume.json that meta was read from (M1)
     meta_version: str | None = None
+    #: the key slot the password opened (unlock), if known
+    slot: int | None = None
 
     def serialize(self, meta: VolumeMeta) -> bytes:
         doc = meta.document()
         doc["mac"] = codec.metadata_mac(self.keys, canonical(meta.document()))
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii")
 
-    def update(self, change: Callable[[VolumeMeta], VolumeMeta]) -> VolumeMeta:
+    def update(self, change: Callable[[VolumeMeta], VolumeMeta],
+               keys: VolumeKeys | None = None) -> VolumeMeta:
         """Replace volume.json with change(current metadata), conditionally (M1).
 
         change may be called several times, each time on the newest metadata, and may
         raise a CloudnbdError when the change no longer applies (a slot someone else
-        removed). Returns the metadata written.
+        removed). Returns the metadata written. With keys (rekey: a new master key, the
+        same volume id), the new volume.json is authenticated under them, and they are
+        this Volume's keys from then on.
         """
         for attempt in range(_UPDATE_ATTEMPTS):
             if attempt or self.meta_version is None:
@@ -354,13 +359,16 @@ class Volume:
             meta = change(self.meta)
             meta = replace(meta, generation=self.meta.generation + 1,
                            version=format_version(meta.slots, meta.head))
+            signer = self if keys is None else Volume(self.store, meta, keys)
             try:
-                self.meta_version = self.store.put_if(METADATA_KEY, self.serialize(meta),
+                self.meta_version = self.store.put_if(METADATA_KEY, signer.serialize(meta),
                                                       self.meta_version)
             except PreconditionFailed:
                 log.info("volume.json changed while we updated it; reading it again")
                 continue
             self.meta = meta
+            if keys is not None:
+                self.keys = keys
             return meta
         raise CloudnbdError(f"{self.store.description}: volume.json keeps changing while "
                             f"this command updates it (another command is updating it "
@@ -398,7 +406,7 @@ class Volume:
 
         def change(meta: VolumeMeta) -> VolumeMeta:
             old = self._slot_opened_by(meta, old_password)
-            new = _wrap(old.slot, new_password, self.keys.master_key, meta.volume_id, kdf)
+            new = new_slot(old.slot, new_password, self.keys.master_key, meta.volume_id, kdf)
             changed[:] = [old.slot]
             return replace(meta, slots=tuple(new if s.slot == old.slot else s
                                              for s in meta.slots))
@@ -415,7 +423,7 @@ class Volume:
             if len(meta.slots) >= MAX_SLOTS:
                 raise UsageError(f"all {MAX_SLOTS} key slots are in use; remove one first")
             number = min(set(range(MAX_SLOTS)) - {s.slot for s in meta.slots})
-            slot = _wrap(number, new_password, self.keys.master_key, meta.volume_id, kdf)
+            slot = new_slot(number, new_password, self.keys.master_key, meta.volume_id, kdf)
             added[:] = [number]
             return replace(meta, slots=(*meta.slots, slot))
 
@@ -461,15 +469,25 @@ class Volume:
     def write_chunk(self, index: int, plain: bytes, epoch: int | None = None) -> None:
         """Store chunk index. Versions 1 and 2: over its current object
         (chunks.ChunkStore.replace). Version 3: committed under a new head by
-        offline.commit_chunks, with stamps of epoch (default: one above the lease's; the
-        caller plays a writer that holds the lease)."""
+        offline.commit_chunks, with stamps of epoch: the caller plays a writer that holds
+        the lease at it. Default: the lease is taken (purpose "import") for the write, so
+        that every call has an epoch of its own and its stamps are unique; if it is held,
+        one above the holder's (the caller plays the holder's successor, once)."""
         if self.meta.version >= LAYOUT_V3:
             from cloudnbd import lease, offline
 
-            if epoch is None:
-                found, _ = lease.read(self.store)
-                epoch = (found.epoch if found is not None else 0) + 1
-            offline.commit_chunks(self, epoch, {index: plain})
+            if epoch is not None:
+                offline.commit_chunks(self, epoch, {index: plain})
+                return
+            found = lease.holder(self.store)
+            if found is not None:
+                offline.commit_chunks(self, found.epoch + 1, {index: plain})
+                return
+            held = lease.acquire(self.store, "import")
+            try:
+                offline.commit_chunks(self, held.epoch, {index: plain})
+            finally:
+                held.release()
             return
         self.chunks.replace(index, plain)
 
@@ -478,43 +496,20 @@ class Volume:
         return self.chunks.list()
 
     # -- size -----------------------------------------------------------------------------
-    def resize(self, new_size: int, allow_shrink: bool = False,
-               progress: Callable[[int, int], None] | None = None) -> None:
-        """Grow, or with allow_shrink shrink, the volume to new_size (already rounded).
-
-        Shrinking first deletes the chunks past the new end and zeroes the tail of the
-        new last chunk, and only then records the new size: were it the other way round, a
-        crash in between followed by a grow would resurrect stale data past the end.
-        progress(bytes deleted, bytes to delete) follows the deletion, which can be long.
-        """
+    def grow(self, new_size: int) -> None:
+        """Record a larger size (already rounded) in volume.json (M1). Nothing else
+        changes: past the old end nothing is stored (a shrink drops it, and no writer
+        stores past the end), so the new space reads as zeros. Shrinking is
+        transfer.shrink()."""
         check_size(new_size)
         check_chunk_count(new_size, self.meta.chunk_size)
-        old_size = self.meta.size
-        if new_size < old_size:
-            if not allow_shrink:
-                raise UsageError("the new size is smaller than the volume: data past it "
-                                 "would be destroyed; pass --shrink to do so")
-            keep = -(-new_size // self.meta.chunk_size)
-            doomed = [chunk_key(i) for i, _ in self.stored_chunks() if i >= keep]
-            total = len(doomed) * self.meta.chunk_size
-            if progress is not None:
-                progress(0, total)
-            for start in range(0, len(doomed), _DELETE_BATCH):
-                self.store.delete_many(doomed[start:start + _DELETE_BATCH])
-                if progress is not None:
-                    done = min(start + _DELETE_BATCH, len(doomed))
-                    progress(done * self.meta.chunk_size, total)
-            tail = new_size % self.meta.chunk_size
-            if tail:
-                last = keep - 1
-                plain = self.read_chunk(last)
-                if plain is not None:
-                    self.write_chunk(last, plain[:tail] + bytes(self.meta.chunk_size - tail))
-        if new_size != old_size:
+        if new_size < self.meta.size:
+            raise ValueError("grow() makes a volume larger; transfer.shrink() shrinks")
+        if new_size != self.meta.size:
             self.update(lambda meta: replace(meta, size=new_size))
 
 
-def _wrap(number: int, password: str, master_key: bytes, volume_id: bytes,
+def new_slot(number: int, password: str, master_key: bytes, volume_id: bytes,
           kdf: KdfParams | None) -> KeySlot:
     """A new key slot: with kdf, or Argon2id calibrated on this machine (kdf.py)."""
     if kdf is None:
@@ -541,7 +536,7 @@ def create(store: ObjectStore, size: int, chunk_size: int, password: str,
     check_location_free(store)
     volume_id = os.urandom(codec.VOLUME_ID_BYTES)
     master_key = os.urandom(codec.MASTER_KEY_BYTES)
-    slot = _wrap(0, password, master_key, volume_id, kdf)
+    slot = new_slot(0, password, master_key, volume_id, kdf)
     head = layout.head_key(layout.new_key_id()) if version >= LAYOUT_V3 else ""
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     meta = VolumeMeta(
@@ -574,6 +569,7 @@ def unlock(store: ObjectStore, password: str) -> Volume:
             continue
     else:
         raise WrongPassword("wrong password: no key slot opens with it")
+    opened = slot.slot
     keys = VolumeKeys(meta.volume_id, master_key)
     codec.verify_metadata_mac(keys, canonical(doc), mac)
     # Only now, authenticated, may the values be trusted; still refuse nonsense.
@@ -582,7 +578,7 @@ def unlock(store: ObjectStore, password: str) -> Volume:
         check_chunk_size(meta.chunk_size)
     except UsageError as exc:
         raise IntegrityError(f"volume metadata: {exc.message}") from None
-    return Volume(store, meta, keys, version)
+    return Volume(store, meta, keys, version, opened)
 
 
 def check_location_free(store: ObjectStore) -> None:
@@ -653,8 +649,8 @@ def delete(store: ObjectStore) -> int:
     under its root. Returns the number of objects deleted."""
     read_metadata(store)  # refuses anything that is not a cloudnbd volume
     keys = [info.key for info in own_objects(store) if info.key != METADATA_KEY]
-    for start in range(0, len(keys), _DELETE_BATCH):
-        store.delete_many(keys[start:start + _DELETE_BATCH])
+    for start in range(0, len(keys), DELETE_BATCH):
+        store.delete_many(keys[start:start + DELETE_BATCH])
     store.delete(METADATA_KEY)
     return len(keys) + 1
 

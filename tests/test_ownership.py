@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudnbd import volume
+from cloudnbd import layout, volume
 from cloudnbd.codec import ScryptParams
 from cloudnbd.runtime import volume_cache_dir
 from tests.served import KDF, cloudnbd, start
@@ -69,7 +69,7 @@ def plant_volume(env: BackendEnv, location: str) -> dict[str, bytes]:
     (a state older cloudnbd versions could leave: nested, or among other objects).
     Returns its objects."""
     scratch = env.store(env.new_location())
-    vol = volume.create(scratch, 4 * CHUNK, CHUNK, "pw", FAST)
+    vol = volume.create(scratch, 4 * CHUNK, CHUNK, "pw", FAST, version=1)
     vol.write_chunk(1, os.urandom(CHUNK))
     scratch.put("lease", b'{"host": "elsewhere"}')
     objects = {info.key: scratch.get(info.key) for info in scratch.list()}
@@ -79,11 +79,16 @@ def plant_volume(env: BackendEnv, location: str) -> dict[str, bytes]:
 
 
 def write_data(cli: Cli, location: str) -> None:
-    """Store two chunks and a (released) lease in the volume at location."""
-    vol = volume.unlock(cli.env.store(location), "first password")
-    vol.write_chunk(0, os.urandom(vol.meta.chunk_size))
-    vol.write_chunk(3, os.urandom(vol.meta.chunk_size))
-    vol.store.put("lease", b'{"state": "released", "epoch": 3}')  # closed earlier
+    """Store two chunks (and so a map page, and a released lease) in the volume at
+    location, as `import` does."""
+    chunk = volume.unlock(cli.env.store(location), "first password").meta.chunk_size
+    image = cli.password.parent / "data.img"
+    with open(image, "wb") as out:
+        out.write(os.urandom(chunk))
+        out.seek(3 * chunk)
+        out.write(os.urandom(chunk))
+    cloudnbd("import", str(image), cli.env.name, location, *cli.env.cli_args,
+             "--password-file", str(cli.password), "--yes", env=cli.env.env)
 
 
 # -- delete --------------------------------------------------------------------------------
@@ -109,7 +114,7 @@ def test_delete_leaves_objects_under_the_volume_that_are_not_its_own(cli: Cli) -
                   "nest/abc/volume.json": b"{}"}
     put_all(cli.env, base, neighbours)
     _, out, _ = cli("delete", location, "--yes")
-    assert "(4 objects)" in out
+    assert "(6 objects)" in out  # volume.json, lease, head, a map page, two chunks
     assert cli.snapshot(base) == {**under("nest/ab", FOREIGN), **neighbours}
 
 
@@ -236,8 +241,10 @@ def test_resize_and_import_leave_other_objects_alone(cli: Cli, tmp_path: Path) -
     cli("resize", location, "64KiB", "--shrink", "--yes", "--password-file",
         str(cli.password))
     after = cli.snapshot(location)
-    assert sorted(k for k in after if k not in FOREIGN and not k.startswith("inner/")) == \
-        ["chunks/0000000000000000", "lease", "volume.json"]  # lease: released by resize
+    own = sorted(k for k in after if k not in FOREIGN and not k.startswith("inner/"))
+    # the head, one map page naming chunk 0, the lease (released by resize)
+    assert [layout.parse_key(k)[:2] if layout.parse_key(k) else k[:5] for k in own] == \
+        [(layout.Kind.CHUNK, 0), "head-", "lease", (layout.Kind.MAP, 0), "volum"]
     assert {k: v for k, v in after.items() if k in FOREIGN} == FOREIGN
     assert {k: v for k, v in after.items() if k.startswith("inner/")} == \
         under("inner", nested)

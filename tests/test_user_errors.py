@@ -149,28 +149,6 @@ def test_list_json_gives_locations_the_other_commands_take(
     assert code == 0, err
 
 
-@pytest.mark.unit
-def test_verify_fails_on_stray_chunks_past_the_end_apart_from_damage(
-        made: str, password_file: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    image = tmp_path / "image"
-    image.write_bytes(os.urandom(8 * 2**20))
-    run(capsys, "import", str(image), "file", made, "--password-file", str(password_file),
-        "--yes")
-    pw = ["--password-file", str(password_file)]
-    assert run(capsys, "verify", "file", made, *pw)[0] == 0
-    store = FileStore(Path(made))
-    # what a shrink cut short leaves: a chunk past the end of the volume
-    store.put(volume.chunk_key(100), store.get(volume.chunk_key(0)))
-    code, out, err = run(capsys, "verify", "file", made, *pw)
-    assert "stray: chunk 100 lies past the end of the volume" in out
-    assert_one_line_error((code, out, err), 1, "1 stray chunk past the end")
-    # damage is told apart: its own exit status, whatever else is found
-    store.put(volume.chunk_key(1), b"\0" * 100)
-    code, out, err = run(capsys, "verify", "file", made, *pw)
-    assert_one_line_error((code, out, err), 7, "1 damaged chunk")
-
-
 # -- local files the user gave -------------------------------------------------------------
 
 @pytest.mark.unit

@@ -143,43 +143,28 @@ def test_key_slots_add_and_remove(store: FileStore) -> None:
 
 
 def test_zero_chunks_are_not_stored(store: FileStore) -> None:
-    vol = volume.create(store, 10 * CHUNK, CHUNK, "pw", FAST)
+    vol = volume.create(store, 10 * CHUNK, CHUNK, "pw", FAST, version=1)
     vol.write_chunk(2, os.urandom(CHUNK))
     vol.write_chunk(2, bytes(CHUNK))
     vol.write_chunk(4, bytes(CHUNK))
     assert list(vol.stored_chunks()) == []
 
 
-def test_grow_keeps_data(store: FileStore) -> None:
+def test_grow_changes_only_the_size(store: FileStore) -> None:
     vol = volume.create(store, 4 * CHUNK, CHUNK, "pw", FAST)
-    data = os.urandom(CHUNK)
-    vol.write_chunk(3, data)
-    vol.resize(8 * CHUNK)
+    before = _snapshot(store.root)
+    vol.grow(8 * CHUNK)
+    after = _snapshot(store.root)
+    assert {k: v for k, v in after.items() if k != "volume.json"} == \
+        {k: v for k, v in before.items() if k != "volume.json"}
     reopened = volume.unlock(store, "pw")
-    assert reopened.meta.size == 8 * CHUNK
-    assert reopened.read_chunk(3) == data
-
-
-def test_shrink_needs_permission_then_deletes_past_the_end(store: FileStore) -> None:
-    vol = volume.create(store, 8 * CHUNK, CHUNK, "pw", FAST)
-    kept = os.urandom(CHUNK)
-    for index in range(8):
-        vol.write_chunk(index, kept)
-    with pytest.raises(UsageError, match="--shrink"):
-        vol.resize(3 * CHUNK + 4096)
-    vol.resize(3 * CHUNK + 4096, allow_shrink=True)
-    assert [i for i, _ in vol.stored_chunks()] == [0, 1, 2, 3]
-    tail = vol.read_chunk(3)
-    assert tail is not None
-    assert tail[:4096] == kept[:4096] and tail[4096:] == bytes(CHUNK - 4096)
-    # growing again shows zeros past the old end, never the shrunk-away data
-    vol.resize(8 * CHUNK)
-    assert vol.read_chunk(5) is None
-    assert volume.unlock(store, "pw").meta.size == 8 * CHUNK
+    assert reopened.meta.size == 8 * CHUNK and reopened.meta.generation == 2
+    with pytest.raises(ValueError):
+        vol.grow(4 * CHUNK)  # shrinking is transfer.shrink (tests/test_offline.py)
 
 
 def test_delete_removes_everything(store: FileStore) -> None:
-    vol = volume.create(store, 8 * CHUNK, CHUNK, "pw", FAST)
+    vol = volume.create(store, 8 * CHUNK, CHUNK, "pw", FAST, version=1)
     vol.write_chunk(1, os.urandom(CHUNK))
     assert volume.delete(store) == 2
     assert list(store.list()) == []
