@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import re
 import struct
 from base64 import b64decode, b64encode
@@ -28,6 +29,8 @@ from cloudnbd import volume as cloudnbd_volume
 from cloudnbd.backends.file import FileStore
 from cloudnbd.codec import Argon2idParams, ScryptParams
 from tests import vectors_v3 as V3
+from tests.nbdclient import NbdClient
+from tests.served import KDF, cloudnbd, start
 from tests.test_codec import (
     KAT_BLOB_HEX,
     KAT_INDEX,
@@ -39,8 +42,6 @@ from tests.test_codec import (
     KAT_SLOTS,
     KEYS,
 )
-
-pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
 
 
 def hkdf_sha256(ikm: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
@@ -112,16 +113,23 @@ def decrypt_chunk(blob: bytes, master_key: bytes, volume_id: bytes, index: int,
     return body
 
 
-def read_volume(root: Path, password: str, seen_generation: int = 0) -> bytes:
-    """The whole volume's bytes, read as docs/format.md says. seen_generation: the
-    highest head generation this reader has seen for the volume (version 3)."""
+def unlock_dir(root: Path, password: str) -> tuple[dict, bytes]:
+    """volume.json of the volume in a directory, checked, and its master key."""
     doc = json.loads((root / "volume.json").read_bytes())
     assert doc["format"] == "cloudnbd-volume" and doc["version"] in (1, 2, 3)
     assert doc["cipher"] == "aes-256-gcm" and doc["compression"] == "zstd"
     master_key = open_master_key(doc, password)
     verify_mac(doc, master_key)
+    return doc, master_key
+
+
+def read_volume(root: Path, password: str, seen_generation: int = 0) -> bytes:
+    """The whole volume's bytes, read as docs/format.md says. seen_generation: the
+    highest head generation this reader has seen for the volume (version 3)."""
+    doc, master_key = unlock_dir(root, password)
     if doc["version"] == 3:
-        return read_image_v3(DirObjects(root), doc, master_key, seen_generation)
+        return assemble(read_chunks_v3(DirObjects(root), doc, master_key, seen_generation),
+                        doc["size"], doc["chunk_size"])
     size, chunk_size = doc["size"], doc["chunk_size"]
     volume_id = bytes.fromhex(doc["volume_id"])
     data = bytearray(size)
@@ -436,41 +444,66 @@ def replay(head: Head, objects: Mapping[str, bytes], master_key: bytes, volume_i
     return chunks, named
 
 
-def image_from_head(objects: Mapping[str, bytes], head_raw: bytes, master_key: bytes,
-                    volume_id: bytes, size: int, chunk_size: int,
-                    seen_generation: int = 0) -> bytes:
-    """The image a head names. Every object it names must exist and authenticate, also
-    those a later record supersedes: a missing or failing one is damage, not zeros."""
+def chunks_from_head(objects: Mapping[str, bytes], head_raw: bytes, master_key: bytes,
+                     volume_id: bytes, size: int, chunk_size: int,
+                     seen_generation: int = 0) -> dict[int, bytes]:
+    """The image a head names, sparse: chunk index -> its bytes (cut at size), every chunk
+    not listed all zeros. Every object the head names must exist and authenticate, also
+    one a later record supersedes: a missing or failing one is damage, not zeros."""
     head = read_head(head_raw, master_key, volume_id, seen_generation)
     chunks, named = replay(head, objects, master_key, volume_id, size, chunk_size)
     plains = {key: open_chunk(objects, int(key[7:23], 16), int(key[24:], 16), master_key,
                               volume_id, chunk_size) for key in sorted(named)}
-    image = bytearray(size)
+    image = {}
     for index, state in sorted(chunks.items()):
         chunk = bytearray(plains[chunk_key_v3(index, state.stamp)] if state.stamp
                           else bytes(chunk_size))
         for _seq, within, data, length in state.writes:
             chunk[within:within + length] = data if data is not None else bytes(length)
-        start = index * chunk_size
-        image[start:start + chunk_size] = chunk[:size - start]
+        image[index] = bytes(chunk[:size - index * chunk_size])
+    return image
+
+
+def assemble(chunks: dict[int, bytes], size: int, chunk_size: int) -> bytes:
+    image = bytearray(size)
+    for index, data in chunks.items():
+        image[index * chunk_size:index * chunk_size + len(data)] = data
     return bytes(image)
 
 
-def read_image_v3(objects: Mapping[str, bytes], doc: dict, master_key: bytes,
-                  seen_generation: int = 0) -> bytes:
-    """A version-3 volume's image, volume.json already opened and its MAC verified."""
+def image_from_head(objects: Mapping[str, bytes], head_raw: bytes, master_key: bytes,
+                    volume_id: bytes, size: int, chunk_size: int,
+                    seen_generation: int = 0) -> bytes:
+    return assemble(chunks_from_head(objects, head_raw, master_key, volume_id, size,
+                                     chunk_size, seen_generation), size, chunk_size)
+
+
+def read_chunks_v3(objects: Mapping[str, bytes], doc: dict, master_key: bytes,
+                   seen_generation: int = 0) -> dict[int, bytes]:
+    """A version-3 volume's image (sparse, as chunks_from_head), volume.json already
+    opened and its MAC verified."""
     if not isinstance(doc.get("head"), str) or not HEAD_KEY.match(doc["head"]):
         raise FormatError(f"volume.json: head {doc.get('head')!r}")
-    return image_from_head(objects, fetch(objects, doc["head"]), master_key,
-                           bytes.fromhex(doc["volume_id"]), doc["size"], doc["chunk_size"],
-                           seen_generation)
+    return chunks_from_head(objects, fetch(objects, doc["head"]), master_key,
+                            bytes.fromhex(doc["volume_id"]), doc["size"], doc["chunk_size"],
+                            seen_generation)
 
 
+def read_volume_v3(root: Path, password: str, seen_generation: int = 0
+                   ) -> tuple[dict, dict[int, bytes]]:
+    """(volume.json, sparse image) of a version-3 volume in a directory."""
+    doc, master_key = unlock_dir(root, password)
+    assert doc["version"] == 3
+    return doc, read_chunks_v3(DirObjects(root), doc, master_key, seen_generation)
+
+
+@pytest.mark.unit
 def test_independent_reader_decodes_the_known_answer() -> None:
     blob = bytes.fromhex(KAT_BLOB_HEX)
     assert decrypt_chunk(blob, KEYS.master_key, KEYS.volume_id, KAT_INDEX, 32) == KAT_PLAIN
 
 
+@pytest.mark.unit
 def test_independent_reader_reads_a_volume_cloudnbd_wrote(tmp_path: Path) -> None:
     chunk = 64 * 1024
     store = FileStore(tmp_path / "vol")
@@ -491,6 +524,7 @@ def test_independent_reader_reads_a_volume_cloudnbd_wrote(tmp_path: Path) -> Non
     assert stored == ["0000000000000000", "0000000000000002", "0000000000000004"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", KAT_SLOTS)
 def test_independent_reader_opens_the_known_answer_key_slots(kind: str) -> None:
     params, wrapped_hex = KAT_SLOTS[kind]
@@ -502,6 +536,7 @@ def test_independent_reader_opens_the_known_answer_key_slots(kind: str) -> None:
     assert open_master_key(doc, KAT_SLOT_PASSWORD) == KEYS.master_key
 
 
+@pytest.mark.unit
 def test_independent_reader_reads_argon2id_and_scrypt_slots_cloudnbd_wrote(
         tmp_path: Path) -> None:
     chunk = 64 * 1024
@@ -535,6 +570,7 @@ def vector_image(objects: Mapping[str, bytes], seen_generation: int = 0) -> byte
                            V3.VOLUME_ID, V3.SIZE, V3.CHUNK_SIZE, seen_generation)
 
 
+@pytest.mark.unit
 def test_v3_reader_opens_every_known_answer_object_under_its_key() -> None:
     objects = vector_objects()
     for index, stamp, plain, salt, key, _ in V3.CHUNKS:
@@ -560,6 +596,7 @@ def test_v3_reader_opens_every_known_answer_object_under_its_key() -> None:
         [(s, n) for s, _, _, n in head.journal]
 
 
+@pytest.mark.unit
 def test_v3_reader_reads_the_known_answer_image() -> None:
     image = vector_image(vector_objects())
     assert image == bytes.fromhex(V3.IMAGE_HEX)
@@ -626,6 +663,7 @@ TAMPERED: dict[str, tuple[Callable[[dict[str, bytes]], None], str]] = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("damage", TAMPERED)
 def test_v3_reader_refuses_damage_to_the_known_answer_volume(damage: str) -> None:
     objects = vector_objects()
@@ -635,7 +673,179 @@ def test_v3_reader_refuses_damage_to_the_known_answer_volume(damage: str) -> Non
         vector_image(objects)
 
 
+@pytest.mark.unit
 def test_v3_reader_refuses_a_head_older_than_one_it_saw() -> None:
     assert vector_image(vector_objects(), seen_generation=V3.HEAD_GENERATION)
     with pytest.raises(FormatError, match="rolled back"):
         vector_image(vector_objects(), seen_generation=V3.HEAD_GENERATION + 1)
+
+
+# -- version 3: volumes cloudnbd wrote ----------------------------------------------------
+# These start cloudnbd (the `import` command, a real `cloudnbd open` server), so they are
+# not unit tests; the reader above still shares nothing with cloudnbd.
+
+SERVED_CHUNK = 64 * 1024
+SERVED_SIZE = 4096 * SERVED_CHUNK + 40 * SERVED_CHUNK  # map pages 0 and 1
+SECTOR = 4096
+
+
+class Model:
+    """What a client wrote, chunk by chunk (absent: zeros): what a reader must see."""
+
+    def __init__(self, size: int, chunk_size: int) -> None:
+        self.size, self.chunk_size = size, chunk_size
+        self.chunks: dict[int, bytearray] = {}
+
+    def apply(self, offset: int, data: bytes) -> None:
+        at = offset
+        while at < offset + len(data):
+            index, within = divmod(at, self.chunk_size)
+            piece = min(offset + len(data) - at, self.chunk_size - within)
+            chunk = self.chunks.setdefault(index, bytearray(self.chunk_size))
+            chunk[within:within + piece] = data[at - offset:at - offset + piece]
+            at += piece
+
+    def snapshot(self) -> dict[int, bytes]:
+        return {i: bytes(c) for i, c in self.chunks.items()}
+
+
+def same_image(read: dict[int, bytes], expected: dict[int, bytes], chunk_size: int,
+               what: str = "what the client flushed") -> None:
+    """Both sparse images hold the same bytes (a chunk absent from one is zeros)."""
+    zeros = bytes(chunk_size)
+    differ = [i for i in sorted(set(read) | set(expected))
+              if read.get(i, zeros).ljust(chunk_size, b"\0")
+              != expected.get(i, zeros).ljust(chunk_size, b"\0")]
+    assert not differ, f"chunks {differ[:10]} differ from {what}"
+
+
+def random_writes(client: NbdClient, model: Model, rng: random.Random, count: int,
+                  aligned: bool = False) -> None:
+    """count writes, zeroes and trims of every shape, to the client and the model: small
+    and unaligned ones, whole chunks, ones across chunk and map page boundaries."""
+    spots = [0, 5 * SERVED_CHUNK, 4095 * SERVED_CHUNK, 4096 * SERVED_CHUNK - 3000,
+             SERVED_SIZE - 3 * SERVED_CHUNK]
+    for _ in range(count):
+        op = rng.choice(["small", "small", "small", "chunks", "zero", "trim"])
+        if op == "chunks":
+            offset = rng.choice(spots) // SERVED_CHUNK * SERVED_CHUNK
+            length = rng.randint(1, 2) * SERVED_CHUNK
+        else:
+            length = rng.randint(1, 3 * SECTOR) if not aligned else \
+                rng.randint(1, 3) * SECTOR
+            offset = rng.choice(spots) + rng.randint(0, 2 * SERVED_CHUNK)
+            if aligned:
+                offset -= offset % SECTOR
+        length = min(length, SERVED_SIZE - offset)
+        if op in ("zero", "trim"):
+            (client.zero if op == "zero" else client.trim)(offset, length)
+            model.apply(offset, bytes(length))
+        else:
+            data = rng.randbytes(length) if rng.random() < 0.5 else \
+                (b"compressible %d " % rng.randint(0, 99) * length)[:length]
+            client.pwrite(data, offset)
+            model.apply(offset, data)
+
+
+def _new_served_volume(tmp_path: Path, password_file: Path) -> Path:
+    location = tmp_path / "bucket" / "vol"
+    location.parent.mkdir()
+    cloudnbd("init", "file", str(location), str(SERVED_SIZE), "--chunk-size", "64KiB",
+             "--password-file", str(password_file), *KDF)
+    return location
+
+
+def test_v3_reader_reads_a_volume_cloudnbd_imported(tmp_path: Path,
+                                                    password_file: Path) -> None:
+    """`cloudnbd import`, offline: the image the reader reads is the file imported."""
+    location = _new_served_volume(tmp_path, password_file)
+    model = Model(SERVED_SIZE, SERVED_CHUNK)
+    rng = random.Random(3)
+    model.apply(0, rng.randbytes(3 * SERVED_CHUNK + 100))
+    model.apply(4096 * SERVED_CHUNK + 7, b"page one " * 1000)
+    image = tmp_path / "image"
+    with open(image, "wb") as out:
+        out.truncate(SERVED_SIZE)
+        for index, chunk in model.chunks.items():
+            out.seek(index * SERVED_CHUNK)
+            out.write(chunk)
+    cloudnbd("import", str(image), "file", str(location), "--password-file",
+             str(password_file), "--yes", "--cache", str(tmp_path / "import-cache"))
+    _, read = read_volume_v3(location, password_file.read_text().strip())
+    same_image(read, model.snapshot(), SERVED_CHUNK, "the image imported")
+
+
+def test_v3_reader_reads_what_a_served_client_flushed_then_closed(
+        tmp_path: Path, password_file: Path) -> None:
+    """A real server, an NBD client, FLUSHes, `close`: the reader's image is what the
+    client wrote, from map pages (both of them) folded by the close."""
+    location = _new_served_volume(tmp_path, password_file)
+    model = Model(SERVED_SIZE, SERVED_CHUNK)
+    rng = random.Random(1)
+    served = start(tmp_path, "file", str(location), password_file)
+    client = NbdClient.unix(str(served.socket))
+    for _ in range(4):
+        random_writes(client, model, rng, 15)
+        client.flush()
+    # the server agrees with the model (so that a difference below is the store's)
+    for index in sorted(model.chunks):
+        assert client.pread(index * SERVED_CHUNK, SERVED_CHUNK) == model.chunks[index]
+    client.close()
+    served.close()
+    doc, read = read_volume_v3(location, password_file.read_text().strip())
+    head = json.loads((location / doc["head"]).read_bytes())
+    assert [page for page, _ in head["map"]] == [0, 1]
+    same_image(read, model.snapshot(), SERVED_CHUNK)
+
+
+def test_v3_reader_replays_the_journal_a_killed_server_left(
+        tmp_path: Path, password_file: Path) -> None:
+    """Writes folded into map pages by a close, then more writes and FLUSHes and kill -9:
+    the head names map pages and journal objects, and replaying them gives exactly what
+    the client flushed."""
+    location = _new_served_volume(tmp_path, password_file)
+    model = Model(SERVED_SIZE, SERVED_CHUNK)
+    rng = random.Random(2)
+    served = start(tmp_path, "file", str(location), password_file)
+    client = NbdClient.unix(str(served.socket))
+    random_writes(client, model, rng, 20)
+    client.flush()
+    client.close()
+    served.close()
+    served = start(tmp_path, "file", str(location), password_file)
+    client = NbdClient.unix(str(served.socket))
+    for _ in range(3):
+        random_writes(client, model, rng, 15)
+        client.flush()
+    served.kill()
+    doc, read = read_volume_v3(location, password_file.read_text().strip())
+    head = json.loads((location / doc["head"]).read_bytes())
+    assert head["map"] and head["journal"], "the head should name pages and journal objects"
+    same_image(read, model.snapshot(), SERVED_CHUNK)
+
+
+def test_v3_reader_sees_a_flush_point_plus_later_writes_after_a_kill(
+        tmp_path: Path, password_file: Path) -> None:
+    """Writes after the last FLUSH, then kill -9: every 4 KiB sector the reader sees is
+    as flushed or as one of the later writes left it, never torn."""
+    location = _new_served_volume(tmp_path, password_file)
+    model = Model(SERVED_SIZE, SERVED_CHUNK)
+    rng = random.Random(4)
+    served = start(tmp_path, "file", str(location), password_file)
+    client = NbdClient.unix(str(served.socket))
+    random_writes(client, model, rng, 30, aligned=True)
+    client.flush()
+    flushed = model.snapshot()
+    later: list[dict[int, bytes]] = []
+    for _ in range(30):
+        random_writes(client, model, rng, 1, aligned=True)
+        later.append(model.snapshot())
+    served.kill()
+    _, read = read_volume_v3(location, password_file.read_text().strip())
+    zeros = bytes(SERVED_CHUNK)
+    for index in sorted(set(read) | set(model.chunks)):
+        got = read.get(index, zeros).ljust(SERVED_CHUNK, b"\0")
+        for at in range(0, SERVED_CHUNK, SECTOR):
+            allowed = {version.get(index, zeros)[at:at + SECTOR]
+                       for version in [flushed, *later]}
+            assert got[at:at + SECTOR] in allowed, f"chunk {index} sector {at // SECTOR}"
