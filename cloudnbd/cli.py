@@ -104,7 +104,18 @@ def _kdf(args: argparse.Namespace) -> Argon2idParams | None:
 def _unlock(args: argparse.Namespace) -> volume.Volume:
     store = _store(args)
     volume.read_metadata(store)  # a missing or too-new volume is reported before the prompt
-    return volume.unlock(store, get_password(args.password_file))
+    return _head_checked(volume.unlock(store, get_password(args.password_file)))
+
+
+def _head_checked(vol: volume.Volume) -> volume.Volume:
+    """Refuse a version-3 volume whose head is older than one this machine has seen (a
+    rolled-back head: its image is genuine but old), as open does."""
+    from cloudnbd import runtime
+
+    if vol.meta.head:
+        head, _ = vol.objects.get_head(vol.meta.head)
+        runtime.check_head(vol.meta.volume_id, head.generation)
+    return vol
 
 
 def _size_change_note(requested: int, rounded: int) -> str:
@@ -171,7 +182,7 @@ def cmd_passwd(args: argparse.Namespace) -> None:
     store = _store(args)
     volume.read_metadata(store)
     current = get_password(args.password_file, prompt="Current password: ")
-    vol = volume.unlock(store, current)
+    vol = _head_checked(volume.unlock(store, current))
     if args.remove is not None:
         vol.remove_slot(args.remove)
         print(f"Removed key slot {args.remove}.")
@@ -674,7 +685,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
     report = transfer.verify(vol, threads=args.threads, progress=update)
     progress.finish()
     for index, problem in report.damaged:
-        print(f"damaged: chunk {index} ({chunk_key(index)}): {problem}")
+        where = "" if vol.meta.head else f" ({chunk_key(index)})"  # v3: problem names it
+        print(f"damaged: chunk {index}{where}: {problem}")
     for index in report.beyond_end:
         print(f"stray: chunk {index} lies past the end of the volume")
     print(f"Checked {report.checked} chunks ({format_size(report.stored_bytes)} stored): "

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudnbd.errors import IntegrityError, UsageError
+from cloudnbd.reader import Image
 from cloudnbd.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class VerifyReport:
 
 def verify(vol: Volume, threads: int = 8, progress: ProgressFn | None = None) -> VerifyReport:
     """Download and authenticate every stored chunk; list the damaged ones."""
+    if vol.meta.head:
+        return _verify_v3(vol, threads, progress)
     sizes = {index: info.size for index, info in vol.stored_chunks()}
     stored = sorted(sizes.items())
     total = sum(sizes.values())
@@ -77,6 +80,32 @@ def verify(vol: Volume, threads: int = 8, progress: ProgressFn | None = None) ->
     return report
 
 
+def _verify_v3(vol: Volume, threads: int, progress: ProgressFn | None) -> VerifyReport:
+    """Version 3: the head, its map pages and journal objects must read (IntegrityError
+    otherwise: nothing of the image can be trusted), then every chunk the head names is
+    built from its objects; a chunk whose object is missing or fails is listed."""
+    image = Image(vol)
+    stored = image.stored()
+    report = VerifyReport(stored_bytes=image.wire_bytes)
+
+    def check(index: int) -> str | None:
+        try:
+            image.chunk(index)
+        except IntegrityError as exc:
+            return exc.message
+        return None
+
+    for index, future in _bounded_map(threads, check, iter(stored)):
+        problem = future.result()
+        report.checked += 1
+        if problem is not None:
+            log.error("chunk %d is damaged: %s", index, problem)
+            report.damaged.append((index, str(problem)))
+        if progress is not None:
+            progress(report.checked, len(stored))
+    return report
+
+
 def export(vol: Volume, target: Path, threads: int = 8, progress: ProgressFn | None = None,
            overwrite: bool = False) -> int:
     """Write the whole volume to a raw image; never-stored chunks become holes.
@@ -93,10 +122,13 @@ def export(vol: Volume, target: Path, threads: int = 8, progress: ProgressFn | N
     try:
         if not target.is_block_device():
             os.ftruncate(fd, meta.size)  # sparse: holes where nothing is stored
-        stored = sorted(i for i, _ in vol.stored_chunks() if i < meta.chunk_count)
-
-        def fetch(index: int) -> bytes | None:
-            return vol.read_chunk(index)
+        if meta.head:  # version 3: one head, read once, names an immutable image
+            image = Image(vol)
+            stored = image.stored()
+            fetch: Callable[[int], bytes | None] = image.chunk
+        else:
+            stored = sorted(i for i, _ in vol.stored_chunks() if i < meta.chunk_count)
+            fetch = vol.read_chunk
 
         for index, future in _bounded_map(threads, fetch, iter(stored)):
             plain = future.result()
