@@ -740,10 +740,12 @@ def cmd_import(args: argparse.Namespace) -> None:
     held = _exclusive(vol, args.force, "import", local)
     try:
         progress, update = _progress_callback("Importing")
-        stored = transfer.import_image(vol, args.file, threads=args.threads, progress=update)
+        stored = transfer.import_image(vol, args.file, threads=args.threads, progress=update,
+                                       epoch=held.epoch)  # type: ignore[attr-defined]
         progress.finish()
     finally:
         held.release()  # type: ignore[attr-defined]
+    _head_checked(vol)  # this machine has seen the head the import wrote
     print(f"Imported {args.file} into {vol.store.description}: {stored} chunks stored.")
 
 

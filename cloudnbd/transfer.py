@@ -10,14 +10,18 @@ report progress through one callback.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
-from cloudnbd.errors import IntegrityError, UsageError
+from cloudnbd import layout
+from cloudnbd.errors import IntegrityError, PreconditionFailed, UsageError, VolumeBusy
 from cloudnbd.reader import Image
 from cloudnbd.volume import Volume
 
@@ -146,31 +150,38 @@ def export(vol: Volume, target: Path, threads: int = 8, progress: ProgressFn | N
 
 
 def import_image(vol: Volume, source: Path, threads: int = 8,
-                 progress: ProgressFn | None = None) -> int:
+                 progress: ProgressFn | None = None, epoch: int = 0) -> int:
     """Store a raw image as the volume's contents; returns the chunks stored.
 
     Zero chunks are not stored (and any object for them is deleted), so sparse images
-    stay cheap. The image must not be larger than the volume.
+    stay cheap. The image must not be larger than the volume. epoch: of the lease the
+    caller holds (version 3 stamps its objects with it).
     """
     meta = vol.meta
     size = source.stat().st_size if not source.is_block_device() else _device_size(source)
     if size > meta.size:
         raise UsageError(f"{source} is {size} bytes, larger than the volume "
                          f"({meta.size}); resize the volume first")
-    chunks = vol.chunks
-    # each write conditional on the version listed: the lease keeps servers away, and a
-    # writer that ignores it makes the import fail rather than be overwritten
-    versions = {i: info.version for i, info in chunks.list()}
     fd = os.open(source, os.O_RDONLY)
-    stored = 0
     try:
-        def put(index: int) -> bool:
+        def plain(index: int) -> bytearray:
             start = index * meta.chunk_size
             length = max(0, min(meta.chunk_size, size - start))
-            plain = bytearray(meta.chunk_size)
+            data = bytearray(meta.chunk_size)
             if length and _has_data(fd, start, length):
-                os.preadv(fd, [memoryview(plain)[:length]], start)
-            return chunks.write(index, plain, versions.get(index)).stored
+                os.preadv(fd, [memoryview(data)[:length]], start)
+            return data
+
+        if meta.head:
+            return _import_v3(vol, plain, epoch, threads, progress)
+        chunks = vol.chunks
+        # each write conditional on the version listed: the lease keeps servers away, and
+        # a writer that ignores it makes the import fail rather than be overwritten
+        versions = {i: info.version for i, info in chunks.list()}
+        stored = 0
+
+        def put(index: int) -> bool:
+            return chunks.write(index, plain(index), versions.get(index)).stored
 
         for index, future in _bounded_map(threads, put, iter(range(meta.chunk_count))):
             stored += bool(future.result())
@@ -179,6 +190,53 @@ def import_image(vol: Volume, source: Path, threads: int = 8,
     finally:
         os.close(fd)
     return stored
+
+
+def _import_v3(vol: Volume, plain: Callable[[int], bytearray], epoch: int, threads: int,
+               progress: ProgressFn | None) -> int:
+    """Version 3: every non-zero chunk as a new object, the map pages naming them, then
+    one new head naming those pages and no journal, replaced only if the head is still
+    the one read first (a writer that ignored the lease makes the import fail). The old
+    objects become garbage, collected by the next server after the grace period."""
+    meta, objects = vol.meta, vol.objects
+    head, head_version = objects.get_head(meta.head)
+    # above every seq of the old image, so that the next writer's seqs follow on
+    seq = max([head.seq, *(ref.last_seq for ref in head.journal)]) + 1
+    counter = itertools.count(1)
+    lock = threading.Lock()
+
+    def next_stamp() -> int:
+        with lock:
+            return layout.stamp(epoch, next(counter))
+
+    def put(index: int) -> int:
+        stamp = next_stamp()
+        return stamp if objects.put_chunk(index, stamp, plain(index)).key else 0
+
+    entries = [layout.ZERO_ENTRY] * meta.chunk_count
+    for index, future in _bounded_map(threads, put, iter(range(meta.chunk_count))):
+        stamp = future.result()
+        if stamp:
+            entries[index] = layout.Entry(stamp, seq)
+        if progress is not None:
+            progress(min((index + 1) * meta.chunk_size, meta.size), meta.size)
+    pages = []
+    for page in range(-(-meta.chunk_count // layout.PAGE_CHUNKS)):
+        part = entries[page * layout.PAGE_CHUNKS:(page + 1) * layout.PAGE_CHUNKS]
+        if any(entry.stamp for entry in part):  # no journal is named: (0, 0) is safe
+            part += [layout.ZERO_ENTRY] * (layout.PAGE_CHUNKS - len(part))
+            stamp = next_stamp()
+            objects.put_page(page, stamp, part)
+            pages.append((page, stamp))
+    written = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    new = layout.Head(meta.volume_id, head.generation + 1, epoch, seq, tuple(pages), (),
+                      written)
+    try:
+        objects.put_head(meta.head, new, head_version)
+    except PreconditionFailed:
+        raise VolumeBusy("another writer changed the volume during the import (it ignored "
+                         "the lease); nothing of the import is named: run it again") from None
+    return sum(1 for entry in entries if entry.stamp)
 
 
 def _has_data(fd: int, start: int, length: int) -> bool:

@@ -755,24 +755,52 @@ def _new_served_volume(tmp_path: Path, password_file: Path) -> Path:
     return location
 
 
+def _write_image(path: Path, model: Model) -> None:
+    with open(path, "wb") as out:
+        out.truncate(model.size)
+        for index, chunk in model.chunks.items():
+            out.seek(index * model.chunk_size)
+            out.write(chunk)
+
+
 def test_v3_reader_reads_a_volume_cloudnbd_imported(tmp_path: Path,
                                                     password_file: Path) -> None:
-    """`cloudnbd import`, offline: the image the reader reads is the file imported."""
+    """`cloudnbd import`, offline: the image the reader reads is the file imported; also
+    over a volume a server wrote, whose server then reads the new image, not its cache."""
     location = _new_served_volume(tmp_path, password_file)
-    model = Model(SERVED_SIZE, SERVED_CHUNK)
+    password = password_file.read_text().strip()
     rng = random.Random(3)
-    model.apply(0, rng.randbytes(3 * SERVED_CHUNK + 100))
-    model.apply(4096 * SERVED_CHUNK + 7, b"page one " * 1000)
-    image = tmp_path / "image"
-    with open(image, "wb") as out:
-        out.truncate(SERVED_SIZE)
-        for index, chunk in model.chunks.items():
-            out.seek(index * SERVED_CHUNK)
-            out.write(chunk)
-    cloudnbd("import", str(image), "file", str(location), "--password-file",
+    first = Model(SERVED_SIZE, SERVED_CHUNK)
+    first.apply(0, rng.randbytes(3 * SERVED_CHUNK + 100))
+    first.apply(4096 * SERVED_CHUNK + 7, b"page one " * 1000)
+    _write_image(tmp_path / "first", first)
+    cloudnbd("import", str(tmp_path / "first"), "file", str(location), "--password-file",
              str(password_file), "--yes", "--cache", str(tmp_path / "import-cache"))
-    _, read = read_volume_v3(location, password_file.read_text().strip())
-    same_image(read, model.snapshot(), SERVED_CHUNK, "the image imported")
+    same_image(read_volume_v3(location, password)[1], first.snapshot(), SERVED_CHUNK,
+               "the image imported")
+
+    served = start(tmp_path, "file", str(location), password_file)
+    client = NbdClient.unix(str(served.socket))
+    assert client.pread(0, 3 * SERVED_CHUNK) == bytes(first.chunks[0] + first.chunks[1]
+                                                      + first.chunks[2])
+    client.pwrite(b"served", 5 * SERVED_CHUNK)
+    client.flush()
+    client.close()
+    served.close()
+    second = Model(SERVED_SIZE, SERVED_CHUNK)
+    second.apply(SERVED_CHUNK, rng.randbytes(SERVED_CHUNK))
+    _write_image(tmp_path / "second", second)
+    cloudnbd("import", str(tmp_path / "second"), "file", str(location), "--password-file",
+             str(password_file), "--yes", "--cache", str(tmp_path / "import-cache"))
+    same_image(read_volume_v3(location, password)[1], second.snapshot(), SERVED_CHUNK,
+               "the image imported second")
+    served = start(tmp_path, "file", str(location), password_file)  # its cache is stale
+    client = NbdClient.unix(str(served.socket))
+    for index in (0, 1, 2, 5, 4096):
+        assert client.pread(index * SERVED_CHUNK, SERVED_CHUNK) == \
+            second.snapshot().get(index, bytes(SERVED_CHUNK))
+    client.close()
+    served.close()
 
 
 def test_v3_reader_reads_what_a_served_client_flushed_then_closed(
