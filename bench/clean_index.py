@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cloudnbd.engine.cache import CleanCache, clean_name  # noqa: E402
-from cloudnbd.engine.versions import ChunkVersions  # noqa: E402
+from cloudnbd.engine.chunkmap import ChunkMap  # noqa: E402
+from cloudnbd.layout import Entry  # noqa: E402
 
 MEMORY_PROBE = """
 import tempfile
@@ -44,7 +45,12 @@ with tempfile.TemporaryDirectory() as d:
 
 
 def etag(index: int, generation: int = 0) -> str:
-    return f'"{(index * 7919 + generation):032x}"'
+    """The version a clean file records: its object's stamp, as the map gives it."""
+    return f"{stamp_of(index, generation):016x}"
+
+
+def stamp_of(index: int, generation: int = 0) -> int:
+    return index * 7919 + generation + 1
 
 
 def per_call(fn: Callable[[int], None], calls: int) -> float:
@@ -57,7 +63,7 @@ def per_call(fn: Callable[[int], None], calls: int) -> float:
 
 def per_result(tmp: Path, calls: int) -> dict[str, float]:
     cache = CleanCache(tmp / "added", max_bytes=2**62)
-    cache.open(ChunkVersions(0))
+    cache.open(ChunkMap(0))
     results = {"CleanCache.added (in memory)":
                per_call(lambda i: cache.added(i % 4096, 4 * 2**20, etag(i)), calls)}
     try:
@@ -88,13 +94,13 @@ def close_and_open(tmp: Path, files: int) -> tuple[float, float, float]:
     is measured)."""
     directory = tmp / f"cache-{os.urandom(4).hex()}"
     cache = CleanCache(directory, max_bytes=2**62)
-    cache.open(ChunkVersions(0))
-    stored = ChunkVersions(files)
+    cache.open(ChunkMap(0))
+    stored = ChunkMap(files)
     block = os.urandom(4096)
     for index in range(files):
         (directory / "clean" / clean_name(index)).write_bytes(block)
         cache.added(index, len(block), etag(index))
-        stored.record(index, etag(index))
+        stored.set(index, Entry(stamp_of(index), 1))
     fsync_all(directory / "clean")  # the files' own write-back is not the marker's cost
     started = time.perf_counter()
     fsync_all(directory / "clean")

@@ -344,7 +344,9 @@ def _serve_settings(args: argparse.Namespace) -> object:
     engine = EngineSettings(
         cache_bytes=parse_size(args.cache_size, "--cache-size"), max_dirty=max_dirty,
         writeback_delay=args.writeback_delay, flush_timeout=args.flush_timeout,
-        read_only=args.read_only)
+        read_only=args.read_only,
+        checkpoint_bytes=parse_size(args.checkpoint_size, "--checkpoint-size"),
+        checkpoint_age=args.checkpoint_age, gc_grace=args.gc_grace)
     return ServeSettings(
         host=args.bind, port=args.port, socket_path=args.socket,
         export_name=args.export_name, read_only=args.read_only, tls=args.tls,
@@ -976,7 +978,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p, "port", "bind", "socket", "export_name", "read_only", "tls",
                   "tls_cert", "tls_key", "tls_ca", "tls_psk", "cache", "cache_size", "max_dirty",
                   "uploaders", "fetchers", "worker_threads", "upload_limit",
-                  "writeback_delay", "flush_timeout", "metrics")
+                  "writeback_delay", "flush_timeout", "checkpoint_size", "checkpoint_age",
+                  "gc_grace", "metrics")
     p.add_argument("--force", action="store_true",
                    help="take the volume over from a server on another machine (one "
                         "that is gone; if it still runs, its FLUSHes fail from now on)")

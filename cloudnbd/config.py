@@ -105,6 +105,13 @@ SETTINGS: dict[str, Setting] = {
     "upload_limit": Setting(_size, None, "upload bandwidth cap per second"),
     "writeback_delay": Setting(_float, 0.5, "seconds a chunk rests before upload"),
     "flush_timeout": Setting(_float, 0.0, "seconds before FLUSH fails with EIO (0: never)"),
+    "checkpoint_size": Setting(_size, "128MiB", "the store's journal is folded into chunks "
+                               "past this size (a new machine reads at most this much "
+                               "at open)"),
+    "checkpoint_age": Setting(_float, 3600.0, "or when its oldest object is this many "
+                              "seconds old"),
+    "gc_grace": Setting(_float, 900.0, "seconds an object no head names is kept before it "
+                        "is deleted (readers of an older head still need it)"),
     "timeout": Setting(_float, 60.0, "seconds of retrying before a cloud request fails"),
     "metrics": Setting(str, None, "Prometheus endpoint ADDR:PORT (off when unset)"),
 }

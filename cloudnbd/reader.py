@@ -33,7 +33,10 @@ class Image:
             records, received = self.objects.get_journal(ref.stamp)
             self.wire_bytes += received
             builder.apply(records)
-        self.sources: dict[int, ChunkSource] = dict(builder.chunks())
+        # a chunk folded into zeros (stamp 0, no writes over it) is plain zeros
+        self.sources: dict[int, ChunkSource] = {
+            index: source for index, source in builder.chunks()
+            if source.stamp or source.overlays}
 
     def stored(self) -> list[int]:
         """The chunks that are not plain zeros, ascending."""

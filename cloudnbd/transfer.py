@@ -126,9 +126,9 @@ def export(vol: Volume, target: Path, threads: int = 8, progress: ProgressFn | N
     try:
         if not target.is_block_device():
             os.ftruncate(fd, meta.size)  # sparse: holes where nothing is stored
-        if meta.head:  # version 3: one head, read once, names an immutable image
+        if meta.version >= 3:  # one head, read once: one point in time
             image = Image(vol)
-            stored = image.stored()
+            stored = [i for i in image.stored() if i < meta.chunk_count]
             fetch: Callable[[int], bytes | None] = image.chunk
         else:
             stored = sorted(i for i, _ in vol.stored_chunks() if i < meta.chunk_count)

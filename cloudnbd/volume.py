@@ -450,11 +450,27 @@ class Volume:
         return ChunkStore(self.store, self.chunk_codec)
 
     def read_chunk(self, index: int) -> bytes | None:
-        """The plain contents of chunk index, or None if it is not stored (all zeros)."""
+        """The plain contents of chunk index, or None if it is not stored (all zeros).
+        Version 3: as the head names it now (reader.Image; one head read per call)."""
+        if self.meta.version >= LAYOUT_V3:
+            from cloudnbd.reader import Image  # the reader is built on this module
+
+            return Image(self).chunk(index)
         return self.chunks.get(index).plain
 
-    def write_chunk(self, index: int, plain: bytes) -> None:
-        """Store chunk index over its current version (chunks.ChunkStore.replace)."""
+    def write_chunk(self, index: int, plain: bytes, epoch: int | None = None) -> None:
+        """Store chunk index. Versions 1 and 2: over its current object
+        (chunks.ChunkStore.replace). Version 3: committed under a new head by
+        offline.commit_chunks, with stamps of epoch (default: one above the lease's; the
+        caller plays a writer that holds the lease)."""
+        if self.meta.version >= LAYOUT_V3:
+            from cloudnbd import lease, offline
+
+            if epoch is None:
+                found, _ = lease.read(self.store)
+                epoch = (found.epoch if found is not None else 0) + 1
+            offline.commit_chunks(self, epoch, {index: plain})
+            return
         self.chunks.replace(index, plain)
 
     def stored_chunks(self) -> Iterator[tuple[int, ObjectInfo]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from cloudnbd import volume
+from cloudnbd import offline, volume
 from cloudnbd.backends import StoreOptions
 from cloudnbd.backends.file import FileStore
 from cloudnbd.codec import ScryptParams
@@ -67,6 +67,12 @@ class EngineRig:
     def reopen(self, import_journal: bool = False) -> Engine:
         self.engine = self.open(import_journal)
         return self.engine
+
+    def store_behind(self, chunks: dict[int, bytes]) -> None:
+        """Another writer stores chunks (zeros: none) and commits them, as a server of
+        another machine would; an engine open now is displaced at its next commit."""
+        self.epoch += 1
+        offline.commit_chunks(self.volume, self.epoch, chunks)
 
     def cloud_bytes(self) -> bytes:
         """The volume as the store's head names it (reader.Image)."""

@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from cloudnbd.engine import localfs
-from cloudnbd.engine.device import Engine, EngineSettings
+from cloudnbd.engine.device import CloudState, Engine, EngineSettings
 from cloudnbd.engine.inprocess import InProcessPool
-from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import Result, WorkerConfig, WorkerKind
 from cloudnbd.nbd.device import DeviceError
 from cloudnbd.volume import Volume
@@ -103,6 +102,7 @@ class PowerLossCampaign:
         self.errors: list[str] = []  # the engine failing on a result with the power on
         self.ops = ThreadPoolExecutor(4, thread_name_prefix="client")
         self.counter = 0
+        self.epoch = 0  # plays the lease: every open takes the next epoch
         self.seed = seed
 
     # -- engine life ------------------------------------------------------------------------
@@ -121,9 +121,14 @@ class PowerLossCampaign:
             self.errors.append(what)
 
     def _open(self) -> Engine:
+        """An engine as `open` on this machine makes it after a crash: its own journal
+        is the newest (J1 made it durable before the store had it), a new epoch."""
         volume = self.target.volume
-        self.engine = Engine(volume.meta.size, self.chunk_size, self.cache_dir,
-                             ChunkVersions.of_volume(volume),
+        self.epoch += 1
+        head, version = volume.objects.get_head(volume.meta.head)
+        cloud = CloudState(volume.meta.head, head, version, self.epoch,
+                           import_journal=False)
+        self.engine = Engine(volume.meta.size, self.chunk_size, self.cache_dir, cloud,
                              self.settings, self._make_pool)  # type: ignore[arg-type]
         self.engine.start()
         self.report.records_replayed += self.engine.recovered_records

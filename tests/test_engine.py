@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from cloudnbd.engine.cache import CleanCache
-from cloudnbd.engine.versions import ChunkVersions
+from cloudnbd.engine.chunkmap import ChunkMap
 from cloudnbd.engine.workers import UploadTask
+from cloudnbd.reader import Image
 from tests.engine_harness import CHUNK, EngineRig
 
 pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
@@ -92,9 +93,9 @@ def test_rewrite_during_upload_is_uploaded_again(tmp_path: Path) -> None:
 def test_partial_write_to_uncached_stored_chunk_keeps_the_rest(tmp_path: Path) -> None:
     rig = EngineRig(tmp_path)
     original = os.urandom(CHUNK)
-    rig.volume.write_chunk(5, original)  # stored in the cloud, not in this cache
     rig.engine.stop(clean=True)
-    rig.engine = rig.open()
+    rig.store_behind({5: original})  # stored in the cloud, not in this cache
+    rig.reopen()
     rig.write(5 * CHUNK + 100, b"x" * 50)
     rig.engine.flush()
     expected = original[:100] + b"x" * 50 + original[150:]
@@ -107,15 +108,16 @@ def test_never_written_chunks_read_as_zeros_without_fetching(tmp_path: Path) -> 
     assert rig.pool.pending == []
 
 
-def test_trim_of_whole_chunks_deletes_objects(tmp_path: Path) -> None:
+def test_trim_of_whole_chunks_leaves_no_object(tmp_path: Path) -> None:
     rig = EngineRig(tmp_path)
     rig.write(0, os.urandom(4 * CHUNK))
     rig.engine.flush()
-    assert sorted(i for i, _ in rig.volume.stored_chunks()) == [0, 1, 2, 3]
+    assert sorted(i for i, s in rig.engine.map.stamps()) == [0, 1, 2, 3]
     rig.engine.trim(CHUNK, 2 * CHUNK, fua=False)
-    rig.write(3 * CHUNK, bytes(CHUNK))  # a chunk that becomes all zeros is deleted too
-    rig.engine.flush()
-    assert sorted(i for i, _ in rig.volume.stored_chunks()) == [0]
+    rig.write(3 * CHUNK, bytes(CHUNK))  # a chunk that becomes all zeros has none too
+    rig.engine.drain()  # folded: the map says so
+    assert sorted(i for i, _ in rig.engine.map.stamps()) == [0]
+    assert Image(rig.volume).stored() == [0]
     assert rig.read(CHUNK, 3 * CHUNK) == bytes(3 * CHUNK)
 
 
@@ -143,10 +145,9 @@ def test_concurrent_misses_on_one_chunk_share_one_fetch(tmp_path: Path) -> None:
 
     rig = EngineRig(tmp_path, auto=False)
     original = os.urandom(CHUNK)
-    rig.volume.write_chunk(2, original)
-    found = rig.volume.store.stat("chunks/0000000000000002")
-    assert found is not None
-    rig.engine.stored.record(2, found.version)
+    rig.engine.stop(clean=True)
+    rig.store_behind({2: original})
+    rig.reopen()
     results: list[bytes] = []
     readers = [threading.Thread(target=lambda: results.append(rig.read(2 * CHUNK, CHUNK)))
                for _ in range(5)]
@@ -167,10 +168,9 @@ def test_read_now_answers_hits_and_never_fetches_or_waits(tmp_path: Path) -> Non
     data, and gives up, without asking for a fetch, at a chunk only the cloud has."""
     rig = EngineRig(tmp_path, auto=False)
     original = os.urandom(CHUNK)
-    rig.volume.write_chunk(2, original)  # in the cloud only
-    found = rig.volume.store.stat("chunks/0000000000000002")
-    assert found is not None
-    rig.engine.stored.record(2, found.version)
+    rig.engine.stop(clean=True)
+    rig.store_behind({2: original})  # in the cloud only
+    rig.reopen()
     dirty = os.urandom(CHUNK)
     rig.write(0, dirty)  # in the journal only
 
@@ -194,8 +194,8 @@ def test_a_clean_stop_keeps_only_files_the_store_still_holds(tmp_path: Path) -> 
     stay."""
     rig = EngineRig(tmp_path)
     fetched = os.urandom(CHUNK)
-    rig.volume.write_chunk(3, fetched)  # in the store before this engine's listing
     rig.engine.stop(clean=True)
+    rig.store_behind({3: fetched})  # in the store before this engine's open
     rig.reopen()
     assert rig.read(3 * CHUNK, CHUNK) == fetched  # a fetch makes its clean file
     ours = os.urandom(3 * CHUNK)
@@ -205,9 +205,9 @@ def test_a_clean_stop_keeps_only_files_the_store_still_holds(tmp_path: Path) -> 
     rig.engine.stop(clean=True)
 
     elsewhere = os.urandom(CHUNK)
-    rig.volume.write_chunk(0, elsewhere)  # the other machine, behind this one's back
-    rig.volume.write_chunk(1, bytes(CHUNK))  # all zeros: the object is deleted
-    engine = rig.reopen()
+    # the other machine, behind this one's back: chunk 0 rewritten, chunk 1 zeroed
+    rig.store_behind({0: elsewhere, 1: bytes(CHUNK)})
+    engine = rig.reopen(import_journal=True)
     assert [i for i in range(4) if i in engine.clean] == [2, 3]
     expected = elsewhere + bytes(CHUNK) + ours[2 * CHUNK:] + fetched
     assert rig.read(0, 4 * CHUNK) == expected
@@ -222,8 +222,9 @@ def test_a_clean_file_without_a_recorded_version_is_dropped(tmp_path: Path) -> N
     data = os.urandom(2 * CHUNK)
     rig.write(0, data)
     rig.engine.flush()
-    rig.volume.write_chunk(5, os.urandom(CHUNK))
+    rig.engine.drain()
     rig.engine.stop(clean=True)
+    rig.store_behind({5: os.urandom(CHUNK)})
     unrecorded = rig.cache_dir / "clean" / f"{5:016x}"
     unrecorded.write_bytes(os.urandom(CHUNK))
     engine = rig.reopen()
@@ -240,7 +241,7 @@ def test_a_clean_file_without_a_recorded_version_is_dropped(tmp_path: Path) -> N
 def test_only_a_run_that_stopped_uncleanly_is_reported_as_such(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cloudnbd.engine.cache")
-    listing = ChunkVersions(0)
+    listing = ChunkMap(0)
     assert not CleanCache(tmp_path, CHUNK).open(listing)  # a new cache: nothing to trust
     assert "did not stop cleanly" not in caplog.text
     assert not CleanCache(tmp_path, CHUNK).open(listing)  # the first run ended unmarked

@@ -513,7 +513,7 @@ def test_a_head_with_a_valid_mac_but_malformed_fields_is_refused() -> None:
     for field, value in (("map", [[3, "0000000000000001"], [0, "0000000500000001"]]),
                          ("map", [[0, "000000050000000G"]]), ("map", [[0, 5]]),
                          ("map", [[0, "0000000000000000"]]), ("map", {"0": "x"}),
-                         ("journal", [["0000000500000002", 30, 50, 4000]]),  # past seq
+                         ("journal", [["0000000500000002", 35, 30, 4000]]),  # backwards
                          ("journal", [["0000000500000002", 30, 35, 4000]] * 2),
                          ("journal", [["0000000500000002", 30, 35]]),
                          ("generation", 0), ("generation", True), ("seq", -1),
@@ -543,7 +543,7 @@ def test_peek_head_reads_without_keys() -> None:
 
 @pytest.mark.parametrize("change", [
     {"pages": ((3, S1), (0, S1))}, {"pages": ((0, S1), (0, S2))}, {"pages": ((0, 0),)},
-    {"generation": 0}, {"epoch": 2**32}, {"seq": 39}, {"written": "2025-06-01 12:00:00"},
+    {"generation": 0}, {"epoch": 2**32}, {"seq": -1}, {"written": "2025-06-01 12:00:00"},
     {"journal": (JournalRef(S1, 1, 2, 100),) * 2}, {"volume_id": b"short"},
 ])
 def test_a_head_readers_would_refuse_cannot_be_made(change: dict[str, object]) -> None:

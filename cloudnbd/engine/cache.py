@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 from cloudnbd.engine import localfs
 
 if TYPE_CHECKING:
-    from cloudnbd.engine.versions import ChunkVersions
+    from cloudnbd.engine.chunkmap import ChunkMap
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class CleanCache:
         self.misses = 0
         self.damaged = False  # C5
 
-    def open(self, stored: ChunkVersions) -> bool:
+    def open(self, stored: ChunkMap) -> bool:
         """Load the cache, keeping only files that still copy what the store holds
         (stored: the versions listed at open, C6); returns True if the previous run
         stopped cleanly (C3)."""

@@ -6,8 +6,9 @@ over a real store and see everything the workers do (a fault-injecting file laye
 installed in this process sees their file operations too). Three uses:
 
 - plain: tasks run as they come, on `threads` threads;
-- held (`auto=False`): tasks wait in `pending` until the caller runs them, so a test can
-  keep an upload "in flight" while it writes, or lose a task as a killed worker would;
+- held (`auto=False`): uploads and fetches wait in `pending` until the caller runs them,
+  so a test can keep an upload "in flight" while it writes, or lose a task as a killed
+  worker would (the other tasks, commits and reads of the store's metadata, run);
 - observed: `observe(task, result)` sees every task with its result before the engine
   does (counting requests in a benchmark).
 
@@ -22,7 +23,16 @@ import queue
 import threading
 from collections.abc import Callable
 
-from cloudnbd.engine.workers import Result, Task, WorkerConfig, WorkerKind, _Worker, kind_of
+from cloudnbd.engine.workers import (
+    FetchTask,
+    Result,
+    Task,
+    UploadTask,
+    WorkerConfig,
+    WorkerKind,
+    _Worker,
+    kind_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +81,7 @@ class InProcessPool:
         return []
 
     def submit(self, task: Task) -> None:
-        if self.auto:
+        if self.auto or not isinstance(task, UploadTask | FetchTask):
             self.run(task)
             return
         with self.changed:
