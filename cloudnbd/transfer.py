@@ -10,17 +10,14 @@ report progress through one callback.
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
-from cloudnbd import layout
+from cloudnbd import offline
 from cloudnbd.errors import IntegrityError, PreconditionFailed, UsageError, VolumeBusy
 from cloudnbd.reader import Image
 from cloudnbd.volume import Volume
@@ -195,48 +192,22 @@ def import_image(vol: Volume, source: Path, threads: int = 8,
 def _import_v3(vol: Volume, plain: Callable[[int], bytearray], epoch: int, threads: int,
                progress: ProgressFn | None) -> int:
     """Version 3: every non-zero chunk as a new object, the map pages naming them, then
-    one new head naming those pages and no journal, replaced only if the head is still
-    the one read first (a writer that ignored the lease makes the import fail). The old
-    objects become garbage, collected by the next server after the grace period."""
-    meta, objects = vol.meta, vol.objects
-    head, head_version = objects.get_head(meta.head)
-    # above every seq of the old image, so that the next writer's seqs follow on
-    seq = max([head.seq, *(ref.last_seq for ref in head.journal)]) + 1
-    counter = itertools.count(1)
-    lock = threading.Lock()
-
-    def next_stamp() -> int:
-        with lock:
-            return layout.stamp(epoch, next(counter))
-
-    def put(index: int) -> int:
-        stamp = next_stamp()
-        return stamp if objects.put_chunk(index, stamp, plain(index)).key else 0
-
-    entries = [layout.ZERO_ENTRY] * meta.chunk_count
-    for index, future in _bounded_map(threads, put, iter(range(meta.chunk_count))):
-        stamp = future.result()
-        if stamp:
-            entries[index] = layout.Entry(stamp, seq)
+    one new head naming no journal (offline.Commit). The old objects become garbage,
+    collected by the next server after the grace period."""
+    meta = vol.meta
+    commit = offline.Commit(vol, epoch, keep=False)
+    stored = 0
+    for index, future in _bounded_map(threads, lambda i: commit.put(i, plain(i)),
+                                      iter(range(meta.chunk_count))):
+        stored += bool(future.result())
         if progress is not None:
             progress(min((index + 1) * meta.chunk_size, meta.size), meta.size)
-    pages = []
-    for page in range(-(-meta.chunk_count // layout.PAGE_CHUNKS)):
-        part = entries[page * layout.PAGE_CHUNKS:(page + 1) * layout.PAGE_CHUNKS]
-        if any(entry.stamp for entry in part):  # no journal is named: (0, 0) is safe
-            part += [layout.ZERO_ENTRY] * (layout.PAGE_CHUNKS - len(part))
-            stamp = next_stamp()
-            objects.put_page(page, stamp, part)
-            pages.append((page, stamp))
-    written = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    new = layout.Head(meta.volume_id, head.generation + 1, epoch, seq, tuple(pages), (),
-                      written)
     try:
-        objects.put_head(meta.head, new, head_version)
+        commit.finish()
     except PreconditionFailed:
         raise VolumeBusy("another writer changed the volume during the import (it ignored "
                          "the lease); nothing of the import is named: run it again") from None
-    return sum(1 for entry in entries if entry.stamp)
+    return stored
 
 
 def _has_data(fd: int, start: int, length: int) -> bool:
