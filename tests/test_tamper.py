@@ -25,6 +25,7 @@ import random
 import struct
 import subprocess
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,6 +326,26 @@ def test_rolled_back_head_is_refused_by_a_machine_that_saw_newer(
                                prefix=FRESH_MACHINE)
     assert exported.returncode == 0, exported.stderr
     assert _image_chunks(target, WRITTEN) == history.old_data
+
+
+def test_rolled_back_head_past_the_gc_grace_is_detected_by_a_fresh_machine(
+        tmp_path: Path, password_file: Path, request: pytest.FixtureRequest) -> None:
+    """Once a server has collected the objects only the older head needed, a fresh
+    machine given the older head finds them missing: an error, not the older image."""
+    env = backend_env_for("file", tmp_path, request)
+    history = _history(env, tmp_path, password_file, "collected")
+    older_page = Path(history.location) / history.page_key(0, history.old)
+    served = _serve(env, history.location, tmp_path, password_file, "cache-collected",
+                    "--gc-grace", "0.2")
+    deadline = time.monotonic() + 60
+    while older_page.exists():  # garbage collection runs every 0.2 s
+        assert time.monotonic() < deadline, f"{older_page.name} was never collected"
+        with pytest.raises(subprocess.TimeoutExpired):  # the interval and liveness check
+            served.process.wait(timeout=0.1)
+    served.close()
+    history.store().put(history.head_key, history.old.head)
+    exported, _ = _export(history, tmp_path, password_file, "fresh", prefix=FRESH_MACHINE)
+    _one_line_error(exported, "missing", tmp=tmp_path)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
