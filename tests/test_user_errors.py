@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from cloudnbd import volume
+from cloudnbd import layout, volume
 from cloudnbd.backends.file import FileStore
 from cloudnbd.cli import main
+from cloudnbd.codec import ScryptParams
+from cloudnbd.reader import Image
 from cloudnbd.runtime import default_cache_root
 from tests.served import CLI, KDF, cloudnbd, start
 from tests.test_cli import assert_one_line_error
@@ -151,6 +153,30 @@ def test_list_json_gives_locations_the_other_commands_take(
 
 @pytest.mark.unit
 def test_verify_fails_on_stray_chunks_past_the_end_apart_from_damage(
+        location: str, password_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Version 1: chunk objects past the end (a shrink cut short) are listed as strays."""
+    store = FileStore(Path(location))
+    volume.create(store, 64 * 2**20, 4 * 2**20, password_file.read_text().strip(),
+                  ScryptParams(n=2**10), version=1)
+    image = tmp_path / "image"
+    image.write_bytes(os.urandom(8 * 2**20))
+    run(capsys, "import", str(image), "file", location, "--password-file",
+        str(password_file), "--yes")
+    pw = ["--password-file", str(password_file)]
+    assert run(capsys, "verify", "file", location, *pw)[0] == 0
+    # what a shrink cut short leaves: a chunk past the end of the volume
+    store.put(volume.chunk_key(100), store.get(volume.chunk_key(0)))
+    code, out, err = run(capsys, "verify", "file", location, *pw)
+    assert "stray: chunk 100 lies past the end of the volume" in out
+    assert_one_line_error((code, out, err), 1, "1 stray chunk past the end")
+    # damage is told apart: its own exit status, whatever else is found
+    store.put(volume.chunk_key(1), b"\0" * 100)
+    code, out, err = run(capsys, "verify", "file", location, *pw)
+    assert_one_line_error((code, out, err), 7, "1 damaged chunk")
+
+
+def test_verify_lists_a_damaged_chunk_of_a_version_3_volume(
         made: str, password_file: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     image = tmp_path / "image"
@@ -160,14 +186,10 @@ def test_verify_fails_on_stray_chunks_past_the_end_apart_from_damage(
     pw = ["--password-file", str(password_file)]
     assert run(capsys, "verify", "file", made, *pw)[0] == 0
     store = FileStore(Path(made))
-    # what a shrink cut short leaves: a chunk past the end of the volume
-    store.put(volume.chunk_key(100), store.get(volume.chunk_key(0)))
+    vol = volume.unlock(store, password_file.read_text().strip())
+    store.put(layout.chunk_key(1, Image(vol).sources[1].stamp), b"\0" * 100)
     code, out, err = run(capsys, "verify", "file", made, *pw)
-    assert "stray: chunk 100 lies past the end of the volume" in out
-    assert_one_line_error((code, out, err), 1, "1 stray chunk past the end")
-    # damage is told apart: its own exit status, whatever else is found
-    store.put(volume.chunk_key(1), b"\0" * 100)
-    code, out, err = run(capsys, "verify", "file", made, *pw)
+    assert out.startswith("damaged: chunk 1: ")
     assert_one_line_error((code, out, err), 7, "1 damaged chunk")
 
 
