@@ -1,8 +1,11 @@
 """An independent reader of the on-cloud format, written from docs/format.md alone.
 
 It shares no code with cloudnbd: HKDF is spelled out from RFC 5869, the canonical JSON and
-every binding are rebuilt from the document. If cloudnbd and docs/format.md drift apart,
-these tests fail.
+every binding are rebuilt from the document, and version 3's sealed objects, map pages,
+journal records, head and replay ("Reading the image named by a head") likewise. It reads
+the known answers of tests/vectors_v3.py and refuses damage to them; cloudnbd (its CLI
+and a real server, driven by an NBD client) only writes the volumes it then reads. If
+cloudnbd and docs/format.md drift apart, these tests fail.
 """
 
 from __future__ import annotations
@@ -357,15 +360,17 @@ def read_head(raw: bytes, master_key: bytes, volume_id: bytes,
     if doc["generation"] < seen_generation:
         raise FormatError(f"head: generation {doc['generation']} is older than "
                           f"{seen_generation}, already seen: rolled back")
+    if not isinstance(doc.get("map"), list) or not isinstance(doc.get("journal"), list):
+        raise FormatError("head: map or journal is not a list")
     pages: list[tuple[int, int]] = []
-    for entry in doc.get("map"):
+    for entry in doc["map"]:
         if not isinstance(entry, list) or len(entry) != 2 or not _is_int(entry[0]):
             raise FormatError(f"head: map entry {entry!r}")
         if pages and entry[0] <= pages[-1][0]:
             raise FormatError("head: map pages not strictly ascending")
         pages.append((entry[0], _stamp(entry[1], "map stamp")))
     journal: list[tuple[int, int, int, int]] = []
-    for entry in doc.get("journal"):
+    for entry in doc["journal"]:
         if not isinstance(entry, list) or len(entry) != 4 \
                 or not all(_is_int(v) for v in entry[1:]) \
                 or not 1 <= entry[1] <= entry[2]:
