@@ -316,15 +316,21 @@ class Service:
             raise
 
     def _abort(self) -> None:
-        """Undo a failed start without touching data."""
-        if self.rates is not None:
-            self.rates.stop()
-        if self.server is not None:
-            self.server.shutdown()
-        if self.engine is not None:
-            self.engine.stop(clean=False)
-        if self.lease is not None:
-            self.lease.release()
+        """Undo a failed start without touching data. The lease is released even if a
+        step before fails (that failure is logged: the start's own error is the one to
+        report)."""
+        try:
+            if self.rates is not None:
+                self.rates.stop()
+            if self.server is not None:
+                self.server.shutdown()
+            if self.engine is not None:
+                self.engine.stop(clean=False)
+        except Exception as exc:
+            log.error("undoing a failed start: %s", exc)
+        finally:
+            if self.lease is not None:
+                self.lease.release()
 
     # -- control ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -197,6 +197,7 @@ class Engine(BlockDevice):
         self.head = cloud.head
         self.journal = Journal(cache_dir / "journal", settings.segment_bytes)
         self.clean = CleanCache(cache_dir, settings.cache_bytes)
+        self._clean_opened = False  # a start that failed before leaves it untouched
         self.pool = make_pool(self._on_result)
         self.stats = EngineStats()
         self.metrics = metrics
@@ -256,6 +257,7 @@ class Engine(BlockDevice):
             cloud_max = max(self.head.seq, self._apply_store_journal(
                 list(zip(self.head.journal, journals, strict=True))))
         self.clean.open(self.map)  # C6: against the map the head names
+        self._clean_opened = True
         with self._cond:
             if not self.cloud.import_journal:
                 for record in self.journal.recover():
@@ -396,7 +398,8 @@ class Engine(BlockDevice):
         if clean and not self.dirty and not self._pending:
             self.journal.reset()
         self.journal.close()
-        self.clean.mark_clean_shutdown()
+        if self._clean_opened:
+            self.clean.mark_clean_shutdown()
 
     def grow(self, new_size: int) -> None:
         """The volume grew (volume.json already says so): serve the new size. Connections
