@@ -102,7 +102,8 @@ def _verify_head(vol: Volume, head: Head, threads: int, progress: ProgressFn | N
     report = VerifyReport(head_generation=head.generation)
 
     def damaged(key: str, problem: str) -> None:
-        log.error("%s is damaged: %s", key, problem)
+        # verify lists each damaged object on stdout; the log keeps it for the record
+        log.info("%s is damaged: %s", key, problem)
         kind, name = describe(key)
         if problem.startswith(key + ": "):
             problem = problem[len(key) + 2:]
@@ -151,7 +152,7 @@ def _verify_chunks(vol: Volume, threads: int, progress: ProgressFn | None) -> Ve
         report.checked += 1
         report.stored_bytes += sizes[index]
         if isinstance(found, IntegrityError):
-            log.error("chunk %d is damaged: %s", index, found.message)
+            log.info("chunk %d is damaged: %s", index, found.message)
             report.damaged.append(Damage("chunk", f"chunk {index} ({chunk_key(index)})",
                                          found.message))
         elif isinstance(found, BaseException):
