@@ -252,8 +252,11 @@ def test_man_finds_the_page_where_pip_installs_it(tmp_path: Path) -> None:
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".*", "build", "demo", "tests", "bench", "__pycache__", "*.egg-info"))
     prefix = tmp_path / "prefix"
+    # --ignore-installed: without it pip uninstalls the cloudnbd the tests run (the
+    # editable install in .venv) before installing into the prefix
     built = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                            "--no-build-isolation", "--no-index", "--prefix", str(prefix),
+                            "--ignore-installed", "--no-build-isolation", "--no-index",
+                            "--prefix", str(prefix),
                             str(source)], capture_output=True, text=True, timeout=600,
                            cwd=tmp_path)
     assert built.returncode == 0, built.stderr
