@@ -332,6 +332,7 @@ class Engine(BlockDevice):
             self._wait_durable(seq)
 
     def pwrite_now(self, buf: memoryview, offset: int) -> bool:
+        self._refuse_if_displaced()
         if self.journal.live_bytes >= self.settings.max_dirty:
             return False  # backpressure: pwrite waits for room, on a pool thread
         self._append_write(buf, offset)
