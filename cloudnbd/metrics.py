@@ -18,13 +18,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cloudnbd.errors import UsageError
+from cloudnbd.nbd.protocol import Command
 
 if TYPE_CHECKING:
     from cloudnbd.engine.device import Engine
 
 log = logging.getLogger(__name__)
 
-NBD_COMMANDS = ("read", "write", "flush", "trim", "cache", "write_zeroes", "block_status")
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _CLOUD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -42,8 +42,8 @@ class Metrics:
             ["command"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         # Every command's series exists from the start at zero, so the first request of a
         # kind shows in rate() at once instead of after two more scrapes.
-        self._by_command = {command: self.nbd_request_seconds.labels(command)
-                            for command in NBD_COMMANDS}
+        self._by_command = {int(c): self.nbd_request_seconds.labels(c.name.lower())
+                            for c in Command if c is not Command.DISC}
         self.upload_seconds = Histogram(
             "cloudnbd_upload_duration_seconds",
             "Time an uploader spent on one chunk: assemble, compress, encrypt, PUT.",
@@ -55,8 +55,8 @@ class Metrics:
         self._engine: Engine | None = None
         self._server: object = None
 
-    def observe_request(self, command: str, seconds: float) -> None:
-        """The NBD server's hook: one finished request."""
+    def observe_request(self, command: int, seconds: float) -> None:
+        """The NBD server's hook: one finished request (a protocol.Command value)."""
         self._by_command[command].observe(seconds)  # labels() per request costs more
 
     def attach(self, engine: Engine, server: object) -> None:

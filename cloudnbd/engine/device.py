@@ -62,12 +62,9 @@ from cloudnbd.engine.workers import (
 )
 from cloudnbd.errors import CloudUnreachable, Displaced
 from cloudnbd.metrics import Metrics
-from cloudnbd.nbd.device import BlockDevice, DeviceError
+from cloudnbd.nbd.device import UNALLOCATED, BlockDevice, DeviceError
 
 log = logging.getLogger(__name__)
-
-HOLE = 1
-ZERO_FLAG = 2
 
 
 #: Seconds workers get to finish at an unclean stop before they are killed.
@@ -519,7 +516,7 @@ class Engine(BlockDevice):
             while pos < end:
                 index, within = divmod(pos, cs)
                 n = min(cs - within, end - pos)
-                flags = 0 if self.stored.has(index) or index in self.dirty else HOLE | ZERO_FLAG
+                flags = 0 if self.stored.has(index) or index in self.dirty else UNALLOCATED
                 if found and found[-1][1] == flags:
                     found[-1] = (found[-1][0] + n, flags)
                 else:

@@ -103,7 +103,7 @@ FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = (
 _ALLOWED_FLAGS = {int(c): int(f) for c, f in p.ALLOWED_FLAGS.items() if c != p.Command.DISC}
 _MODIFYING = frozenset((WRITE, TRIM, WRITE_ZEROES))
 _READS = frozenset((READ, CACHE, BLOCK_STATUS))
-_COMMAND_NAMES = {int(c): c.name.lower() for c in p.Command}  # metrics labels
+_STATES = int(p.BlockState.HOLE | p.BlockState.ZERO)  # what base:allocation may report
 _REQUEST_BYTES = p.REQUEST.size
 _OFFSET = struct.Struct(">Q")
 MAX_CONNECTIONS = 128
@@ -112,7 +112,9 @@ HANDSHAKE_TIMEOUT = 30.0
 #: how long the listener waits before accepting again after running out of descriptors
 ACCEPT_BACKOFF = 0.1
 
-RequestHook = Callable[[str, float], None]
+#: called with (command, seconds) for each request answered; the command is a
+#: protocol.Command value, as a plain int
+RequestHook = Callable[[int, float], None]
 
 
 class _Disconnect(Exception):
@@ -278,7 +280,7 @@ def stale_socket(path: Path) -> bool:
 
 def _failure(command: int, offset: int, length: int, exc: Exception) -> tuple[int, str]:
     """(errno, message) to answer a request whose device call raised exc; logged."""
-    name = _COMMAND_NAMES.get(command, str(command)).upper()
+    name = p.Command(command).name  # check() let only known commands through
     if isinstance(exc, DeviceError):
         log.warning("%s at %d+%d failed: %s", name, offset, length, exc)
         return (exc.errno if exc.errno in p.WIRE_ERRNOS else p.EIO), str(exc)
@@ -1128,7 +1130,7 @@ class _Connection:
     def _observe(self, command: int, started: float) -> None:
         hook = self.server.on_request
         if hook is not None:
-            hook(_COMMAND_NAMES[command], time.monotonic() - started)
+            hook(command, time.monotonic() - started)
 
     def _read_reply(self, handle: int, offset: int, buf: bytearray) -> tuple[Part, ...]:
         if self.structured:
@@ -1163,8 +1165,7 @@ class _Connection:
 
     def block_status(self, handle: int, flags: int, offset: int, length: int
                      ) -> tuple[bytes, bytes]:
-        extents = [(n, f & (p.STATE_HOLE | p.STATE_ZERO))
-                   for n, f in self.device.extents(offset, length) if n > 0]
+        extents = [(n, f & _STATES) for n, f in self.device.extents(offset, length) if n > 0]
         if not extents:
             extents = [(length, 0)]
         if flags & REQ_ONE:
