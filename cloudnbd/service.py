@@ -41,7 +41,7 @@ from cloudnbd.control import ControlServer
 from cloudnbd.engine.device import Engine, EngineSettings
 from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.engine.versions import ChunkVersions
-from cloudnbd.engine.workers import WorkerConfig, WorkerKind, WorkerPool
+from cloudnbd.engine.workers import WorkerConfig, WorkerPool
 from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced, IntegrityError
 from cloudnbd.metrics import Metrics
 from cloudnbd.rates import RateSampler
@@ -284,7 +284,8 @@ class Service:
             metrics = Metrics() if s.metrics else None
             self.engine = Engine(meta.size, meta.chunk_size, self.cache_dir,
                                  ChunkVersions.of_volume(self.volume), s.engine,
-                                 self._make_pool, metrics, lease_checks=True)
+                                 self._make_pool, lease_checks=True,
+                                 on_transfer=metrics.observe_transfer if metrics else None)
             self.engine.start()
             stats = self.engine.stats
             self.rates = RateSampler(lambda: {"sent": stats.upload_wire_bytes,
@@ -300,7 +301,7 @@ class Service:
                 on_request=metrics.observe_request if metrics else None)
             self.server.start()
             if metrics is not None and s.metrics:
-                metrics.attach(self.engine, self.server)
+                metrics.attach(self.engine.snapshot, self.server.snapshot)
                 metrics.serve(s.metrics)
             self.control = ControlServer(control_socket(self.cache_dir), self._handle)
             self.control.start()
@@ -323,19 +324,20 @@ class Service:
 
     # -- control ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        assert self.engine is not None
-        dirty_bytes, dirty_chunks, oldest = self.engine.backlog()
-        stats = self.engine.stats
-        assert self.rates is not None
+        """What `cloudnbd status` shows: the snapshots the metrics render too, the recent
+        rates, and who serves what."""
+        assert self.engine is not None and self.rates is not None
+        engine, server = self.engine.snapshot(), self.server.snapshot()
+        stats = engine.stats
         rates, span = self.rates.rates()
         return {
             "location": self.volume.store.description,
             "pid": os.getpid(),
             "uptime": time.time() - self.started,
-            "connections": getattr(self.server, "connection_count", 0),
-            "dirty_bytes": dirty_bytes,
-            "dirty_chunks": dirty_chunks,
-            "oldest_dirty_seconds": oldest,
+            "connections": server.connections,
+            "dirty_bytes": engine.dirty_bytes,
+            "dirty_chunks": engine.dirty_chunks,
+            "oldest_dirty_seconds": engine.oldest_dirty_seconds,
             "uploaded_bytes": stats.upload_bytes,
             "uploaded_wire_bytes": stats.upload_wire_bytes,
             "fetched_wire_bytes": stats.fetch_wire_bytes,
@@ -348,12 +350,12 @@ class Service:
             "upload_errors": stats.upload_errors,
             "fetch_errors": stats.fetch_errors,
             "integrity_errors": stats.integrity_errors,
-            "displaced": self.engine.displaced,
-            "cache_bytes": self.engine.clean.bytes,
-            "cache_limit": self.engine.clean.max_bytes,
-            "cache_hits": self.engine.clean.hits,
-            "cache_misses": self.engine.clean.misses,
-            "worker_pids": {str(kind): self.engine.pool.pids(kind) for kind in WorkerKind},
+            "displaced": engine.displaced,
+            "cache_bytes": engine.cache_bytes,
+            "cache_limit": engine.cache_limit,
+            "cache_hits": engine.cache_hits,
+            "cache_misses": engine.cache_misses,
+            "worker_pids": engine.worker_pids,
         }
 
     def _handle(self, request: dict[str, Any], send: Any) -> dict[str, Any]:

@@ -117,6 +117,14 @@ ACCEPT_BACKOFF = 0.1
 RequestHook = Callable[[int, float], None]
 
 
+@dataclass(frozen=True)
+class ServerSnapshot:
+    """The server at one moment, for `cloudnbd status` and the metrics."""
+
+    connections: int  # open now
+    connections_accepted: int  # since start
+
+
 class _Disconnect(Exception):
     """End this connection (protocol violation, abort, or the peer went away)."""
 
@@ -350,6 +358,10 @@ class NbdServer:
     def connection_count(self) -> int:
         with self._lock:
             return len(self._connections)
+
+    def snapshot(self) -> ServerSnapshot:
+        with self._lock:
+            return ServerSnapshot(len(self._connections), self.connections_accepted)
 
     # -- listening -------------------------------------------------------------------------
     def start(self) -> None:
