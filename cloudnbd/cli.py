@@ -32,7 +32,8 @@ from cloudnbd.progress import Progress
 from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
 
 if TYPE_CHECKING:
-    from cloudnbd.service import Service
+    from cloudnbd.nbd.server import ServerSettings
+    from cloudnbd.service import ServeSettings, Service
 
 log = logging.getLogger("cloudnbd")
 
@@ -285,14 +286,15 @@ def _cache_dir(args: argparse.Namespace) -> Path:
     return volume_cache_dir(args.cache or default_cache_root(), args.backend, args.volume)
 
 
-def _check_endpoint(args: argparse.Namespace) -> None:
+def _check_endpoint(server: ServerSettings, args: argparse.Namespace) -> None:
     """Where and how to listen: problems are reported here, before the server starts."""
     import ssl
 
+    from cloudnbd.control import SUN_PATH_MAX
     from cloudnbd.nbd.device import DeviceError
-    from cloudnbd.nbd.server import TlsSettings, stale_socket
+    from cloudnbd.nbd.server import stale_socket
 
-    tls = TlsSettings(args.tls, args.tls_cert, args.tls_key, args.tls_ca, args.tls_psk)
+    tls = server.tls
     if tls.psk is not None:
         check_private_file(tls.psk, "PSK file")
     try:
@@ -303,29 +305,34 @@ def _check_endpoint(args: argparse.Namespace) -> None:
         log.warning("TLS is required but clients are not authenticated (no --tls-ca or "
                     "--tls-psk): anyone who can connect can read and write the volume")
 
-    if args.socket is not None:
+    path = server.unix_path
+    if path is not None:
         try:
-            stale_socket(args.socket)
+            stale_socket(path)
         except DeviceError as exc:
             raise UsageError(str(exc)) from None
         port = args.settings["port"]
         if port.source not in ("default", "command line"):
             log.warning("port %s (%s) is not used: serving on the Unix socket %s instead",
-                        port.value, port.source, args.socket)
+                        port.value, port.source, path)
+        if len(os.fsencode(path)) > SUN_PATH_MAX:
+            raise UsageError(f"--socket {path}: a Unix socket path holds at most "
+                             f"{SUN_PATH_MAX} bytes, this one has {len(os.fsencode(path))}; "
+                             f"choose a shorter path")
 
 
-def _serve_settings(args: argparse.Namespace) -> object:
-    from cloudnbd.control import SUN_PATH_MAX
+def _serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The settings of `open`, from the command line and config files (args.settings);
+    bad ones are reported here, before anything starts."""
     from cloudnbd.engine.device import EngineSettings
+    from cloudnbd.nbd.server import ServerSettings, TlsSettings
     from cloudnbd.service import ServeSettings
 
-    _check_endpoint(args)
-    if args.socket is not None and len(os.fsencode(args.socket)) > SUN_PATH_MAX:
-        raise UsageError(f"--socket {args.socket}: a Unix socket path holds at most "
-                         f"{SUN_PATH_MAX} bytes, this one has {len(os.fsencode(args.socket))}; "
-                         f"choose a shorter path")
-    if min(args.uploaders, args.fetchers, args.worker_threads) < 1:
-        raise UsageError("--uploaders, --fetchers and --worker-threads must be at least 1")
+    server = ServerSettings(
+        export_name=args.export_name, host=args.bind, port=args.port, unix_path=args.socket,
+        read_only=args.read_only,
+        tls=TlsSettings(args.tls, args.tls_cert, args.tls_key, args.tls_ca, args.tls_psk))
+    _check_endpoint(server, args)
     max_dirty = parse_size(args.max_dirty, "--max-dirty")
     if max_dirty < 64 * 2**20:
         raise UsageError("--max-dirty must be at least 64MiB (the largest NBD request "
@@ -335,15 +342,11 @@ def _serve_settings(args: argparse.Namespace) -> object:
         writeback_delay=args.writeback_delay, flush_timeout=args.flush_timeout,
         read_only=args.read_only)
     return ServeSettings(
-        host=args.bind, port=args.port, socket_path=args.socket,
-        export_name=args.export_name, read_only=args.read_only, tls=args.tls,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
-        tls_psk=args.tls_psk,
-        uploaders=args.uploaders, fetchers=args.fetchers,
+        server=server, engine=engine, uploaders=args.uploaders, fetchers=args.fetchers,
         threads_per_worker=args.worker_threads,
         upload_limit=parse_size(args.upload_limit, "--upload-limit") if args.upload_limit
         else 0.0,
-        force=args.force, engine=engine, metrics=args.metrics)
+        force=args.force, metrics=args.metrics)
 
 
 def _attach_hint(args: argparse.Namespace) -> str:
@@ -374,7 +377,7 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         vol = volume.unlock(store, password)
         del password
         service = Service(args.backend, args.volume, _store_options(args), vol,
-                          args.cache or default_cache_root(), settings)  # type: ignore[arg-type]
+                          args.cache or default_cache_root(), settings)
         _start(service, args)
     except CloudnbdError as exc:
         if ready is not None:

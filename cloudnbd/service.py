@@ -44,6 +44,7 @@ from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import WorkerConfig, WorkerPool
 from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced, IntegrityError
 from cloudnbd.metrics import Metrics
+from cloudnbd.nbd.server import NbdServer, ServerSettings
 from cloudnbd.rates import RateSampler
 from cloudnbd.volume import Volume
 
@@ -93,25 +94,17 @@ def control_socket(cache_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """How to present the volume and run the workers."""
+    """How to present the volume (the NBD layer's own settings), run the engine and the
+    workers."""
 
-    host: str = "127.0.0.1"
-    port: int = 10809
-    socket_path: Path | None = None
-    export_name: str = ""
-    read_only: bool = False
-    tls: str = "off"
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    tls_psk: Path | None = None
+    server: ServerSettings = field(default_factory=ServerSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     uploaders: int = 1
     fetchers: int = 1
     threads_per_worker: int = 2
     upload_limit: float = 0.0
     force: bool = False
     metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint
-    engine: EngineSettings = field(default_factory=EngineSettings)
 
 
 LEASE_EPOCH_FILE = "lease-epoch"
@@ -166,7 +159,7 @@ class Service:
         self.cache_root = cache_root
         self.cache_dir = runtime.volume_cache_dir(cache_root, backend, location)
         self.engine: Engine | None = None
-        self.server: Any = None
+        self.server: NbdServer | None = None
         self.control: ControlServer | None = None
         self.lease: lease_mod.Lease | None = None
         self.rates: RateSampler | None = None
@@ -269,8 +262,6 @@ class Service:
                           threads_per_process=self.settings.threads_per_worker)
 
     def start(self) -> None:
-        from cloudnbd.nbd.server import NbdServer  # the protocol layer, above the engine
-
         limit_malloc_retention()
         self._prepare_cache_dir()
         self.lease = lease_mod.acquire(self.volume.store, "open", force=self.settings.force)
@@ -294,9 +285,7 @@ class Service:
             self.rates.start()
             self.volume.store.idle()  # the front's own requests are done until close
             self.server = NbdServer(
-                self.engine, export_name=s.export_name, host=s.host, port=s.port,
-                unix_path=s.socket_path, read_only=s.read_only, tls=s.tls,
-                tls_cert=s.tls_cert, tls_key=s.tls_key, tls_ca=s.tls_ca, tls_psk=s.tls_psk,
+                self.engine, s.server,
                 description=f"cloudnbd volume {self.volume.store.description}",
                 on_request=metrics.observe_request if metrics else None)
             self.server.start()
@@ -326,7 +315,7 @@ class Service:
     def status(self) -> dict[str, Any]:
         """What `cloudnbd status` shows: the snapshots the metrics render too, the recent
         rates, and who serves what."""
-        assert self.engine is not None and self.rates is not None
+        assert self.engine and self.server and self.rates
         engine, server = self.engine.snapshot(), self.server.snapshot()
         stats = engine.stats
         rates, span = self.rates.rates()
@@ -393,7 +382,7 @@ class Service:
         """Stop serving, upload everything, release the lease. Safe to call once."""
         if not self._closing.acquire(blocking=False):
             return {"error": "already closing"}
-        assert self.engine is not None
+        assert self.engine is not None and self.server is not None
         try:
             self.server.shutdown()
             total = max(self.engine.backlog()[0], 1)
