@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -360,13 +358,11 @@ def _attach_hint(args: argparse.Namespace) -> str:
 
 def _serve_foreground(args: argparse.Namespace) -> None:
     """Run the server in this process until it is closed (systemd, or the daemon)."""
+    from cloudnbd import daemon
     from cloudnbd.runtime import default_cache_root
     from cloudnbd.service import Service
 
-    ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
-    # Only this process speaks to systemd (NotifyAccess=main); workers must not inherit it.
-    notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
-    try:
+    def start() -> Service:
         settings = _serve_settings(args)
         store = _front_store(args)
         volume.read_metadata(store)
@@ -379,23 +375,9 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         service = Service(args.backend, args.volume, _store_options(args), vol,
                           args.cache or default_cache_root(), settings)
         _start(service, args)
-    except CloudnbdError as exc:
-        if ready is not None:
-            ready.write(f"error {exc.exit_code} {exc.message}\n")
-            ready.close()
-        raise
-    for note in service.notes:
-        log.warning("%s", note)
-        if ready is not None:
-            ready.write(f"note {note}\n")
-    if ready is not None:
-        ready.write("ready\n")
-        ready.close()
-    _notify_systemd(notify_socket, b"READY=1")
-    log.info("serving %s", vol.store.description)
-    code = service.run_until_closed()
-    _notify_systemd(notify_socket, b"STOPPING=1")
-    if code:
+        return service
+
+    if daemon.serve(start, args.ready_fd):
         raise CloudnbdError("closed with data still to upload; it is kept in the journal")
 
 
@@ -416,83 +398,29 @@ def _start(service: Service, args: argparse.Namespace) -> None:
         raise CloudnbdError(str(exc)) from None
 
 
-def _notify_systemd(address: str | None, message: bytes) -> None:
-    """sd_notify: one datagram to systemd's socket (Type=notify units)."""
-    if not address:
-        return
-    import socket
-
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message, address)
-
-
 def cmd_open(args: argparse.Namespace) -> None:
     if args.foreground:
         _serve_foreground(args)
         return
+    from cloudnbd import daemon
+    from cloudnbd.runtime import default_cache_root
+    from cloudnbd.service import private_cache_dir
+
     _serve_settings(args)  # report bad options here, not from the daemon
     store = _store(args)
     volume.read_metadata(store)
     password = None if args.password_file else get_password(None)
-    from cloudnbd.runtime import default_cache_root
-    from cloudnbd.service import private_cache_dir
-
     try:
         cache_dir = private_cache_dir(args.cache or default_cache_root(), args.backend,
                                       args.volume)
-        log_path = cache_dir / "cloudnbd.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - closed once the child has it
-        os.chmod(log_path, 0o600)
     except OSError as exc:
         raise local_error(exc) from exc
-    log_start = log_file.tell()
-    read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "cloudnbd", *args.argv, "--foreground",
-            "--ready-fd", str(write_end)]
-    if password is not None:
-        argv.append("--password-stdin")
-    with log_file:
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_file,
-                                 stderr=log_file, pass_fds=(write_end,),
-                                 start_new_session=True, close_fds=True)
-    os.close(write_end)
-    assert child.stdin is not None
-    if password is not None:
-        child.stdin.write(password.encode() + b"\n")
-    child.stdin.close()
-    with os.fdopen(read_end) as ready:
-        answer = ready.readline().strip()
-        while answer.startswith("note "):
-            print(f"cloudnbd: warning: {answer[5:]}", file=sys.stderr)
-            answer = ready.readline().strip()
-    if answer == "ready":
-        print(f"Serving {store.description} at {_attach_hint(args)}")
-        target = args.config_name or f"{args.backend} {args.volume}"
-        cache = f" --cache {args.cache}" if args.cache and not args.config_name else ""
-        print(f"Log: {log_path}. Stop with: cloudnbd close {target}{cache}")
-        return
-    child.wait()
-    if answer.startswith("error "):
-        _, code, message = answer.split(" ", 2)
-        error = CloudnbdError(message)
-        error.exit_code = int(code)
-        raise error
-    raise CloudnbdError(f"the server failed to start (exit {child.returncode})"
-                        f"{_last_words(log_path, log_start)}; see {log_path}")
-
-
-def _last_words(log_path: Path, start: int) -> str:
-    """': ' and the last line the server wrote to its log (a traceback's last line names
-    the error), or nothing."""
-    try:
-        with open(log_path, "rb") as log_file:
-            log_file.seek(start)
-            lines = log_file.read().decode(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return f": {lines[-1].strip()}" if lines else ""
+    daemon.start_background(args.argv, cache_dir, password, on_note=lambda note: print(
+        f"cloudnbd: warning: {note}", file=sys.stderr))
+    print(f"Serving {store.description} at {_attach_hint(args)}")
+    target = args.config_name or f"{args.backend} {args.volume}"
+    cache = f" --cache {args.cache}" if args.cache and not args.config_name else ""
+    print(f"Log: {daemon.log_path(cache_dir)}. Stop with: cloudnbd close {target}{cache}")
 
 
 class _Stall:
@@ -560,6 +488,7 @@ def _control(entry: object, message: dict[str, object]) -> dict[str, object]:
 
 
 def cmd_close(args: argparse.Namespace) -> None:
+    from cloudnbd import runtime
     from cloudnbd.control import request
 
     entry = _running(args)
@@ -582,13 +511,7 @@ def cmd_close(args: argparse.Namespace) -> None:
         error = CloudnbdError(str(outcome["error"]))
         error.exit_code = int(outcome.get("exit_code", 1))  # type: ignore[call-overload]
         raise error
-    # The server exits right after answering; wait for it to let go of the cache lock so
-    # that an open straight after close succeeds.
-    lock = os.open(Path(entry.cache_dir) / "lock", os.O_RDWR)  # type: ignore[attr-defined]
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    finally:
-        os.close(lock)
+    runtime.wait_until_unlocked(Path(entry.cache_dir))  # type: ignore[attr-defined]
     print(f"Closed {_target(args)}: everything is uploaded.")
 
 

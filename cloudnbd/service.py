@@ -20,7 +20,6 @@ server's writes. It is set aside, and the user told (lease.py, L2).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -46,6 +45,7 @@ from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced, IntegrityErro
 from cloudnbd.metrics import Metrics
 from cloudnbd.nbd.server import NbdServer, ServerSettings
 from cloudnbd.rates import RateSampler
+from cloudnbd.runtime import lock_cache_dir
 from cloudnbd.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -108,21 +108,6 @@ class ServeSettings:
 
 
 LEASE_EPOCH_FILE = "lease-epoch"
-
-
-def lock_cache_dir(cache_dir: Path) -> int:
-    """Take the exclusive lock of a volume's cache directory (its `lock` file, flocked by
-    the server for its whole life): CacheLocked, naming the server's pid, if a process on
-    this machine holds it. Returns the locked descriptor; closing it lets go."""
-    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise CacheLocked(f"the volume is already open on this machine (pid {holder})"
-                          ) from None
-    return fd
 
 
 @contextmanager
