@@ -118,10 +118,8 @@ def _size_change_note(requested: int, rounded: int) -> str:
 def cmd_init(args: argparse.Namespace) -> None:
     requested = parse_size(args.size)
     size = volume.round_size(requested)
-    volume.check_size(size)
     chunk_size = parse_size(args.chunk_size, "chunk size")
-    volume.check_chunk_size(chunk_size)
-    volume.check_chunk_count(size, chunk_size)
+    volume.check_geometry(size, chunk_size)
     store = _store(args)
     volume.check_location_free(store)  # before the password is asked for
     password = get_password(args.password_file, confirm=True, prompt="New volume password: ")
@@ -482,9 +480,16 @@ def _control(entry: object, message: dict[str, object]) -> dict[str, object]:
     from cloudnbd.control import request
 
     answer = next(request(Path(entry.control_socket), message))  # type: ignore[attr-defined]
-    if "error" in answer:
-        raise CloudnbdError(str(answer["error"]))
+    _raise_if_error(answer)
     return answer
+
+
+def _raise_if_error(answer: dict[str, object]) -> None:
+    """A control answer with an error: the CloudnbdError it stands for."""
+    if "error" in answer:
+        error = CloudnbdError(str(answer["error"]))
+        error.exit_code = int(answer.get("exit_code", 1))  # type: ignore[call-overload]
+        raise error
 
 
 def cmd_close(args: argparse.Namespace) -> None:
@@ -507,10 +512,7 @@ def cmd_close(args: argparse.Namespace) -> None:
             outcome = message
     if progress is not None:
         progress.finish()
-    if "error" in outcome:
-        error = CloudnbdError(str(outcome["error"]))
-        error.exit_code = int(outcome.get("exit_code", 1))  # type: ignore[call-overload]
-        raise error
+    _raise_if_error(outcome)
     runtime.wait_until_unlocked(Path(entry.cache_dir))  # type: ignore[attr-defined]
     print(f"Closed {_target(args)}: everything is uploaded.")
 

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -354,11 +354,11 @@ class Service:
             self.volume.refresh()
             old = self.volume.meta.size
             if new_size > old:
-                self.volume.update(lambda meta: replace(meta, size=new_size))
+                self.volume.resize(new_size)  # its rules, volume.json first (M1)
                 self.engine.grow(new_size)
             return {"done": True, "old_size": old, "size": new_size}
         except CloudnbdError as exc:
-            return {"error": exc.message}
+            return {"error": exc.message, "exit_code": exc.exit_code}
         finally:
             self.volume.store.idle()
 
