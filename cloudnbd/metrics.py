@@ -92,6 +92,15 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
+def _counters(name: str, doc: str, label: str, values: dict[str, float]
+              ) -> CounterMetricFamily:
+    """A counter with one series per value of label."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, count in values.items():
+        family.add_metric([value], count)
+    return family
+
+
 class _SnapshotCollector(Collector):
     def __init__(self, engine: Callable[[], EngineSnapshot],
                  server: Callable[[], ServerSnapshot]) -> None:
@@ -110,27 +119,19 @@ class _SnapshotCollector(Collector):
                      engine.oldest_dirty_seconds)
         yield _gauge("cloudnbd_journal_disk_bytes", "Bytes the local journal occupies.",
                      engine.journal_disk_bytes)
-        requests = CounterMetricFamily(
-            "cloudnbd_cloud_requests",
-            "Chunk requests to the object store that were answered, by kind (not counting "
-            "retries, nor the few metadata and lease requests of open and close).",
-            labels=["kind"])
-        requests.add_metric(["put"], stats.uploads)
-        requests.add_metric(["delete"], stats.deletes)
-        requests.add_metric(["get"], stats.gets)
-        yield requests
-        traffic = CounterMetricFamily("cloudnbd_cloud_bytes",
-                                      "Chunk object bytes sent to and received from the "
-                                      "object store.", labels=["direction"])
-        traffic.add_metric(["sent"], stats.upload_wire_bytes)
-        traffic.add_metric(["received"], stats.fetch_wire_bytes)
-        yield traffic
-        errors = CounterMetricFamily("cloudnbd_cloud_errors",
-                                     "Chunk transfers that failed after all retries.",
-                                     labels=["kind"])
-        errors.add_metric(["upload"], stats.upload_errors)
-        errors.add_metric(["fetch"], stats.fetch_errors)
-        yield errors
+        yield _counters("cloudnbd_cloud_requests",
+                        "Chunk requests to the object store that were answered, by kind "
+                        "(not counting retries, nor the few metadata and lease requests of "
+                        "open and close).",
+                        "kind", {"put": stats.uploads, "delete": stats.deletes,
+                                 "get": stats.gets})
+        yield _counters("cloudnbd_cloud_bytes",
+                        "Chunk object bytes sent to and received from the object store.",
+                        "direction", {"sent": stats.upload_wire_bytes,
+                                      "received": stats.fetch_wire_bytes})
+        yield _counters("cloudnbd_cloud_errors",
+                        "Chunk transfers that failed after all retries.",
+                        "kind", {"upload": stats.upload_errors, "fetch": stats.fetch_errors})
         yield _counter("cloudnbd_cloud_retries", "Retried object-store requests.",
                        stats.retries)
         yield _counter("cloudnbd_integrity_errors",
