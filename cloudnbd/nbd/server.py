@@ -214,7 +214,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int | None = 10809  # 0: any free port; no TCP listener when unix_path is set
     unix_path: Path | None = None
-    read_only: bool = False  # also when the device is
+    read_only: bool = False  # the export is read-only with this or a read-only device
     tls: TlsSettings = field(default_factory=TlsSettings)
     max_connections: int = MAX_CONNECTIONS
     handshake_timeout: float | None = HANDSHAKE_TIMEOUT
