@@ -14,6 +14,7 @@ the commands that recover (`open` replays the journal, `close` then uploads it).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cloudnbd import backends, identity
-from cloudnbd.errors import CloudnbdError
+from cloudnbd.errors import CacheLocked, CloudnbdError
 
 
 def default_cache_root() -> Path:
@@ -177,11 +178,32 @@ def local_state(backend: str, location: str, target: str,
     return LocalState(target)
 
 
-def _lock_held(cache_dir: Path) -> bool:
-    import fcntl
+# -- the cache lock ------------------------------------------------------------------------
+# A volume's cache directory has a `lock` file that its server flocks for its whole
+# life (and `delete` while it deletes the volume), holding the holder's pid.
 
+def _lock_path(cache_dir: Path) -> Path:
+    return cache_dir / "lock"
+
+
+def lock_cache_dir(cache_dir: Path) -> int:
+    """Take the exclusive lock of a volume's cache directory: CacheLocked, naming the
+    server's pid, if a process on this machine holds it. Returns the locked descriptor;
+    closing it lets go."""
+    fd = os.open(_lock_path(cache_dir), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fd = os.open(cache_dir / "lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise CacheLocked(f"the volume is already open on this machine (pid {holder})"
+                          ) from None
+    return fd
+
+
+def _lock_held(cache_dir: Path) -> bool:
+    try:
+        fd = os.open(_lock_path(cache_dir), os.O_RDWR)
     except OSError:
         return False
     try:
@@ -189,5 +211,15 @@ def _lock_held(cache_dir: Path) -> bool:
         return False
     except BlockingIOError:
         return True
+    finally:
+        os.close(fd)
+
+
+def wait_until_unlocked(cache_dir: Path) -> None:
+    """Block until the server of cache_dir has let go of its lock: it exits right after
+    answering close, and an open straight after close must not find it held."""
+    fd = os.open(_lock_path(cache_dir), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
     finally:
         os.close(fd)

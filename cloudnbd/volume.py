@@ -147,6 +147,18 @@ def check_chunk_size(chunk_size: int) -> None:
                          f"{MIN_CHUNK_SIZE // 1024} KiB and {MAX_CHUNK_SIZE // 2**20} MiB")
 
 
+def check_geometry(size: int, chunk_size: int) -> None:
+    """Refuse a volume cloudnbd could not serve: the one rule of init, resize and a grow
+    through the running server. UsageError unless size (rounded already, round_size)
+    is one NBD can address and chunk_size one of the allowed, and the chunks fit in
+    memory at open (MAX_CHUNKS)."""
+    check_size(size)
+    check_chunk_size(chunk_size)
+    check_chunk_count(size, chunk_size)
+    if size % SIZE_ALIGNMENT:
+        raise UsageError(f"volume size must be a multiple of {SIZE_ALIGNMENT}")
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -444,8 +456,7 @@ class Volume:
         crash in between followed by a grow would resurrect stale data past the end.
         progress(bytes deleted, bytes to delete) follows the deletion, which can be long.
         """
-        check_size(new_size)
-        check_chunk_count(new_size, self.meta.chunk_size)
+        check_geometry(new_size, self.meta.chunk_size)
         old_size = self.meta.size
         if new_size < old_size:
             if not allow_shrink:
@@ -484,11 +495,7 @@ def _wrap(number: int, password: str, master_key: bytes, volume_id: bytes,
 def create(store: ObjectStore, size: int, chunk_size: int, password: str,
            kdf: KdfParams | None = None) -> Volume:
     """Create a new, empty volume at store; VolumeExists if one is already there."""
-    check_size(size)
-    check_chunk_size(chunk_size)
-    check_chunk_count(size, chunk_size)
-    if size % SIZE_ALIGNMENT:
-        raise UsageError(f"volume size must be a multiple of {SIZE_ALIGNMENT}")
+    check_geometry(size, chunk_size)
     if not password:
         raise UsageError("the password must not be empty")
     check_location_free(store)

@@ -109,6 +109,25 @@ def test_resize_past_the_chunk_limit_is_refused(
     assert volume.read_metadata(FileStore(Path(made)))[0].size == 64 * 2**20
 
 
+def test_growing_an_open_volume_past_the_chunk_limit_is_refused(
+        location: str, password_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The same rule when the running server grows the volume: 64 KiB chunks hold at
+    most 16 TiB, and the server must not grow its per-chunk state past MAX_CHUNKS."""
+    code, _, err = run(capsys, "init", "file", location, "64MiB", "--chunk-size", "64KiB",
+                       "--password-file", str(password_file), *KDF)
+    assert code == 0, err
+    served = start(tmp_path, "file", location, password_file)
+    try:
+        result = served.cli("resize", "17TiB", "--cache", str(served.cache),
+                            "--password-file", str(password_file), check=False)
+        assert_one_line_error((result.returncode, result.stdout, result.stderr), 2,
+                              "16 TiB")
+        assert volume.read_metadata(FileStore(Path(location)))[0].size == 64 * 2**20
+    finally:
+        served.close()
+
+
 # -- what the commands print ---------------------------------------------------------------
 
 @pytest.mark.unit

@@ -42,7 +42,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cloudnbd.engine.cache import CleanCache
@@ -61,13 +61,9 @@ from cloudnbd.engine.workers import (
     wait_for_orphans,
 )
 from cloudnbd.errors import CloudUnreachable, Displaced
-from cloudnbd.metrics import Metrics
-from cloudnbd.nbd.device import BlockDevice, DeviceError
+from cloudnbd.nbd.device import UNALLOCATED, BlockDevice, DeviceError
 
 log = logging.getLogger(__name__)
-
-HOLE = 1
-ZERO_FLAG = 2
 
 
 #: Seconds workers get to finish at an unclean stop before they are killed.
@@ -100,6 +96,11 @@ class _Upload:
     segments: set[int]
 
 
+#: called with (kind, seconds) for each chunk uploaded or fetched: the time its worker
+#: spent on it (the service wires the metrics' histograms here)
+TransferHook = Callable[[WorkerKind, float], None]
+
+
 @dataclass
 class EngineStats:
     """Counters for status and metrics (read without locking; approximate is fine)."""
@@ -118,13 +119,32 @@ class EngineStats:
     fenced: int = 0  # uploads that met an object changed behind our back (F2)
 
 
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine at one moment: what `cloudnbd status` and the Prometheus metrics both
+    render (service.py, metrics.py), so the two cannot disagree."""
+
+    dirty_bytes: int  # written but not yet in the cloud
+    dirty_chunks: int
+    oldest_dirty_seconds: float  # age of the oldest write not yet in the cloud
+    journal_disk_bytes: int
+    cache_bytes: int  # clean chunks cached
+    cache_limit: int
+    cache_hits: int
+    cache_misses: int
+    stats: EngineStats  # a copy
+    displaced: str | None  # who took the volume over (F3)
+    worker_pids: dict[str, list[int]]  # by WorkerKind
+
+
 class Engine(BlockDevice):
     """Write-back block device over the journal, the clean cache and the worker pool."""
 
     def __init__(self, size: int, chunk_size: int, cache_dir: Path, stored: ChunkVersions,
                  settings: EngineSettings,
                  make_pool: Callable[[Callable[[WorkerKind, Result], None]], WorkerPool],
-                 metrics: Metrics | None = None, lease_checks: bool = False) -> None:
+                 on_transfer: TransferHook | None = None, lease_checks: bool = False
+                 ) -> None:
         self._size = size
         self.chunk_size = chunk_size
         self.cache_dir = cache_dir
@@ -134,7 +154,7 @@ class Engine(BlockDevice):
         self.clean = CleanCache(cache_dir, settings.cache_bytes)
         self.pool = make_pool(self._on_result)
         self.stats = EngineStats()
-        self.metrics = metrics
+        self.on_transfer = on_transfer
         self._cond = threading.Condition(threading.Lock())
         self.dirty: dict[int, ChunkExtents] = {}
         self._first_seq: dict[int, int] = {}
@@ -520,7 +540,7 @@ class Engine(BlockDevice):
             while pos < end:
                 index, within = divmod(pos, cs)
                 n = min(cs - within, end - pos)
-                flags = 0 if self.stored.has(index) or index in self.dirty else HOLE | ZERO_FLAG
+                flags = 0 if self.stored.has(index) or index in self.dirty else UNALLOCATED
                 if found and found[-1][1] == flags:
                     found[-1] = (found[-1][0] + n, flags)
                 else:
@@ -625,8 +645,8 @@ class Engine(BlockDevice):
             log.warning("upload of chunk %d failed: %s", index, result.error)
             return
         self._retry_at.pop(index, None)
-        if self.metrics is not None:
-            self.metrics.upload_seconds.observe(result.seconds)
+        if self.on_transfer is not None:
+            self.on_transfer(WorkerKind.UPLOAD, result.seconds)
         released: dict[int, int] = {}
         extents = self.dirty[index]
         extents.drop_through(upload.task.seq, released)  # E4
@@ -656,8 +676,8 @@ class Engine(BlockDevice):
     def _account_fetch_locked(self, result: Result, waiter: _Fetch) -> None:
         self.stats.retries += result.retries
         if result.outcome == Outcome.CACHED:
-            if self.metrics is not None:
-                self.metrics.fetch_seconds.observe(result.seconds)
+            if self.on_transfer is not None:
+                self.on_transfer(WorkerKind.FETCH, result.seconds)
             self.clean.added(result.index, result.size, result.version)
             self.stats.fetches += 1
             self.stats.gets += 1
@@ -672,6 +692,15 @@ class Engine(BlockDevice):
             waiter.error = result.error
 
     # -- status ----------------------------------------------------------------------------
+    def snapshot(self) -> EngineSnapshot:
+        """What the engine is doing now, for status and metrics."""
+        dirty_bytes, dirty_chunks, oldest = self.backlog()
+        clean = self.clean
+        return EngineSnapshot(
+            dirty_bytes, dirty_chunks, oldest, self.journal.bytes_on_disk, clean.bytes,
+            clean.max_bytes, clean.hits, clean.misses, replace(self.stats), self.displaced,
+            {str(kind): self.pool.pids(kind) for kind in WorkerKind})
+
     def backlog(self) -> tuple[int, int, float]:
         """(dirty bytes, dirty chunks, age in seconds of the oldest dirty chunk)."""
         with self._cond:
