@@ -20,13 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloudnbd import volume
+from cloudnbd.engine.versions import ChunkVersions
+
+from cloudnbd import offline, volume
 from cloudnbd.backends import StoreOptions
 from cloudnbd.backends.file import FileStore
 from cloudnbd.codec import ScryptParams
 from cloudnbd.engine.device import Engine, EngineSettings
 from cloudnbd.engine.inprocess import InProcessPool
-from cloudnbd.engine.versions import ChunkVersions
 from cloudnbd.engine.workers import (
     FetchTask,
     Outcome,
@@ -68,7 +69,7 @@ def run(chunk_size: int, workload: str, tmp: Path) -> dict[str, float]:
     rng = random.Random(1)
     if workload.startswith("random"):  # a used disk: the region is full of data
         for index in range(REGION // chunk_size):
-            vol.write_chunk(index, rng.randbytes(chunk_size))
+            offline.write_chunk(vol, index, rng.randbytes(chunk_size))
     pool = Counts()
 
     def make_pool(on_result: Callable[[WorkerKind, Result], None]) -> InProcessPool:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -41,8 +39,9 @@ from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
 
 if TYPE_CHECKING:
     from cloudnbd.lease import Lease
+    from cloudnbd.nbd.server import ServerSettings
     from cloudnbd.runtime import LocalState
-    from cloudnbd.service import Service
+    from cloudnbd.service import ServeSettings, Service
 
 log = logging.getLogger("cloudnbd")
 
@@ -114,7 +113,7 @@ def _kdf(args: argparse.Namespace) -> Argon2idParams | None:
 def _unlock(args: argparse.Namespace, password: str | None = None) -> volume.Volume:
     """The volume, unlocked with password (else the one the user gives). A version-3
     head older than the newest this machine has seen is refused here, for every command
-    (runtime.check_head)."""
+    (freshness.check_head)."""
     store = _store(args)
     volume.read_metadata(store)  # a missing or too-new volume is reported before the prompt
     if password is None:
@@ -149,10 +148,8 @@ def _size_change_note(requested: int, rounded: int) -> str:
 def cmd_init(args: argparse.Namespace) -> None:
     requested = parse_size(args.size)
     size = volume.round_size(requested)
-    volume.check_size(size)
     chunk_size = parse_size(args.chunk_size, "chunk size")
-    volume.check_chunk_size(chunk_size)
-    volume.check_chunk_count(size, chunk_size)
+    volume.check_geometry(size, chunk_size)
     store = _store(args)
     volume.check_location_free(store)  # before the password is asked for
     password = get_password(args.password_file, confirm=True, prompt="New volume password: ")
@@ -278,7 +275,7 @@ def cmd_resize(args: argparse.Namespace) -> None:
                          f"Pass --shrink to do so")
     if size < old:
         _require_v3(vol.meta, args, "resize --shrink")
-    volume.check_chunk_count(size, vol.meta.chunk_size)
+    volume.check_geometry(size, vol.meta.chunk_size)
     local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
     if local.running is not None:
         if size < old:
@@ -364,14 +361,15 @@ def _cache_dir(args: argparse.Namespace) -> Path:
     return volume_cache_dir(args.cache or default_cache_root(), args.backend, args.volume)
 
 
-def _check_endpoint(args: argparse.Namespace) -> None:
+def _check_endpoint(server: ServerSettings, args: argparse.Namespace) -> None:
     """Where and how to listen: problems are reported here, before the server starts."""
     import ssl
 
+    from cloudnbd.control import SUN_PATH_MAX
     from cloudnbd.nbd.device import DeviceError
-    from cloudnbd.nbd.server import TlsSettings, stale_socket
+    from cloudnbd.nbd.server import stale_socket
 
-    tls = TlsSettings(args.tls, args.tls_cert, args.tls_key, args.tls_ca, args.tls_psk)
+    tls = server.tls
     if tls.psk is not None:
         check_private_file(tls.psk, "PSK file")
     try:
@@ -382,29 +380,34 @@ def _check_endpoint(args: argparse.Namespace) -> None:
         log.warning("TLS is required but clients are not authenticated (no --tls-ca or "
                     "--tls-psk): anyone who can connect can read and write the volume")
 
-    if args.socket is not None:
+    path = server.unix_path
+    if path is not None:
         try:
-            stale_socket(args.socket)
+            stale_socket(path)
         except DeviceError as exc:
             raise UsageError(str(exc)) from None
         port = args.settings["port"]
         if port.source not in ("default", "command line"):
             log.warning("port %s (%s) is not used: serving on the Unix socket %s instead",
-                        port.value, port.source, args.socket)
+                        port.value, port.source, path)
+        if len(os.fsencode(path)) > SUN_PATH_MAX:
+            raise UsageError(f"--socket {path}: a Unix socket path holds at most "
+                             f"{SUN_PATH_MAX} bytes, this one has {len(os.fsencode(path))}; "
+                             f"choose a shorter path")
 
 
-def _serve_settings(args: argparse.Namespace) -> object:
-    from cloudnbd.control import SUN_PATH_MAX
+def _serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The settings of `open`, from the command line and config files (args.settings);
+    bad ones are reported here, before anything starts."""
     from cloudnbd.engine.device import EngineSettings
+    from cloudnbd.nbd.server import ServerSettings, TlsSettings
     from cloudnbd.service import ServeSettings
 
-    _check_endpoint(args)
-    if args.socket is not None and len(os.fsencode(args.socket)) > SUN_PATH_MAX:
-        raise UsageError(f"--socket {args.socket}: a Unix socket path holds at most "
-                         f"{SUN_PATH_MAX} bytes, this one has {len(os.fsencode(args.socket))}; "
-                         f"choose a shorter path")
-    if min(args.uploaders, args.fetchers, args.worker_threads) < 1:
-        raise UsageError("--uploaders, --fetchers and --worker-threads must be at least 1")
+    server = ServerSettings(
+        export_name=args.export_name, host=args.bind, port=args.port, unix_path=args.socket,
+        read_only=args.read_only,
+        tls=TlsSettings(args.tls, args.tls_cert, args.tls_key, args.tls_ca, args.tls_psk))
+    _check_endpoint(server, args)
     max_dirty = parse_size(args.max_dirty, "--max-dirty")
     if max_dirty < 64 * 2**20:
         raise UsageError("--max-dirty must be at least 64MiB (the largest NBD request "
@@ -416,15 +419,11 @@ def _serve_settings(args: argparse.Namespace) -> object:
         checkpoint_bytes=parse_size(args.checkpoint_size, "--checkpoint-size"),
         checkpoint_age=args.checkpoint_age, gc_grace=args.gc_grace)
     return ServeSettings(
-        host=args.bind, port=args.port, socket_path=args.socket,
-        export_name=args.export_name, read_only=args.read_only, tls=args.tls,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
-        tls_psk=args.tls_psk,
-        uploaders=args.uploaders, fetchers=args.fetchers,
+        server=server, engine=engine, uploaders=args.uploaders, fetchers=args.fetchers,
         threads_per_worker=args.worker_threads,
         upload_limit=parse_size(args.upload_limit, "--upload-limit") if args.upload_limit
         else 0.0,
-        force=args.force, engine=engine, metrics=args.metrics)
+        force=args.force, metrics=args.metrics)
 
 
 def _attach_hint(args: argparse.Namespace) -> str:
@@ -438,13 +437,11 @@ def _attach_hint(args: argparse.Namespace) -> str:
 
 def _serve_foreground(args: argparse.Namespace) -> None:
     """Run the server in this process until it is closed (systemd, or the daemon)."""
+    from cloudnbd import daemon
     from cloudnbd.runtime import default_cache_root
     from cloudnbd.service import Service
 
-    ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
-    # Only this process speaks to systemd (NotifyAccess=main); workers must not inherit it.
-    notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
-    try:
+    def start() -> Service:
         settings = _serve_settings(args)
         store = _front_store(args)
         meta, _, _ = volume.read_metadata(store)
@@ -456,25 +453,11 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         vol = volume.unlock(store, password)
         del password
         service = Service(args.backend, args.volume, _store_options(args), vol,
-                          args.cache or default_cache_root(), settings)  # type: ignore[arg-type]
+                          args.cache or default_cache_root(), settings)
         _start(service, args)
-    except CloudnbdError as exc:
-        if ready is not None:
-            ready.write(f"error {exc.exit_code} {exc.message}\n")
-            ready.close()
-        raise
-    for note in service.notes:
-        log.warning("%s", note)
-        if ready is not None:
-            ready.write(f"note {note}\n")
-    if ready is not None:
-        ready.write("ready\n")
-        ready.close()
-    _notify_systemd(notify_socket, b"READY=1")
-    log.info("serving %s", vol.store.description)
-    code = service.run_until_closed()
-    _notify_systemd(notify_socket, b"STOPPING=1")
-    if code:
+        return service
+
+    if daemon.serve(start, args.ready_fd):
         raise CloudnbdError("closed with data still to upload; it is kept in the journal")
 
 
@@ -495,84 +478,30 @@ def _start(service: Service, args: argparse.Namespace) -> None:
         raise CloudnbdError(str(exc)) from None
 
 
-def _notify_systemd(address: str | None, message: bytes) -> None:
-    """sd_notify: one datagram to systemd's socket (Type=notify units)."""
-    if not address:
-        return
-    import socket
-
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message, address)
-
-
 def cmd_open(args: argparse.Namespace) -> None:
     if args.foreground:
         _serve_foreground(args)
         return
+    from cloudnbd import daemon
+    from cloudnbd.runtime import default_cache_root
+    from cloudnbd.service import private_cache_dir
+
     _serve_settings(args)  # report bad options here, not from the daemon
     store = _store(args)
     meta, _, _ = volume.read_metadata(store)
     _require_v3(meta, args, "open")
     password = None if args.password_file else get_password(None)
-    from cloudnbd.runtime import default_cache_root
-    from cloudnbd.service import private_cache_dir
-
     try:
         cache_dir = private_cache_dir(args.cache or default_cache_root(), args.backend,
                                       args.volume)
-        log_path = cache_dir / "cloudnbd.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - closed once the child has it
-        os.chmod(log_path, 0o600)
     except OSError as exc:
         raise local_error(exc) from exc
-    log_start = log_file.tell()
-    read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "cloudnbd", *args.argv, "--foreground",
-            "--ready-fd", str(write_end)]
-    if password is not None:
-        argv.append("--password-stdin")
-    with log_file:
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_file,
-                                 stderr=log_file, pass_fds=(write_end,),
-                                 start_new_session=True, close_fds=True)
-    os.close(write_end)
-    assert child.stdin is not None
-    if password is not None:
-        child.stdin.write(password.encode() + b"\n")
-    child.stdin.close()
-    with os.fdopen(read_end) as ready:
-        answer = ready.readline().strip()
-        while answer.startswith("note "):
-            print(f"cloudnbd: warning: {answer[5:]}", file=sys.stderr)
-            answer = ready.readline().strip()
-    if answer == "ready":
-        print(f"Serving {store.description} at {_attach_hint(args)}")
-        target = args.config_name or f"{args.backend} {args.volume}"
-        cache = f" --cache {args.cache}" if args.cache and not args.config_name else ""
-        print(f"Log: {log_path}. Stop with: cloudnbd close {target}{cache}")
-        return
-    child.wait()
-    if answer.startswith("error "):
-        _, code, message = answer.split(" ", 2)
-        error = CloudnbdError(message)
-        error.exit_code = int(code)
-        raise error
-    raise CloudnbdError(f"the server failed to start (exit {child.returncode})"
-                        f"{_last_words(log_path, log_start)}; see {log_path}")
-
-
-def _last_words(log_path: Path, start: int) -> str:
-    """': ' and the last line the server wrote to its log (a traceback's last line names
-    the error), or nothing."""
-    try:
-        with open(log_path, "rb") as log_file:
-            log_file.seek(start)
-            lines = log_file.read().decode(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return f": {lines[-1].strip()}" if lines else ""
+    daemon.start_background(args.argv, cache_dir, password, on_note=lambda note: print(
+        f"cloudnbd: warning: {note}", file=sys.stderr))
+    print(f"Serving {store.description} at {_attach_hint(args)}")
+    target = args.config_name or f"{args.backend} {args.volume}"
+    cache = f" --cache {args.cache}" if args.cache and not args.config_name else ""
+    print(f"Log: {daemon.log_path(cache_dir)}. Stop with: cloudnbd close {target}{cache}")
 
 
 class _Stall:
@@ -634,12 +563,20 @@ def _control(entry: object, message: dict[str, object]) -> dict[str, object]:
     from cloudnbd.control import request
 
     answer = next(request(Path(entry.control_socket), message))  # type: ignore[attr-defined]
-    if "error" in answer:
-        raise CloudnbdError(str(answer["error"]))
+    _raise_if_error(answer)
     return answer
 
 
+def _raise_if_error(answer: dict[str, object]) -> None:
+    """A control answer with an error: the CloudnbdError it stands for."""
+    if "error" in answer:
+        error = CloudnbdError(str(answer["error"]))
+        error.exit_code = int(answer.get("exit_code", 1))  # type: ignore[call-overload]
+        raise error
+
+
 def cmd_close(args: argparse.Namespace) -> None:
+    from cloudnbd import runtime
     from cloudnbd.control import request
 
     entry = _running(args)
@@ -658,17 +595,8 @@ def cmd_close(args: argparse.Namespace) -> None:
             outcome = message
     if progress is not None:
         progress.finish()
-    if "error" in outcome:
-        error = CloudnbdError(str(outcome["error"]))
-        error.exit_code = int(outcome.get("exit_code", 1))  # type: ignore[call-overload]
-        raise error
-    # The server exits right after answering; wait for it to let go of the cache lock so
-    # that an open straight after close succeeds.
-    lock = os.open(Path(entry.cache_dir) / "lock", os.O_RDWR)  # type: ignore[attr-defined]
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    finally:
-        os.close(lock)
+    _raise_if_error(outcome)
+    runtime.wait_until_unlocked(Path(entry.cache_dir))  # type: ignore[attr-defined]
     print(f"Closed {_target(args)}: everything is uploaded.")
 
 

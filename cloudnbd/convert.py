@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from cloudnbd import codec, layout, runtime
+from cloudnbd import codec, freshness, layout
 from cloudnbd.chunks import ChunkCodec
 from cloudnbd.codec import KdfParams, VolumeKeys
 from cloudnbd.errors import CloudnbdError, IntegrityError
@@ -94,7 +94,7 @@ def upgrade(vol: Volume, epoch: int, threads: int = 8, progress: ProgressFn | No
         return replace(current, head=key)
 
     vol.update(switch)
-    runtime.check_head(meta.volume_id, head.generation)
+    freshness.check_head(meta.volume_id, head.generation)
     deleted, deleted_bytes = collect(vol.store, writer.named(key), deleting)
     return Converted(len(writer.entries), deleted, deleted_bytes)
 
@@ -158,6 +158,6 @@ def rekey(vol: Volume, password: str, kdf: KdfParams | None, epoch: int, threads
         return replace(current, slots=(slot,), head=key)
 
     vol.update(switch, keys=new_keys)
-    runtime.check_head(meta.volume_id, new_head.generation)
+    freshness.check_head(meta.volume_id, new_head.generation)
     deleted, deleted_bytes = collect(vol.store, writer.named(key), deleting)
     return Converted(len(writer.entries), deleted, deleted_bytes), dropped

@@ -1,30 +1,31 @@
 """Every Prometheus metric cloudnbd exposes, defined once, in the front process.
 
 Worker processes do not export metrics themselves: each task result they send back
-carries its duration, bytes and retries, and the front aggregates them here, so one
-scrape of the front shows the whole server. Counters and gauges that already live in the
-engine are read at scrape time by a collector instead of being updated twice.
+carries its duration, bytes and retries, and the front aggregates them, so one scrape of
+the front shows the whole server. Timings arrive through hooks (the NBD server's
+on_request, the engine's on_transfer); everything else is rendered at scrape time from
+the snapshots the engine and the NBD server give, the same ones `cloudnbd status`
+renders (service.py), instead of being counted twice.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from cloudnbd.engine.device import EngineSnapshot
+from cloudnbd.engine.workers import WorkerKind
 from cloudnbd.errors import UsageError
-
-if TYPE_CHECKING:
-    from cloudnbd.engine.device import Engine
+from cloudnbd.nbd.protocol import Command
+from cloudnbd.nbd.server import ServerSnapshot
 
 log = logging.getLogger(__name__)
 
-NBD_COMMANDS = ("read", "write", "flush", "trim", "cache", "write_zeroes", "block_status")
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _CLOUD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -42,8 +43,8 @@ class Metrics:
             ["command"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         # Every command's series exists from the start at zero, so the first request of a
         # kind shows in rate() at once instead of after two more scrapes.
-        self._by_command = {command: self.nbd_request_seconds.labels(command)
-                            for command in NBD_COMMANDS}
+        self._by_command = {int(c): self.nbd_request_seconds.labels(c.name.lower())
+                            for c in Command if c is not Command.DISC}
         self.upload_seconds = Histogram(
             "cloudnbd_upload_duration_seconds",
             "Time an uploader spent on one chunk: assemble, compress, encrypt, PUT.",
@@ -52,17 +53,21 @@ class Metrics:
             "cloudnbd_fetch_duration_seconds",
             "Time a fetcher spent on one chunk: GET, authenticate, decompress.",
             buckets=_CLOUD_BUCKETS, registry=self.registry)
-        self._engine: Engine | None = None
-        self._server: object = None
+        self._by_kind = {WorkerKind.UPLOAD: self.upload_seconds,
+                         WorkerKind.FETCH: self.fetch_seconds}
 
-    def observe_request(self, command: str, seconds: float) -> None:
-        """The NBD server's hook: one finished request."""
+    def observe_request(self, command: int, seconds: float) -> None:
+        """The NBD server's hook: one finished request (a protocol.Command value)."""
         self._by_command[command].observe(seconds)  # labels() per request costs more
 
-    def attach(self, engine: Engine, server: object) -> None:
-        """Expose the engine's and server's own counters at scrape time."""
-        self._engine, self._server = engine, server
-        self.registry.register(_EngineCollector(self))
+    def observe_transfer(self, kind: WorkerKind, seconds: float) -> None:
+        """The engine's hook: one chunk uploaded or fetched."""
+        self._by_kind[kind].observe(seconds)
+
+    def attach(self, engine: Callable[[], EngineSnapshot],
+               server: Callable[[], ServerSnapshot]) -> None:
+        """Expose the engine's and the server's snapshots, taken at each scrape."""
+        self.registry.register(_SnapshotCollector(engine, server))
 
     def serve(self, address: str) -> None:
         """Start the HTTP endpoint at ADDR:PORT (loopback unless an address is given)."""
@@ -79,72 +84,73 @@ class Metrics:
         start_http_server(port_number, addr=host, registry=self.registry)
 
 
-class _EngineCollector(Collector):
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _counters(name: str, doc: str, label: str, values: dict[str, float]
+              ) -> CounterMetricFamily:
+    """A counter with one series per value of label."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, count in values.items():
+        family.add_metric([value], count)
+    return family
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, engine: Callable[[], EngineSnapshot],
+                 server: Callable[[], ServerSnapshot]) -> None:
+        self.engine = engine
+        self.server = server
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        engine = self.metrics._engine
-        if engine is None:
-            return
+        engine = self.engine()
         stats = engine.stats
-        dirty_bytes, dirty_chunks, oldest = engine.backlog()
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, value=value)
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, value=value)
-
-        yield gauge("cloudnbd_backlog_bytes", "Bytes written but not yet in the cloud.",
-                    dirty_bytes)
-        yield gauge("cloudnbd_backlog_chunks", "Chunks with data not yet in the cloud.",
-                    dirty_chunks)
-        yield gauge("cloudnbd_backlog_oldest_age_seconds",
-                    "Age of the oldest write not yet in the cloud.", oldest)
-        yield gauge("cloudnbd_journal_disk_bytes", "Bytes the local journal occupies.",
-                    engine.journal.bytes_on_disk)
-        requests = CounterMetricFamily(
-            "cloudnbd_cloud_requests",
-            "Chunk requests to the object store that were answered, by kind (not counting "
-            "retries, nor the few metadata and lease requests of open and close).",
-            labels=["kind"])
-        requests.add_metric(["put"], stats.uploads)
-        requests.add_metric(["delete"], stats.deletes)
-        requests.add_metric(["get"], stats.gets)
-        yield requests
-        traffic = CounterMetricFamily("cloudnbd_cloud_bytes",
-                                      "Chunk object bytes sent to and received from the "
-                                      "object store.", labels=["direction"])
-        traffic.add_metric(["sent"], stats.upload_wire_bytes)
-        traffic.add_metric(["received"], stats.fetch_wire_bytes)
-        yield traffic
-        errors = CounterMetricFamily("cloudnbd_cloud_errors",
-                                     "Chunk transfers that failed after all retries.",
-                                     labels=["kind"])
-        errors.add_metric(["upload"], stats.upload_errors)
-        errors.add_metric(["fetch"], stats.fetch_errors)
-        yield errors
-        yield counter("cloudnbd_cloud_retries", "Retried object-store requests.",
-                      stats.retries)
-        yield counter("cloudnbd_integrity_errors",
-                      "Chunk objects that failed authentication (corrupt or tampered).",
-                      stats.integrity_errors)
-        yield counter("cloudnbd_uploaded_bytes", "Plain bytes of chunks uploaded.",
-                      stats.upload_bytes)
+        yield _gauge("cloudnbd_backlog_bytes", "Bytes written but not yet in the cloud.",
+                     engine.dirty_bytes)
+        yield _gauge("cloudnbd_backlog_chunks", "Chunks with data not yet in the cloud.",
+                     engine.dirty_chunks)
+        yield _gauge("cloudnbd_backlog_oldest_age_seconds",
+                     "Age of the oldest write not yet in the cloud.",
+                     engine.oldest_dirty_seconds)
+        yield _gauge("cloudnbd_journal_disk_bytes", "Bytes the local journal occupies.",
+                     engine.journal_disk_bytes)
+        yield _counters("cloudnbd_cloud_requests",
+                        "Chunk requests to the object store that were answered, by kind "
+                        "(not counting retries, nor the few metadata and lease requests of "
+                        "open and close).",
+                        "kind", {"put": stats.uploads, "delete": stats.deletes,
+                                 "get": stats.gets})
+        yield _counters("cloudnbd_cloud_bytes",
+                        "Chunk object bytes sent to and received from the object store.",
+                        "direction", {"sent": stats.upload_wire_bytes,
+                                      "received": stats.fetch_wire_bytes})
+        yield _counters("cloudnbd_cloud_errors",
+                        "Chunk transfers that failed after all retries.",
+                        "kind", {"upload": stats.upload_errors, "fetch": stats.fetch_errors})
+        yield _counter("cloudnbd_cloud_retries", "Retried object-store requests.",
+                       stats.retries)
+        yield _counter("cloudnbd_integrity_errors",
+                       "Chunk objects that failed authentication (corrupt or tampered).",
+                       stats.integrity_errors)
+        yield _counter("cloudnbd_uploaded_bytes", "Plain bytes of chunks uploaded.",
+                       stats.upload_bytes)
         ratio = stats.upload_bytes / stats.upload_wire_bytes if stats.upload_wire_bytes else 1
-        yield gauge("cloudnbd_compression_ratio",
-                    "Plain bytes uploaded per byte sent (higher is better).", ratio)
-        cache = engine.clean
-        yield gauge("cloudnbd_cache_bytes", "Bytes of clean chunks cached locally.",
-                    cache.bytes)
-        yield gauge("cloudnbd_cache_limit_bytes", "The --cache-size bound.", cache.max_bytes)
-        yield counter("cloudnbd_cache_hits", "Reads served from the local cache.",
-                      cache.hits)
-        yield counter("cloudnbd_cache_misses", "Reads that needed a fetch.", cache.misses)
-        server = self.metrics._server
-        yield gauge("cloudnbd_nbd_connections", "Open NBD connections.",
-                    getattr(server, "connection_count", 0))
-        yield counter("cloudnbd_nbd_connections_accepted",
-                      "NBD connections accepted since start.",
-                      getattr(server, "connections_accepted", 0))
+        yield _gauge("cloudnbd_compression_ratio",
+                     "Plain bytes uploaded per byte sent (higher is better).", ratio)
+        yield _gauge("cloudnbd_cache_bytes", "Bytes of clean chunks cached locally.",
+                     engine.cache_bytes)
+        yield _gauge("cloudnbd_cache_limit_bytes", "The --cache-size bound.",
+                     engine.cache_limit)
+        yield _counter("cloudnbd_cache_hits", "Reads served from the local cache.",
+                       engine.cache_hits)
+        yield _counter("cloudnbd_cache_misses", "Reads that needed a fetch.",
+                       engine.cache_misses)
+        server = self.server()
+        yield _gauge("cloudnbd_nbd_connections", "Open NBD connections.", server.connections)
+        yield _counter("cloudnbd_nbd_connections_accepted",
+                       "NBD connections accepted since start.", server.connections_accepted)

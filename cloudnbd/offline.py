@@ -30,14 +30,14 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 
-from cloudnbd import codec, layout
+from cloudnbd import codec, layout, lease
 from cloudnbd.backends.base import ObjectStore
 from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound, PreconditionFailed
 from cloudnbd.layout import PAGE_CHUNKS, ZERO_ENTRY, Entry, Head
 from cloudnbd.objects import VolumeObjects
 from cloudnbd.pool import results
 from cloudnbd.reader import Image, unnamed
-from cloudnbd.volume import DELETE_BATCH, Volume, own_objects
+from cloudnbd.volume import DELETE_BATCH, LAYOUT_V3, Volume, own_objects
 
 log = logging.getLogger(__name__)
 
@@ -245,3 +245,36 @@ def commit_chunks(vol: Volume, epoch: int, chunks: Mapping[int, bytes | None],
             progress(index)
     return writer.write_head(vol.meta.head, image.head.generation + 1, image.head_version,
                              threads=8)
+
+
+def read_chunk(vol: Volume, index: int) -> bytes | None:
+    """The plain contents of chunk index, or None if it is not stored (all zeros).
+    Version 3: as the head names it now (reader.Image; one head read per call). For
+    tools and tests that look at one chunk."""
+    if vol.meta.version >= LAYOUT_V3:
+        return Image(vol).chunk(index)
+    return vol.chunks.get(index).plain
+
+
+def write_chunk(vol: Volume, index: int, plain: bytes, epoch: int | None = None) -> None:
+    """Store chunk index. Versions 1 and 2: over its current object
+    (chunks.ChunkStore.replace). Version 3: committed under a new head by commit_chunks,
+    with stamps of epoch: the caller plays a writer that holds the lease at it. Default:
+    the lease is taken (purpose "import") for the write, so that every call has an epoch
+    of its own and its stamps are unique; if it is held, one above the holder's (the
+    caller plays the holder's successor, once)."""
+    if vol.meta.version < LAYOUT_V3:
+        vol.chunks.replace(index, plain)
+        return
+    if epoch is not None:
+        commit_chunks(vol, epoch, {index: plain})
+        return
+    found = lease.holder(vol.store)
+    if found is not None:
+        commit_chunks(vol, found.epoch + 1, {index: plain})
+        return
+    held = lease.acquire(vol.store, "import")
+    try:
+        commit_chunks(vol, held.epoch, {index: plain})
+    finally:
+        held.release()

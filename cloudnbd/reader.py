@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import TypeVar
 
-from cloudnbd import layout, runtime
+from cloudnbd import freshness, layout
 from cloudnbd.backends.base import ObjectInfo
 from cloudnbd.errors import CloudnbdError, IntegrityError
 from cloudnbd.layout import ChunkSource, Entry, Head, ImageBuilder, Record
@@ -40,9 +40,9 @@ DamageFn = Callable[[str, str], None]
 
 def read_head(vol: Volume) -> tuple[Head, str]:
     """The volume's head and its version; IntegrityError if it is older than the newest
-    this machine has seen (a rolled-back head, runtime.check_head), which it remembers."""
+    this machine has seen (a rolled-back head, freshness.check_head), which it remembers."""
     head, version = vol.objects.get_head(vol.meta.head)
-    runtime.check_head(vol.meta.volume_id, head.generation)
+    freshness.check_head(vol.meta.volume_id, head.generation)
     return head, version
 
 

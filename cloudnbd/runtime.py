@@ -14,6 +14,7 @@ the commands that recover (`open` replays the journal, `close` then uploads it).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cloudnbd import backends, identity
-from cloudnbd.errors import CloudnbdError
+from cloudnbd.errors import CacheLocked, CloudnbdError
 
 
 def default_cache_root() -> Path:
@@ -177,11 +178,32 @@ def local_state(backend: str, location: str, target: str,
     return LocalState(target)
 
 
-def _lock_held(cache_dir: Path) -> bool:
-    import fcntl
+# -- the cache lock ------------------------------------------------------------------------
+# A volume's cache directory has a `lock` file that its server flocks for its whole
+# life (and `delete` while it deletes the volume), holding the holder's pid.
 
+def _lock_path(cache_dir: Path) -> Path:
+    return cache_dir / "lock"
+
+
+def lock_cache_dir(cache_dir: Path) -> int:
+    """Take the exclusive lock of a volume's cache directory: CacheLocked, naming the
+    server's pid, if a process on this machine holds it. Returns the locked descriptor;
+    closing it lets go."""
+    fd = os.open(_lock_path(cache_dir), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fd = os.open(cache_dir / "lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise CacheLocked(f"the volume is already open on this machine (pid {holder})"
+                          ) from None
+    return fd
+
+
+def _lock_held(cache_dir: Path) -> bool:
+    try:
+        fd = os.open(_lock_path(cache_dir), os.O_RDWR)
     except OSError:
         return False
     try:
@@ -193,25 +215,11 @@ def _lock_held(cache_dir: Path) -> bool:
         os.close(fd)
 
 
-def check_head(volume_id: bytes, generation: int, what: str = "head") -> None:
-    """Refuse a head older than the newest this machine has seen for the volume (a
-    rolled-back head would serve older data as current), and remember this one. The
-    record is per machine (identity.state_dir()/heads/<volume id>): a machine that
-    never saw the volume cannot tell, as docs/format.md says."""
-    from cloudnbd.errors import IntegrityError
-
-    record = identity.state_dir() / "heads" / volume_id.hex()
+def wait_until_unlocked(cache_dir: Path) -> None:
+    """Block until the server of cache_dir has let go of its lock: it exits right after
+    answering close, and an open straight after close must not find it held."""
+    fd = os.open(_lock_path(cache_dir), os.O_RDWR)
     try:
-        seen = int(record.read_text())
-    except (OSError, ValueError):
-        seen = 0
-    if generation < seen:
-        raise IntegrityError(
-            f"the volume's {what} was rolled back: the store has generation {generation}, "
-            f"this machine has seen {seen}; restore the newest one, or remove {record} "
-            f"to accept the old one")
-    if generation > seen:
-        record.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = record.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(f"{generation}\n")
-        os.replace(tmp, record)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    finally:
+        os.close(fd)

@@ -20,7 +20,6 @@ server's writes. It is set aside, and the user told (lease.py, L2).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -30,20 +29,22 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloudnbd import freshness, runtime
 from cloudnbd import lease as lease_mod
-from cloudnbd import runtime
 from cloudnbd.backends import StoreOptions
 from cloudnbd.control import ControlServer
 from cloudnbd.engine.device import CloudState, Engine, EngineSettings
 from cloudnbd.engine.malloc import limit_malloc_retention
-from cloudnbd.engine.workers import WorkerConfig, WorkerKind, WorkerPool
+from cloudnbd.engine.workers import WorkerConfig, WorkerPool
 from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced, IntegrityError
 from cloudnbd.metrics import Metrics
+from cloudnbd.nbd.server import NbdServer, ServerSettings
 from cloudnbd.rates import RateSampler
+from cloudnbd.runtime import lock_cache_dir
 from cloudnbd.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -92,43 +93,20 @@ def control_socket(cache_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """How to present the volume and run the workers."""
+    """How to present the volume (the NBD layer's own settings), run the engine and the
+    workers."""
 
-    host: str = "127.0.0.1"
-    port: int = 10809
-    socket_path: Path | None = None
-    export_name: str = ""
-    read_only: bool = False
-    tls: str = "off"
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    tls_psk: Path | None = None
+    server: ServerSettings = field(default_factory=ServerSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     uploaders: int = 1
     fetchers: int = 1
     threads_per_worker: int = 2
     upload_limit: float = 0.0
     force: bool = False
     metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint
-    engine: EngineSettings = field(default_factory=EngineSettings)
 
 
 LEASE_EPOCH_FILE = "lease-epoch"
-
-
-def lock_cache_dir(cache_dir: Path) -> int:
-    """Take the exclusive lock of a volume's cache directory (its `lock` file, flocked by
-    the server for its whole life): CacheLocked, naming the server's pid, if a process on
-    this machine holds it. Returns the locked descriptor; closing it lets go."""
-    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise CacheLocked(f"the volume is already open on this machine (pid {holder})"
-                          ) from None
-    return fd
 
 
 @contextmanager
@@ -165,7 +143,7 @@ class Service:
         self.cache_root = cache_root
         self.cache_dir = runtime.volume_cache_dir(cache_root, backend, location)
         self.engine: Engine | None = None
-        self.server: Any = None
+        self.server: NbdServer | None = None
         self.control: ControlServer | None = None
         self.lease: lease_mod.Lease | None = None
         self.rates: RateSampler | None = None
@@ -271,8 +249,6 @@ class Service:
                           threads_per_process=self.settings.threads_per_worker)
 
     def start(self) -> None:
-        from cloudnbd.nbd.server import NbdServer  # the protocol layer, above the engine
-
         limit_malloc_retention()
         self._prepare_cache_dir()
         self.lease = lease_mod.acquire(self.volume.store, "open", force=self.settings.force)
@@ -283,13 +259,14 @@ class Service:
             self.volume.refresh()
             meta = self.volume.meta
             head, head_version = self.volume.objects.get_head(meta.head)
-            runtime.check_head(meta.volume_id, head.generation)
+            freshness.check_head(meta.volume_id, head.generation)
             s = self.settings
             metrics = Metrics() if s.metrics else None
             cloud = CloudState(meta.head, head, head_version, self.lease.epoch,
                                import_journal=not ours)
             self.engine = Engine(meta.size, meta.chunk_size, self.cache_dir, cloud,
-                                 s.engine, self._make_pool, metrics)
+                                 s.engine, self._make_pool,
+                                 on_transfer=metrics.observe_transfer if metrics else None)
             self.engine.start()
             stats = self.engine.stats
             self.rates = RateSampler(lambda: {"sent": stats.upload_wire_bytes,
@@ -298,14 +275,12 @@ class Service:
             self.rates.start()
             self.volume.store.idle()  # the front's own requests are done until close
             self.server = NbdServer(
-                self.engine, export_name=s.export_name, host=s.host, port=s.port,
-                unix_path=s.socket_path, read_only=s.read_only, tls=s.tls,
-                tls_cert=s.tls_cert, tls_key=s.tls_key, tls_ca=s.tls_ca, tls_psk=s.tls_psk,
+                self.engine, s.server,
                 description=f"cloudnbd volume {self.volume.store.description}",
                 on_request=metrics.observe_request if metrics else None)
             self.server.start()
             if metrics is not None and s.metrics:
-                metrics.attach(self.engine, self.server)
+                metrics.attach(self.engine.snapshot, self.server.snapshot)
                 metrics.serve(s.metrics)
             self.control = ControlServer(control_socket(self.cache_dir), self._handle)
             self.control.start()
@@ -334,19 +309,20 @@ class Service:
 
     # -- control ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        assert self.engine is not None
-        dirty_bytes, dirty_chunks, oldest = self.engine.backlog()
-        stats = self.engine.stats
-        assert self.rates is not None
+        """What `cloudnbd status` shows: the snapshots the metrics render too, the recent
+        rates, and who serves what."""
+        assert self.engine and self.server and self.rates
+        engine, server = self.engine.snapshot(), self.server.snapshot()
+        stats = engine.stats
         rates, span = self.rates.rates()
         return {
             "location": self.volume.store.description,
             "pid": os.getpid(),
             "uptime": time.time() - self.started,
-            "connections": getattr(self.server, "connection_count", 0),
-            "dirty_bytes": dirty_bytes,
-            "dirty_chunks": dirty_chunks,
-            "oldest_dirty_seconds": oldest,
+            "connections": server.connections,
+            "dirty_bytes": engine.dirty_bytes,
+            "dirty_chunks": engine.dirty_chunks,
+            "oldest_dirty_seconds": engine.oldest_dirty_seconds,
             "uploaded_bytes": stats.upload_bytes,
             "uploaded_wire_bytes": stats.upload_wire_bytes,
             "fetched_wire_bytes": stats.fetch_wire_bytes,
@@ -359,12 +335,12 @@ class Service:
             "upload_errors": stats.upload_errors,
             "fetch_errors": stats.fetch_errors,
             "integrity_errors": stats.integrity_errors,
-            "displaced": self.engine.displaced,
-            "cache_bytes": self.engine.clean.bytes,
-            "cache_limit": self.engine.clean.max_bytes,
-            "cache_hits": self.engine.clean.hits,
-            "cache_misses": self.engine.clean.misses,
-            "worker_pids": {str(kind): self.engine.pool.pids(kind) for kind in WorkerKind},
+            "displaced": engine.displaced,
+            "cache_bytes": engine.cache_bytes,
+            "cache_limit": engine.cache_limit,
+            "cache_hits": engine.cache_hits,
+            "cache_misses": engine.cache_misses,
+            "worker_pids": engine.worker_pids,
         }
 
     def _handle(self, request: dict[str, Any], send: Any) -> dict[str, Any]:
@@ -389,11 +365,11 @@ class Service:
             self.volume.refresh()
             old = self.volume.meta.size
             if new_size > old:
-                self.volume.update(lambda meta: replace(meta, size=new_size))
+                self.volume.grow(new_size)  # its rules, volume.json first (M1)
                 self.engine.grow(new_size)
             return {"done": True, "old_size": old, "size": new_size}
         except CloudnbdError as exc:
-            return {"error": exc.message}
+            return {"error": exc.message, "exit_code": exc.exit_code}
         finally:
             self.volume.store.idle()
 
@@ -402,7 +378,7 @@ class Service:
         """Stop serving, upload everything, release the lease. Safe to call once."""
         if not self._closing.acquire(blocking=False):
             return {"error": "already closing"}
-        assert self.engine is not None
+        assert self.engine is not None and self.server is not None
         try:
             self.server.shutdown()
             total = max(self.engine.backlog()[0], 1)
@@ -425,7 +401,7 @@ class Service:
                                  f"at {self.cache_dir} and the next open resumes uploading",
                         "exit_code": exc.exit_code}
             self.engine.stop(clean=True)
-            runtime.check_head(self.volume.meta.volume_id, self.engine.head.generation)
+            freshness.check_head(self.volume.meta.volume_id, self.engine.head.generation)
             if self.lease is not None:
                 self.lease.release()
             return {"done": True}

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cloudnbd import layout, runtime
+from cloudnbd import freshness, layout
 from cloudnbd.chunks import chunk_key
 from cloudnbd.errors import CloudnbdError, IntegrityError, UsageError
 from cloudnbd.layout import Head
@@ -275,7 +275,7 @@ def _switch(vol: Volume, writer: ImageWriter, head: Head, version: str, threads:
     record size in volume.json if given, and delete what the head no longer names (R4)."""
     key = vol.meta.head
     new = writer.write_head(key, head.generation + 1, version, threads)
-    runtime.check_head(vol.meta.volume_id, new.generation)
+    freshness.check_head(vol.meta.volume_id, new.generation)
     if size is not None:
         vol.update(lambda meta: replace(meta, size=size))
     collect(vol.store, writer.named(key))

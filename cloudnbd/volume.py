@@ -165,6 +165,18 @@ def check_chunk_size(chunk_size: int) -> None:
                          f"{MIN_CHUNK_SIZE // 1024} KiB and {MAX_CHUNK_SIZE // 2**20} MiB")
 
 
+def check_geometry(size: int, chunk_size: int) -> None:
+    """Refuse a volume cloudnbd could not serve: the one rule of init, resize and a grow
+    through the running server. UsageError unless size (rounded already, round_size)
+    is one NBD can address and chunk_size one of the allowed, and the chunks fit in
+    memory at open (MAX_CHUNKS)."""
+    check_size(size)
+    check_chunk_size(chunk_size)
+    check_chunk_count(size, chunk_size)
+    if size % SIZE_ALIGNMENT:
+        raise UsageError(f"volume size must be a multiple of {SIZE_ALIGNMENT}")
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -457,40 +469,6 @@ class Volume:
         """The volume's chunks (cloudnbd/chunks.py)."""
         return ChunkStore(self.store, self.chunk_codec)
 
-    def read_chunk(self, index: int) -> bytes | None:
-        """The plain contents of chunk index, or None if it is not stored (all zeros).
-        Version 3: as the head names it now (reader.Image; one head read per call)."""
-        if self.meta.version >= LAYOUT_V3:
-            from cloudnbd.reader import Image  # the reader is built on this module
-
-            return Image(self).chunk(index)
-        return self.chunks.get(index).plain
-
-    def write_chunk(self, index: int, plain: bytes, epoch: int | None = None) -> None:
-        """Store chunk index. Versions 1 and 2: over its current object
-        (chunks.ChunkStore.replace). Version 3: committed under a new head by
-        offline.commit_chunks, with stamps of epoch: the caller plays a writer that holds
-        the lease at it. Default: the lease is taken (purpose "import") for the write, so
-        that every call has an epoch of its own and its stamps are unique; if it is held,
-        one above the holder's (the caller plays the holder's successor, once)."""
-        if self.meta.version >= LAYOUT_V3:
-            from cloudnbd import lease, offline
-
-            if epoch is not None:
-                offline.commit_chunks(self, epoch, {index: plain})
-                return
-            found = lease.holder(self.store)
-            if found is not None:
-                offline.commit_chunks(self, found.epoch + 1, {index: plain})
-                return
-            held = lease.acquire(self.store, "import")
-            try:
-                offline.commit_chunks(self, held.epoch, {index: plain})
-            finally:
-                held.release()
-            return
-        self.chunks.replace(index, plain)
-
     def stored_chunks(self) -> Iterator[tuple[int, ObjectInfo]]:
         """(index, object size and version) of every stored chunk, from a listing."""
         return self.chunks.list()
@@ -501,8 +479,7 @@ class Volume:
         changes: past the old end nothing is stored (a shrink drops it, and no writer
         stores past the end), so the new space reads as zeros. Shrinking is
         transfer.shrink()."""
-        check_size(new_size)
-        check_chunk_count(new_size, self.meta.chunk_size)
+        check_geometry(new_size, self.meta.chunk_size)
         if new_size < self.meta.size:
             raise ValueError("grow() makes a volume larger; transfer.shrink() shrinks")
         if new_size != self.meta.size:
@@ -526,11 +503,7 @@ def create(store: ObjectStore, size: int, chunk_size: int, password: str,
     Version 3 (the default) writes its first head (generation 1, nothing stored)
     before volume.json, so that a volume.json never names a head that is not there.
     Versions 1 and 2 are for tests of reading and upgrading old volumes."""
-    check_size(size)
-    check_chunk_size(chunk_size)
-    check_chunk_count(size, chunk_size)
-    if size % SIZE_ALIGNMENT:
-        raise UsageError(f"volume size must be a multiple of {SIZE_ALIGNMENT}")
+    check_geometry(size, chunk_size)
     if not password:
         raise UsageError("the password must not be empty")
     check_location_free(store)

@@ -1345,11 +1345,11 @@ def serve_main(argv: list[str]) -> None:
 
     from cloudnbd.engine.malloc import limit_malloc_retention
     from cloudnbd.nbd.device import MemoryDevice
-    from cloudnbd.nbd.server import NbdServer
+    from cloudnbd.nbd.server import NbdServer, ServerSettings
 
     logging.basicConfig(level=logging.WARNING)
     limit_malloc_retention()
-    server = NbdServer(MemoryDevice(int(argv[1])), unix_path=Path(argv[0]))
+    server = NbdServer(MemoryDevice(int(argv[1])), ServerSettings(unix_path=Path(argv[0])))
     server.start()
     print("ready", flush=True)
     for line in sys.stdin:

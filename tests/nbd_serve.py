@@ -2,8 +2,9 @@
 
 TLS with pre-shared keys needs Python 3.13's ssl module; the NBD layer uses the standard
 library only, so tests run it under such an interpreter even when they run under an
-older one. Usage: python -m tests.nbd_serve '{"size": N, <NbdServer keyword>: ...}'.
-It prints the TCP port it listens on, then serves until its standard input closes.
+older one. Usage: python -m tests.nbd_serve '{"size": N, <ServerSettings field>: ...,
+"tls": {<TlsSettings field>: ...}}'. It prints the TCP port it listens on, then serves
+until its standard input closes.
 """
 
 from __future__ import annotations
@@ -13,18 +14,21 @@ import sys
 from pathlib import Path
 
 from cloudnbd.nbd.device import MemoryDevice
-from cloudnbd.nbd.server import NbdServer
+from cloudnbd.nbd.server import NbdServer, ServerSettings, TlsSettings
 
-_PATHS = ("unix_path", "tls_cert", "tls_key", "tls_ca", "tls_psk")
+_PATHS = ("unix_path", "cert", "key", "ca", "psk")
+
+
+def _paths(fields: dict[str, object]) -> dict[str, object]:
+    return {key: Path(str(value)) if key in _PATHS and value is not None else value
+            for key, value in fields.items()}
 
 
 def main() -> None:
-    settings = json.loads(sys.argv[1])
-    size = settings.pop("size")
-    for key in _PATHS:
-        if settings.get(key) is not None:
-            settings[key] = Path(settings[key])
-    server = NbdServer(MemoryDevice(size), **settings)
+    fields = json.loads(sys.argv[1])
+    size = fields.pop("size")
+    tls = TlsSettings(**_paths(fields.pop("tls", {})))  # type: ignore[arg-type]
+    server = NbdServer(MemoryDevice(size), ServerSettings(**_paths(fields), tls=tls))  # type: ignore[arg-type]
     server.start()
     print(server.port, flush=True)
     sys.stdin.read()

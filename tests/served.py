@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cloudnbd.nbd.device import MemoryDevice
-from cloudnbd.nbd.server import NbdServer
+from cloudnbd.nbd.server import NbdServer, ServerSettings
 
 CLI = [sys.executable, "-m", "cloudnbd"]
 KDF = ["--kdf-cost", "10"]
@@ -160,7 +160,8 @@ def served(tmp_path: Path, password_file: Path) -> Iterator[Served]:
 def memory_server(tmp_path: Path) -> Iterator[tuple[NbdServer, MemoryDevice, str]]:
     """The NBD layer alone over a 64 MiB MemoryDevice, in this process."""
     device = MemoryDevice(64 * 2**20)
-    server = NbdServer(device, unix_path=tmp_path / "mem.sock", description="memory")
+    server = NbdServer(device, ServerSettings(unix_path=tmp_path / "mem.sock"),
+                       description="memory")
     server.start()
     yield server, device, f"nbd+unix:///?socket={tmp_path / 'mem.sock'}"
     threading.Thread(target=server.shutdown, daemon=True).start()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudnbd import volume
+from cloudnbd import offline, volume
 from cloudnbd.password import read_password_file
 from tests.nbdclient import CMD_FLUSH, NbdClient
 from tests.served import KDF, Served, cloudnbd, start
@@ -108,7 +108,7 @@ def _kill_uploader(served: Served) -> None:
 
 
 def _chunk_in_store(env: BackendEnv, location: str, password: Path) -> bytes:
-    stored = volume.unlock(env.store(location), read_password_file(password)).read_chunk(0)
+    stored = offline.read_chunk(volume.unlock(env.store(location), read_password_file(password)), 0)
     return stored if stored is not None else bytes(CHUNK)
 
 

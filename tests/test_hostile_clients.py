@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from cloudnbd.nbd import protocol
 from cloudnbd.nbd.device import MemoryDevice
-from cloudnbd.nbd.server import NbdServer
+from cloudnbd.nbd.server import NbdServer, ServerSettings
 from tests import hostile_harness as h
 from tests import hostile_model as m
 from tests.nbdclient import NbdClient
@@ -57,8 +57,8 @@ class Live:
     loopback without a path), and how to reach it."""
 
     def __init__(self, path: Path | None, **options: object) -> None:
-        self.server = NbdServer(MemoryDevice(SIZE), unix_path=path, port=0,
-                                description="memory", **options)  # type: ignore[arg-type]
+        self.server = NbdServer(MemoryDevice(SIZE), ServerSettings(
+            unix_path=path, port=0, **options), description="memory")  # type: ignore[arg-type]
         self.server.start()
         if path is not None:
             self.connect = h.unix_connector(str(path))

@@ -27,7 +27,7 @@ import pytest
 
 from cloudnbd.nbd import server as server_module
 from cloudnbd.nbd.device import MemoryDevice
-from cloudnbd.nbd.server import MAX_IN_FLIGHT_BYTES, RECV_BUFFER, NbdServer
+from cloudnbd.nbd.server import MAX_IN_FLIGHT_BYTES, RECV_BUFFER, NbdServer, ServerSettings
 from tests.load_harness import LoadSettings, check, run_load
 from tests.nbdclient import CMD_READ, CMD_WRITE, NbdClient
 
@@ -78,7 +78,7 @@ class HeldWrites(MemoryDevice):
 @pytest.fixture
 def held(tmp_path: Path) -> Iterator[tuple[NbdServer, HeldWrites]]:
     device = HeldWrites(256 * 2**20)
-    server = NbdServer(device, unix_path=tmp_path / "held.sock")
+    server = NbdServer(device, ServerSettings(unix_path=tmp_path / "held.sock"))
     server.start()
     yield server, device
     device.gate.set()

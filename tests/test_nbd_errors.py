@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cloudnbd.nbd.device import DeviceError, MemoryDevice
-from cloudnbd.nbd.server import NbdServer
+from cloudnbd.nbd.server import NbdServer, ServerSettings
 from tests import nbdclient as raw
 
 SIZE = 64 * 2**20
@@ -48,7 +48,8 @@ class GatedDevice(MemoryDevice):
 
 def _serve(tmp_path: Path, name: str, device: MemoryDevice, **options: object
            ) -> Iterator[NbdServer]:
-    server = NbdServer(device, unix_path=tmp_path / f"{name}.sock", **options)  # type: ignore[arg-type]
+    server = NbdServer(device, ServerSettings(unix_path=tmp_path / f"{name}.sock",
+                                              **options))  # type: ignore[arg-type]
     server.start()
     yield server
     device.gate.set() if isinstance(device, GatedDevice) else None

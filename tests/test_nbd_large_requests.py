@@ -21,7 +21,13 @@ from pathlib import Path
 import pytest
 
 from cloudnbd.nbd.device import DeviceError, MemoryDevice
-from cloudnbd.nbd.server import MAX_IN_FLIGHT_BYTES, RECV_BUFFER, STREAM_PIECE, NbdServer
+from cloudnbd.nbd.server import (
+    MAX_IN_FLIGHT_BYTES,
+    RECV_BUFFER,
+    STREAM_PIECE,
+    NbdServer,
+    ServerSettings,
+)
 from tests import nbdclient as raw
 from tests.served import Served
 
@@ -57,7 +63,7 @@ class FailingPastDevice(MemoryDevice):
 def big_memory(tmp_path: Path) -> Iterator[tuple[NbdServer, FailingPastDevice]]:
     """The NBD layer over a 256 MiB MemoryDevice whose last 16 MiB fail."""
     device = FailingPastDevice(256 * MiB, 240 * MiB)
-    server = NbdServer(device, unix_path=tmp_path / "big.sock", port=None)
+    server = NbdServer(device, ServerSettings(unix_path=tmp_path / "big.sock", port=None))
     server.start()
     yield server, device
     threading.Thread(target=server.shutdown, daemon=True).start()

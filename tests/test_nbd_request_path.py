@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cloudnbd.nbd.device import DeviceError, MemoryDevice
-from cloudnbd.nbd.server import NbdServer
+from cloudnbd.nbd.server import NbdServer, ServerSettings
 from tests import nbdclient as raw
 
 SIZE = 16 * 2**20
@@ -47,7 +47,7 @@ class Recording(MemoryDevice):
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[raw.NbdClient, Recording]]:
     device = Recording()
-    server = NbdServer(device, unix_path=tmp_path / "rec.sock", port=None)
+    server = NbdServer(device, ServerSettings(unix_path=tmp_path / "rec.sock", port=None))
     server.start()
     client = raw.NbdClient.unix(str(server.unix_path))
     client.sock.settimeout(30)

@@ -23,7 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cloudnbd.nbd.device import MemoryDevice
-from cloudnbd.nbd.server import PSK_SUPPORTED, NbdServer, read_psk_file
+from cloudnbd.nbd.server import (
+    PSK_SUPPORTED,
+    NbdServer,
+    ServerSettings,
+    TlsSettings,
+    read_psk_file,
+)
 from tests import nbdclient as raw
 from tests.served import KDF, cloudnbd
 
@@ -81,9 +87,10 @@ def pki(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tls_server(tmp_path: Path, pki: Path) -> Iterator[NbdServer]:
-    server = NbdServer(MemoryDevice(16 * 2**20), unix_path=tmp_path / "tls.sock",
-                       tls="require", tls_cert=pki / "server-cert.pem",
-                       tls_key=pki / "server-key.pem", tls_ca=pki / "ca-cert.pem")
+    tls = TlsSettings("require", cert=pki / "server-cert.pem", key=pki / "server-key.pem",
+                      ca=pki / "ca-cert.pem")
+    server = NbdServer(MemoryDevice(16 * 2**20),
+                       ServerSettings(unix_path=tmp_path / "tls.sock", tls=tls))
     server.start()
     yield server
     server.shutdown(timeout=10)
@@ -132,9 +139,9 @@ def _round_trip(uri: str, tmp_path: Path, *options: str) -> None:
 
 @pytest.fixture
 def tls_tcp_server(pki: Path) -> Iterator[NbdServer]:
-    server = NbdServer(MemoryDevice(SIZE), host="127.0.0.1", port=0, tls="require",
-                       tls_cert=pki / "server-cert.pem", tls_key=pki / "server-key.pem",
-                       tls_ca=pki / "ca-cert.pem")
+    tls = TlsSettings("require", cert=pki / "server-cert.pem", key=pki / "server-key.pem",
+                      ca=pki / "ca-cert.pem")
+    server = NbdServer(MemoryDevice(SIZE), ServerSettings(host="127.0.0.1", port=0, tls=tls))
     server.start()
     yield server
     server.shutdown(timeout=10)
@@ -206,8 +213,8 @@ def _psk_file(path: Path, **keys: bytes) -> Path:
 def test_pre_shared_keys_over_tcp(tmp_path: Path) -> None:
     alice, carol = os.urandom(32), os.urandom(32)
     keys = _psk_file(tmp_path / "keys.psk", alice=alice, carol=carol)
-    with _served_elsewhere(_psk_python(), host="127.0.0.1", port=0, tls="require",
-                           tls_psk=str(keys)) as port:
+    with _served_elsewhere(_psk_python(), host="127.0.0.1", port=0,
+                           tls={"mode": "require", "psk": str(keys)}) as port:
         def nbdinfo(user: str, psk_file: Path) -> subprocess.CompletedProcess[str]:
             return subprocess.run(["nbdinfo", f"nbds://{user}@127.0.0.1:{port}/"
                                    f"?tls-psk-file={psk_file}"],

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudnbd import layout, lease, volume
+from cloudnbd import layout, lease, offline, volume
 from cloudnbd.backends.base import ObjectStore
 from cloudnbd.backends.file import FileStore
 from cloudnbd.chunks import chunk_key, stored_chunks
@@ -412,7 +412,7 @@ def old_volume(store: ObjectStore, chunks: dict[int, bytes], size: int = 16 * CH
     """A volume of format version 1 (as cloudnbd before version 3 made it) at store."""
     vol = volume.create(store, size, CHUNK, PASSWORD, FAST, version=1)
     for index, data in chunks.items():
-        vol.write_chunk(index, data)
+        offline.write_chunk(vol, index, data)
     return vol
 
 
@@ -485,7 +485,7 @@ def test_an_interrupted_upgrade_resumes_and_adopts_only_what_still_holds(
     assert broken.chunk_puts == 10
     # meanwhile an older cloudnbd wrote chunk 3 (the volume was still version 1)
     chunks[3] = os.urandom(CHUNK)
-    vol.write_chunk(3, chunks[3])
+    offline.write_chunk(vol, 3, chunks[3])
 
     again = _Interrupted(root)
     again.fail = "delete"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cloudnbd import volume
+from cloudnbd import offline, volume
 from cloudnbd.password import read_password_file
 from tests.nbdclient import NbdClient
 from tests.served import KDF, Served, cloudnbd, start
@@ -34,7 +34,7 @@ def _machine(env: BackendEnv, tmp: Path, location: str, password: Path, cache: P
 def _stored(env: BackendEnv, location: str, password: Path, index: int) -> bytes:
     """Chunk index as the store holds it, read behind the servers' backs."""
     vol = volume.unlock(env.store(location), read_password_file(password))
-    return vol.read_chunk(index) or bytes(CHUNK)
+    return offline.read_chunk(vol, index) or bytes(CHUNK)
 
 
 def _session(served: Served) -> NbdClient:

@@ -109,6 +109,25 @@ def test_resize_past_the_chunk_limit_is_refused(
     assert volume.read_metadata(FileStore(Path(made)))[0].size == 64 * 2**20
 
 
+def test_growing_an_open_volume_past_the_chunk_limit_is_refused(
+        location: str, password_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The same rule when the running server grows the volume: 64 KiB chunks hold at
+    most 16 TiB, and the server must not grow its per-chunk state past MAX_CHUNKS."""
+    code, _, err = run(capsys, "init", "file", location, "64MiB", "--chunk-size", "64KiB",
+                       "--password-file", str(password_file), *KDF)
+    assert code == 0, err
+    served = start(tmp_path, "file", location, password_file)
+    try:
+        result = served.cli("resize", "17TiB", "--cache", str(served.cache),
+                            "--password-file", str(password_file), check=False)
+        assert_one_line_error((result.returncode, result.stdout, result.stderr), 2,
+                              "16 TiB")
+        assert volume.read_metadata(FileStore(Path(location)))[0].size == 64 * 2**20
+    finally:
+        served.close()
+
+
 # -- what the commands print ---------------------------------------------------------------
 
 @pytest.mark.unit
@@ -230,8 +249,11 @@ def test_man_finds_the_page_where_pip_installs_it(tmp_path: Path) -> None:
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".*", "build", "demo", "tests", "bench", "__pycache__", "*.egg-info"))
     prefix = tmp_path / "prefix"
+    # --ignore-installed: without it pip uninstalls the cloudnbd the tests run (the
+    # editable install in .venv) before installing into the prefix
     built = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                            "--no-build-isolation", "--no-index", "--prefix", str(prefix),
+                            "--ignore-installed", "--no-build-isolation", "--no-index",
+                            "--prefix", str(prefix),
                             str(source)], capture_output=True, text=True, timeout=600,
                            cwd=tmp_path)
     assert built.returncode == 0, built.stderr

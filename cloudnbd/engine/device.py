@@ -74,13 +74,10 @@ from cloudnbd.engine.workers import (
 )
 from cloudnbd.errors import CloudUnreachable, Displaced, IntegrityError
 from cloudnbd.layout import Entry, Head, JChunk, JournalRef, JWrite, JZero, Record
-from cloudnbd.metrics import Metrics
-from cloudnbd.nbd.device import BlockDevice, DeviceError
+from cloudnbd.nbd.device import UNALLOCATED, BlockDevice, DeviceError
 
 log = logging.getLogger(__name__)
 
-HOLE = 1
-ZERO_FLAG = 2
 
 #: Seconds workers get to finish at an unclean stop before they are killed.
 UNCLEAN_STOP_GRACE = 2.0
@@ -139,6 +136,11 @@ class _Upload:
     segments: set[int]
 
 
+#: called with (kind, seconds) for each chunk uploaded or fetched: the time its worker
+#: spent on it (the service wires the metrics' histograms here)
+TransferHook = Callable[[WorkerKind, float], None]
+
+
 @dataclass
 class _Commit:
     """A commit in flight: its journal object (or pages), then the head (E5)."""
@@ -180,13 +182,31 @@ class EngineStats:
     garbage_deleted: int = 0
 
 
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine at one moment: what `cloudnbd status` and the Prometheus metrics both
+    render (service.py, metrics.py), so the two cannot disagree."""
+
+    dirty_bytes: int  # written but not yet in the cloud
+    dirty_chunks: int
+    oldest_dirty_seconds: float  # age of the oldest write not yet in the cloud
+    journal_disk_bytes: int
+    cache_bytes: int  # clean chunks cached
+    cache_limit: int
+    cache_hits: int
+    cache_misses: int
+    stats: EngineStats  # a copy
+    displaced: str | None  # who took the volume over (F3)
+    worker_pids: dict[str, list[int]]  # by WorkerKind
+
+
 class Engine(BlockDevice):
     """Write-back block device over the journal, the clean cache and the worker pool."""
 
     def __init__(self, size: int, chunk_size: int, cache_dir: Path, cloud: CloudState,
                  settings: EngineSettings,
                  make_pool: Callable[[Callable[[WorkerKind, Result], None]], WorkerPool],
-                 metrics: Metrics | None = None) -> None:
+                 on_transfer: TransferHook | None = None) -> None:
         self._size = size
         self.chunk_size = chunk_size
         self.cache_dir = cache_dir
@@ -200,7 +220,7 @@ class Engine(BlockDevice):
         self._clean_opened = False  # a start that failed before leaves it untouched
         self.pool = make_pool(self._on_result)
         self.stats = EngineStats()
-        self.metrics = metrics
+        self.on_transfer = on_transfer
         self._cond = threading.Condition(threading.Lock())
         self.dirty: dict[int, ChunkExtents] = {}
         self._last_write: dict[int, float] = {}
@@ -670,7 +690,7 @@ class Engine(BlockDevice):
                 index, within = divmod(pos, cs)
                 n = min(cs - within, end - pos)
                 stored = self._stamp_of(index) or index in self.dirty
-                flags = 0 if stored else HOLE | ZERO_FLAG
+                flags = 0 if stored else UNALLOCATED
                 if found and found[-1][1] == flags:
                     found[-1] = (found[-1][0] + n, flags)
                 else:
@@ -783,8 +803,8 @@ class Engine(BlockDevice):
             log.warning("upload of chunk %d failed: %s", index, result.error)
             return
         self._retry_at.pop(index, None)
-        if self.metrics is not None:
-            self.metrics.upload_seconds.observe(result.seconds)
+        if self.on_transfer is not None:
+            self.on_transfer(WorkerKind.UPLOAD, result.seconds)
         stamp = upload.task.stamp if result.outcome == Outcome.STORED else 0
         self._pending[index] = (stamp, upload.task.seq, time.monotonic())  # E4: until named
         if stamp:
@@ -806,8 +826,8 @@ class Engine(BlockDevice):
     def _account_fetch_locked(self, result: Result, waiter: _Fetch) -> None:
         self.stats.retries += result.retries
         if result.outcome == Outcome.CACHED:
-            if self.metrics is not None:
-                self.metrics.fetch_seconds.observe(result.seconds)
+            if self.on_transfer is not None:
+                self.on_transfer(WorkerKind.FETCH, result.seconds)
             self.clean.added(result.index, result.size, result.version)
             self.stats.fetches += 1
             self.stats.gets += 1
@@ -1117,6 +1137,15 @@ class Engine(BlockDevice):
             self._gc_busy = False
 
     # -- status ----------------------------------------------------------------------------
+    def snapshot(self) -> EngineSnapshot:
+        """What the engine is doing now, for status and metrics."""
+        dirty_bytes, dirty_chunks, oldest = self.backlog()
+        clean = self.clean
+        return EngineSnapshot(
+            dirty_bytes, dirty_chunks, oldest, self.journal.bytes_on_disk, clean.bytes,
+            clean.max_bytes, clean.hits, clean.misses, replace(self.stats), self.displaced,
+            {str(kind): self.pool.pids(kind) for kind in WorkerKind})
+
     def backlog(self) -> tuple[int, int, float]:
         """(dirty bytes, dirty chunks, age in seconds of the oldest dirty chunk)."""
         with self._cond:

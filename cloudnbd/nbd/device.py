@@ -12,8 +12,11 @@ import errno
 import threading
 from abc import ABC, abstractmethod
 
-HOLE = 1
-ZERO = 2
+from cloudnbd.nbd.protocol import BlockState
+
+#: the flags of a range that was never written (or was discarded): a hole reading as
+#: zeros; a plain int, as devices compute extents in loops
+UNALLOCATED = int(BlockState.HOLE | BlockState.ZERO)
 
 
 class DeviceError(Exception):
@@ -77,7 +80,8 @@ class BlockDevice(ABC):
         self.zero(offset, length, fua, may_trim=True)
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """(length, HOLE|ZERO flags) runs covering [offset, offset+length)."""
+        """(length, BlockState flags) runs covering [offset, offset+length): 0 for data,
+        UNALLOCATED for what reads as zeros without being stored."""
         return [(length, 0)]
 
     def cache(self, offset: int, length: int) -> None:  # noqa: B027 - a hint, may be ignored
@@ -141,7 +145,7 @@ class MemoryDevice(BlockDevice):
         runs: list[tuple[int, int]] = []
         with self._lock:
             for page, _, n, _ in self._span(offset, length):
-                flags = 0 if page in self._pages else HOLE | ZERO
+                flags = 0 if page in self._pages else UNALLOCATED
                 if runs and runs[-1][1] == flags:
                     runs[-1] = (runs[-1][0] + n, flags)
                 else:

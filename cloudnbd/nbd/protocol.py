@@ -140,8 +140,13 @@ WIRE_ERRNOS = frozenset({EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP,
 
 BASE_ALLOCATION = "base:allocation"
 BASE_ALLOCATION_ID = 1
-STATE_HOLE = 1
-STATE_ZERO = 2
+
+
+class BlockState(IntFlag):
+    """The flags of an extent in the base:allocation context (NBD_STATE_*)."""
+
+    HOLE = 1 << 0
+    ZERO = 1 << 1
 
 
 def option_reply(option: int, reply: int, data: bytes = b"") -> bytes:

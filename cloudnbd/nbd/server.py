@@ -65,7 +65,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudnbd.nbd import protocol as p
@@ -103,7 +103,7 @@ FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = (
 _ALLOWED_FLAGS = {int(c): int(f) for c, f in p.ALLOWED_FLAGS.items() if c != p.Command.DISC}
 _MODIFYING = frozenset((WRITE, TRIM, WRITE_ZEROES))
 _READS = frozenset((READ, CACHE, BLOCK_STATUS))
-_COMMAND_NAMES = {int(c): c.name.lower() for c in p.Command}  # metrics labels
+_STATES = int(p.BlockState.HOLE | p.BlockState.ZERO)  # what base:allocation may report
 _REQUEST_BYTES = p.REQUEST.size
 _OFFSET = struct.Struct(">Q")
 MAX_CONNECTIONS = 128
@@ -112,7 +112,9 @@ HANDSHAKE_TIMEOUT = 30.0
 #: how long the listener waits before accepting again after running out of descriptors
 ACCEPT_BACKOFF = 0.1
 
-RequestHook = Callable[[str, float], None]
+#: called with (command, seconds) for each request answered; the command is a
+#: protocol.Command value, as a plain int
+RequestHook = Callable[[int, float], None]
 
 
 class _Disconnect(Exception):
@@ -202,6 +204,30 @@ class TlsSettings:
         return context
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where and how to serve the export. The layers above fill it (cli.py from the
+    command line and config files, through service.ServeSettings; tests directly) and
+    NbdServer takes it whole."""
+
+    export_name: str = ""
+    host: str = "127.0.0.1"
+    port: int | None = 10809  # 0: any free port; no TCP listener when unix_path is set
+    unix_path: Path | None = None
+    read_only: bool = False  # the export is read-only with this or a read-only device
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    max_connections: int = MAX_CONNECTIONS
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT
+
+
+@dataclass(frozen=True)
+class ServerSnapshot:
+    """The server at one moment, for `cloudnbd status` and the metrics."""
+
+    connections: int  # open now
+    connections_accepted: int  # since start
+
+
 def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None
                ) -> None:
     """Fill view; with a deadline (time.monotonic()), time out when it passes."""
@@ -278,7 +304,7 @@ def stale_socket(path: Path) -> bool:
 
 def _failure(command: int, offset: int, length: int, exc: Exception) -> tuple[int, str]:
     """(errno, message) to answer a request whose device call raised exc; logged."""
-    name = _COMMAND_NAMES.get(command, str(command)).upper()
+    name = p.Command(command).name  # check() let only known commands through
     if isinstance(exc, DeviceError):
         log.warning("%s at %d+%d failed: %s", name, offset, length, exc)
         return (exc.errno if exc.errno in p.WIRE_ERRNOS else p.EIO), str(exc)
@@ -289,26 +315,19 @@ def _failure(command: int, offset: int, length: int, exc: Exception) -> tuple[in
 class NbdServer:
     """Serves one BlockDevice as one export over TCP and/or a Unix socket."""
 
-    def __init__(self, device: BlockDevice, export_name: str = "", host: str = "127.0.0.1",
-                 port: int | None = 10809, unix_path: Path | None = None,
-                 read_only: bool = False, tls: str = "off", tls_cert: Path | None = None,
-                 tls_key: Path | None = None, tls_ca: Path | None = None,
-                 tls_psk: Path | None = None, description: str = "",
-                 on_request: RequestHook | None = None,
-                 max_connections: int = MAX_CONNECTIONS,
-                 handshake_timeout: float | None = HANDSHAKE_TIMEOUT) -> None:
+    def __init__(self, device: BlockDevice, settings: ServerSettings, description: str = "",
+                 on_request: RequestHook | None = None) -> None:
         self.device = device
-        self.export_name = export_name
-        self.host = host
-        self.port = None if unix_path is not None else port
-        self.unix_path = unix_path
-        self.read_only = read_only or device.read_only
-        self.tls = TlsSettings(tls, tls_cert, tls_key, tls_ca, tls_psk)
-        self.tls_context = self.tls.context()
+        self.settings = settings
+        #: the TCP port listened on (known once started, when settings.port is 0); None
+        #: when serving on a Unix socket
+        self.port = None if settings.unix_path is not None else settings.port
+        self.unix_path = settings.unix_path
+        self.read_only = settings.read_only or device.read_only
+        self.tls = settings.tls
+        self.tls_context = settings.tls.context()
         self.description = description
         self.on_request = on_request
-        self.max_connections = max_connections
-        self.handshake_timeout = handshake_timeout
         self.write_pool = ThreadPoolExecutor(max_workers=WRITE_THREADS,
                                              thread_name_prefix="nbd-write")
         self.read_pool = ThreadPoolExecutor(max_workers=READ_THREADS,
@@ -349,6 +368,10 @@ class NbdServer:
         with self._lock:
             return len(self._connections)
 
+    def snapshot(self) -> ServerSnapshot:
+        with self._lock:
+            return ServerSnapshot(len(self._connections), self.connections_accepted)
+
     # -- listening -------------------------------------------------------------------------
     def start(self) -> None:
         """Bind and start accepting in background threads."""
@@ -364,27 +387,29 @@ class NbdServer:
             self._listen(sock)
         if self.port is not None:
             self._warn_if_exposed()
-            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            host = self.settings.host
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((self.host, self.port))
+                sock.bind((host, self.port))
             except OSError as exc:
                 sock.close()
                 raise DeviceError(exc.errno or errno.EADDRINUSE,
-                                  f"cannot listen on {self.host}:{self.port}: "
+                                  f"cannot listen on {host}:{self.port}: "
                                   f"{exc.strerror}") from None
             self.port = sock.getsockname()[1]
             self._listen(sock)
 
     def _warn_if_exposed(self) -> None:
+        host = self.settings.host
         try:
-            loopback = ipaddress.ip_address(self.host).is_loopback
+            loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
-            loopback = self.host == "localhost"
+            loopback = host == "localhost"
         if not loopback and self.tls.mode != "require":
             log.warning("serving on %s without required TLS: anyone who can reach this "
-                        "address can read and write the volume", self.host)
+                        "address can read and write the volume", host)
 
     def _listen(self, sock: socket.socket) -> None:
         sock.listen(64)
@@ -417,18 +442,18 @@ class NbdServer:
 
     def _admit(self, sock: socket.socket) -> None:
         with self._lock:
-            full = len(self._connections) >= self.max_connections
+            full = len(self._connections) >= self.settings.max_connections
             if full:
                 self.connections_refused += 1
         if full:
             if self.connections_refused == 1 or self.connections_refused % 1000 == 0:
                 log.warning("refusing connections: %d open already (%d refused so far)",
-                            self.max_connections, self.connections_refused)
+                            self.settings.max_connections, self.connections_refused)
             sock.close()
             return
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.handshake_timeout)
+        sock.settimeout(self.settings.handshake_timeout)
         connection = _Connection(self, sock)
         with self._lock:
             self._connections.add(connection)
@@ -695,7 +720,7 @@ class _Connection:
     def handshake(self) -> bool:
         """Negotiate options; True when the client entered transmission. The whole
         negotiation must end within the server's handshake_timeout."""
-        timeout = self.server.handshake_timeout
+        timeout = self.server.settings.handshake_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         flags = p.HandshakeFlag.FIXED_NEWSTYLE | p.HandshakeFlag.NO_ZEROES
         self.send_blocking(p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, flags))
@@ -732,7 +757,7 @@ class _Connection:
             if option == p.Option.EXPORT_NAME:
                 # no error reply exists for EXPORT_NAME: any failure ends the session
                 name = data.decode("utf-8", errors="replace")
-                if name != server.export_name:
+                if name != server.settings.export_name:
                     raise _Disconnect(f"unknown export {name!r}")
                 zeroes = b"" if self.no_zeroes else bytes(124)
                 self.send_blocking(p.EXPORT_NAME_REPLY.pack(
@@ -746,7 +771,7 @@ class _Connection:
                     self.option_reply(option, p.Reply.ERR_INVALID, b"LIST takes no data")
                     return False
                 self.option_reply(option, p.Reply.SERVER,
-                           p.server_entry(server.export_name, server.description))
+                           p.server_entry(server.settings.export_name, server.description))
                 self.option_reply(option, p.Reply.ACK)
                 return False
             if option == p.Option.STARTTLS:
@@ -792,7 +817,7 @@ class _Connection:
     def info_or_go(self, option: int, data: bytes) -> bool:
         name, requests = p.parse_info_request(data)
         server = self.server
-        if name != server.export_name:
+        if name != server.settings.export_name:
             self.option_reply(option, p.Reply.ERR_UNKNOWN, f"no export {name!r}".encode())
             return False
         device = server.device
@@ -800,7 +825,7 @@ class _Connection:
                           p.info_export(device.size, server.transmission_flags))
         for info in set(requests):
             if info == p.Info.NAME:
-                self.option_reply(option, p.Reply.INFO, p.info_name(server.export_name))
+                self.option_reply(option, p.Reply.INFO, p.info_name(server.settings.export_name))
             elif info == p.Info.DESCRIPTION:
                 self.option_reply(option, p.Reply.INFO, p.info_description(server.description))
             elif info == p.Info.BLOCK_SIZE:
@@ -819,7 +844,7 @@ class _Connection:
         if option == p.Option.SET_META_CONTEXT and not self.structured:
             self.option_reply(option, p.Reply.ERR_INVALID, b"structured replies first")
             return
-        if name != self.server.export_name:
+        if name != self.server.settings.export_name:
             self.option_reply(option, p.Reply.ERR_UNKNOWN, f"no export {name!r}".encode())
             return
         listing = option == p.Option.LIST_META_CONTEXT
@@ -1128,7 +1153,7 @@ class _Connection:
     def _observe(self, command: int, started: float) -> None:
         hook = self.server.on_request
         if hook is not None:
-            hook(_COMMAND_NAMES[command], time.monotonic() - started)
+            hook(command, time.monotonic() - started)
 
     def _read_reply(self, handle: int, offset: int, buf: bytearray) -> tuple[Part, ...]:
         if self.structured:
@@ -1163,8 +1188,7 @@ class _Connection:
 
     def block_status(self, handle: int, flags: int, offset: int, length: int
                      ) -> tuple[bytes, bytes]:
-        extents = [(n, f & (p.STATE_HOLE | p.STATE_ZERO))
-                   for n, f in self.device.extents(offset, length) if n > 0]
+        extents = [(n, f & _STATES) for n, f in self.device.extents(offset, length) if n > 0]
         if not extents:
             extents = [(length, 0)]
         if flags & REQ_ONE:
@@ -1182,7 +1206,7 @@ def main() -> None:
     from cloudnbd.nbd.device import MemoryDevice
 
     size, port = int(sys.argv[1]), int(sys.argv[2])
-    server = NbdServer(MemoryDevice(size), port=port)
+    server = NbdServer(MemoryDevice(size), ServerSettings(port=port))
     server.start()
     threading.Event().wait()
 
