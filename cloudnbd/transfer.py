@@ -187,7 +187,8 @@ def export(vol: Volume, target: Path, threads: int = 8, progress: ProgressFn | N
             written = current(vol, from_head)
         else:
             stored = sorted(i for i, _ in vol.stored_chunks() if i < vol.meta.chunk_count)
-            written = _write_out(vol, stored, vol.read_chunk, fd, device, threads, progress)
+            written = _write_out(vol, stored, lambda i: vol.chunks.get(i).plain, fd, device,
+                                 threads, progress)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -98,18 +98,20 @@ def test_a_new_volume_gets_a_calibrated_argon2id_slot(store: FileStore) -> None:
     vol = volume.create(store, 4 * CHUNK, CHUNK, "pw")
     [slot] = vol.meta.slots
     assert isinstance(slot.kdf, Argon2idParams) and kdf.weakness(slot.kdf) is None
-    assert json.loads(store.get(volume.METADATA_KEY))["version"] == 2
+    assert json.loads(store.get(volume.METADATA_KEY))["version"] == 3
     assert volume.unlock(store, "pw").keys == vol.keys
 
 
 def test_scrypt_slots_still_open_and_a_password_change_upgrades_only_that_slot(
         store: FileStore) -> None:
-    vol = volume.create(store, 4 * CHUNK, CHUNK, "first", ScryptParams(n=2**10))
+    vol = volume.create(store, 4 * CHUNK, CHUNK, "first", ScryptParams(n=2**10), version=1)
     vol.add_password("second", ScryptParams(n=2**10))
     assert json.loads(store.get(volume.METADATA_KEY))["version"] == 1
     assert volume.unlock(store, "second").keys == vol.keys
     volume.unlock(store, "first").change_password("first", "renewed", TINY)
     assert [s["kdf"] for s in _slots(store)] == ["argon2id", "scrypt"]
+    # an Argon2id slot needs version 2 (older readers would misread it)
+    assert json.loads(store.get(volume.METADATA_KEY))["version"] == 2
     assert volume.unlock(store, "renewed").keys == vol.keys
     assert volume.unlock(store, "second").keys == vol.keys
 
@@ -155,7 +157,7 @@ def test_passwd_upgrades_a_scrypt_slot_to_calibrated_argon2id(tmp_path: Path) ->
     info = json.loads(cloudnbd("info", "file", str(location), "--password-file", str(new),
                                "--json").stdout)
     [slot] = info["key_slots"]
-    assert slot["kdf"] == "argon2id" and info["format_version"] == 2
+    assert slot["kdf"] == "argon2id" and info["format_version"] == 3
     assert kdf.weakness(Argon2idParams(slot["memory_kib"], slot["iterations"],
                                        slot["lanes"])) is None
 
