@@ -611,13 +611,18 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"location:      {status['location']} (pid {status['pid']})")
     print(f"connections:   {status['connections']}")
     print(f"backlog:       {format_size(status['dirty_bytes'])} in "
-          f"{status['dirty_chunks']} chunks, oldest {status['oldest_dirty_seconds']:.1f}s")
+          f"{status['dirty_chunks']} chunks, oldest {status['oldest_dirty_seconds']:.1f}s "
+          f"(not yet durable)")
+    objects = status["store_journal_objects"]
+    print(f"store journal: {format_size(status['store_journal_bytes'])} in {objects} "
+          f"object{'' if objects == 1 else 's'} (durable; a checkpoint folds them "
+          f"into chunks), head generation {status['head_generation']}")
     print(f"upload rate:   {format_size(int(status['upload_rate']))}/s sent "
           f"({format_size(int(status['upload_plain_rate']))}/s of data), "
           f"over the last {status['rate_window']:.0f}s")
     print(f"download rate: {format_size(int(status['download_rate']))}/s received")
     print(f"uploaded:      {format_size(status['uploaded_bytes'])} "
-          f"({format_size(status['uploaded_wire_bytes'])} sent), "
+          f"({format_size(status['sent_wire_bytes'])} sent), "
           f"downloaded {format_size(status['fetched_wire_bytes'])}")
     print(f"cache:         {format_size(status['cache_bytes'])} of "
           f"{format_size(status['cache_limit'])}, {status['cache_hits']} hits, "

@@ -110,28 +110,49 @@ class _SnapshotCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         engine = self.engine()
         stats = engine.stats
-        yield _gauge("cloudnbd_backlog_bytes", "Bytes written but not yet in the cloud.",
+        yield _gauge("cloudnbd_backlog_bytes",
+                     "Bytes written but not yet durable in the cloud (no head names them).",
                      engine.dirty_bytes)
-        yield _gauge("cloudnbd_backlog_chunks", "Chunks with data not yet in the cloud.",
+        yield _gauge("cloudnbd_backlog_chunks", "Chunks with writes not yet durable.",
                      engine.dirty_chunks)
         yield _gauge("cloudnbd_backlog_oldest_age_seconds",
-                     "Age of the oldest write not yet in the cloud.",
+                     "Age of the oldest write not yet durable.",
                      engine.oldest_dirty_seconds)
+        yield _gauge("cloudnbd_store_journal_objects",
+                     "Journal objects in the store not yet folded into chunk objects.",
+                     engine.store_journal_objects)
+        yield _gauge("cloudnbd_store_journal_bytes",
+                     "Bytes of the store's journal objects not yet folded.",
+                     engine.store_journal_bytes)
+        yield _gauge("cloudnbd_head_generation", "Generation of the volume's head.",
+                     engine.head_generation)
+        yield _counter("cloudnbd_commits", "Commits (a head naming new writes) done.",
+                       stats.commits)
+        yield _counter("cloudnbd_checkpoints",
+                       "Checkpoints done (the store's journal folded into chunks).",
+                       stats.checkpoints)
         yield _gauge("cloudnbd_journal_disk_bytes", "Bytes the local journal occupies.",
                      engine.journal_disk_bytes)
         yield _counters("cloudnbd_cloud_requests",
-                        "Chunk requests to the object store that were answered, by kind "
+                        "Object-store requests of the engine that were answered, by kind "
                         "(not counting retries, nor the few metadata and lease requests of "
                         "open and close).",
-                        "kind", {"put": stats.uploads, "delete": stats.deletes,
-                                 "get": stats.gets})
+                        "kind", {"put": stats.uploads + stats.journal_objects
+                                 + stats.page_puts + stats.head_puts,
+                                 "delete": stats.garbage_deleted, "get": stats.gets})
+        yield _counters("cloudnbd_cloud_objects_written",
+                        "Objects written to the store, by family.",
+                        "family", {"chunk": stats.uploads,
+                                   "journal": stats.journal_objects,
+                                   "map": stats.page_puts, "head": stats.head_puts})
         yield _counters("cloudnbd_cloud_bytes",
-                        "Chunk object bytes sent to and received from the object store.",
-                        "direction", {"sent": stats.upload_wire_bytes,
+                        "Object bytes sent to and received from the object store.",
+                        "direction", {"sent": stats.sent_wire_bytes,
                                       "received": stats.fetch_wire_bytes})
         yield _counters("cloudnbd_cloud_errors",
-                        "Chunk transfers that failed after all retries.",
-                        "kind", {"upload": stats.upload_errors, "fetch": stats.fetch_errors})
+                        "Transfers that failed after all retries.",
+                        "kind", {"upload": stats.upload_errors, "fetch": stats.fetch_errors,
+                                 "commit": stats.commit_errors})
         yield _counter("cloudnbd_cloud_retries", "Retried object-store requests.",
                        stats.retries)
         yield _counter("cloudnbd_integrity_errors",

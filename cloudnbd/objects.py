@@ -108,6 +108,10 @@ class VolumeObjects:
         version. PreconditionFailed: another writer replaced it (we are displaced)."""
         return self.store.put_if(key, layout.encode_head(self.keys, head), expected)
 
+    def head_size(self, head: Head) -> int:
+        """The bytes put_head sends for head (its encoding is deterministic)."""
+        return len(layout.encode_head(self.keys, head))
+
     # -- everything --------------------------------------------------------------------------
     def list_own(self) -> Iterator[ObjectInfo]:
         """Every version-3 object of the volume but the head (for garbage collection)."""

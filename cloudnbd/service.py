@@ -269,8 +269,9 @@ class Service:
                                  on_transfer=metrics.observe_transfer if metrics else None)
             self.engine.start()
             stats = self.engine.stats
-            self.rates = RateSampler(lambda: {"sent": stats.upload_wire_bytes,
-                                              "uploaded": stats.upload_bytes,
+            self.rates = RateSampler(lambda: {"sent": stats.sent_wire_bytes,
+                                              "uploaded": stats.upload_bytes
+                                              + stats.journal_bytes,
                                               "received": stats.fetch_wire_bytes})
             self.rates.start()
             self.volume.store.idle()  # the front's own requests are done until close
@@ -323,7 +324,13 @@ class Service:
             "dirty_bytes": engine.dirty_bytes,
             "dirty_chunks": engine.dirty_chunks,
             "oldest_dirty_seconds": engine.oldest_dirty_seconds,
-            "uploaded_bytes": stats.upload_bytes,
+            "store_journal_objects": engine.store_journal_objects,
+            "store_journal_bytes": engine.store_journal_bytes,
+            "head_generation": engine.head_generation,
+            "commits": stats.commits,
+            "checkpoints": stats.checkpoints,
+            "sent_wire_bytes": stats.sent_wire_bytes,
+            "uploaded_bytes": stats.upload_bytes + stats.journal_bytes,
             "uploaded_wire_bytes": stats.upload_wire_bytes,
             "fetched_wire_bytes": stats.fetch_wire_bytes,
             "upload_rate": rates["sent"],
@@ -381,7 +388,7 @@ class Service:
         assert self.engine is not None and self.server is not None
         try:
             self.server.shutdown()
-            total = max(self.engine.backlog()[0], 1)
+            total = max(self.engine.work_left(), 1)
 
             def progress(left: int, chunks: int) -> None:
                 if send is not None:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from cloudnbd.chunks import chunk_key
 from tests.nbdclient import NbdClient
 from tests.served import KDF, cloudnbd, start
 from tests.servers import BackendEnv
@@ -68,7 +67,10 @@ def test_metrics_are_served_and_the_dashboard_queries_only_existing_ones(
         f"promtool: {lint.stdout}{lint.stderr}"
     exposed = set(re.findall(r"^(cloudnbd_[a-z_]+)", text, re.MULTILINE))
     assert 'cloudnbd_nbd_request_duration_seconds_count{command="write"} 1.0' in text
-    assert 'cloudnbd_cloud_requests_total{kind="put"} 1.0' in text
+    # the FLUSH: one journal object, then the head naming it (format 3, E5)
+    assert 'cloudnbd_cloud_objects_written_total{family="journal"} 1.0' in text
+    assert 'cloudnbd_cloud_objects_written_total{family="head"} 1.0' in text
+    assert 'cloudnbd_cloud_requests_total{kind="put"} 2.0' in text
     queried = set()
     for panel in json.loads(DASHBOARD.read_text())["panels"]:
         for target in panel["targets"]:
@@ -92,7 +94,7 @@ def _scrape(port: int) -> dict[str, float]:
 @pytest.mark.parametrize("backend_env", ["s3"], indirect=True)
 def test_transfers_of_every_worker_process_are_counted_once(
         tmp_path: Path, backend_env: BackendEnv, password_file: Path) -> None:
-    """Two uploaders and two fetchers (separate processes) move chunks; the front's
+    """Two uploaders and two fetchers (separate processes) move objects; the front's
     counters must match what the store holds, byte for byte."""
     env, chunk = backend_env, 4 * 2**20
     location = env.new_location()
@@ -103,38 +105,47 @@ def test_transfers_of_every_worker_process_are_counted_once(
     cloudnbd("import", str(seed), env.name, location, *env.cli_args, "--yes",
              "--password-file", str(password_file), env=env.env)
     store = env.store(location)
-    before = {info.key: info.size for info in store.list("chunks/")}
-    assert len(before) == 3
+    before = {info.key: info for info in store.list("")}
     port = _free_port()
+    # no write-back before the FLUSH, no checkpoint: what the FLUSH sends is all there is
     server = start(tmp_path, env.name, location, password_file, "--metrics",
                    f"127.0.0.1:{port}", "--uploaders", "2", "--fetchers", "2",
-                   "--writeback-delay", "0.2", store_args=env.cli_args, env=env.env)
+                   "--writeback-delay", "3600", "--checkpoint-age", "3600",
+                   store_args=env.cli_args, env=env.env)
     try:
         pids = server.status()["worker_pids"]
         assert len(set(pids["upload"]) | set(pids["fetch"])) == 4  # type: ignore[index]
         client = NbdClient.unix(str(server.socket))
         client.pread(chunk, 4096)             # chunk 1: a fetch
         client.pread(2 * chunk, 4096)         # chunk 2: another
-        client.pwrite(b"p" * 4096, 4096)      # chunk 0 partly: the uploader GETs the rest
-        client.pwrite(os.urandom(chunk), 5 * chunk)   # chunk 5 whole: nothing to GET
-        client.pwrite(b"q" * 4096, 6 * chunk)          # chunk 6 partly, never stored: no GET
+        client.pwrite(b"p" * 4096, 4096)      # chunk 0 partly: into the journal object
+        client.pwrite(os.urandom(chunk), 5 * chunk)   # chunk 5 whole: a chunk object
+        client.pwrite(b"q" * 4096, 6 * chunk)          # chunk 6 partly: the journal object
         client.flush()
         client.close()
         m = _scrape(port)
+        flushed = {info.key: info for info in store.list("")}  # before close folds
     finally:
         server.close()
-    after = {info.key: info.size for info in store.list("chunks/")}
-    written = [key for key in after if key not in before or after[key] != before[key]]
-    assert len(written) == 3  # chunks 0, 5 and 6
-    fetched = [chunk_key(1), chunk_key(2)]
-    base = [chunk_key(0)]  # its old object, which the uploader read
+    new = [info for key, info in flushed.items() if key not in before]
+    assert sorted(info.key.split("/")[0] for info in new) == ["chunks", "journal"]
+    [head] = [info for key, info in flushed.items() if key.startswith("head-")]
+    assert head.version != before[head.key].version
+    fetched = [key for key in before if key.startswith(("chunks/0000000000000001-",
+                                                          "chunks/0000000000000002-"))]
+    assert len(fetched) == 2, sorted(before)
+    assert m['cloudnbd_cloud_objects_written_total{family="chunk"}'] == 1
+    assert m['cloudnbd_cloud_objects_written_total{family="journal"}'] == 1
+    assert m['cloudnbd_cloud_objects_written_total{family="head"}'] == 1
+    assert m['cloudnbd_cloud_objects_written_total{family="map"}'] == 0
     assert m['cloudnbd_cloud_requests_total{kind="put"}'] == 3
-    assert m['cloudnbd_cloud_requests_total{kind="get"}'] == 3  # two fetches, one base
+    assert m['cloudnbd_cloud_requests_total{kind="get"}'] == 2  # the two fetches
     assert m['cloudnbd_cloud_requests_total{kind="delete"}'] == 0
-    assert m['cloudnbd_cloud_bytes_total{direction="sent"}'] == sum(after[k] for k in written)
+    assert m['cloudnbd_cloud_bytes_total{direction="sent"}'] == sum(
+        info.size for info in new) + head.size
     assert m['cloudnbd_cloud_bytes_total{direction="received"}'] == sum(
-        before[k] for k in fetched + base)
-    assert m["cloudnbd_uploaded_bytes_total"] == 3 * chunk
-    assert m["cloudnbd_upload_duration_seconds_count"] == 3
+        before[k].size for k in fetched)
+    assert m["cloudnbd_uploaded_bytes_total"] == chunk
+    assert m["cloudnbd_upload_duration_seconds_count"] == 2  # the chunk, the journal
     assert m["cloudnbd_fetch_duration_seconds_count"] == 2
     assert m['cloudnbd_nbd_request_duration_seconds_count{command="write"}'] == 3

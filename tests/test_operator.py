@@ -86,7 +86,7 @@ def test_config_defined_volume_is_served_scraped_graphed_closed_and_restored(
             news = os.urandom(MiB)
             client.pwrite(news, 3 * CHUNK + 4096)
             client.pwrite(b"\xee" * 8192, 8192)
-            client.flush()  # uploads chunks 0 and 3
+            client.flush()  # one journal object holds both writes, then the head
             expected[3 * CHUNK + 4096:3 * CHUNK + 4096 + MiB] = news
             expected[8192:16384] = b"\xee" * 8192
 
@@ -94,20 +94,25 @@ def test_config_defined_volume_is_served_scraped_graphed_closed_and_restored(
             assert status["connections"] == 1
             assert status["dirty_bytes"] == 0  # the FLUSH is answered: nothing is left
             assert status["upload_rate"] > 0 and status["download_rate"] > 0
-            assert status["cache_bytes"] >= 3 * CHUNK  # the fetched and the written chunks
+            assert status["cache_bytes"] >= CHUNK  # the fetched chunk
+            assert status["store_journal_objects"] == 1
+            assert status["store_journal_bytes"] > MiB
             shown = run("status", "backup")
             assert re.search(r"^connections:\s+1$", shown, re.MULTILINE), shown
             assert re.search(r"^download rate:\s+[1-9]", shown, re.MULTILINE), shown
 
             # Prometheus has scraped the front after the I/O: the workers' PUTs and GETs
-            # (2 uploaders, 2 fetchers) arrived in it.
+            # (2 uploaders, 2 fetchers) arrived in it: the journal object and the head,
+            # the fetch of chunk 1.
             puts = prom.wait_for(f'cloudnbd_cloud_requests_total{{kind="put",'
                                  f'instance="{instance}"}}', lambda v: v and v[0] >= 2)
             assert puts == [2.0]
             assert prom.values(f'cloudnbd_cloud_requests_total{{kind="get",'
-                               f'instance="{instance}"}}') == [2.0]  # chunk 1, chunk 0's base
+                               f'instance="{instance}"}}') == [1.0]
             assert prom.values(f'cloudnbd_upload_duration_seconds_count{{instance='
-                               f'"{instance}"}}') == [2.0]
+                               f'"{instance}"}}') == [1.0]  # the journal object
+            assert prom.values(f'cloudnbd_store_journal_objects{{instance='
+                               f'"{instance}"}}') == [1.0]
             assert prom.values(f'cloudnbd_nbd_connections{{instance="{instance}"}}'
                                ) == [1.0]
 

@@ -173,7 +173,10 @@ class EngineStats:
     fetch_wire_bytes: int = 0
     integrity_errors: int = 0
     retries: int = 0
-    commits: int = 0  # heads written
+    commits: int = 0  # commits done (each wrote a head)
+    head_puts: int = 0  # head writes answered (a retried head counts again)
+    page_puts: int = 0
+    metadata_wire_bytes: int = 0  # of heads and map pages
     commit_errors: int = 0
     journal_objects: int = 0
     journal_bytes: int = 0  # plain bytes of data written to journal objects
@@ -181,15 +184,23 @@ class EngineStats:
     checkpoints: int = 0
     garbage_deleted: int = 0
 
+    @property
+    def sent_wire_bytes(self) -> int:
+        """Every object byte sent: chunks, journal objects, map pages, heads."""
+        return self.upload_wire_bytes + self.journal_wire_bytes + self.metadata_wire_bytes
+
 
 @dataclass(frozen=True)
 class EngineSnapshot:
     """The engine at one moment: what `cloudnbd status` and the Prometheus metrics both
     render (service.py, metrics.py), so the two cannot disagree."""
 
-    dirty_bytes: int  # written but not yet in the cloud
+    dirty_bytes: int  # written but not yet durable in the cloud (no head names it)
     dirty_chunks: int
-    oldest_dirty_seconds: float  # age of the oldest write not yet in the cloud
+    oldest_dirty_seconds: float  # age of the oldest write not yet durable
+    store_journal_objects: int  # durable in the store's journal, not yet folded
+    store_journal_bytes: int  # into chunk objects (the next checkpoint does)
+    head_generation: int
     journal_disk_bytes: int
     cache_bytes: int  # clean chunks cached
     cache_limit: int
@@ -780,12 +791,28 @@ class Engine(BlockDevice):
             elif purpose == "delete":
                 self._gc_busy = False
             elif purpose is not None:
+                self._count_store_task_locked(purpose, result)
                 self._commit_step_done_locked(purpose, result)
             elif kind == WorkerKind.UPLOAD:
                 self._upload_done_locked(result)
             else:
                 self._fetch_done_locked(result)
             self._cond.notify_all()
+
+    def _count_store_task_locked(self, purpose: str, result: Result) -> None:
+        """Heads and map pages written, for status and metrics (journal objects are
+        counted with their commit), and the time of each journal object's upload."""
+        if result.outcome != Outcome.DONE:
+            return
+        if purpose == "journal" and self.on_transfer is not None:
+            self.on_transfer(WorkerKind.UPLOAD, result.seconds)
+        if purpose not in ("head", "page"):
+            return
+        if purpose == "head":
+            self.stats.head_puts += 1
+        else:
+            self.stats.page_puts += 1
+        self.stats.metadata_wire_bytes += result.wire_bytes
 
     def _upload_done_locked(self, result: Result) -> None:
         index = result.index
@@ -1140,24 +1167,37 @@ class Engine(BlockDevice):
     def snapshot(self) -> EngineSnapshot:
         """What the engine is doing now, for status and metrics."""
         dirty_bytes, dirty_chunks, oldest = self.backlog()
+        with self._cond:
+            head = self.head
         clean = self.clean
         return EngineSnapshot(
-            dirty_bytes, dirty_chunks, oldest, self.journal.bytes_on_disk, clean.bytes,
-            clean.max_bytes, clean.hits, clean.misses, replace(self.stats), self.displaced,
-            {str(kind): self.pool.pids(kind) for kind in WorkerKind})
+            dirty_bytes, dirty_chunks, oldest, len(head.journal),
+            sum(r.size for r in head.journal), head.generation, self.journal.bytes_on_disk,
+            clean.bytes, clean.max_bytes, clean.hits, clean.misses, replace(self.stats),
+            self.displaced, {str(kind): self.pool.pids(kind) for kind in WorkerKind})
 
     def backlog(self) -> tuple[int, int, float]:
-        """(dirty bytes, dirty chunks, age in seconds of the oldest dirty chunk)."""
+        """(bytes, chunks, age in seconds of the oldest) of the writes no head names yet:
+        what a crash of this machine now would leave only in the local journal. Writes
+        a FLUSH made durable in the store's journal are not backlog, though they stay in
+        the local journal until a checkpoint folds them (store_journal in snapshot)."""
         with self._cond:
-            oldest = min(self._last_write.values(), default=None)
-            return (self.journal.live_bytes, len(self.dirty),
-                    0.0 if oldest is None else time.monotonic() - oldest)
+            committed = self.head.seq
+            nbytes, chunks, oldest = 0, 0, None
+            for index, extents in self.dirty.items():
+                mine = [e.end - e.start for e in extents.extents if e.seq > committed]
+                if mine:
+                    nbytes += sum(mine)
+                    chunks += 1
+                    when = self._last_write.get(index)
+                    if when is not None and (oldest is None or when < oldest):
+                        oldest = when
+            return nbytes, chunks, 0.0 if oldest is None else time.monotonic() - oldest
 
-    def store_journal(self) -> tuple[int, int]:
-        """(journal objects the head names, their bytes): what a checkpoint would fold."""
+    def work_left(self) -> int:
+        """What drain() still has to do, in the unit of its progress reports."""
         with self._cond:
-            return len(self.head.journal), sum(r.size for r in self.head.journal)
-
+            return self._backlog_locked()
 
 def _touch(touched: dict[int, int], seq: int, offset: int, length: int,
            chunk_size: int) -> None:

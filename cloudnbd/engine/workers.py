@@ -376,6 +376,7 @@ class _Worker:
                 who = holder.describe() if holder is not None else "another writer"
                 return Result(task.task_id, task.index, Outcome.DISPLACED, error=who)
         return Result(task.task_id, task.index, Outcome.DONE, value=version,
+                      wire_bytes=self.objects.head_size(task.head),
                       seconds=time.monotonic() - started)
 
     def run(self, task: Task) -> Result:
