@@ -40,7 +40,7 @@ from cloudnbd.control import ControlServer
 from cloudnbd.engine.device import CloudState, Engine, EngineSettings
 from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.engine.workers import WorkerConfig, WorkerPool
-from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced, IntegrityError
+from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced
 from cloudnbd.metrics import Metrics
 from cloudnbd.nbd.server import NbdServer, ServerSettings
 from cloudnbd.rates import RateSampler
@@ -184,21 +184,9 @@ class Service:
         """Refuse metadata older than what this machine has seen (a rolled-back volume.json
         could bring back a revoked password or an old size). The record is local, so a
         machine that never opened the volume cannot tell; docs/format.md says so."""
-        seen_file = self.cache_dir / "generation"
-        current = self.volume.meta.generation
-        try:
-            seen = int(seen_file.read_text())
-        except (OSError, ValueError):
-            seen = 0
-        if current < seen:
-            raise IntegrityError(
-                f"the volume's metadata was rolled back: the store has generation {current}, "
-                f"this machine has seen {seen}; restore the newest volume.json, or move "
-                f"{self.cache_dir} away to accept the old one")
-        if current > seen:
-            tmp = seen_file.with_suffix(".tmp")
-            tmp.write_text(f"{current}\n")
-            os.replace(tmp, seen_file)
+        freshness.check(self.cache_dir / "generation", self.volume.meta.generation,
+                        "metadata", f"restore the newest volume.json, or move "
+                                    f"{self.cache_dir} away to accept the old one")
 
     def _adopt_journal(self, taken: lease_mod.Lease) -> bool:
         """L2: replay the journal only if it was written under the lease epoch the store
