@@ -150,6 +150,13 @@ def parse_key(key: str) -> tuple[Kind, int, int] | None:
     return None
 
 
+def stamp_epoch(key: str) -> int:
+    """The lease epoch of the writer that created the sealed object named key (0 for
+    any other key)."""
+    parsed = parse_key(key)
+    return 0 if parsed is None else parsed[2] // _U32
+
+
 def head_key_id(key: str) -> str | None:
     """The key id of a head key, None for any other key."""
     if key.startswith("head-") and _hex16(key[5:]) is not None:

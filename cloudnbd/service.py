@@ -317,6 +317,8 @@ class Service:
             "head_generation": engine.head_generation,
             "commits": stats.commits,
             "checkpoints": stats.checkpoints,
+            "garbage_listings": stats.garbage_listings,
+            "garbage_deleted": stats.garbage_deleted,
             "sent_wire_bytes": stats.sent_wire_bytes,
             "uploaded_bytes": stats.upload_bytes + stats.journal_bytes,
             "uploaded_wire_bytes": stats.upload_wire_bytes,

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -300,3 +301,44 @@ def test_concurrent_metadata_updates_lose_nothing(backend_env: BackendEnv) -> No
     with pytest.raises(volume.WrongPassword):
         volume.unlock(store, "second")  # removed, and it stays removed
     volume.unlock(store, "fourth")
+
+
+def _wait_for_listings(served: Served, count: int) -> None:
+    """Until served's garbage collector has listed the store count more times (each
+    listing is a result the engine handled; the bound only guards a hang)."""
+    start_at = served.status()["garbage_listings"]
+    deadline = time.monotonic() + 120
+    while served.status()["garbage_listings"] < start_at + count:
+        assert time.monotonic() < deadline, "the garbage collector did not list the store"
+        time.sleep(0.1)  # polling a condition, bounded by the deadline
+
+
+def test_a_displaced_idle_server_never_collects_the_new_holders_objects(
+        backend_env: BackendEnv, tmp_path: Path, password_file: Path,
+        other_machine: Machine) -> None:
+    """A server learns it was displaced only when a head write fails; an idle one never
+    writes. Its garbage collector must still never take the new holder's objects (its
+    own head names none of them) for garbage."""
+    env = backend_env
+    location = _init(env, password_file)
+    a = _serve(env, tmp_path, location, password_file, "a", "--gc-grace", "0.2")
+    client_a = NbdClient.unix(str(a.socket))
+    client_a.pwrite(os.urandom(CHUNK), 0)
+    client_a.flush()
+
+    b = _serve(env, tmp_path, location, password_file, "b", "--force",
+               prefix=other_machine.prefix)
+    client_b = NbdClient.unix(str(b.socket))
+    data = os.urandom(3 * CHUNK)
+    client_b.pwrite(data, 0)
+    client_b.pwrite(data[:SECTOR], 5 * CHUNK + SECTOR)  # a journal write
+    client_b.flush()
+    client_b.close()
+    b.close()  # a checkpoint: new chunk objects and map pages, B's head names them
+
+    _wait_for_listings(a, 3)  # two listings at least a grace apart saw B's objects
+    image = _export(env, tmp_path, location, password_file)
+    assert image[:3 * CHUNK] == data
+    assert image[5 * CHUNK + SECTOR:5 * CHUNK + 2 * SECTOR] == data[:SECTOR]
+    client_a.close()
+    a.close(check=False)

@@ -183,6 +183,7 @@ class EngineStats:
     journal_wire_bytes: int = 0
     checkpoints: int = 0
     garbage_deleted: int = 0
+    garbage_listings: int = 0
 
     @property
     def sent_wire_bytes(self) -> int:
@@ -265,6 +266,8 @@ class Engine(BlockDevice):
         self._garbage_seen: tuple[float, set[str]] | None = None
         self._gc_at = time.monotonic() + settings.gc_grace
         self._gc_busy = False
+        self._gc_head_version = ""  # the head version the delete in flight expects (G3)
+        self._gc_doomed = 0  # and how many objects it deletes
         self.recovered_records = 0
         self.displaced: str | None = None  # who took the volume over
 
@@ -790,6 +793,12 @@ class Engine(BlockDevice):
                 self._garbage_listed_locked(result)
             elif purpose == "delete":
                 self._gc_busy = False
+                if result.outcome == Outcome.DONE:
+                    self.stats.garbage_deleted += self._gc_doomed
+                # G3: the head moved; unless by a commit of ours since, not by us
+                if (result.outcome == Outcome.DISPLACED
+                        and self._gc_head_version == self.cloud.head_version):
+                    self._displace_locked(result.error or "another writer")
             elif purpose is not None:
                 self._count_store_task_locked(purpose, result)
                 self._commit_step_done_locked(purpose, result)
@@ -1146,11 +1155,27 @@ class Engine(BlockDevice):
         return named
 
     def _garbage_listed_locked(self, result: Result) -> None:
+        """Garbage is what two listings at least a grace apart found unnamed (G1), of
+        stamps no later than our lease's epoch (G2); deleted only while the head is
+        still ours (G3).
+
+        G1 A reader of an older head (an export elsewhere) keeps its objects a grace.
+        G2 A server learns it was displaced only when a head write fails, and an idle one
+           writes none: its collector would take every object of the new holder, whose
+           head it has never read, for garbage (the new holder's stamps carry a later
+           epoch). tests/test_actors.py shows the map pages of a checkpoint lost so.
+        G3 And the delete itself checks first that the head is still at the version we
+           wrote or read last: a writer of an earlier epoch that committed after all
+           (a new holder loses to a commit between its read of the head and its first
+           write) is protected, and this server learns it was displaced."""
         if result.outcome != Outcome.DONE:
             self._gc_busy = False
             return
+        self.stats.garbage_listings += 1
         now = time.monotonic()
-        garbage = set(result.value) - self._named_locked()
+        epoch = self.cloud.epoch
+        garbage = {key for key in set(result.value) - self._named_locked()
+                   if layout.stamp_epoch(key) <= epoch}
         doomed: list[str] = []
         if self._garbage_seen is not None:
             seen_at, seen = self._garbage_seen
@@ -1158,8 +1183,10 @@ class Engine(BlockDevice):
                 doomed = sorted(garbage & seen)
         self._garbage_seen = (now, garbage - set(doomed))
         if doomed:
-            self.stats.garbage_deleted += len(doomed)
-            self._submit(DeleteTask(self._next_task_id(), tuple(doomed)), "delete")
+            self._gc_doomed = len(doomed)
+            self._gc_head_version = self.cloud.head_version
+            self._submit(DeleteTask(self._next_task_id(), tuple(doomed), self.cloud.head_key,
+                                    self._gc_head_version), "delete")
         else:
             self._gc_busy = False
 

@@ -181,8 +181,13 @@ class ListTask:
 
 @dataclass(frozen=True)
 class DeleteTask:
+    """Delete garbage, unless the head is no longer at expected (G2 in engine/device.py):
+    then another writer holds the volume and these may be its objects."""
+
     task_id: int
     keys: tuple[str, ...]
+    head_key: str
+    expected: str
     index: int = -1
 
 
@@ -372,9 +377,8 @@ class _Worker:
             if found is not None and self.objects.holds_head(task.key, task.head):
                 version = found.version
             else:
-                holder = lease.holder(self.store)
-                who = holder.describe() if holder is not None else "another writer"
-                return Result(task.task_id, task.index, Outcome.DISPLACED, error=who)
+                return Result(task.task_id, task.index, Outcome.DISPLACED,
+                              error=_holder_description(self.store))
         return Result(task.task_id, task.index, Outcome.DONE, value=version,
                       wire_bytes=self.objects.head_size(task.head),
                       seconds=time.monotonic() - started)
@@ -414,8 +418,18 @@ class _Worker:
         if isinstance(task, ListTask):
             return Result(task.task_id, task.index, Outcome.DONE,
                           value=[info.key for info in self.objects.list_own()])
+        found = self.store.stat(task.head_key)
+        if found is None or found.version != task.expected:
+            return Result(task.task_id, task.index, Outcome.DISPLACED,
+                          error=_holder_description(self.store))
         self.store.delete_many(task.keys)
         return Result(task.task_id, task.index, Outcome.DONE)
+
+
+def _holder_description(store: ObjectStore) -> str:
+    """Who holds the lease now, for the message of a displaced server."""
+    holder = lease.holder(store)
+    return holder.describe() if holder is not None else "another writer"
 
 
 def _close_all(fds: dict[int, int]) -> None:
