@@ -6,10 +6,11 @@ zeros is not stored but deleted. It wraps an ObjectStore as S3QL's compression a
 encryption layer wraps its raw backends; the volume layer, the bulk operations
 (transfer.py) and the uploader and fetcher processes all go through it.
 
-Every write is conditional on the version of the object the caller last saw (fencing,
-docs/design.md F1): `write` takes that version and returns the new one. A write that
-meets another version is refused, unless the caller passes `on_conflict`, which decides
-whether writing over it is right (F2) and is told the version found.
+Format versions 1 and 2 only (read by export, verify and upgrade; format 3's chunk
+objects are objects.py's). Every write is conditional on the version of the object the
+caller last saw: `write` takes that version and returns the new one. A write that meets
+another version is refused, unless the caller passes `on_conflict`, which decides
+whether writing over it is right and is told the version found.
 """
 
 from __future__ import annotations

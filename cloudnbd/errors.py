@@ -120,7 +120,7 @@ class CacheLocked(VolumeBusy):
 
 
 class Displaced(VolumeBusy):
-    """Another server took the volume's lease: this one must stop writing (F3)."""
+    """Another server took the volume's lease: this one must stop writing (E5)."""
 
 
 def local_error(exc: OSError) -> CloudnbdError:

@@ -42,7 +42,7 @@ PAGE_CHUNKS = 4096  # chunks per map page
 _ENTRY = struct.Struct(">QQ")  # a map entry (stamp, seq); also a chunk's or page's ident
 PAGE_BYTES = PAGE_CHUNKS * _ENTRY.size
 MAX_JOURNAL_BYTES = 2**30  # plain body limit of a journal object
-UPGRADE_STAMP = 1  # stamp of the objects written by init and upgrade (epoch 0, counter 1)
+UPGRADE_STAMP = 1  # stamp of the objects upgrade writes (epoch 0, counter 1)
 HEAD_FORMAT = "cloudnbd-head"
 
 _U64 = 2**64

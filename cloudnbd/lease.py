@@ -20,8 +20,9 @@ commands that change a volume's contents behind a server's back (`import`, `resi
   is its /etc/machine-id, not its host name, so a clone or a container that shares the
   name does not take a lease silently.
 - L4 `open --force` takes the lease from a holder that is not provably gone, but never
-  from a live process of this machine. The displaced server learns it at its next FLUSH
-  or conflicting chunk write, both of which check the lease (engine), and stops.
+  from a live process of this machine. The displaced server learns it when its next head
+  write finds the head replaced (E5 in engine/device.py) or its garbage collector finds
+  the head moved (G3), and stops.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ class Service:
             aside = self.cache_dir / f"journal.superseded-{time.strftime('%Y%m%dT%H%M%S')}"
             journal.rename(aside)
             self.notes.append(
-                f"this machine's journal ({left} bytes of writes that no FLUSH covered) "
+                f"this machine's journal ({left} bytes, with any writes no FLUSH covered) "
                 f"was written while it held the volume, but another server has held it "
                 f"since; replaying it would undo that server's writes, so it is not "
                 f"uploaded and kept at {aside}")
@@ -411,15 +411,16 @@ class Service:
             self.finished.set()
 
     def _set_aside_displaced(self, exc: Displaced) -> str:
-        """A displaced server's journal holds only writes no FLUSH acknowledged (F3), and
-        replaying it later would undo the new holder's writes: keep it aside."""
+        """A displaced server's journal holds writes no FLUSH acknowledged (its commit
+        failed, E5) besides flushed ones the store has; replaying it later would undo the
+        new holder's writes: keep it aside."""
         left = runtime.journal_bytes(self.cache_dir)
         journal = self.cache_dir / "journal"
         aside = self.cache_dir / f"journal.displaced-{time.strftime('%Y%m%dT%H%M%S')}"
         if left:
             journal.rename(aside)
-            kept = (f"; {left} bytes of writes that no FLUSH covered are not uploaded and "
-                    f"kept at {aside}")
+            kept = (f"; its journal ({left} bytes, with the writes no FLUSH covered) is "
+                    f"not uploaded and kept at {aside}")
         else:
             kept = ""
         return f"{exc.message}{kept}"

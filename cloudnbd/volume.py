@@ -84,8 +84,9 @@ MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_SIZE = 2**63 - SIZE_ALIGNMENT  # NBD sizes are 64-bit; keep signed arithmetic safe
 #: The most chunks a volume may have. A serving process keeps 1 byte per chunk of the
-#: volume and 16 per stored chunk (engine/versions.py): 256 MiB at open, 4.25 GiB when
-#: every chunk is stored. That is 1 PiB in 4 MiB chunks, 16 PiB in 64 MiB chunks.
+#: volume and 16 per map entry, in pages of 4096 entries wherever a chunk is stored
+#: (engine/chunkmap.py): 256 MiB at open, 4.25 GiB when every chunk is stored. That is
+#: 1 PiB in 4 MiB chunks, 16 PiB in 64 MiB chunks.
 MAX_CHUNKS = 2**28
 MAX_SLOTS = 8
 DELETE_BATCH = 1000  # keys per delete_many call: one S3 DeleteObjects, one progress step

@@ -15,9 +15,10 @@ Promises every backend keeps:
 - Every object has a version token (ObjectInfo.version: the S3 ETag, the GCS
   generation, a file's inode number, modification time and size) that changes on every
   write. put_if() writes only if the object is still at the version the caller last
-  saw, delete_if() deletes only then; otherwise PreconditionFailed. This is what fences
-  a late request: a PUT of a dead process that reaches the store after a newer write
-  carries an older expected version and is refused (docs/design.md, "Fencing").
+  saw, delete_if() deletes only then; otherwise PreconditionFailed. Format 3 replaces
+  only its head (and volume.json, the lease) with put_if, and creates every other
+  object with put_if_absent: a late request of a dead process can then neither replace
+  newer data nor name its own (docs/design.md, "Fencing").
 - delete() of a missing key is not an error.
 - Errors come out as cloudnbd.errors.BackendError (or its subclasses) with a message
   naming the store; transient failures are retried first by `retrying`.

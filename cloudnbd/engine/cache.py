@@ -16,7 +16,8 @@ Invariants:
 - C2 Dirty data never lives here, so evicting a clean file never loses data.
 - C3 After an unclean stop the clean files are not trusted: they were never fsync'd, and a
   crash can leave one with lost pages. open() keeps them only if the previous run left the
-  `clean-shutdown` marker (written after a full drain and an fsync of every clean file);
+  `clean-shutdown` marker (written at every stop that is not a crash, after an fsync of
+  every clean file);
   otherwise it deletes them all and refetches on demand.
 - C4 A chunk with an upload in flight is pinned: its clean file is not evicted, so the
   eviction can never unlink the new file the uploader renames into place. Reads need no
@@ -27,11 +28,11 @@ Invariants:
   raised: it must not stop the engine from accounting an upload or waking a reader.
 - C6 A clean file is kept only while the store holds the very object it copies: another
   machine may have rewritten or deleted the chunk since this one stopped. open() drops
-  every file whose chunk, by the listing taken at open, is at another version than the
-  marker records, or has no object, or has no record (a file a worker renamed into place
-  without the front learning of it). The marker is written only after every clean file
-  it names is fsync'd, and a file is recorded only after it is in place, so a record
-  can never pair a stale file with a newer version.
+  every file whose chunk, by the map the head names at open, is another object (its
+  stamp is the version) than the marker records, or has no object, or has no record (a
+  file a worker renamed into place without the front learning of it). The marker is
+  written only after every clean file it names is fsync'd, and a file is recorded only
+  after it is in place, so a record can never pair a stale file with a newer version.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class CleanCache:
 
     def open(self, stored: ChunkMap) -> bool:
         """Load the cache, keeping only files that still copy what the store holds
-        (stored: the versions listed at open, C6); returns True if the previous run
+        (stored: the map the head names at open, C6); returns True if the previous run
         stopped cleanly (C3)."""
         first_run = not self.directory.exists()
         localfs.mkdir(self.directory, 0o700)

@@ -208,7 +208,7 @@ class EngineSnapshot:
     cache_hits: int
     cache_misses: int
     stats: EngineStats  # a copy
-    displaced: str | None  # who took the volume over (F3)
+    displaced: str | None  # who took the volume over (E5, G3)
     worker_pids: dict[str, list[int]]  # by WorkerKind
 
 
