@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cloudnbd import layout
 from cloudnbd.engine.cache import CleanCache
 from cloudnbd.engine.chunkmap import ChunkMap
 from cloudnbd.engine.workers import UploadTask
@@ -246,3 +247,26 @@ def test_only_a_run_that_stopped_uncleanly_is_reported_as_such(
     assert "did not stop cleanly" not in caplog.text
     assert not CleanCache(tmp_path, CHUNK).open(listing)  # the first run ended unmarked
     assert "previous run did not stop cleanly" in caplog.text
+
+
+def test_garbage_collection_deletes_only_unnamed_objects_of_this_epoch_or_older(
+        tmp_path: Path) -> None:
+    """G1-G3 (engine/device.py): what no head names is deleted after two listings a
+    grace apart; what the head names, and any object of a later lease epoch (a newer
+    holder's), never."""
+    rig = EngineRig(tmp_path, gc_grace=0.05)
+    data = os.urandom(3 * CHUNK)
+    rig.write(0, data)
+    rig.engine.flush()
+    mine = layout.chunk_key(9, layout.stamp(rig.epoch, 999))  # a crashed upload of ours
+    older = layout.journal_key(layout.stamp(rig.epoch - 1 if rig.epoch > 1 else 0, 5))
+    newer = layout.chunk_key(9, layout.stamp(rig.epoch + 1, 1))  # a newer holder's
+    for key in (mine, older, newer):
+        rig.store.put(key, b"not really sealed: it is never read")
+    listed = rig.engine.stats.garbage_listings
+    assert rig.engine.wait_for_stats(lambda s: s.garbage_listings >= listed + 3, 30)
+    assert rig.engine.wait_for_stats(lambda s: s.garbage_deleted >= 2, 30)
+    keys = {info.key for info in rig.store.list("")}
+    assert mine not in keys and older not in keys
+    assert newer in keys
+    assert rig.cloud_bytes()[:3 * CHUNK] == data  # every object the head names is there

@@ -1203,6 +1203,19 @@ class Engine(BlockDevice):
             clean.bytes, clean.max_bytes, clean.hits, clean.misses, replace(self.stats),
             self.displaced, {str(kind): self.pool.pids(kind) for kind in WorkerKind})
 
+    def wait_for_stats(self, done: Callable[[EngineStats], bool], timeout: float) -> bool:
+        """Block until done(stats) holds (checked as each worker result is handled), or
+        timeout seconds pass; whether it holds. For tools and tests that wait for the
+        engine's background work (a checkpoint, a garbage listing)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not done(self.stats):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
     def backlog(self) -> tuple[int, int, float]:
         """(bytes, chunks, age in seconds of the oldest) of the writes no head names yet:
         what a crash of this machine now would leave only in the local journal. Writes
