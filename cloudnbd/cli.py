@@ -1199,7 +1199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("delete", cmd_delete, "delete a volume and all its data",
                 "Delete the volume's own objects (volume.json, lease, head-*, chunks/, "
-                "map/, journal/) and this "
+                "map/, journal/, snapshots/) and this "
                 "machine's cache of it. Other objects under its location, other volumes "
                 "included, are left alone. Refused while the volume is open anywhere.")
     _add_target(p)
