@@ -215,14 +215,14 @@ def _stored_v3(vol: volume.Volume) -> dict[str, Any]:
     """What a version-3 volume stores, as its head says (map pages and journal) and a
     listing sizes: the chunks held by objects, the bytes of every named object, the
     store's journal, and garbage."""
-    from cloudnbd.reader import Image, read_head, unnamed
+    from cloudnbd.reader import Image, garbage, read_head
     from cloudnbd.volume import own_objects
 
     head, _ = read_head(vol)
     damaged: list[str] = []
     image = Image(vol, head, on_damage=lambda key, _: damaged.append(key))
     listing = list(own_objects(vol.store))
-    garbage = unnamed(listing, image.named) if image.complete else None
+    found = garbage(vol, listing, image.named) if image.complete else None
     return {
         "stored_chunks": sum(1 for s in image.sources.values() if s.stamp),
         "stored_bytes": sum(i.size for i in listing
@@ -231,8 +231,8 @@ def _stored_v3(vol: volume.Volume) -> dict[str, Any]:
                  "epoch": head.epoch, "written": head.written},
         "journal_objects": len(head.journal),
         "journal_bytes": sum(ref.size for ref in head.journal),
-        "garbage_objects": None if garbage is None else len(garbage),
-        "garbage_bytes": None if garbage is None else sum(i.size for i in garbage),
+        "garbage_objects": None if found is None else len(found),
+        "garbage_bytes": None if found is None else sum(i.size for i in found),
         "damaged_objects": len(damaged),
     }
 
@@ -687,7 +687,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
     vol = _unlock(args)
     progress, update = _progress_callback("Verifying")
-    report = transfer.verify(vol, threads=args.threads, progress=update)
+    report = transfer.verify(vol, threads=args.threads, progress=update,
+                             snapshot=args.snapshot)
     progress.finish()
     for damage in report.damaged:
         print(f"damaged: {damage.name}: {damage.problem}")
@@ -700,10 +701,15 @@ def cmd_verify(args: argparse.Namespace) -> None:
               f"by compaction, an interrupted command or a crashed server (normal: a "
               f"server deletes them after a grace period; import, resize --shrink, "
               f"upgrade and rekey at once)")
-    elif report.garbage_objects is None:
-        print("garbage: not counted, as damage hides part of what the head names")
+    elif report.garbage_objects is None and args.snapshot is None:
+        print("garbage: not counted, as damage hides part of what the head names "
+              "or a snapshot cannot be read")
     what = (f"objects of head generation {report.head_generation}" if v3 else "chunks")
-    garbage = f", {report.garbage_objects or 0} garbage" if v3 else ""
+    if args.snapshot is not None:
+        what = (f"objects of snapshot {args.snapshot} (head generation "
+                f"{report.head_generation})")
+    garbage = f", {report.garbage_objects or 0} garbage" if v3 and args.snapshot is None \
+        else ""
     print(f"Checked {report.checked} {what} ({format_size(report.stored_bytes)} stored): "
           f"{len(report.damaged)} damaged, {len(report.beyond_end)} stray{garbage}.")
     if report.damaged:
@@ -726,7 +732,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     vol = _unlock(args)
     busy = lease.holder(vol.store)
-    if busy is not None:
+    if busy is not None and args.snapshot is None:  # a snapshot does not change
         local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
         v3 = vol.meta.version >= volume.LAYOUT_V3
         if busy.alive() is False and local.stopped_unclean:
@@ -747,11 +753,119 @@ def cmd_export(args: argparse.Namespace) -> None:
         if why:
             log.warning("exporting while the volume is open on %s", busy.describe())
     progress, update = _progress_callback("Exporting")
-    written = transfer.export(vol, args.file, threads=args.threads, progress=update,
-                              overwrite=args.force)
+    size, written = transfer.export(vol, args.file, threads=args.threads,
+                                    progress=update, overwrite=args.force,
+                                    snapshot=args.snapshot)
     progress.finish()
-    print(f"Exported {format_size(vol.meta.size)} to {args.file} "
+    what = "" if args.snapshot is None else f" of snapshot {args.snapshot}"
+    print(f"Exported {format_size(size)}{what} to {args.file} "
           f"({format_size(written)} of data, the rest left sparse).")
+
+
+def cmd_snapshot(args: argparse.Namespace) -> None:
+    from cloudnbd import runtime, snapshots
+
+    vol = _unlock(args)
+    _require_v3(vol.meta, args, "snapshot")
+    local = runtime.local_state(args.backend, args.volume, _target(args), args.cache) \
+        if args.action != "list" else None
+    if args.action == "list":
+        _list_snapshots(snapshots.list_all(vol, args.threads), args.json)
+        return
+    assert local is not None
+    if args.action == "create":
+        name = args.name or f"auto-{_name_time()}"
+        if local.running is not None:
+            answer = _control(local.running, {"cmd": "snapshot", "name": name})
+            print(f"Created snapshot {name} of {vol.store.description} through its "
+                  f"running server, after a FLUSH: head generation "
+                  f"{answer['generation']}, committed {answer['written']}.")
+        else:
+            held = _exclusive(vol, args.force, "snapshot", local)
+            try:
+                snap = snapshots.create(vol, name)
+            finally:
+                held.release()
+            print(f"Created snapshot {name} of {vol.store.description}: head generation "
+                  f"{snap.head.generation}, committed {snap.head.written}.")
+        if args.keep_last or args.keep_daily or args.keep_weekly:
+            _prune(vol, args, local)
+        return
+    if args.action == "prune":
+        _prune(vol, args, local)
+        return
+    if args.action == "delete":
+        _with_lease_if_free(vol, args, local, "delete", lambda held: snapshots.delete(
+            vol, args.names, held))
+        print(f"Deleted snapshot{'' if len(args.names) == 1 else 's'} "
+              f"{', '.join(args.names)} of {vol.store.description}.")
+        return
+    if local.running is not None:  # rollback
+        raise VolumeBusy(f"volume is open on this machine (pid {local.running.pid}); "
+                         f"close it before rolling back")
+    snap = vol.objects.get_snapshot(args.name)
+    keep = None if args.no_keep else f"before-rollback-{_name_time()}"
+    _confirm(args, f"Make the contents of {vol.store.description} those of snapshot "
+                   f"{args.name} ({snap.created})"
+                   f"{'' if keep is None else f', keeping the current ones as {keep}'}?")
+    held = _exclusive(vol, args.force, "rollback", local)
+    try:
+        snapshots.rollback(vol, args.name, held.epoch, keep, args.threads)
+    finally:
+        held.release()
+    print(f"Rolled {vol.store.description} back to snapshot {args.name} ({snap.created})"
+          f"{'' if keep is None else f'; the state before is snapshot {keep}'}.")
+
+
+def _name_time() -> str:
+    """The time now for a snapshot's name: 20240131T030000Z."""
+    from cloudnbd.layout import utc_now
+
+    return utc_now().replace("-", "").replace(":", "")
+
+
+def _with_lease_if_free(vol: volume.Volume, args: argparse.Namespace, local: LocalState,
+                        purpose: str, work: Callable[[bool], object]) -> None:
+    """work(holding_lease): with the lease if nobody holds it, else without (a server
+    runs somewhere, and its garbage collection deletes what work leaves unneeded)."""
+    from cloudnbd import lease
+
+    if local.running is not None or lease.holder(vol.store) is not None:
+        work(False)
+        return
+    held = _exclusive(vol, args.force, purpose, local)
+    try:
+        work(True)
+    finally:
+        held.release()
+
+
+def _prune(vol: volume.Volume, args: argparse.Namespace, local: LocalState) -> None:
+    from cloudnbd import snapshots
+
+    doomed: list[str] = []
+    _with_lease_if_free(vol, args, local, "delete", lambda held: doomed.extend(
+        snapshots.prune(vol, args.keep_last, args.keep_daily, args.keep_weekly, held)))
+    print(f"Pruned {len(doomed)} snapshot{'' if len(doomed) == 1 else 's'}"
+          f"{': ' + ', '.join(doomed) if doomed else ''}.")
+
+
+def _list_snapshots(listed: list[Any], as_json: bool) -> None:
+    rows = [{"name": item.snapshot.name, "created": item.snapshot.created,
+             "size": item.snapshot.size, "head_generation": item.snapshot.head.generation,
+             "needed_bytes": item.needed_bytes, "alone_bytes": item.alone_bytes}
+            for item in listed]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("No snapshots.")
+        return
+    width = max(len(row["name"]) for row in rows)
+    print(f"{'NAME':<{width}}  CREATED               SIZE        KEEPS ALONE")
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['created']}  {format_size(row['size']):<10}  "
+              f"{format_size(row['alone_bytes'])}")
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -883,7 +997,9 @@ class _CommandParser(_Parser):
     def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                          namespace: argparse.Namespace | None = None
                          ) -> tuple[argparse.Namespace, list[str]]:
-        if self._intermixing:  # the two passes parse_known_intermixed_args makes
+        if self._intermixing or self._subparsers is not None:
+            # the two passes parse_known_intermixed_args makes; or a command whose
+            # actions parse their own (snapshot create ...: intermixing cannot)
             return super().parse_known_args(args, namespace)
         self._intermixing = True
         try:
@@ -951,6 +1067,18 @@ def _add_rewrite_options(p: argparse.ArgumentParser, verb: str) -> None:
                    help=f"{verb} although a server of this machine crashed with the "
                         f"volume open (its journal is then never uploaded)")
     _add_cache_option(p)
+
+
+def _add_retention_options(p: argparse.ArgumentParser) -> None:
+    """The retention policy of snapshot create and prune (as restic's forget counts)."""
+    for period, what in (("last", "the N newest snapshots"),
+                         ("daily", "the newest snapshot of each of the last N days that "
+                                   "have one"),
+                         ("weekly", "the newest snapshot of each of the last N ISO weeks "
+                                    "that have one")):
+        p.add_argument(f"--keep-{period}", type=int, default=0, metavar="N",
+                       help=f"then delete every snapshot but {what} (and those another "
+                            f"--keep option keeps)")
 
 
 def _add_password_option(p: argparse.ArgumentParser, new: bool = False) -> None:
@@ -1071,7 +1199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("delete", cmd_delete, "delete a volume and all its data",
                 "Delete the volume's own objects (volume.json, lease, head-*, chunks/, "
-                "map/, journal/) and this "
+                "map/, journal/, snapshots/) and this "
                 "machine's cache of it. Other objects under its location, other volumes "
                 "included, are left alone. Refused while the volume is open anywhere.")
     _add_target(p)
@@ -1120,6 +1248,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p)
     _add_password_option(p)
     p.add_argument("--threads", type=int, default=8, help="parallel downloads (default 8)")
+    p.add_argument("--snapshot", metavar="NAME",
+                   help="verify snapshot NAME's image instead of the volume's")
 
     p = command("export", cmd_export, "restore a volume to a raw image file, without NBD",
                 "Write the whole volume to FILE (a sparse raw image, or a block device). "
@@ -1130,7 +1260,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=8, help="parallel downloads (default 8)")
     p.add_argument("--force", action="store_true",
                    help="overwrite FILE; export even if the volume is open elsewhere")
+    p.add_argument("--snapshot", metavar="NAME",
+                   help="export snapshot NAME's image (at the size it was taken at)")
     _add_cache_option(p)
+
+    p = command("snapshot", cmd_snapshot, "create, list, delete, prune snapshots or roll "
+                "back to one",
+                "Snapshots are kept, authenticated copies of the volume's head: they "
+                "share every object with the volume and cost only what changes after "
+                "them. See SNAPSHOTS in the manual.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True,
+                               parser_class=_CommandParser)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=help_text, description=help_text,
+                               formatter_class=_Formatter)
+        _add_target(a)
+        return a
+
+    a = action("create", "take a snapshot (of an open volume: through its server, "
+                         "after a FLUSH)")
+    a.add_argument("name", metavar="SNAPSHOT", nargs="?",
+                   help="its name: letters, digits, '.', '_', '-' (default: "
+                        "auto-<UTC time>)")
+    _add_retention_options(a)
+    _add_password_option(a)
+    _add_rewrite_options(a, "snapshot")
+    a = action("list", "list the snapshots, with the bytes each alone keeps alive")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_password_option(a)
+    a.add_argument("--threads", type=int, default=8, help="parallel reads (default 8)")
+    a = action("delete", "delete snapshots (a closed volume's unneeded objects at once)")
+    a.add_argument("names", metavar="SNAPSHOT", nargs="+")
+    _add_password_option(a)
+    _add_rewrite_options(a, "delete")
+    a = action("prune", "delete the snapshots a retention policy does not keep")
+    _add_retention_options(a)
+    _add_password_option(a)
+    _add_rewrite_options(a, "prune")
+    a = action("rollback", "make a closed volume's contents a snapshot's (asks first)")
+    a.add_argument("name", metavar="SNAPSHOT")
+    a.add_argument("--no-keep", action="store_true",
+                   help="do not keep the state before the rollback as a snapshot "
+                        "(before-rollback-<UTC time>)")
+    a.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _add_password_option(a)
+    _add_rewrite_options(a, "rollback")
 
     p = command("import", cmd_import, "seed a volume from a raw image file, without NBD",
                 "Replace the volume's contents with FILE (a raw image or block device). "

@@ -58,6 +58,7 @@ _CHUNK_INFO = b"cloudnbd chunk v1"
 _META_INFO = b"cloudnbd metadata v1"
 _OBJECT_INFO = b"cloudnbd object v3"
 _HEAD_INFO = b"cloudnbd head v3"
+_SNAPSHOT_INFO = b"cloudnbd snapshot v3"
 _SLOT_AAD = b"cloudnbd slot v1"  # scrypt slots
 _ARGON2ID_SLOT_AAD = b"cloudnbd argon2id slot v1"
 _INDEX = struct.Struct(">Q")
@@ -85,6 +86,12 @@ class VolumeKeys:
     def head_mac_key(self) -> bytes:
         """HMAC key that authenticates the head (version 3)."""
         return _hkdf(self.master_key, None, _HEAD_INFO + self.volume_id, 32)
+
+    @property
+    def snapshot_mac_key(self) -> bytes:
+        """HMAC key that authenticates a snapshot (version 3): not the head's, so that
+        neither can pass for the other."""
+        return _hkdf(self.master_key, None, _SNAPSHOT_INFO + self.volume_id, 32)
 
 
 def _hkdf(key: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
@@ -389,3 +396,8 @@ def verify_metadata_mac(keys: VolumeKeys, canonical: bytes, mac: str) -> None:
 def head_mac(keys: VolumeKeys, canonical: bytes) -> str:
     """Hex HMAC-SHA256 of a head's canonical bytes (version 3)."""
     return _mac(keys.head_mac_key, canonical)
+
+
+def snapshot_mac(keys: VolumeKeys, canonical: bytes) -> str:
+    """Hex HMAC-SHA256 of a snapshot's canonical bytes (version 3)."""
+    return _mac(keys.snapshot_mac_key, canonical)

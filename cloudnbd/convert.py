@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from cloudnbd import codec, freshness, layout
 from cloudnbd.chunks import ChunkCodec
 from cloudnbd.codec import KdfParams, VolumeKeys
-from cloudnbd.errors import CloudnbdError, IntegrityError
+from cloudnbd.errors import CloudnbdError, IntegrityError, UsageError
 from cloudnbd.layout import Entry
 from cloudnbd.objects import VolumeObjects
 from cloudnbd.offline import ImageWriter, collect
@@ -95,7 +95,7 @@ def upgrade(vol: Volume, epoch: int, threads: int = 8, progress: ProgressFn | No
 
     vol.update(switch)
     freshness.check_head(meta.volume_id, head.generation)
-    deleted, deleted_bytes = collect(vol.store, writer.named(key), deleting)
+    deleted, deleted_bytes = collect(vol, writer.named(key), deleting)
     return Converted(len(writer.entries), deleted, deleted_bytes)
 
 
@@ -104,7 +104,7 @@ def finish_upgrade(vol: Volume, threads: int = 8, deleting: ProgressFn | None = 
     """For a volume that is version 3 already: delete what an upgrade interrupted after
     its switch left (chunk objects of the old form), with any other garbage (R4)."""
     image = Image(vol, threads=threads)
-    deleted, deleted_bytes = collect(vol.store, image.named, deleting)
+    deleted, deleted_bytes = collect(vol, image.named, deleting)
     return Converted(0, deleted, deleted_bytes)
 
 
@@ -118,6 +118,13 @@ def rekey(vol: Volume, password: str, kdf: KdfParams | None, epoch: int, threads
     deleted. Returns what was done and the key slots dropped (their passwords open the
     old master key only, and are not known here to wrap the new one)."""
     meta = vol.meta
+    snapshots = vol.objects.snapshot_names()
+    if snapshots:
+        raise UsageError(f"{vol.store.description}: the volume has {len(snapshots)} "
+                         f"snapshot(s) ({', '.join(snapshots)}), sealed under the master "
+                         f"key rekey replaces; export what you need of them "
+                         f"(`cloudnbd export --snapshot`), then `cloudnbd snapshot delete` "
+                         f"them first")
     head, version = read_head(vol)
     image = Image(vol, head, threads)
     new_keys = VolumeKeys(meta.volume_id, os.urandom(codec.MASTER_KEY_BYTES))
@@ -159,5 +166,5 @@ def rekey(vol: Volume, password: str, kdf: KdfParams | None, epoch: int, threads
 
     vol.update(switch, keys=new_keys)
     freshness.check_head(meta.volume_id, new_head.generation)
-    deleted, deleted_bytes = collect(vol.store, writer.named(key), deleting)
+    deleted, deleted_bytes = collect(vol, writer.named(key), deleting)
     return Converted(len(writer.entries), deleted, deleted_bytes), dropped

@@ -30,6 +30,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import IntEnum
 from hmac import compare_digest
 from typing import Any
@@ -44,6 +45,7 @@ PAGE_BYTES = PAGE_CHUNKS * _ENTRY.size
 MAX_JOURNAL_BYTES = 2**30  # plain body limit of a journal object
 UPGRADE_STAMP = 1  # stamp of the objects upgrade writes (epoch 0, counter 1)
 HEAD_FORMAT = "cloudnbd-head"
+SNAPSHOT_FORMAT = "cloudnbd-snapshot"
 
 _U64 = 2**64
 _U32 = 2**32
@@ -73,6 +75,12 @@ class RecordKind(IntEnum):
     WRITE = 1
     ZERO = 2
     CHUNK = 3
+
+
+def utc_now() -> str:
+    """The time now as the format writes times (`written`, `created`): UTC, to the
+    second."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- stamps and keys ----------------------------------------------------------------------
@@ -164,9 +172,34 @@ def head_key_id(key: str) -> str | None:
     return None
 
 
+SNAPSHOT_PREFIX = "snapshots/"
+_SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def valid_snapshot_name(name: str) -> bool:
+    """A snapshot's name: 1 to 64 ASCII letters, digits, '.', '_' or '-', the first a
+    letter or digit (it is part of a key on every store, and of a command line)."""
+    return _SNAPSHOT_NAME.fullmatch(name) is not None
+
+
+def snapshot_key(name: str) -> str:
+    if not valid_snapshot_name(name):
+        raise ValueError(f"snapshot name {name!r} is not 1 to 64 letters, digits, '.', "
+                         f"'_' or '-' starting with a letter or digit")
+    return SNAPSHOT_PREFIX + name
+
+
+def snapshot_name(key: str) -> str | None:
+    """The name of a snapshot's key, None for any other key."""
+    if key.startswith(SNAPSHOT_PREFIX) and valid_snapshot_name(key[len(SNAPSHOT_PREFIX):]):
+        return key[len(SNAPSHOT_PREFIX):]
+    return None
+
+
 def owns_v3(key: str) -> bool:
-    """True if key has the form of a version-3 object: sealed object or head."""
-    return parse_key(key) is not None or head_key_id(key) is not None
+    """True if key has the form of a version-3 object: sealed object, head or snapshot."""
+    return parse_key(key) is not None or head_key_id(key) is not None \
+        or snapshot_name(key) is not None
 
 
 # -- sealed objects -----------------------------------------------------------------------
@@ -522,18 +555,88 @@ def decode_head(keys: VolumeKeys, blob: bytes) -> Head:
         raise IntegrityError("head: failed authentication (modified, or written under "
                              "another key)")
     try:
-        return Head(
-            volume_id=keys.volume_id,
-            generation=_int(doc["generation"]),
-            epoch=_int(doc["epoch"]),
-            seq=_int(doc["seq"]),
-            pages=tuple((_int(p), _stamp_text(s)) for p, s in doc["map"]),
-            journal=tuple(JournalRef(_stamp_text(s), _int(first), _int(last), _int(size))
-                          for s, first, last, size in doc["journal"]),
-            written=_text(doc["written"]),
-        )
+        return _head_of(keys, doc)
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"head: malformed ({exc})") from None
+
+
+def _head_of(keys: VolumeKeys, doc: dict[str, Any]) -> Head:
+    """The Head of an authenticated head document; KeyError, TypeError or ValueError if
+    a field is missing or malformed."""
+    return Head(
+        volume_id=keys.volume_id,
+        generation=_int(doc["generation"]),
+        epoch=_int(doc["epoch"]),
+        seq=_int(doc["seq"]),
+        pages=tuple((_int(p), _stamp_text(s)) for p, s in doc["map"]),
+        journal=tuple(JournalRef(_stamp_text(s), _int(first), _int(last), _int(size))
+                      for s, first, last, size in doc["journal"]),
+        written=_text(doc["written"]),
+    )
+
+
+# -- snapshots ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A kept copy of a head (S1-S3 in docs/format.md, "Snapshots"): the image that head
+    names, at the volume size of that moment, under a name."""
+
+    name: str
+    created: str  # "YYYY-MM-DDTHH:MM:SSZ", UTC
+    size: int  # the volume's size when it was taken: the image's size
+    head: Head
+
+    def __post_init__(self) -> None:
+        snapshot_key(self.name)  # refuses a name no key can hold
+        if not _WRITTEN.fullmatch(self.created):
+            raise ValueError(f"time created {self.created!r} is not YYYY-MM-DDTHH:MM:SSZ")
+        if not 0 < self.size < 2**63:
+            raise ValueError(f"snapshot size {self.size} out of range")
+
+
+def encode_snapshot(keys: VolumeKeys, snap: Snapshot) -> bytes:
+    """The snapshot object: its canonical JSON with the MAC (S1)."""
+    if snap.head.volume_id != keys.volume_id:
+        raise ValueError("the snapshot's head is another volume's")
+    doc = _snapshot_document(snap)
+    doc["mac"] = codec.snapshot_mac(keys, codec.canonical(doc))
+    return codec.canonical(doc) + b"\n"
+
+
+def _snapshot_document(snap: Snapshot) -> dict[str, Any]:
+    head = _head_document(snap.head)
+    del head["format"], head["volume_id"]  # the snapshot's own say it
+    return {"format": SNAPSHOT_FORMAT, "volume_id": snap.head.volume_id.hex(),
+            "name": snap.name, "created": snap.created, "size": snap.size, "head": head}
+
+
+def decode_snapshot(keys: VolumeKeys, name: str, blob: bytes) -> Snapshot:
+    """The snapshot stored under name's key, if it is this volume's, its MAC verifies and
+    it is named name (S1, S2); else IntegrityError naming it."""
+    what = f"snapshot {name} ({snapshot_key(name)})"
+    try:
+        doc = json.loads(blob)
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"{what}: not a JSON object (damaged or replaced)") from None
+    if not isinstance(doc, dict) or doc.get("format") != SNAPSHOT_FORMAT:
+        raise IntegrityError(f"{what}: not a cloudnbd snapshot")
+    if doc.get("volume_id") != keys.volume_id.hex():
+        raise IntegrityError(f"{what}: belongs to another volume "
+                             f"({doc.get('volume_id')!r}, not {keys.volume_id.hex()})")
+    mac = doc.pop("mac", None)
+    if not isinstance(mac, str) or not compare_digest(
+            codec.snapshot_mac(keys, codec.canonical(doc)), mac):
+        raise IntegrityError(f"{what}: failed authentication (modified, or written under "
+                             f"another key)")
+    if doc.get("name") != name:
+        raise IntegrityError(f"{what}: holds snapshot {doc.get('name')!r} (an object "
+                             f"copied or renamed)")
+    try:
+        return Snapshot(name, _text(doc["created"]), _int(doc["size"]),
+                        _head_of(keys, doc["head"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"{what}: malformed ({exc})") from None
 
 
 def _int(value: Any) -> int:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from cloudnbd import codec, layout
 from cloudnbd.backends.base import ObjectInfo, ObjectStore
 from cloudnbd.chunks import ChunkCodec, Pacer
-from cloudnbd.errors import IntegrityError, ObjectNotFound
-from cloudnbd.layout import Entry, Head, JournalBuilder, JournalRef, Record
+from cloudnbd.errors import IntegrityError, ObjectNotFound, PreconditionFailed, UsageError
+from cloudnbd.layout import Entry, Head, JournalBuilder, JournalRef, Record, Snapshot
+from cloudnbd.pool import results
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,66 @@ class VolumeObjects:
     def head_size(self, head: Head) -> int:
         """The bytes put_head sends for head (its encoding is deterministic)."""
         return len(layout.encode_head(self.keys, head))
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def put_snapshot(self, snap: Snapshot) -> int:
+        """Create the snapshot's object (never replaced: W1); its bytes. UsageError if a
+        snapshot of that name exists."""
+        blob = layout.encode_snapshot(self.keys, snap)
+        try:
+            self.store.put_if(layout.snapshot_key(snap.name), blob, None)
+        except PreconditionFailed:
+            raise UsageError(f"{self.store.description}: a snapshot named {snap.name} "
+                             f"exists already") from None
+        return len(blob)
+
+    def get_snapshot(self, name: str) -> Snapshot:
+        """The snapshot named name (authenticated, S1-S2); UsageError if there is none."""
+        found = self.find_snapshot(name)
+        if found is None:
+            raise UsageError(f"{self.store.description}: no snapshot named {name}")
+        return found
+
+    def find_snapshot(self, name: str) -> Snapshot | None:
+        """The snapshot named name, None if there is none; IntegrityError if its object
+        does not authenticate as that snapshot of this volume."""
+        try:
+            blob = self.store.get(layout.snapshot_key(name))
+        except ObjectNotFound:
+            return None
+        return layout.decode_snapshot(self.keys, name, blob)
+
+    def snapshot_names(self) -> list[str]:
+        """The names of the volume's snapshots, in key order (unauthenticated: each is
+        checked when it is read)."""
+        return [name for info in self.store.list(layout.SNAPSHOT_PREFIX)
+                if (name := layout.snapshot_name(info.key)) is not None]
+
+    def delete_snapshot(self, name: str) -> None:
+        self.store.delete(layout.snapshot_key(name))
+
+    def needed_by(self, head: Head, threads: int = 8) -> set[str]:
+        """Every key the image head names (layout.named_keys: its map pages, its journal
+        objects, the chunk objects they name); IntegrityError if one of its pages or
+        journal objects is missing or damaged, since what it names is then unknown."""
+        pages = dict(results(threads, lambda p: self.get_page(*p), head.pages))
+        journals = {ref.stamp: found[0] for ref, found in results(
+            threads, lambda r: self.get_journal(r.stamp, r), head.journal)}
+        by_page = {page: pages[(page, stamp)] for page, stamp in head.pages}
+        return layout.named_keys(head, by_page, journals)  # type: ignore[arg-type]
+
+    def kept_by_snapshots(self, threads: int = 8) -> set[str]:
+        """Every key some snapshot needs, the snapshots' own keys included (S4): garbage
+        collection must delete none of them. IntegrityError if a snapshot, or an object
+        it names, cannot be read: nothing may be collected then, as what it needs is
+        unknown (a damaged snapshot stops collection until it is deleted)."""
+        kept: set[str] = set()
+        for name in self.snapshot_names():
+            snap = self.find_snapshot(name)
+            if snap is not None:  # else deleted since the listing
+                kept.add(layout.snapshot_key(name))
+                kept |= self.needed_by(snap.head, threads)
+        return kept
 
     # -- everything --------------------------------------------------------------------------
     def list_own(self) -> Iterator[ObjectInfo]:

@@ -28,15 +28,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Collection, Mapping
-from datetime import UTC, datetime
 
 from cloudnbd import codec, layout, lease
-from cloudnbd.backends.base import ObjectStore
 from cloudnbd.errors import CloudnbdError, IntegrityError, ObjectNotFound, PreconditionFailed
 from cloudnbd.layout import PAGE_CHUNKS, ZERO_ENTRY, Entry, Head
 from cloudnbd.objects import VolumeObjects
 from cloudnbd.pool import results
-from cloudnbd.reader import Image, unnamed
+from cloudnbd.reader import Image, garbage
 from cloudnbd.volume import DELETE_BATCH, LAYOUT_V3, Volume, own_objects
 
 log = logging.getLogger(__name__)
@@ -167,7 +165,7 @@ class ImageWriter:
         version expected (None: create it). CloudnbdError if it is not (R2)."""
         pages = self.write_pages(threads)
         head = Head(self.objects.keys.volume_id, generation, self.epoch, self.seq, pages,
-                    (), datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                    (), layout.utc_now())
         try:
             self.objects.put_head(key, head, expected)
         except PreconditionFailed:
@@ -187,18 +185,24 @@ class ImageWriter:
         return names
 
 
-def collect(store: ObjectStore, named: set[str],
+def collect(vol: Volume, named: set[str],
             progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
-    """Delete the volume's objects no current head names (R4): after a switch, what the
-    old head named, and any other garbage. Returns (objects, bytes) deleted."""
-    doomed = unnamed(own_objects(store), named)
+    """Delete the volume's objects that neither the current head (named) nor any snapshot
+    needs (R4, S4): after a switch, what the old head named, and any other garbage.
+    Returns (objects, bytes) deleted. If a snapshot cannot be read, nothing is deleted
+    (a warning says why): what it needs is unknown."""
+    doomed = garbage(vol, own_objects(vol.store), named)
+    if doomed is None:
+        log.warning("no garbage deleted, as a snapshot cannot be read; `cloudnbd "
+                    "snapshot delete` the damaged snapshot to let garbage be collected")
+        return 0, 0
     total = sum(info.size for info in doomed)
     done = 0
     if progress is not None:
         progress(0, total)
     for start in range(0, len(doomed), DELETE_BATCH):
         batch = doomed[start:start + DELETE_BATCH]
-        store.delete_many([info.key for info in batch])
+        vol.store.delete_many([info.key for info in batch])
         done += sum(info.size for info in batch)
         if progress is not None:
             progress(done, total)

@@ -68,6 +68,7 @@ def current(vol: Volume, work: Callable[[Head], T]) -> T:
 class Image:
     """The chunks of a volume as one head names them.
 
+    size: a snapshot's image is read at the size it was taken at.
     With on_damage, a map page or journal object that is missing or damaged (an
     IntegrityError; a store out of reach still raises) is reported
     to it and left out instead of raising (verify, info): the image is then incomplete
@@ -75,8 +76,10 @@ class Image:
     """
 
     def __init__(self, vol: Volume, head: Head | None = None, threads: int = 8,
-                 on_damage: DamageFn | None = None) -> None:
+                 on_damage: DamageFn | None = None, size: int | None = None) -> None:
         self.volume = vol
+        #: the image's size: the volume's, or a snapshot's (its size when taken)
+        self.size = vol.meta.size if size is None else size
         self.objects = vol.objects
         #: the version of the head read here (None: the caller gave the head)
         self.head_version: str | None = None
@@ -89,7 +92,7 @@ class Image:
         #: the highest sequence number the head holds: its seq, its journal records',
         #: its map entries'. A writer of a new head numbers past it (E6).
         self.max_seq = max([head.seq, *(ref.last_seq for ref in head.journal)])
-        builder = ImageBuilder(vol.meta.chunk_size, vol.meta.size)
+        builder = ImageBuilder(vol.meta.chunk_size, self.size)
         self.wire_bytes = 0
 
         def damaged(key: str, exc: BaseException) -> None:
@@ -166,17 +169,33 @@ class Image:
         return sorted({index for index, _ in self.named_chunks()
                        if index >= self.chunk_count})
 
-    def garbage(self) -> list[ObjectInfo]:
-        """The volume's objects the head does not name (unnamed(); needs `complete`)."""
+    def garbage(self) -> list[ObjectInfo] | None:
+        """The volume's objects neither the head nor a snapshot needs (garbage(); needs
+        `complete`)."""
         if not self.complete:
             raise ValueError("garbage of an incomplete image would count live objects")
-        return unnamed(own_objects(self.volume.store), self.named)
+        return garbage(self.volume, own_objects(self.volume.store), self.named)
+
+
+def garbage(vol: Volume, listing: Iterable[ObjectInfo], named: set[str]
+            ) -> list[ObjectInfo] | None:
+    """The objects of listing (volume.own_objects) that neither named (every key the
+    current head names) nor any snapshot needs (VolumeObjects.kept_by_snapshots): what
+    may be collected. None if a snapshot cannot be read (what it needs is unknown)."""
+    try:
+        kept = vol.objects.kept_by_snapshots()
+    except IntegrityError as exc:
+        log.warning("%s", exc.message)
+        return None
+    return unnamed(listing, named | kept)
 
 
 def unnamed(listing: Iterable[ObjectInfo], named: set[str]) -> list[ObjectInfo]:
     """The objects of listing (the volume's own: volume.own_objects) that are neither
-    volume.json, the lease, nor named (named holds every key the current head names, its
-    own included): garbage of compaction, interrupted commands and upgrades, old heads,
-    and chunk objects of versions 1 and 2."""
+    volume.json, the lease, a snapshot, nor named (named holds every key the current head
+    names, its own included, and every key a snapshot needs: VolumeObjects.
+    kept_by_snapshots): garbage of compaction, interrupted commands and upgrades, old
+    heads, and chunk objects of versions 1 and 2."""
     keep = named | {METADATA_KEY, LEASE_KEY}
-    return [info for info in listing if info.key not in keep]
+    return [info for info in listing
+            if info.key not in keep and layout.snapshot_name(info.key) is None]

@@ -41,7 +41,9 @@ from cloudnbd.engine.device import CloudState, Engine, EngineSettings
 from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.engine.workers import WorkerConfig, WorkerPool
 from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced
+from cloudnbd.layout import Snapshot, utc_now
 from cloudnbd.metrics import Metrics
+from cloudnbd.nbd.device import DeviceError
 from cloudnbd.nbd.server import NbdServer, ServerSettings
 from cloudnbd.rates import RateSampler
 from cloudnbd.runtime import lock_cache_dir
@@ -348,6 +350,8 @@ class Service:
             return self.close(send, timeout=request.get("timeout"))
         if command == "grow":
             return self.grow(int(request["size"]))
+        if command == "snapshot":
+            return self.snapshot(str(request["name"]))
         return {"error": f"unknown control command {command!r}"}
 
     def grow(self, new_size: int) -> dict[str, Any]:
@@ -365,6 +369,24 @@ class Service:
                 self.volume.grow(new_size)  # its rules, volume.json first (M1)
                 self.engine.grow(new_size)
             return {"done": True, "old_size": old, "size": new_size}
+        except CloudnbdError as exc:
+            return {"error": exc.message, "exit_code": exc.exit_code}
+        finally:
+            self.volume.store.idle()
+
+    def snapshot(self, name: str) -> dict[str, Any]:
+        """Take snapshot name of the served volume: a FLUSH, then the head it committed
+        stored as the snapshot (docs/format.md, "Snapshots"; S5)."""
+        assert self.engine is not None
+        try:
+            with self.engine.snapshot_head() as (head, size):
+                snap = Snapshot(name, utc_now(), size, head)
+                self.volume.objects.put_snapshot(snap)
+            return {"done": True, "name": name, "generation": head.generation,
+                    "written": head.written, "size": size, "created": snap.created}
+        except DeviceError as exc:
+            return {"error": f"the FLUSH before the snapshot failed: {exc}",
+                    "exit_code": 3}
         except CloudnbdError as exc:
             return {"error": exc.message, "exit_code": exc.exit_code}
         finally:

@@ -29,7 +29,7 @@ from cloudnbd.errors import CloudnbdError, IntegrityError, UsageError
 from cloudnbd.layout import Head
 from cloudnbd.offline import ImageWriter, carry, collect
 from cloudnbd.pool import parallel, results
-from cloudnbd.reader import Image, current, read_head, unnamed
+from cloudnbd.reader import Image, current, garbage, read_head
 from cloudnbd.volume import LAYOUT_V3, Volume, own_objects
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,13 @@ class VerifyReport:
     head_generation: int | None = None
 
 
-def verify(vol: Volume, threads: int = 8, progress: ProgressFn | None = None) -> VerifyReport:
-    """Download and authenticate every object the volume's data is made of; list the
-    damaged ones, stray chunks and garbage."""
+def verify(vol: Volume, threads: int = 8, progress: ProgressFn | None = None,
+           snapshot: str | None = None) -> VerifyReport:
+    """Download and authenticate every object the volume's data (or snapshot's image) is
+    made of; list the damaged ones, stray chunks and garbage."""
+    if snapshot is not None:
+        snap = _snapshot(vol, snapshot)
+        return _verify_head(vol, snap.head, threads, progress, snap.size)
     if vol.meta.version < LAYOUT_V3:
         return _verify_chunks(vol, threads, progress)
     for _ in range(_VERIFY_ATTEMPTS):
@@ -95,10 +99,11 @@ def verify(vol: Volume, threads: int = 8, progress: ProgressFn | None = None) ->
                         f"it is verified (a server is busy writing); try again")
 
 
-def _verify_head(vol: Volume, head: Head, threads: int, progress: ProgressFn | None
-                 ) -> VerifyReport:
+def _verify_head(vol: Volume, head: Head, threads: int, progress: ProgressFn | None,
+                 size: int | None = None) -> VerifyReport:
     """verify for version 3: the map pages, journal objects and chunk objects the head
-    names, each fetched and authenticated; what lies past the end; garbage."""
+    names, each fetched and authenticated; what lies past the end; garbage (not for a
+    snapshot's head, read at its size)."""
     report = VerifyReport(head_generation=head.generation)
 
     def damaged(key: str, problem: str) -> None:
@@ -109,7 +114,7 @@ def _verify_head(vol: Volume, head: Head, threads: int, progress: ProgressFn | N
             problem = problem[len(key) + 2:]
         report.damaged.append(Damage(kind, name, problem))
 
-    image = Image(vol, head, threads, on_damage=damaged)
+    image = Image(vol, head, threads, on_damage=damaged, size=size)
     listing = list(own_objects(vol.store))
     listed = {info.key: info.size for info in listing}
     report.checked = len(head.pages) + len(head.journal)
@@ -129,10 +134,11 @@ def _verify_head(vol: Volume, head: Head, threads: int, progress: ProgressFn | N
         done += sizes[chunk]
         if progress is not None:
             progress(done, total)
-    if image.complete:
-        garbage = unnamed(listing, image.named)
-        report.garbage_objects = len(garbage)
-        report.garbage_bytes = sum(info.size for info in garbage)
+    found = garbage(vol, listing, image.named) if image.complete and size is None \
+        else None
+    if found is not None:
+        report.garbage_objects = len(found)
+        report.garbage_bytes = sum(info.size for info in found)
     else:
         report.garbage_objects = None
     return report
@@ -166,57 +172,76 @@ def _verify_chunks(vol: Volume, threads: int, progress: ProgressFn | None) -> Ve
 # -- export --------------------------------------------------------------------------------
 
 def export(vol: Volume, target: Path, threads: int = 8, progress: ProgressFn | None = None,
-           overwrite: bool = False) -> int:
-    """Write the whole volume to a raw image (never-stored chunks become holes) or a
-    block device (they are written as zeros: a device keeps what it held).
+           overwrite: bool = False, snapshot: str | None = None) -> tuple[int, int]:
+    """Write the whole volume (or snapshot's image) to a raw image (never-stored chunks
+    become holes) or a block device (they are written as zeros: a device keeps what it
+    held).
 
-    Returns the bytes of data written. A damaged chunk stops the export with an error
-    naming it: a restore must never silently contain wrong data.
+    Returns the image's size and the bytes of data written. A damaged chunk stops the
+    export with an error naming it: a restore must never silently contain wrong data.
     """
+    snap = None if snapshot is None else _snapshot(vol, snapshot)
     if target.exists() and not overwrite and not target.is_block_device():
         raise UsageError(f"{target} exists; pass --force to overwrite it")
     device = target.is_block_device()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | (0 if device else os.O_TRUNC), 0o600)
     try:
-        if vol.meta.version >= LAYOUT_V3:
+        size = vol.meta.size
+        if snap is not None:  # immutable while it exists: no head to follow
+            image = Image(vol, snap.head, threads, size=snap.size)
+            size = image.size
+            written = _write_out(vol, image.size, image.stored(), image.chunk, fd, device,
+                                 threads, progress)
+        elif vol.meta.version >= LAYOUT_V3:
             def from_head(head: Head) -> int:
                 image = Image(vol, head, threads)
-                return _write_out(vol, image.stored(), image.chunk, fd, device, threads,
-                                  progress)
+                return _write_out(vol, image.size, image.stored(), image.chunk, fd,
+                                  device, threads, progress)
 
             written = current(vol, from_head)
         else:
             stored = sorted(i for i, _ in vol.stored_chunks() if i < vol.meta.chunk_count)
-            written = _write_out(vol, stored, lambda i: vol.chunks.get(i).plain, fd, device,
-                                 threads, progress)
+            written = _write_out(vol, size, stored, lambda i: vol.chunks.get(i).plain, fd,
+                                 device, threads, progress)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return written
+    return size, written
 
 
-def _write_out(vol: Volume, stored: list[int], fetch: Callable[[int], bytes | None],
-               fd: int, device: bool, threads: int, progress: ProgressFn | None) -> int:
-    """Write chunks (fetch(index): its bytes, None for zeros) to fd from scratch."""
-    meta = vol.meta
+def _snapshot(vol: Volume, name: str) -> layout.Snapshot:
+    """Snapshot name of a version-3 volume (UsageError if there is none)."""
+    if vol.meta.version < LAYOUT_V3:
+        raise UsageError(f"{vol.store.description}: a volume of format version "
+                         f"{vol.meta.version} has no snapshots (`cloudnbd upgrade` it)")
+    return vol.objects.get_snapshot(name)
+
+
+def _write_out(vol: Volume, size: int, stored: list[int],
+               fetch: Callable[[int], bytes | None], fd: int, device: bool, threads: int,
+               progress: ProgressFn | None) -> int:
+    """Write the chunks of an image of size bytes (fetch(index): its bytes, None for
+    zeros) to fd from scratch."""
+    chunk_size = vol.meta.chunk_size
+    chunk_count = -(-size // chunk_size)
     if not device:
         os.ftruncate(fd, 0)  # from scratch: a restarted export leaves nothing behind
-        os.ftruncate(fd, meta.size)  # sparse: holes where nothing is stored
-    indexes = range(meta.chunk_count) if device else stored
+        os.ftruncate(fd, size)  # sparse: holes where nothing is stored
+    indexes = range(chunk_count) if device else stored
     wanted = set(stored)
-    total = len(indexes) * meta.chunk_size
-    zeros = memoryview(bytes(meta.chunk_size))
+    total = len(indexes) * chunk_size
+    zeros = memoryview(bytes(chunk_size))
     written = done = 0
     for index, plain in results(threads, lambda i: fetch(i) if i in wanted else None,
                                 indexes):
-        start = index * meta.chunk_size
-        length = min(meta.chunk_size, meta.size - start)
+        start = index * chunk_size
+        length = min(chunk_size, size - start)
         if plain is not None:
             os.pwrite(fd, memoryview(plain)[:length], start)  # type: ignore[arg-type]
             written += length
         elif device:
             os.pwrite(fd, zeros[:length], start)
-        done += meta.chunk_size
+        done += chunk_size
         if progress is not None:
             progress(done, total)
     return written
@@ -257,7 +282,7 @@ def import_image(vol: Volume, source: Path, epoch: int, threads: int = 8,
                 progress(min((index + 1) * meta.chunk_size, meta.size), meta.size)
     finally:
         os.close(fd)
-    _switch(vol, writer, head, version, threads)
+    switch(vol, writer, head, version, threads)
     return len(writer.entries)
 
 
@@ -270,16 +295,18 @@ def _old_image(vol: Volume, head: Head, threads: int, going_on: str) -> Image:
     return Image(vol, head, threads, on_damage=damaged)
 
 
-def _switch(vol: Volume, writer: ImageWriter, head: Head, version: str, threads: int,
-            size: int | None = None) -> None:
+def switch(vol: Volume, writer: ImageWriter, head: Head, version: str, threads: int,
+           size: int | None = None) -> Head:
     """Write the new head over head (R2), remember its generation on this machine, then
-    record size in volume.json if given, and delete what the head no longer names (R4)."""
+    record size in volume.json if given, and delete what neither the head nor a snapshot
+    needs (R4); the new head."""
     key = vol.meta.head
     new = writer.write_head(key, head.generation + 1, version, threads)
     freshness.check_head(vol.meta.volume_id, new.generation)
     if size is not None:
         vol.update(lambda meta: replace(meta, size=size))
-    collect(vol.store, writer.named(key))
+    collect(vol, writer.named(key))
+    return new
 
 
 def _has_data(fd: int, start: int, length: int) -> bool:
@@ -336,4 +363,4 @@ def shrink(vol: Volume, new_size: int, epoch: int, threads: int = 8,
             progress(done * meta.chunk_size, total)
     if progress is not None and not rewrite:
         progress(0, 0)
-    _switch(vol, writer, head, version, threads, size=new_size)
+    switch(vol, writer, head, version, threads, size=new_size)

@@ -29,7 +29,6 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
 
 from cloudnbd import codec, layout
@@ -127,7 +126,7 @@ def own_objects(store: ObjectStore) -> Iterator[ObjectInfo]:
     and the other version-3 objects, then _OWN_KEYS in their order (volume.json last)."""
     for _, info in stored_chunks(store):
         yield info
-    for prefix in ("chunks/", "map/", "journal/", "head-"):
+    for prefix in ("chunks/", "map/", "journal/", "head-", layout.SNAPSHOT_PREFIX):
         for info in store.list(prefix):
             if layout.owns_v3(info.key):
                 yield info
@@ -512,7 +511,7 @@ def create(store: ObjectStore, size: int, chunk_size: int, password: str,
     master_key = os.urandom(codec.MASTER_KEY_BYTES)
     slot = new_slot(0, password, master_key, volume_id, kdf)
     head = layout.head_key(layout.new_key_id()) if version >= LAYOUT_V3 else ""
-    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = layout.utc_now()
     meta = VolumeMeta(
         volume_id=volume_id, size=size, chunk_size=chunk_size, generation=1,
         created=created, slots=(slot,), version=format_version((slot,), head), head=head,

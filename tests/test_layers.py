@@ -24,7 +24,7 @@ LAYERS = (
                                       "cloudnbd.rates", "cloudnbd.runtime")),
     ("engine", ("cloudnbd.engine",)),
     ("nbd", ("cloudnbd.nbd",)),
-    ("offline commands", ("cloudnbd.transfer", "cloudnbd.convert")),
+    ("offline commands", ("cloudnbd.transfer", "cloudnbd.convert", "cloudnbd.snapshots")),
     ("images", ("cloudnbd.offline", "cloudnbd.reader")),
     ("volumes", ("cloudnbd.volume", "cloudnbd.objects", "cloudnbd.backends.remote",
                  "cloudnbd.logs")),

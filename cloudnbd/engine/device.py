@@ -43,9 +43,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cloudnbd import layout
@@ -264,6 +264,10 @@ class Engine(BlockDevice):
         self._waiting_reads: dict[int, list[Result]] = {}  # open: journal objects read
         self._store_tasks: dict[int, str] = {}  # task id -> "journal", "page", "head", ...
         self._garbage_seen: tuple[float, set[str]] | None = None
+        #: +1 whenever a snapshot is being taken (S5): a listing begun in an older
+        #: round counts for nothing
+        self._gc_round = 0
+        self._gc_listing_round = 0
         self._gc_at = time.monotonic() + settings.gc_grace
         self._gc_busy = False
         self._gc_head_version = ""  # the head version the delete in flight expects (G3)
@@ -434,6 +438,24 @@ class Engine(BlockDevice):
         self.journal.close()
         if self._clean_opened:
             self.clean.mark_clean_shutdown()
+
+    @contextmanager
+    def snapshot_head(self) -> Iterator[tuple[Head, int]]:
+        """The head as of a FLUSH made now, and the volume's size, for a snapshot of it
+        that the caller stores within the block. Garbage collection counts no listing
+        begun before the block ended (S5): the listings that read the snapshots before
+        its object existed could otherwise doom what it names once a checkpoint
+        unnames it."""
+        self.flush()
+        with self._cond:
+            self._refuse_if_displaced()
+            self._forget_garbage_locked()
+            head, size = self.head, self._size
+        try:
+            yield head, size
+        finally:
+            with self._cond:
+                self._forget_garbage_locked()
 
     def grow(self, new_size: int) -> None:
         """The volume grew (volume.json already says so): serve the new size. Connections
@@ -1014,7 +1036,7 @@ class Engine(BlockDevice):
             del pages[page]
         commit.head = Head(self.head.volume_id, self.head.generation + 1, self.cloud.epoch,
                            max(self.head.seq, commit.target), tuple(sorted(pages.items())),
-                           journal, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                           journal, layout.utc_now())
         self._submit_head_locked(commit)
 
     def _submit_head_locked(self, commit: _Commit) -> None:
@@ -1141,7 +1163,13 @@ class Engine(BlockDevice):
             return
         self._gc_busy = True
         self._gc_at = time.monotonic() + self.settings.gc_grace
+        self._gc_listing_round = self._gc_round
         self._submit(ListTask(self._next_task_id()), "list")
+
+    def _forget_garbage_locked(self) -> None:
+        """Start garbage collection over: deleting needs two listings from now (S5)."""
+        self._gc_round += 1
+        self._garbage_seen = None
 
     def _named_locked(self) -> set[str]:
         named = {layout.chunk_key(i, s) for i, s in self.map.stamps()}
@@ -1168,7 +1196,9 @@ class Engine(BlockDevice):
            wrote or read last: a writer of an earlier epoch that committed after all
            (a new holder loses to a commit between its read of the head and its first
            write) is protected, and this server learns it was displaced."""
-        if result.outcome != Outcome.DONE:
+        if result.outcome != Outcome.DONE or self._gc_listing_round != self._gc_round:
+            if result.outcome != Outcome.DONE:
+                log.warning("garbage collection skipped: %s", result.error)
             self._gc_busy = False
             return
         self.stats.garbage_listings += 1

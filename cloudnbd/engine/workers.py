@@ -173,7 +173,8 @@ class ReadPageTask:
 
 @dataclass(frozen=True)
 class ListTask:
-    """The keys of every version-3 object of the volume but the head (garbage)."""
+    """The keys of every version-3 object of the volume but the head that no snapshot
+    needs (S4; a snapshot that cannot be read fails the task: nothing is collected)."""
 
     task_id: int
     index: int = -1
@@ -416,8 +417,12 @@ class _Worker:
             return Result(task.task_id, task.index, Outcome.DONE,
                           value=self.objects.get_page(task.page, task.stamp))
         if isinstance(task, ListTask):
+            # the objects first, then the snapshots: a snapshot deleted in between
+            # keeps its objects one round more, never the other way round
+            listed = [info.key for info in self.objects.list_own()]
+            kept = self.objects.kept_by_snapshots(threads=2)
             return Result(task.task_id, task.index, Outcome.DONE,
-                          value=[info.key for info in self.objects.list_own()])
+                          value=[key for key in listed if key not in kept])
         found = self.store.stat(task.head_key)
         if found is None or found.version != task.expected:
             return Result(task.task_id, task.index, Outcome.DISPLACED,

@@ -1,0 +1,215 @@
+"""Snapshots (docs/format.md, "Snapshots"; cloudnbd/snapshots.py), run as a user runs
+them on file, s3 (SeaweedFS) and gs (fake-gcs-server): the images they keep through
+rewrites and garbage collection (offline at once, and the engine's with a grace of
+0.2 s), what deleting one frees, rollback, retention, and forged or swapped snapshot
+objects refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudnbd import layout, volume
+from cloudnbd.layout import Snapshot
+from cloudnbd.snapshots import retained
+from tests.nbdclient import NbdClient
+from tests.served import cloudnbd, start
+from tests.servers import BackendEnv
+from tests.test_offline import (
+    CHUNK,
+    MiB,
+    Offline,
+    apply,
+    assert_image,
+    commit_journal,
+    model,
+    own_keys,
+    write_image,
+)
+
+SIZE = 4 * MiB  # 64 chunks of 64 KiB
+
+
+@pytest.fixture
+def vol(backend_env: BackendEnv, tmp_path: Path) -> Offline:
+    return Offline(backend_env, tmp_path)
+
+
+def snap(vol: Offline, action: str, *args: str, check: bool = True
+         ) -> tuple[int, str, str]:
+    """cloudnbd snapshot ACTION BACKEND VOLUME ARGS... with the password file."""
+    result = cloudnbd("snapshot", action, *vol.target, *args, "--password-file",
+                      str(vol.password), *vol.env.cli_args, env=vol.env.env, check=check)
+    return result.returncode, result.stdout, result.stderr
+
+
+def needs(vol: Offline, name: str | None) -> set[str]:
+    """Every key snapshot name's image (None: the volume's head) needs, its own key too."""
+    unlocked = vol.unlock()
+    if name is None:
+        head, _ = unlocked.objects.get_head(unlocked.meta.head)
+        return unlocked.objects.needed_by(head) | {unlocked.meta.head}
+    snap = unlocked.objects.get_snapshot(name)
+    return unlocked.objects.needed_by(snap.head) | {layout.snapshot_key(name)}
+
+
+def test_snapshots_keep_their_images_through_rewrites_and_collection(vol: Offline) -> None:
+    """Write A, snapshot s1, write B (a journal object the head names, as a server
+    leaves it), snapshot s2, write C (an import: the old image is collected at once):
+    s1, s2 and the volume export byte for byte; deleting s1 deletes exactly what only it
+    needed; rollback to s2 keeps the state before as a snapshot."""
+    vol.init("4MiB")
+    first = {0: os.urandom(3 * CHUNK), 10 * CHUNK + 100: os.urandom(5000)}
+    write_image(vol.tmp / "a", SIZE, first)
+    vol.import_(vol.tmp / "a")
+    image_a = model(SIZE, first)
+    code, out, _ = snap(vol, "create", "s1")
+    assert code == 0 and "Created snapshot s1" in out, out
+    records = [("write", 5, os.urandom(700)), ("chunk", 20, os.urandom(CHUNK)),
+               ("zero", 10 * CHUNK, CHUNK)]
+    commit_journal(vol.store, "first password", records)
+    image_b = bytearray(image_a)
+    apply(image_b, records)
+    snap(vol, "create", "s2")
+    third = {CHUNK: os.urandom(2 * CHUNK)}
+    write_image(vol.tmp / "c", SIZE, third)
+    vol.import_(vol.tmp / "c")  # collects what the old head named, but for snapshots
+
+    for name, expected in (("s1", image_a), ("s2", image_b)):
+        (code, out, _), exported = vol.export(f"{name}.out", "--snapshot", name)
+        assert code == 0 and f"of snapshot {name}" in out, out
+        assert_image(exported, expected)
+        code, out, _ = vol("verify", "--snapshot", name)
+        assert code == 0 and "0 damaged" in out, out
+    _, exported = vol.export("now.out")
+    assert_image(exported, model(SIZE, third))
+    code, out, _ = vol("verify")
+    assert code == 0 and ", 0 garbage" in out, out  # snapshot objects are not garbage
+
+    _, out, _ = snap(vol, "list", "--json")
+    listed = {row["name"]: row for row in json.loads(out)}
+    assert set(listed) == {"s1", "s2"} and listed["s1"]["size"] == SIZE
+    only_s1 = needs(vol, "s1") - needs(vol, "s2") - needs(vol, None)
+    sizes = {info.key: info.size for info in volume.own_objects(vol.store)}
+    assert listed["s1"]["alone_bytes"] == sum(sizes[k] for k in only_s1) > 0
+
+    before = own_keys(vol)
+    code, _, _ = snap(vol, "delete", "s1")
+    assert code == 0
+    assert before - own_keys(vol) == only_s1  # exactly what only s1 kept alive
+    _, exported = vol.export("s2.again", "--snapshot", "s2")
+    assert_image(exported, image_b)
+
+    code, out, _ = snap(vol, "rollback", "s2", "--yes")
+    assert code == 0 and "back to snapshot s2" in out, out
+    _, exported = vol.export("rolled.out")
+    assert_image(exported, image_b)
+    (kept,) = [n for n in vol.unlock().objects.snapshot_names() if n != "s2"]
+    assert kept.startswith("before-rollback-")
+    _, exported = vol.export("kept.out", "--snapshot", kept)
+    assert_image(exported, model(SIZE, third))
+    code, out, _ = vol("verify")
+    assert code == 0 and ", 0 garbage" in out, out
+
+
+def test_a_forged_or_swapped_snapshot_is_refused(vol: Offline) -> None:
+    vol.init("4MiB")
+    write_image(vol.tmp / "a", SIZE, {0: os.urandom(CHUNK)})
+    vol.import_(vol.tmp / "a")
+    snap(vol, "create", "s1")
+    write_image(vol.tmp / "b", SIZE, {CHUNK: os.urandom(CHUNK)})
+    vol.import_(vol.tmp / "b")
+    snap(vol, "create", "s2")
+    store = vol.store
+    one, two = store.get("snapshots/s1"), store.get("snapshots/s2")
+    store.put("snapshots/s1", two)  # swapped: s2's genuine object under s1's name
+    code, _, err = vol("export", "--snapshot", "s1", str(vol.tmp / "x"), check=False)
+    assert code == 7 and "holds snapshot 's2'" in err, err
+    doc = json.loads(one)
+    doc["size"] = 2 * SIZE  # forged: a field changed without the key
+    store.put("snapshots/s1", json.dumps(doc).encode())
+    code, _, err = vol("verify", "--snapshot", "s1", check=False)
+    assert code == 7 and "failed authentication" in err, err
+    before = own_keys(vol)
+    write_image(vol.tmp / "c", SIZE, {2 * CHUNK: os.urandom(CHUNK)})
+    vol.import_(vol.tmp / "c")  # what s1 needs is unknown now: nothing is collected
+    assert before <= own_keys(vol)
+    store.put("snapshots/s1", one)
+    _, exported = vol.export("s1.out", "--snapshot", "s1")
+    assert exported.read_bytes()[:CHUNK] != bytes(CHUNK)
+
+
+def test_engine_garbage_collection_keeps_what_a_snapshot_needs(
+        backend_env: BackendEnv, tmp_path: Path) -> None:
+    """A snapshot taken through the running server, the volume rewritten and
+    checkpointed, the server's collection run with a grace of 0.2 s until it deleted
+    something: the snapshot still exports byte for byte, and the volume too."""
+    vol = Offline(backend_env, tmp_path)
+    vol.init("4MiB")
+    served = start(tmp_path, backend_env.name, vol.location, vol.password,
+                   "--gc-grace", "0.2", "--checkpoint-size", "64KiB",
+                   "--checkpoint-age", "1",
+                   *backend_env.cli_args, env=backend_env.env)
+    try:
+        client = NbdClient.unix(str(served.socket))
+        first = os.urandom(4 * CHUNK)
+        client.pwrite(first, 0)
+        small = os.urandom(300)
+        client.pwrite(small, 40 * CHUNK)  # stays in the store's journal
+        client.flush()
+        _, out, _ = snap(vol, "create", "s1", "--cache", str(served.cache))
+        assert "through its running server" in out, out
+        snap_image = bytearray(SIZE)
+        snap_image[:4 * CHUNK] = first
+        snap_image[40 * CHUNK:40 * CHUNK + 300] = small
+        second = bytearray(snap_image)
+        for offset in range(0, SIZE, CHUNK):  # a quarter of each chunk: journal data
+            piece = os.urandom(CHUNK // 4)
+            second[offset:offset + len(piece)] = piece
+            client.pwrite(piece, offset)
+        client.flush()
+        deadline = time.monotonic() + 120
+        while int(served.status()["garbage_deleted"]) == 0:  # type: ignore[call-overload]
+            assert time.monotonic() < deadline, "the server never collected garbage"
+            with pytest.raises(subprocess.TimeoutExpired):
+                served.process.wait(timeout=0.2)
+        client.close()
+        _, exported = vol.export("s1.out", "--snapshot", "s1")
+        assert_image(exported, snap_image)
+    finally:
+        served.close()
+    _, exported = vol.export("now.out")
+    assert_image(exported, second)
+
+
+def test_retention_keeps_what_restic_would() -> None:
+    head = layout.Head(bytes(16), 1, 0, 0, (), (), "2024-01-01T00:00:00Z")
+
+    def snap(name: str, when: str) -> Snapshot:
+        return Snapshot(name, when, 4096, head)
+
+    snaps = [snap("a", "2024-01-01T01:00:00Z"), snap("b", "2024-01-01T23:00:00Z"),
+             snap("c", "2024-01-02T03:00:00Z"), snap("d", "2024-01-08T03:00:00Z"),
+             snap("e", "2024-01-09T03:00:00Z")]
+    assert retained(snaps) == {"a", "b", "c", "d", "e"}
+    assert retained(snaps, keep_last=2) == {"d", "e"}
+    assert retained(snaps, keep_daily=3) == {"e", "d", "c"}
+    assert retained(snaps, keep_daily=4) == {"e", "d", "c", "b"}
+    # ISO weeks: 2024-01-01 and 02 are week 1, 08 and 09 week 2
+    assert retained(snaps, keep_weekly=2) == {"e", "c"}
+    assert retained(snaps, keep_last=1, keep_weekly=2) == {"e", "c"}
+
+
+def test_snapshot_names_and_keys() -> None:
+    assert layout.snapshot_key("nightly-2024.01_31") == "snapshots/nightly-2024.01_31"
+    for bad in ("", "-x", "a/b", "a b", "x" * 65, "é"):
+        with pytest.raises(ValueError):
+            layout.snapshot_key(bad)
+        assert layout.snapshot_name("snapshots/" + bad) is None
+    assert volume.owns("snapshots/s1") and not volume.owns("snapshots/a/b")
