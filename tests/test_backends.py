@@ -367,3 +367,18 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in {sdks!r}))
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@s3_only
+def test_s3_puts_do_not_wait_for_100_continue(backend_env: BackendEnv) -> None:
+    """botocore asks for `Expect: 100-continue` on every PutObject, which costs a round
+    trip before the body goes; a small FLUSH is two PUTs in a row, so on an 80 ms link
+    that doubled its time (docs/performance.md). The bodies are at most a chunk."""
+    store = backend_env.store(backend_env.new_location())
+    sent: list[dict[str, str]] = []
+    store.client.meta.events.register(  # type: ignore[attr-defined]
+        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers)))
+    store.put("chunks/0000000000000001", os.urandom(300_000))
+    store.put_if("head-0000000000000001", b"head", None)
+    assert len(sent) == 2
+    assert all("Expect" not in headers for headers in sent), sent

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.handlers
 
 from cloudnbd import credentials
 from cloudnbd.backends import StoreOptions, split_bucket
@@ -171,6 +172,10 @@ class S3Store(BucketStore):
             aws_access_key_id=credentials.access_key if credentials else None,
             aws_secret_access_key=credentials.secret_key if credentials else None)
         self.endpoint = self.client.meta.endpoint_url
+        # botocore asks every PutObject to wait for `100 Continue` before its body: a
+        # round trip more per PUT, for bodies of at most a chunk (a small FLUSH is two
+        # PUTs in a row: on an 80 ms link, 0.35 s instead of about 0.2 s).
+        self.client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
 
     # -- errors ----------------------------------------------------------------------------
     def is_temp_failure(self, exc: BaseException) -> bool:
