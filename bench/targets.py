@@ -336,9 +336,10 @@ SCATTER_VOLUME = GiB
 SCATTER_SPAN = 256 * MiB
 
 
-def fio_fsync(targets: Targets, cls: type[Contender]) -> None:
-    """fio's nbd engine: FIO_WRITES random 4 KiB writes over 256 MiB of a fresh volume
-    at queue depth 1, a FLUSH after every 16, each write fresh random data
+def fio_fsync(targets: Targets, cls: type[Contender], held: Path) -> None:
+    """fio's nbd engine: FIO_WRITES random 4 KiB writes over the first 256 MiB of a
+    volume, which hold data (held, written and stored first: a used disk), at queue
+    depth 1, a FLUSH after every 16, each write fresh random data
     (--refill_buffers: fio otherwise repeats one buffer, which compresses to nothing);
     time, bytes and requests to durable."""
     who = cls.name
@@ -346,6 +347,8 @@ def fio_fsync(targets: Targets, cls: type[Contender]) -> None:
     device = targets.device(cls, relay, SCATTER_VOLUME)
 
     def body(uri: str) -> None:
+        run("nbdcopy", "--flush", str(held), uri)
+        device.settle()
         before = relay.mark()
         started = time.monotonic()
         run("fio", "--name=fsync16", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
@@ -491,7 +494,8 @@ def measure(args: argparse.Namespace, tmp: Path, endpoint: str) -> str:
             guarded(targets, f"{cls.name}: sequential",
                     lambda c=cls: sequential(targets, c, data))
         for cls in ours + others:
-            guarded(targets, f"{cls.name}: fio fsync", lambda c=cls: fio_fsync(targets, c))
+            guarded(targets, f"{cls.name}: fio fsync",
+                    lambda c=cls: fio_fsync(targets, c, held))
             guarded(targets, f"{cls.name}: fs edits", lambda c=cls: fs_edits(targets, c))
         guarded(targets, "fresh open", lambda: fresh_open(targets, args.journal_mib))
     held.unlink()
@@ -559,14 +563,16 @@ def table(t: Targets, args: argparse.Namespace) -> str:
         f"(folding the journal into chunks) took {fmt(t.get(f3, 'open close seconds'))} s",
     ]
     names = t.names
-    small = ["", f"Scattered small writes on a fresh {SCATTER_VOLUME // GiB} GiB volume: "
-             f"fio's nbd engine, {FIO_WRITES} random 4 KiB writes over the first "
-             f"{SCATTER_SPAN // MiB} MiB at queue depth 1 with a FLUSH after every 16; "
-             f"and a btrfs (made and synced untimed) given {FS_EDITS} small edits (a line "
-             "appended to one of 8 files), each followed by `sync -f`. Time until the "
-             "store holds it all (s3backer: until no dirty block), bytes sent to the "
-             "store and requests per operation, and request dollars per million "
-             "operations at S3 list prices.", "",
+    small = ["", f"Scattered small writes on a {SCATTER_VOLUME // GiB} GiB volume: "
+             f"fio's nbd engine, {FIO_WRITES} random 4 KiB writes (fresh random data "
+             f"each) over the first {SCATTER_SPAN // MiB} MiB, which hold random data "
+             "written and stored before, at queue depth 1 with a FLUSH after every 16; "
+             f"and a fresh btrfs (made and synced untimed) given {FS_EDITS} small edits "
+             "(a line appended to one of 8 files), each followed by `sync -f`. Time "
+             "until the store holds it all (s3backer, whose FLUSH does not wait for the "
+             "store: until no block is dirty, after each edit and at the end of fio), "
+             "bytes sent to the store and requests per operation, and request dollars "
+             "per million operations at S3 list prices.", "",
              "| workload | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
     for kind, what in (("fio", "fio 4 KiB writes, fsync every 16"),
                        ("fs", "btrfs edit + sync")):
@@ -584,5 +590,6 @@ def table(t: Targets, args: argparse.Namespace) -> str:
             f"{n}: {t.notes.get(n, {}).get(f'{kind} requests', '-')}" for n in names))
     runs = "One run." if args.target_runs == 1 else f"Medians of {args.target_runs} runs."
     failed = "".join(f"\n- failed: {line}" for line in t.failures)
-    return "\n".join([f"{runs} Format 1 is commit {args.format1} run from a `git archive` "
-                      f"of it in the same run.{failed}", "", *lines, *detail, *small])
+    return "\n".join([f"Measured {time.strftime('%Y-%m-%d')}. {runs} Format 1 is commit "
+                      f"{args.format1} run from a `git archive` of it in the same run."
+                      f"{failed}", "", *lines, *detail, *small])
