@@ -26,7 +26,16 @@ from pathlib import Path
 
 import slowlink
 import targets
-from common import ROOT, command_line, fio, machine, median, replace_section
+from common import (
+    ROOT,
+    FaultProxy,
+    command_line,
+    fio,
+    machine,
+    median,
+    replace_section,
+    start_seaweedfs,
+)
 from contenders import CONTENDERS, Contender
 from workloads import (
     compressible_file,
@@ -37,8 +46,6 @@ from workloads import (
     unpack_to_durable,
     write_to_durable,
 )
-
-from tests.servers import FaultProxy, start_seaweedfs
 
 GiB = 2**30
 FS_SIZE = GiB  # the filesystem workload's volume, whatever --size-mib says
