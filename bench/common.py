@@ -17,10 +17,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# What the benchmarks take from the test suite (its servers, relay, slow link, process
+# tree, filesystem stack), in this one place: issue 17 wants bench/ independent of
+# tests/, and this is what remains to move.
+from tests.link import Link  # noqa: E402
+from tests.procs import pss_by_process, tree  # noqa: E402
 from tests.served import KDF, Served, cloudnbd, make_password_file, start  # noqa: E402
+from tests.servers import (  # noqa: E402
+    S3_ACCESS_KEY,
+    S3_BUCKET,
+    S3_SECRET_KEY,
+    FaultProxy,
+    s3_client,
+    start_seaweedfs,
+)
+from tests.test_filesystem import mounted  # noqa: E402
 
-__all__ = ["KDF", "Served", "cloudnbd", "fio", "fio_command", "fio_result", "machine",
-           "make_password_file", "median", "replace_section", "run", "start", "timed"]
+__all__ = ["KDF", "S3_ACCESS_KEY", "S3_BUCKET", "S3_SECRET_KEY", "FaultProxy", "Link",
+           "Served", "cloudnbd", "fio", "fio_command", "fio_result", "machine",
+           "make_password_file", "median", "mounted", "pss_by_process", "replace_section",
+           "run", "s3_client", "start", "start_seaweedfs", "timed", "tree"]
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float | None = None) -> str:

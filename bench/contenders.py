@@ -26,9 +26,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import KDF, Served, cloudnbd, make_password_file, run, start
-
-from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, s3_client
+from common import (
+    KDF,
+    S3_ACCESS_KEY,
+    S3_BUCKET,
+    S3_SECRET_KEY,
+    Served,
+    cloudnbd,
+    make_password_file,
+    run,
+    s3_client,
+    start,
+)
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
 START_TIMEOUT = 120.0

@@ -15,10 +15,19 @@ import threading
 import time
 from pathlib import Path
 
-from common import KDF, cloudnbd, machine, make_password_file, start
-
-from tests.procs import pss_by_process, tree
-from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, start_seaweedfs
+from common import (
+    KDF,
+    S3_ACCESS_KEY,
+    S3_BUCKET,
+    S3_SECRET_KEY,
+    cloudnbd,
+    machine,
+    make_password_file,
+    pss_by_process,
+    start,
+    start_seaweedfs,
+    tree,
+)
 
 
 def main() -> None:

@@ -16,9 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import KDF, cloudnbd, machine, make_password_file, start
-
-from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, start_seaweedfs
+from common import (
+    KDF,
+    S3_ACCESS_KEY,
+    S3_BUCKET,
+    S3_SECRET_KEY,
+    cloudnbd,
+    machine,
+    make_password_file,
+    start,
+    start_seaweedfs,
+)
 
 
 def main() -> None:

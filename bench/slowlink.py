@@ -19,13 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import median, run
+from common import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, FaultProxy, Link, median, run
 from contenders import Cloudnbd, Contender, NbdkitS3, S3backer
 from workloads import random_file, write_to_durable
 
 from cloudnbd.sizes import parse_size
-from tests.link import Link
-from tests.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, FaultProxy
 
 MB = 10**6
 MiB = 2**20

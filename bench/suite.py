@@ -1,10 +1,11 @@
 """cloudnbd against the alternatives, in one run on one machine against one SeaweedFS:
-speed of every workload, request counts and storage turned into dollars, and upload
-throughput on slow links. Prints the tables and writes them into docs/performance.md.
+speed of every workload, request counts and storage turned into dollars, issue 13's
+targets for format 3 (bench/targets.py), and upload throughput on slow links. Prints the
+tables and writes them into docs/performance.md.
 Run it through bench/run (which installs what is missing first).
 
     bench/run [--size-mib 1024] [--runs 3] [--seconds 10] [--contenders ...]
-              [--no-slow-links] [--no-compare] [--no-docs]
+              [--no-slow-links] [--no-compare] [--no-targets] [--no-docs]
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import slowlink
-from common import ROOT, command_line, fio, machine, median, replace_section
+import targets
+from common import (
+    ROOT,
+    FaultProxy,
+    command_line,
+    fio,
+    machine,
+    median,
+    replace_section,
+    start_seaweedfs,
+)
 from contenders import CONTENDERS, Contender
 from workloads import (
     compressible_file,
@@ -35,8 +46,6 @@ from workloads import (
     unpack_to_durable,
     write_to_durable,
 )
-
-from tests.servers import FaultProxy, start_seaweedfs
 
 GiB = 2**30
 FS_SIZE = GiB  # the filesystem workload's volume, whatever --size-mib says
@@ -368,6 +377,7 @@ def main() -> None:
     parser.add_argument("--tables-from", type=Path, metavar="SAVED",
                         help="measure nothing: publish the comparison from a --save file "
                              "(the runs a stopped bench/run completed; same --size-mib)")
+    targets.add_arguments(parser)
     slowlink.add_arguments(parser)
     args = parser.parse_args()
     # a TERM (timeout, CI) unwinds like ^C, so no server or mount stays behind
@@ -394,6 +404,9 @@ def main() -> None:
         try:
             if not args.no_compare:
                 publish("bench/run: contenders", contenders(args, tmp, weed.endpoint, proxy))
+            if not args.no_targets:
+                publish("bench/run: format 3 targets",
+                        targets.measure(args, tmp, weed.endpoint))
             if not args.no_slow_links:
                 publish("bench/run: slow links", slowlink.measure(args, tmp, weed.endpoint))
         finally:

@@ -19,10 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import run
+from common import mounted, run
 from contenders import Contender
-
-from tests.test_filesystem import mounted
 
 WORDS = ["block", "device", "journal", "chunk", "flush", "upload", "fetch", "cache",
          "volume", "backup", "restore", "encrypt", "compress", "bucket", "object", "durable"]
