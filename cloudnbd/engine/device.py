@@ -105,8 +105,13 @@ class EngineSettings:
     #: a FLUSH puts at most this much data in one journal object; beyond, the chunks
     #: with the most are uploaded whole instead
     journal_object_bytes: int = 64 * 2**20
-    #: uploaded chunks wait at most this long to be named by a commit
-    commit_delay: float = 2.0
+    #: uploaded chunks wait at most this long to be named by a commit (or until a FLUSH,
+    #: a checkpoint, commit_uploads of them, or half of max_dirty in the local journal).
+    #: Naming costs two PUTs (a journal object, the head) whatever it names: the fewer
+    #: commits a stream of uploads makes, the closer its PUTs per GiB to one per chunk.
+    #: Until named, an upload's journal space stays in use; a crash loses nothing.
+    commit_delay: float = 10.0
+    commit_uploads: int = 1024
     #: objects no head names are deleted only after this long (a reader of an older
     #: head may still need them), and garbage is looked for this often
     gc_grace: float = 900.0
@@ -913,7 +918,8 @@ class Engine(BlockDevice):
         oldest = min((when for _, _, when in self._pending.values()), default=None)
         uploads_due = oldest is not None and (
             time.monotonic() - oldest >= self.settings.commit_delay
-            or len(self._pending) >= 32 or self._checkpoint_refs is not None
+            or len(self._pending) >= self.settings.commit_uploads
+            or self._checkpoint_refs is not None
             or self.journal.live_bytes >= self.settings.max_dirty // 2)
         if flush:
             self._start_flush_commit_locked()
