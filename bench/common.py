@@ -1,5 +1,5 @@
 """Shared pieces of the benchmarks: run commands, time them, describe the machine, and
-serve cloudnbd the way the tests do (tests/served.py)."""
+serve cloudnbd the way the tests do (testbed/served.py)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# What the benchmarks take from the test suite (its servers, relay, slow link, process
-# tree, filesystem stack), in this one place: issue 17 wants bench/ independent of
-# tests/, and this is what remains to move.
-from tests.link import Link  # noqa: E402
-from tests.procs import pss_by_process, tree  # noqa: E402
-from tests.served import KDF, Served, cloudnbd, make_password_file, start  # noqa: E402
-from tests.servers import (  # noqa: E402
+# What the benchmarks share with the tests (object stores, relay, slow link, process
+# tree, filesystem stack) lives in testbed/, which neither owns (issue 17).
+from testbed.fs import mounted  # noqa: E402
+from testbed.link import Link  # noqa: E402
+from testbed.procs import pss_by_process, tree  # noqa: E402
+from testbed.served import KDF, Served, cloudnbd, make_password_file, start  # noqa: E402
+from testbed.stores import (  # noqa: E402
     S3_ACCESS_KEY,
     S3_BUCKET,
     S3_SECRET_KEY,
@@ -31,7 +31,6 @@ from tests.servers import (  # noqa: E402
     s3_client,
     start_seaweedfs,
 )
-from tests.test_filesystem import mounted  # noqa: E402
 
 __all__ = ["KDF", "S3_ACCESS_KEY", "S3_BUCKET", "S3_SECRET_KEY", "FaultProxy", "Link",
            "Served", "cloudnbd", "fio", "fio_command", "fio_result", "machine",

@@ -1,7 +1,7 @@
 """Uploads over slow links: throughput to durable against upload concurrency and chunk
 size, the contenders on the same links, and whether --upload-limit holds its rate.
 
-The link is tests/link.py in the relay (tests.servers.FaultProxy): added round-trip time
+The link is testbed/link.py in the relay (testbed.stores.FaultProxy): added round-trip time
 and one bandwidth cap per direction shared by every connection, like a home uplink.
 Each measurement writes random data (nothing to compress) to a fresh volume with
 `nbdcopy --flush` and times it to the end of the FLUSH, i.e. until the store holds it.

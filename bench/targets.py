@@ -4,8 +4,8 @@
 Format 1 is the code of an older commit (FORMAT1_COMMIT, main before format 3), unpacked
 with `git archive` into the bench's temporary directory and run as its own contender:
 the same `cloudnbd` command line with PYTHONPATH pointing at that tree. Every contender
-reaches the store through its own counting relay (tests.servers.FaultProxy through an
-uncapped tests.link.Link), which counts the requests by method and the bytes sent to the
+reaches the store through its own counting relay (testbed.stores.FaultProxy through an
+uncapped testbed.link.Link), which counts the requests by method and the bytes sent to the
 store (HTTP heads included); the slow-link measurement puts the relay behind an 80 ms /
 20 Mbit/s link instead.
 
@@ -104,7 +104,7 @@ class Mark:
 
 class CountingProxy(FaultProxy):
     """The relay, also counting the bytes sent to the store (HTTP heads included). Not
-    tests.link.Link's count: an uncapped Link still cuts the stream into 16 KiB pieces
+    testbed.link.Link's count: an uncapped Link still cuts the stream into 16 KiB pieces
     sent one by one, which made a 64 KiB PUT through it three times slower."""
 
     sent = 0
@@ -123,7 +123,7 @@ class CountingProxy(FaultProxy):
 
 
 class Relay:
-    """A counting relay to the store, or behind a slow link (tests.link.Link)."""
+    """A counting relay to the store, or behind a slow link (testbed.link.Link)."""
 
     def __init__(self, endpoint: str, link: Link | None = None) -> None:
         self.proxy = CountingProxy(endpoint, [], link=link)

@@ -16,14 +16,16 @@ tests/servers.py -- real object stores on loopback, started once per session:
     backend_env.store(loc)      an ObjectStore at loc, to look behind the CLI's back
   e.g. subprocess.run(["cloudnbd", "init", env.name, env.new_location(), "1GiB",
   *env.cli_args], env=env.env).
-- `FaultProxy` (a class, not a fixture): an HTTP relay that fails first connections with
-  503, a reset, a lost answer or a truncated body.
+- testbed/stores.py starts the stores (tests and bench/ share testbed/, issue 17) and
+  holds `FaultProxy` (a class, not a fixture): an HTTP relay that fails first
+  connections with 503, a reset, a lost answer or a truncated body.
 
 tests/machines.py: `other_machine`, a second machine on this one (its own machine id, pid
 namespace and runtime directory): run a command there with `other_machine.prefix`.
 
 tests/served.py: `served` (a real `cloudnbd open` on a file-backend volume, Unix
-socket), `memory_server` (the NBD layer alone over a MemoryDevice), `password_file`.
+socket), `memory_server` (the NBD layer alone over a MemoryDevice), `password_file`;
+testbed/served.py runs `cloudnbd` commands and servers as a user would.
 
 Tests marked `unit` run in the test process alone (`make test-unit`): a unit test that
 starts a subprocess, and so any server, fails (`_unit_tests_start_no_process`).

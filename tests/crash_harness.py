@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudnbd.engine.workers import WORKERS_LOCK, wait_for_orphans
+from testbed.served import Served, start
 from tests.nbdclient import CMD_FLUSH, CMD_READ, CMD_WRITE, CMD_ZEROES, FLAG_FUA, NbdClient
-from tests.served import Served, start
 
 SECTOR = 4096
 ZERO = bytes(SECTOR)

@@ -1,5 +1,5 @@
 """Load campaign: several clients at queue depth 64 against a real `cloudnbd open` on
-SeaweedFS, reached through a relay that caps the upload bandwidth (tests/link.py), with
+SeaweedFS, reached through a relay that caps the upload bandwidth (testbed/link.py), with
 --max-dirty at its minimum so that the backlog fills and writes must wait for uploads.
 
 What it checks (docs/reliability.md, "6. Load", states the numbers):
@@ -31,11 +31,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.link import Link
+from testbed.link import Link
+from testbed.procs import pss_by_process, tree
+from testbed.served import KDF, Served, cloudnbd, start
+from testbed.stores import FaultProxy, free_port
 from tests.load_client import SECTOR, Spec, bucket_top, make_pool, sector_bytes
-from tests.procs import pss_by_process, tree
-from tests.served import KDF, Served, cloudnbd, start
-from tests.servers import FaultProxy, backend_env_for, free_port
+from tests.servers import backend_env_for
 
 MiB = 2**20
 CHUNK = 4 * MiB  # the default chunk size

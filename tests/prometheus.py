@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.servers import Server, _spawn, free_port
+from testbed.stores import Server, _spawn, free_port
 
 SCRAPE_INTERVAL = "1s"
 

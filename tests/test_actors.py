@@ -21,9 +21,9 @@ import pytest
 
 from cloudnbd import volume
 from cloudnbd.codec import ScryptParams
+from testbed.served import KDF, Served, cloudnbd, start
 from tests.machines import Machine
 from tests.nbdclient import NbdClient, NbdError
-from tests.served import KDF, Served, cloudnbd, start
 from tests.servers import BackendEnv
 
 CHUNK = 256 * 1024

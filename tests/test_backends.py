@@ -23,15 +23,8 @@ from cloudnbd.backends import BACKENDS, REGISTRY, StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore, RetryPolicy
 from cloudnbd.backends.s3 import S3Credentials
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed, UsageError
-from tests.servers import (
-    S3_ACCESS_KEY,
-    S3_BUCKET,
-    S3_SECRET_KEY,
-    TEST_SERVERS,
-    BackendEnv,
-    FaultProxy,
-    free_port,
-)
+from testbed.stores import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, FaultProxy, free_port
+from tests.servers import TEST_SERVERS, BackendEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 

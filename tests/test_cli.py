@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from cloudnbd import volume
-from tests.served import CLI, KDF, cloudnbd, on_terminal
-from tests.servers import BackendEnv, free_port
+from testbed.served import CLI, KDF, cloudnbd, on_terminal
+from testbed.stores import free_port
+from tests.servers import BackendEnv
 
 
 class Cli:

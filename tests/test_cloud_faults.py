@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from testbed.served import KDF, Served, cloudnbd, start
+from testbed.stores import FaultProxy, free_port
 from tests.nbdclient import NbdClient, NbdError
-from tests.served import KDF, Served, cloudnbd, start
-from tests.servers import BackendEnv, FaultProxy, backend_env_for, free_port
+from tests.servers import BackendEnv, backend_env_for
 
 SIZE = 32 * 2**20
 SECTOR = 4096

@@ -10,7 +10,7 @@ import pytest
 
 from cloudnbd import config
 from cloudnbd.errors import ConfigError
-from tests.served import cloudnbd
+from testbed.served import cloudnbd
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.served import KDF, cloudnbd
 from tests.crash_harness import SECTOR, ZERO, Campaign, Model
-from tests.served import KDF, cloudnbd
 from tests.servers import BackendEnv, backend_env_for
 
 SIZE = 32 * 2**20

@@ -23,7 +23,8 @@ import pytest
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import RetryPolicy
 from cloudnbd.errors import BackendError
-from tests.servers import BackendEnv, FaultProxy, _read_request, _reset
+from testbed.stores import FaultProxy, _read_request, _reset
+from tests.servers import BackendEnv
 
 clouds = pytest.mark.parametrize("backend_env", ["s3", "gs"], indirect=True)
 

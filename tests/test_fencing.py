@@ -26,9 +26,10 @@ import pytest
 
 from cloudnbd import offline, volume
 from cloudnbd.password import read_password_file
+from testbed.served import KDF, Served, cloudnbd, start
+from testbed.stores import FaultProxy, _read_request
 from tests.nbdclient import CMD_FLUSH, NbdClient
-from tests.served import KDF, Served, cloudnbd, start
-from tests.servers import BackendEnv, FaultProxy, _read_request
+from tests.servers import BackendEnv
 
 CHUNK = 256 * 1024
 SIZE = 8 * CHUNK

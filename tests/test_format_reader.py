@@ -34,9 +34,9 @@ from cloudnbd import offline
 from cloudnbd import volume as cloudnbd_volume
 from cloudnbd.backends.file import FileStore
 from cloudnbd.codec import Argon2idParams, ScryptParams
+from testbed.served import KDF, cloudnbd, start
 from tests import vectors_v3 as V3
 from tests.nbdclient import NbdClient
-from tests.served import KDF, cloudnbd, start
 from tests.test_codec import (
     KAT_BLOB_HEX,
     KAT_INDEX,

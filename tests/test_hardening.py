@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.served import CLI, KDF, Served, cloudnbd, start
 from tests.nbdclient import NbdClient
-from tests.served import CLI, KDF, Served, cloudnbd, start
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "etc" / "systemd" / "cloudnbd@.service"

@@ -35,10 +35,10 @@ from hypothesis import strategies as st
 from cloudnbd.nbd import protocol
 from cloudnbd.nbd.device import MemoryDevice
 from cloudnbd.nbd.server import NbdServer, ServerSettings
+from testbed.served import Served
 from tests import hostile_harness as h
 from tests import hostile_model as m
 from tests.nbdclient import NbdClient
-from tests.served import Served
 
 SIZE = 64 * 2**20
 

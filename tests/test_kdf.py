@@ -13,7 +13,7 @@ from cloudnbd import kdf, volume
 from cloudnbd.backends.file import FileStore
 from cloudnbd.codec import Argon2idParams, ScryptParams
 from cloudnbd.errors import IntegrityError
-from tests.served import KDF, cloudnbd
+from testbed.served import KDF, cloudnbd
 
 MiB = 1024  # in KiB, the unit of Argon2id's memory
 CHUNK = 64 * 1024

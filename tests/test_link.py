@@ -1,4 +1,4 @@
-"""The slow link (tests/link.py) never passes bytes faster than its cap or sooner than its
+"""The slow link (testbed/link.py) never passes bytes faster than its cap or sooner than its
 round-trip time, shares its cap between connections, and delivers every byte intact.
 Only lower bounds on time are asserted: a busy machine can make the link slower than
 configured, never faster."""
@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.link import SLACK, Link, _Transmitter
-from tests.servers import FaultProxy
+from testbed.link import SLACK, Link, _Transmitter
+from testbed.stores import FaultProxy
 
 pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.served import KDF, cloudnbd, start
 from tests.nbdclient import NbdClient
-from tests.served import KDF, cloudnbd, start
 from tests.servers import BackendEnv
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "contrib" / "grafana" / "cloudnbd.json"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from cloudnbd import offline, volume
 from cloudnbd.backends.file import FileStore
+from testbed.served import Served
 from tests.nbdclient import NbdClient
-from tests.served import Served
 
 MiB = 2**20
 

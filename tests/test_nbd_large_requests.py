@@ -28,8 +28,8 @@ from cloudnbd.nbd.server import (
     NbdServer,
     ServerSettings,
 )
+from testbed.served import Served
 from tests import nbdclient as raw
-from tests.served import Served
 
 MiB = 2**20
 BIG = 100 * MiB

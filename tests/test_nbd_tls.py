@@ -30,8 +30,8 @@ from cloudnbd.nbd.server import (
     TlsSettings,
     read_psk_file,
 )
+from testbed.served import KDF, cloudnbd
 from tests import nbdclient as raw
-from tests.served import KDF, cloudnbd
 
 ROOT = Path(__file__).resolve().parent.parent
 

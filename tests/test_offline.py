@@ -28,7 +28,7 @@ from cloudnbd.errors import BackendError, IntegrityError
 from cloudnbd.layout import Entry, JournalBuilder, JournalRef
 from cloudnbd.offline import ImageWriter
 from cloudnbd.reader import Image
-from tests.served import KDF, cloudnbd
+from testbed.served import KDF, cloudnbd
 from tests.servers import BackendEnv
 
 MiB = 2**20

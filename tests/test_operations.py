@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from testbed.served import CLI, KDF, cloudnbd, on_terminal
+from testbed.stores import free_port
 from tests.nbdclient import NbdClient
-from tests.served import CLI, KDF, cloudnbd, on_terminal
-from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20

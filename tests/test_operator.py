@@ -12,10 +12,10 @@ import os
 import re
 from pathlib import Path
 
+from testbed.served import KDF, cloudnbd
+from testbed.stores import FOREIGN_ENV, S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, Server, free_port
 from tests.nbdclient import NbdClient
 from tests.prometheus import finite, prometheus
-from tests.served import KDF, cloudnbd
-from tests.servers import _FOREIGN_ENV, S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, Server, free_port
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "contrib" / "grafana" / "cloudnbd.json"
 MiB = 2**20
@@ -39,7 +39,7 @@ def private_file(path: Path, text: str) -> Path:
 def config_only_env(etc: Path) -> dict[str, str]:
     """An environment with no cloud credentials at all: they come from etc/ alone."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("AWS_") and k not in _FOREIGN_ENV}
+           if not k.startswith("AWS_") and k not in FOREIGN_ENV}
     env["CLOUDNBD_CONFIG_DIR"] = str(etc)
     return env
 

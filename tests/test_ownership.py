@@ -19,7 +19,7 @@ import pytest
 from cloudnbd import layout, offline, volume
 from cloudnbd.codec import ScryptParams
 from cloudnbd.runtime import volume_cache_dir
-from tests.served import KDF, cloudnbd, start
+from testbed.served import KDF, cloudnbd, start
 from tests.servers import BackendEnv
 from tests.test_cli import Cli, assert_one_line_error, cli
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from cloudnbd import __version__
 from cloudnbd.cli import build_parser
+from testbed.stores import free_port
 from tests.nbdclient import NbdClient
-from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "cloudnbd"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import _FOREIGN_ENV, _free_weed_ports, free_port
+from testbed.stores import FOREIGN_ENV, _free_weed_ports, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "Trying the s3 and gs backends without an account"
@@ -62,7 +62,7 @@ def test_the_readme_trial_of_a_cloud_backend_works_as_written(tmp_path: Path,
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "cloudnbd.conf").write_text(f"[defaults]\ncache = {tmp_path / 'cache'}\n")
-    env = {key: value for key, value in os.environ.items() if key not in _FOREIGN_ENV}
+    env = {key: value for key, value in os.environ.items() if key not in FOREIGN_ENV}
     env.update(PATH=f"{bin_dir}:{Path(sys.executable).parent}:{env['PATH']}",
                PYTHONPATH=str(ROOT), CLOUDNBD_PASSWORD="a trial password",
                CLOUDNBD_CONFIG_DIR=str(etc))

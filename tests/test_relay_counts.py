@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.servers import S3_BUCKET, FaultProxy, Server, request_kind, s3_client
+from testbed.stores import S3_BUCKET, FaultProxy, Server, request_kind, s3_client
 
 
 @pytest.mark.unit

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from cloudnbd.engine.workers import UploadTask
+from testbed.served import CLI, KDF, cloudnbd, on_terminal, start
+from testbed.stores import FaultProxy
 from tests.engine_harness import CHUNK, EngineRig
 from tests.nbdclient import NbdClient
-from tests.served import CLI, KDF, cloudnbd, on_terminal, start
-from tests.servers import BackendEnv, FaultProxy, backend_env_for
+from tests.servers import BackendEnv, backend_env_for
 
 
 def test_second_open_is_refused_naming_the_holder(

@@ -16,8 +16,8 @@ import pytest
 
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import RetryPolicy
-from tests.link import Link
-from tests.servers import GCS_BUCKET, S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, FaultProxy, Server
+from testbed.link import Link
+from testbed.stores import GCS_BUCKET, S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, FaultProxy, Server
 
 BODY = 24 * 2**20  # at 8 MB/s: 3 s, of which socket buffers hide at most about 1.5 s
 RATE = 8e6

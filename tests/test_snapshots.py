@@ -18,8 +18,8 @@ import pytest
 from cloudnbd import layout, volume
 from cloudnbd.layout import Snapshot
 from cloudnbd.snapshots import retained
+from testbed.served import cloudnbd, start
 from tests.nbdclient import NbdClient
-from tests.served import cloudnbd, start
 from tests.servers import BackendEnv
 from tests.test_offline import (
     CHUNK,

@@ -36,9 +36,10 @@ from cloudnbd import layout, volume
 from cloudnbd.backends.base import ObjectStore
 from cloudnbd.reader import Image
 from cloudnbd.volume import METADATA_KEY
+from testbed.served import KDF, Served, cloudnbd, start
+from testbed.stores import free_port
 from tests.nbdclient import NbdClient, NbdError
-from tests.served import KDF, Served, cloudnbd, start
-from tests.servers import BackendEnv, backend_env_for, free_port
+from tests.servers import BackendEnv, backend_env_for
 
 CHUNK = 256 * 1024
 PAGE_CHUNKS = 4096  # chunks per map page (docs/format.md)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from cloudnbd import offline, volume
 from cloudnbd.password import read_password_file
+from testbed.served import KDF, Served, cloudnbd, start
 from tests.nbdclient import NbdClient
-from tests.served import KDF, Served, cloudnbd, start
 from tests.servers import BackendEnv
 
 CHUNK = 256 * 1024

@@ -22,7 +22,7 @@ from cloudnbd import volume
 from cloudnbd.backends.file import FileStore
 from cloudnbd.cli import main
 from cloudnbd.runtime import default_cache_root
-from tests.served import CLI, KDF, cloudnbd, start
+from testbed.served import CLI, KDF, cloudnbd, start
 from tests.test_cli import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ import pytest
 from cloudnbd.backends import StoreOptions
 from cloudnbd.backends.remote import RemoteStore
 from cloudnbd.errors import BackendError, ObjectNotFound, PreconditionFailed
-from tests.procs import parent_of, pss_by_process, tree
-from tests.served import KDF, cloudnbd, start
+from testbed.procs import parent_of, pss_by_process, tree
+from testbed.served import KDF, cloudnbd, start
 from tests.servers import backend_env_for
 
 MEMORY_GOAL_MIB = 150e6 / 2**20  # the goal is 150 MB (143 MiB), PSS of all processes
