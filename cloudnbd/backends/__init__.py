@@ -16,8 +16,9 @@ Nothing here imports a cloud SDK: the front process imports this module and must
 load one (docs/design.md, "Processes"; tests/test_backends.py checks).
 
 Adding a backend (docs/design.md, "Backends"): its module, one entry in REGISTRY, its SDK
-in setup.py and cloudnbd.spec, its paragraph in cloudnbd.1 and README, and its test
-server in tests/servers.py; tests/test_backends.py fails until each is there.
+in setup.py and cloudnbd.spec, its paragraph in cloudnbd.1 and README, its test server
+(testbed/stores.py starts it) and its BackendEnv in tests/servers.py' TEST_SERVERS;
+tests/test_backends.py fails until each is there.
 """
 
 from __future__ import annotations
