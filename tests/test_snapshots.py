@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from cloudnbd import layout, volume
+from cloudnbd import layout, lease, volume
 from cloudnbd.layout import Snapshot
 from cloudnbd.snapshots import retained
-from tests.nbdclient import NbdClient
+from tests.nbdclient import NbdClient, NbdError
 from tests.served import cloudnbd, start
 from tests.servers import BackendEnv
 from tests.test_offline import (
@@ -213,3 +213,95 @@ def test_snapshot_names_and_keys() -> None:
             layout.snapshot_key(bad)
         assert layout.snapshot_name("snapshots/" + bad) is None
     assert volume.owns("snapshots/s1") and not volume.owns("snapshots/a/b")
+
+
+def store_state(vol: Offline) -> dict[str, tuple[int, str]]:
+    """Every object of the volume: key -> (size, version)."""
+    return {info.key: (info.size, info.version) for info in volume.own_objects(vol.store)}
+
+
+def test_a_snapshot_served_read_only_beside_the_live_volume(
+        backend_env: BackendEnv, tmp_path: Path) -> None:
+    """open --snapshot s1 while the volume is open read-write, both under the same cache
+    root: a real NBD client reads s1's image byte for byte (a journal object included)
+    while the live volume is written and FLUSHed; writes to s1 are refused; the
+    snapshot server changes nothing in the store (no lease, head or object of its own)."""
+    vol = Offline(backend_env, tmp_path)
+    vol.init("4MiB")
+    live = start(tmp_path, backend_env.name, vol.location, vol.password,
+                 "--gc-grace", "0.2", *backend_env.cli_args, env=backend_env.env)
+    served_snapshot = None
+    try:
+        client = NbdClient.unix(str(live.socket))
+        image_a = bytearray(SIZE)
+        for offset, data in ((0, os.urandom(3 * CHUNK)), (30 * CHUNK + 7, os.urandom(900))):
+            client.pwrite(data, offset)  # whole chunks, and a write for the journal
+            image_a[offset:offset + len(data)] = data
+        client.flush()
+        snap(vol, "create", "s1", "--cache", str(live.cache))
+        image_b = bytearray(image_a)
+        for offset in range(0, SIZE, 8 * CHUNK):
+            piece = os.urandom(CHUNK // 2)
+            client.pwrite(piece, offset)
+            image_b[offset:offset + len(piece)] = piece
+        client.flush()
+        before = store_state(vol)
+        holder = lease.holder(vol.store)
+        assert holder is not None
+        epoch = holder.epoch
+
+        served_snapshot = start(tmp_path, backend_env.name, vol.location, vol.password,
+                                "--snapshot", "s1", "--gc-grace", "0.2",
+                                *backend_env.cli_args, env=backend_env.env,
+                                cache=live.cache)
+        listings = int(live.status()["garbage_listings"])  # type: ignore[call-overload]
+        reader = NbdClient.unix(str(served_snapshot.socket))
+        assert reader.size == SIZE and reader.flags & 2  # NBD_FLAG_READ_ONLY
+        assert reader.pread(0, SIZE) == image_a
+        for offset in range(4 * CHUNK, SIZE, 8 * CHUNK):  # the live volume goes on
+            piece = os.urandom(CHUNK)
+            client.pwrite(piece, offset)
+            image_b[offset:offset + len(piece)] = piece
+        client.flush()
+        assert b"".join(reader.pread(offset, min(5 * CHUNK, SIZE - offset))
+                        for offset in range(0, SIZE, 5 * CHUNK)) == image_a
+        for refused in (lambda: reader.pwrite(b"x" * 512, 0), lambda: reader.trim(0, 4096),
+                        lambda: reader.zero(0, 4096)):
+            with pytest.raises(NbdError):
+                refused()
+        assert reader.pread(0, 512) == image_a[:512]
+        reader.flush()  # nothing to flush: answered at once
+        # the live server's collector as the clock: two of its listings (a grace
+        # apart) since the snapshot server started, whose collector would have listed
+        while int(live.status()["garbage_listings"]) < listings + 2:  # type: ignore[call-overload]
+            with pytest.raises(subprocess.TimeoutExpired):
+                live.process.wait(timeout=0.2)
+        status = json.loads(served_snapshot.cli("status", "--cache", str(live.cache),
+                                                "--snapshot", "s1", "--json").stdout)
+        assert status["snapshot"] == "s1" and status["head_generation"] == \
+            vol.unlock().objects.get_snapshot("s1").head.generation
+        assert (status["garbage_listings"], status["commits"]) == (0, 0)
+        reader.close()
+        out = served_snapshot.close("--snapshot", "s1").stdout
+        assert "Closed snapshot s1" in out, out
+        served_snapshot = None
+        assert int(live.status()["commits"]) > 0  # type: ignore[call-overload]
+
+        after = store_state(vol)
+        holder = lease.holder(vol.store)
+        assert holder is not None and holder.epoch == epoch
+        head_key = vol.unlock().meta.head
+        changed = {key for key in before.keys() | after.keys()
+                   if before.get(key) != after.get(key)}
+        # only the live server's own: its head, and objects stamped with its epoch
+        assert {key for key in changed if key != head_key
+                and layout.stamp_epoch(key) != epoch} == set(), changed
+        client.close()
+    finally:
+        if served_snapshot is not None:
+            served_snapshot.close("--snapshot", "s1", check=False)
+        live.close()
+    _, exported = vol.export("now.out")
+    assert_image(exported, image_b)
+    _, exported = vol.export("s1.out", "--snapshot", "s1")
+    assert_image(exported, image_a)

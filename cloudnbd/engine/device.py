@@ -34,6 +34,10 @@ Engine invariants:
   will not see.
 - E6 The sequence numbers of this engine's writes are above every number the store's
   head or its journal objects hold, so the store's order is the order of writing.
+- E7 A frozen engine (a snapshot's head, `open --snapshot`) writes nothing to the store:
+  it refuses every write, commits nothing, writes no head and collects no garbage (its
+  collector would take every object of the volume's newer heads for garbage), and
+  holds no lease. Its local journal only copies the journal objects its head names.
 """
 
 from __future__ import annotations
@@ -122,6 +126,8 @@ class CloudState:
     epoch: int  # our lease epoch: the high half of every stamp we make
     #: import the store's journal into the local one (it is not ours, or not the newest)
     import_journal: bool
+    #: E7: head is a snapshot's, served read-only beside the volume's own server
+    frozen: bool = False
 
 
 @dataclass
@@ -304,6 +310,8 @@ class Engine(BlockDevice):
                     self.recovered_records += 1
             self.journal.skip_to(max(cloud_max, self.map.max_seq) + 1)  # E6
             self._set_journal_floor_locked()
+        if self.cloud.frozen:
+            return  # E7: no write-back, commits or garbage collection, ever
         if self.recovered_records:
             log.warning("replayed %d journal records; %d chunks to upload",
                         self.recovered_records, len(self.dirty))
@@ -369,7 +377,10 @@ class Engine(BlockDevice):
         """Close: commit everything and fold the store's journal into chunks, so that
         nothing but the head and what it names remains. Raises CloudUnreachable when no
         progress was made for stall_timeout seconds (the journal keeps the data), and
-        Displaced if another server took the volume over."""
+        Displaced if another server took the volume over. A frozen engine has nothing
+        to commit (E7)."""
+        if self.cloud.frozen:
+            return
         with self._cond:
             self._flush_target = max(self._flush_target, self.journal.next_seq - 1)
             last_left, last_progress = self._backlog_locked(), time.monotonic()
@@ -477,7 +488,7 @@ class Engine(BlockDevice):
 
     @property
     def read_only(self) -> bool:
-        return self.settings.read_only
+        return self.settings.read_only or self.cloud.frozen
 
     # Everything else BlockDevice defaults to (flush, FUA, trim, zero, fast zero, cache,
     # extents) the engine does. Multi-conn is safe: one engine and one journal serve
@@ -537,6 +548,11 @@ class Engine(BlockDevice):
                 self._refuse_if_displaced()
                 self._cond.wait(timeout=1.0)
 
+    def _refuse_writes_if_frozen(self) -> None:
+        """E7, below the NBD layer's read-only export: a frozen engine never journals."""
+        if self.cloud.frozen:
+            raise DeviceError(errno.EROFS, "a snapshot is served read-only")
+
     def _refuse_if_displaced(self) -> None:
         if self.displaced is not None:
             raise DeviceError(errno.EIO, self._displaced_message())
@@ -546,6 +562,7 @@ class Engine(BlockDevice):
                 f"writes to the store")
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        self._refuse_writes_if_frozen()
         self._refuse_if_displaced()
         self._wait_for_room()
         seq, segment = self._append_write(buf, offset)
@@ -554,7 +571,8 @@ class Engine(BlockDevice):
             self._wait_durable(seq)
 
     def pwrite_now(self, buf: memoryview, offset: int) -> bool:
-        if self.journal.live_bytes >= self.settings.max_dirty or self.displaced:
+        if (self.journal.live_bytes >= self.settings.max_dirty or self.displaced
+                or self.cloud.frozen):
             return False  # backpressure (or the error): pwrite, on a pool thread
         self._append_write(buf, offset)
         return True
@@ -570,6 +588,7 @@ class Engine(BlockDevice):
              fast: bool = False) -> None:
         # Zeroing is always fast here: it is a journal record, and whole chunks that end
         # up all zeros get no object at all.
+        self._refuse_writes_if_frozen()
         self._refuse_if_displaced()
         with self._cond:
             if not self._needs_zeroing(offset, length):
@@ -584,6 +603,8 @@ class Engine(BlockDevice):
         self.zero(offset, length, fua)
 
     def flush(self) -> None:
+        if self.cloud.frozen:
+            return  # E7: nothing was written, everything read is in the store
         self._wait_durable(self.journal.next_seq - 1)
 
     def _wait_durable(self, seq: int) -> None:
