@@ -639,6 +639,10 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"cache:         {format_size(status['cache_bytes'])} of "
           f"{format_size(status['cache_limit'])}, {status['cache_hits']} hits, "
           f"{status['cache_misses']} misses")
+    if status.get("snapshots") is not None:
+        print(f"snapshots:     {status['snapshots']}, keeping "
+              f"{format_size(status['snapshot_only_bytes'])} alive that the head does not "
+              f"need (as of the last garbage listing)")
     print(f"errors:        {status['upload_errors']} upload, {status['fetch_errors']} "
           f"fetch, {status['integrity_errors']} integrity")
     if status.get("displaced"):

@@ -356,6 +356,8 @@ class Service:
             "checkpoints": stats.checkpoints,
             "garbage_listings": stats.garbage_listings,
             "garbage_deleted": stats.garbage_deleted,
+            "snapshots": engine.snapshots,
+            "snapshot_only_bytes": engine.snapshot_only_bytes,
             "sent_wire_bytes": stats.sent_wire_bytes,
             "uploaded_bytes": stats.upload_bytes + stats.journal_bytes,
             "uploaded_wire_bytes": stats.upload_wire_bytes,

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from cloudnbd.layout import Snapshot
 from cloudnbd.snapshots import retained
 from tests.nbdclient import NbdClient, NbdError
 from tests.served import cloudnbd, start
-from tests.servers import BackendEnv
+from tests.servers import BackendEnv, free_port
 from tests.test_offline import (
     CHUNK,
     MiB,
@@ -152,7 +154,9 @@ def test_engine_garbage_collection_keeps_what_a_snapshot_needs(
     something: the snapshot still exports byte for byte, and the volume too."""
     vol = Offline(backend_env, tmp_path)
     vol.init("4MiB")
+    port = free_port()
     served = start(tmp_path, backend_env.name, vol.location, vol.password,
+                   "--metrics", f":{port}",
                    "--gc-grace", "0.2", "--checkpoint-size", "64KiB",
                    "--checkpoint-age", "1",
                    *backend_env.cli_args, env=backend_env.env)
@@ -182,6 +186,27 @@ def test_engine_garbage_collection_keeps_what_a_snapshot_needs(
         client.close()
         _, exported = vol.export("s1.out", "--snapshot", "s1")
         assert_image(exported, snap_image)
+        # status: what only the snapshot keeps alive, once the head no longer moves
+        # (everything checkpointed) and a listing was done after that
+        while served.status()["store_journal_objects"]:
+            with pytest.raises(subprocess.TimeoutExpired):
+                served.process.wait(timeout=0.2)
+        listings = int(served.status()["garbage_listings"])  # type: ignore[call-overload]
+        while int(served.status()["garbage_listings"]) <= listings:  # type: ignore[call-overload]
+            with pytest.raises(subprocess.TimeoutExpired):
+                served.process.wait(timeout=0.2)
+        sizes = {info.key: info.size for info in volume.own_objects(vol.store)}
+        only_s1 = {key for key in needs(vol, "s1") - needs(vol, None)
+                   if layout.parse_key(key) is not None}
+        status = served.status()
+        assert status["snapshots"] == 1
+        assert status["snapshot_only_bytes"] == sum(sizes[key] for key in only_s1) > 0
+        text = served.cli("status", "--cache", str(served.cache)).stdout
+        assert "snapshots:     1, keeping" in text, text
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30
+                                         ).read().decode()
+        assert "\ncloudnbd_snapshots 1.0\n" in metrics, metrics
+        assert re.search(r"\ncloudnbd_snapshot_only_bytes [1-9]", metrics), metrics
     finally:
         served.close()
     _, exported = vol.export("now.out")

@@ -63,6 +63,7 @@ from cloudnbd.engine.workers import (
     HeadTask,
     JournalPiece,
     JournalTask,
+    Listing,
     ListTask,
     Outcome,
     PageTask,
@@ -216,6 +217,10 @@ class EngineSnapshot:
     stats: EngineStats  # a copy
     displaced: str | None  # who took the volume over (E5, G3)
     worker_pids: dict[str, list[int]]  # by WorkerKind
+    #: as of the last garbage listing (None before the first, every gc_grace): the
+    #: volume's snapshots, and the bytes of the objects only they keep alive
+    snapshots: int | None = None
+    snapshot_only_bytes: int | None = None
 
 
 class Engine(BlockDevice):
@@ -278,6 +283,7 @@ class Engine(BlockDevice):
         self._gc_busy = False
         self._gc_head_version = ""  # the head version the delete in flight expects (G3)
         self._gc_doomed = 0  # and how many objects it deletes
+        self._snapshot_usage: tuple[int, int] | None = None  # (count, bytes), a listing's
         self.recovered_records = 0
         self.displaced: str | None = None  # who took the volume over
 
@@ -1217,15 +1223,21 @@ class Engine(BlockDevice):
            wrote or read last: a writer of an earlier epoch that committed after all
            (a new holder loses to a commit between its read of the head and its first
            write) is protected, and this server learns it was displaced."""
-        if result.outcome != Outcome.DONE or self._gc_listing_round != self._gc_round:
-            if result.outcome != Outcome.DONE:
-                log.warning("garbage collection skipped: %s", result.error)
+        if result.outcome != Outcome.DONE:
+            log.warning("garbage collection skipped: %s", result.error)
+            self._gc_busy = False
+            return
+        listing: Listing = result.value
+        named = self._named_locked()
+        self._snapshot_usage = (listing.snapshots, sum(
+            size for key, size in listing.kept_sizes.items() if key not in named))
+        if self._gc_listing_round != self._gc_round:
             self._gc_busy = False
             return
         self.stats.garbage_listings += 1
         now = time.monotonic()
         epoch = self.cloud.epoch
-        garbage = {key for key in set(result.value) - self._named_locked()
+        garbage = {key for key in set(listing.unkept) - named
                    if layout.stamp_epoch(key) <= epoch}
         doomed: list[str] = []
         if self._garbage_seen is not None:
@@ -1246,13 +1258,14 @@ class Engine(BlockDevice):
         """What the engine is doing now, for status and metrics."""
         dirty_bytes, dirty_chunks, oldest = self.backlog()
         with self._cond:
-            head = self.head
+            head, usage = self.head, self._snapshot_usage
         clean = self.clean
         return EngineSnapshot(
             dirty_bytes, dirty_chunks, oldest, len(head.journal),
             sum(r.size for r in head.journal), head.generation, self.journal.bytes_on_disk,
             clean.bytes, clean.max_bytes, clean.hits, clean.misses, replace(self.stats),
-            self.displaced, {str(kind): self.pool.pids(kind) for kind in WorkerKind})
+            self.displaced, {str(kind): self.pool.pids(kind) for kind in WorkerKind},
+            *(usage or (None, None)))
 
     def wait_for_stats(self, done: Callable[[EngineStats], bool], timeout: float) -> bool:
         """Block until done(stats) holds (checked as each worker result is handled), or
