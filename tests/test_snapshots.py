@@ -330,3 +330,95 @@ def test_a_snapshot_served_read_only_beside_the_live_volume(
     assert_image(exported, image_b)
     _, exported = vol.export("s1.out", "--snapshot", "s1")
     assert_image(exported, image_a)
+
+
+def test_deleting_a_snapshot_of_an_open_volume_leaves_collection_to_its_server(
+        backend_env: BackendEnv, tmp_path: Path) -> None:
+    """snapshot delete while the volume is served: the snapshot object goes at once, the
+    objects only it kept alive are deleted later by the server's collection (grace
+    0.2 s), and nothing the head needs is deleted: the volume exports byte for byte."""
+    vol = Offline(backend_env, tmp_path)
+    vol.init("4MiB")
+    served = start(tmp_path, backend_env.name, vol.location, vol.password,
+                   "--gc-grace", "0.2", "--checkpoint-age", "1",
+                   *backend_env.cli_args, env=backend_env.env)
+    try:
+        client = NbdClient.unix(str(served.socket))
+        image = bytearray(SIZE)
+        for offset in range(0, 16 * CHUNK, CHUNK):
+            piece = os.urandom(CHUNK)
+            client.pwrite(piece, offset)
+            image[offset:offset + CHUNK] = piece
+        client.flush()
+        snap(vol, "create", "s1", "--cache", str(served.cache))
+        for offset in range(0, 8 * CHUNK, CHUNK):  # s1 alone keeps the old chunks now
+            piece = os.urandom(CHUNK)
+            client.pwrite(piece, offset)
+            image[offset:offset + CHUNK] = piece
+        client.pwrite(b"j" * 500, 20 * CHUNK)  # and a journal object a checkpoint folds
+        image[20 * CHUNK:20 * CHUNK + 500] = b"j" * 500
+        client.flush()
+        while served.status()["store_journal_objects"]:
+            with pytest.raises(subprocess.TimeoutExpired):
+                served.process.wait(timeout=0.2)
+        only_s1 = needs(vol, "s1") - needs(vol, None)
+        assert len(only_s1) > 8
+        code, out, _ = snap(vol, "delete", "s1")
+        assert code == 0 and "snapshots/s1" not in own_keys(vol), out
+        deadline = time.monotonic() + 120
+        while only_s1 & own_keys(vol):
+            assert time.monotonic() < deadline, "the server never collected"
+            with pytest.raises(subprocess.TimeoutExpired):
+                served.process.wait(timeout=0.2)
+        assert needs(vol, None) <= own_keys(vol)
+        assert client.pread(0, SIZE) == image
+        client.close()
+    finally:
+        served.close()
+    _, exported = vol.export("now.out")
+    assert_image(exported, image)
+
+
+def test_rollback_across_size_changes(vol: Offline) -> None:
+    """s1 at 4 MiB, s2 at 8 MiB (grown), then the volume shrunk to 2 MiB: rolling back
+    to s2 grows it to 8 MiB with s2's image, to s1 shrinks it back to 4 MiB with s1's;
+    the states before are kept as snapshots at their own sizes; a server then serves
+    the size rolled back to."""
+    vol.init("4MiB")
+    first = {0: os.urandom(CHUNK), SIZE - 1000: os.urandom(1000)}
+    write_image(vol.tmp / "a", SIZE, first)
+    vol.import_(vol.tmp / "a")
+    snap(vol, "create", "s1")
+    vol("resize", "8MiB")
+    second = {CHUNK: os.urandom(CHUNK), 2 * SIZE - 700: os.urandom(700)}
+    write_image(vol.tmp / "b", 2 * SIZE, second)
+    vol.import_(vol.tmp / "b")
+    snap(vol, "create", "s2")
+    vol("resize", "2MiB", "--shrink", "--yes")
+    third = {5: os.urandom(CHUNK)}
+    write_image(vol.tmp / "c", SIZE // 2, third)
+    vol.import_(vol.tmp / "c")
+
+    code, out, _ = snap(vol, "rollback", "s2", "--yes")
+    assert code == 0, out
+    assert vol.info()["size"] == 2 * SIZE
+    _, exported = vol.export("two.out")
+    assert_image(exported, model(2 * SIZE, second))
+    code, out, _ = snap(vol, "rollback", "s1", "--yes", "--no-keep")
+    assert code == 0, out
+    assert vol.info()["size"] == SIZE
+    _, exported = vol.export("one.out")
+    assert_image(exported, model(SIZE, first))
+    (kept,) = [n for n in vol.unlock().objects.snapshot_names() if n not in ("s1", "s2")]
+    _, exported = vol.export("kept.out", "--snapshot", kept)
+    assert_image(exported, model(SIZE // 2, third))
+    code, out, _ = vol("verify")
+    assert code == 0 and ", 0 garbage" in out, out
+    served = start(vol.tmp, vol.env.name, vol.location, vol.password,
+                   *vol.env.cli_args, env=vol.env.env)
+    try:
+        client = NbdClient.unix(str(served.socket))
+        assert client.size == SIZE and client.pread(0, SIZE) == model(SIZE, first)
+        client.close()
+    finally:
+        served.close()
