@@ -453,7 +453,7 @@ def _serve_foreground(args: argparse.Namespace) -> None:
         vol = volume.unlock(store, password)
         del password
         service = Service(args.backend, args.volume, _store_options(args), vol,
-                          args.cache or default_cache_root(), settings)
+                          args.cache or default_cache_root(), settings, args.snapshot)
         _start(service, args)
         return service
 
@@ -493,15 +493,19 @@ def cmd_open(args: argparse.Namespace) -> None:
     password = None if args.password_file else get_password(None)
     try:
         cache_dir = private_cache_dir(args.cache or default_cache_root(), args.backend,
-                                      args.volume)
+                                      args.volume, args.snapshot)
     except OSError as exc:
         raise local_error(exc) from exc
     daemon.start_background(args.argv, cache_dir, password, on_note=lambda note: print(
         f"cloudnbd: warning: {note}", file=sys.stderr))
-    print(f"Serving {store.description} at {_attach_hint(args)}")
+    what = store.description if args.snapshot is None else \
+        f"snapshot {args.snapshot} of {store.description} read-only"
+    print(f"Serving {what} at {_attach_hint(args)}")
     target = args.config_name or f"{args.backend} {args.volume}"
     cache = f" --cache {args.cache}" if args.cache and not args.config_name else ""
-    print(f"Log: {daemon.log_path(cache_dir)}. Stop with: cloudnbd close {target}{cache}")
+    snapshot = f" --snapshot {args.snapshot}" if args.snapshot else ""
+    print(f"Log: {daemon.log_path(cache_dir)}. Stop with: cloudnbd close {target}{cache}"
+          f"{snapshot}")
 
 
 class _Stall:
@@ -539,9 +543,12 @@ def _running(args: argparse.Namespace) -> object:
     from cloudnbd import lease, runtime
     from cloudnbd.errors import NeedsRecovery, NotOpen
 
-    local = runtime.local_state(args.backend, args.volume, _target(args), args.cache)
+    local = runtime.local_state(args.backend, args.volume, _target(args), args.cache,
+                                args.snapshot)
     if local.running is not None:
         return local.running
+    if args.snapshot is not None:
+        raise NotOpen(f"snapshot {args.snapshot} is not open on this machine")
     if local.stopped_unclean:
         raise NeedsRecovery(local.crash_message())
     holder = None
@@ -597,7 +604,10 @@ def cmd_close(args: argparse.Namespace) -> None:
         progress.finish()
     _raise_if_error(outcome)
     runtime.wait_until_unlocked(Path(entry.cache_dir))  # type: ignore[attr-defined]
-    print(f"Closed {_target(args)}: everything is uploaded.")
+    if args.snapshot is not None:
+        print(f"Closed snapshot {args.snapshot} of {_target(args)}.")
+    else:
+        print(f"Closed {_target(args)}: everything is uploaded.")
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -609,6 +619,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(json.dumps(status, indent=2))
         return
     print(f"location:      {status['location']} (pid {status['pid']})")
+    if status.get("snapshot"):
+        print(f"snapshot:      {status['snapshot']}, served read-only")
     print(f"connections:   {status['connections']}")
     print(f"backlog:       {format_size(status['dirty_bytes'])} in "
           f"{status['dirty_chunks']} chunks, oldest {status['oldest_dirty_seconds']:.1f}s "
@@ -627,6 +639,10 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(f"cache:         {format_size(status['cache_bytes'])} of "
           f"{format_size(status['cache_limit'])}, {status['cache_hits']} hits, "
           f"{status['cache_misses']} misses")
+    if status.get("snapshots") is not None:
+        print(f"snapshots:     {status['snapshots']}, keeping "
+              f"{format_size(status['snapshot_only_bytes'])} alive that the head does not "
+              f"need (as of the last garbage listing)")
     print(f"errors:        {status['upload_errors']} upload, {status['fetch_errors']} "
           f"fetch, {status['integrity_errors']} integrity")
     if status.get("displaced"):
@@ -1059,6 +1075,11 @@ def _add_cache_option(p: argparse.ArgumentParser) -> None:
     _add_settings(p, "cache")
 
 
+def _add_snapshot_served(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", metavar="NAME",
+                   help="the server of snapshot NAME (open --snapshot), not the volume's")
+
+
 def _add_rewrite_options(p: argparse.ArgumentParser, verb: str) -> None:
     """--threads, --force and --cache of a command that rewrites a volume's contents
     under its lease (import, upgrade, rekey)."""
@@ -1224,6 +1245,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "that is gone; if it still runs, its FLUSHes fail from now on)")
     p.add_argument("--foreground", action="store_true",
                    help="stay in the foreground (for systemd)")
+    p.add_argument("--snapshot", metavar="NAME",
+                   help="serve snapshot NAME read-only instead (beside the volume's own "
+                        "server if it runs: give it another --port or --socket)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--password-stdin", action="store_true", help=argparse.SUPPRESS)
 
@@ -1233,10 +1257,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "the data stays in the local journal and the next open resumes.")
     _add_target(p)
     _add_cache_option(p)
+    _add_snapshot_served(p)
 
     p = command("status", cmd_status, "show what a running volume is doing")
     _add_target(p)
     _add_cache_option(p)
+    _add_snapshot_served(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = command("verify", cmd_verify, "download and authenticate every object",

@@ -126,6 +126,14 @@ class _SnapshotCollector(Collector):
                      engine.store_journal_bytes)
         yield _gauge("cloudnbd_head_generation", "Generation of the volume's head.",
                      engine.head_generation)
+        if engine.snapshots is not None:  # known once the first garbage listing is done
+            yield _gauge("cloudnbd_snapshots",
+                         "Snapshots of the volume, as of the last garbage listing.",
+                         engine.snapshots)
+            yield _gauge("cloudnbd_snapshot_only_bytes",
+                         "Bytes of objects kept alive only by snapshots (the head names "
+                         "none of them), as of the last garbage listing.",
+                         engine.snapshot_only_bytes or 0)
         yield _counter("cloudnbd_commits", "Commits (a head naming new writes) done.",
                        stats.commits)
         yield _counter("cloudnbd_checkpoints",

@@ -39,15 +39,21 @@ def normalize_location(backend: str, location: str) -> str:
     return backends.find(backend).normalize(location)
 
 
-def volume_key(backend: str, location: str) -> str:
-    """16 hex digits naming a volume location on this machine (cache and registry)."""
+def volume_key(backend: str, location: str, snapshot: str | None = None) -> str:
+    """16 hex digits naming a volume location on this machine (cache and registry), or
+    one of its snapshots served read-only (`open --snapshot`): a server of its own, with
+    a cache and a registry entry apart from the volume's."""
     key = f"{backend}:{normalize_location(backend, location)}"
+    if snapshot is not None:
+        key += f"\0snapshot:{snapshot}"  # no location holds a NUL
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def volume_cache_dir(root: Path, backend: str, location: str) -> Path:
-    """One subdirectory per volume location, named by a hash of backend and location."""
-    return root / volume_key(backend, location)
+def volume_cache_dir(root: Path, backend: str, location: str,
+                     snapshot: str | None = None) -> Path:
+    """One subdirectory per volume location (and per snapshot served), named by a hash of
+    backend and location."""
+    return root / volume_key(backend, location, snapshot)
 
 
 def registry_dir() -> Path:
@@ -82,32 +88,34 @@ class Entry:
         return identity.process_alive(self.pid, self.pid_start)
 
 
-def _entry_path(backend: str, location: str) -> Path:
-    return registry_dir() / f"{volume_key(backend, location)}.json"
+def _entry_path(backend: str, location: str, snapshot: str | None) -> Path:
+    return registry_dir() / f"{volume_key(backend, location, snapshot)}.json"
 
 
-def register(backend: str, location: str, cache_dir: Path, control_socket: Path) -> None:
-    """Record this process as the server of the volume (replacing a crashed one's entry)."""
+def register(backend: str, location: str, cache_dir: Path, control_socket: Path,
+             snapshot: str | None = None) -> None:
+    """Record this process as the server of the volume, or of its snapshot (replacing a
+    crashed one's entry)."""
     entry = Entry(backend, normalize_location(backend, location), os.getpid(),
                   identity.process_start(os.getpid()) or 0, str(cache_dir),
                   str(control_socket))
-    path = _entry_path(backend, location)
+    path = _entry_path(backend, location, snapshot)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(asdict(entry)))
     os.replace(tmp, path)
 
 
-def unregister(backend: str, location: str) -> None:
+def unregister(backend: str, location: str, snapshot: str | None = None) -> None:
     """Remove this process's entry (close)."""
-    path = _entry_path(backend, location)
-    found = lookup(backend, location)
+    path = _entry_path(backend, location, snapshot)
+    found = lookup(backend, location, snapshot)
     if found is not None and found.pid == os.getpid():
         path.unlink(missing_ok=True)
 
 
-def lookup(backend: str, location: str) -> Entry | None:
+def lookup(backend: str, location: str, snapshot: str | None = None) -> Entry | None:
     try:
-        doc = json.loads(_entry_path(backend, location).read_text())
+        doc = json.loads(_entry_path(backend, location, snapshot).read_text())
         return Entry(**doc)
     except (OSError, ValueError, TypeError):
         return None
@@ -155,11 +163,12 @@ class LocalState:
 
 
 def local_state(backend: str, location: str, target: str,
-                cache_root: Path | None = None) -> LocalState:
-    """Find the volume's server on this machine: running (registry), crashed (a registry
-    entry whose process is gone, or a cache directory whose journal holds writes and whose
-    lock nobody holds), or neither."""
-    entry = lookup(backend, location)
+                cache_root: Path | None = None, snapshot: str | None = None) -> LocalState:
+    """Find the volume's server (or its snapshot's) on this machine: running (registry),
+    crashed (a registry entry whose process is gone, or a cache directory whose journal
+    holds writes and whose lock nobody holds), or neither. A snapshot's server has
+    nothing to upload: its journal only copies the store's."""
+    entry = lookup(backend, location, snapshot)
     if entry is not None and entry.alive:
         return LocalState(target, running=entry)
     candidates = []
@@ -167,9 +176,9 @@ def local_state(backend: str, location: str, target: str,
         candidates.append(Path(entry.cache_dir))
     for root in (cache_root, default_cache_root()):
         if root is not None:
-            candidates.append(volume_cache_dir(root, backend, location))
+            candidates.append(volume_cache_dir(root, backend, location, snapshot))
     for cache_dir in candidates:
-        unuploaded = journal_bytes(cache_dir)
+        unuploaded = journal_bytes(cache_dir) if snapshot is None else 0
         if (entry is not None and Path(entry.cache_dir) == cache_dir) or unuploaded:
             if _lock_held(cache_dir):
                 continue  # a server is starting or stopping right now

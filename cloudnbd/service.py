@@ -11,6 +11,15 @@ shutdown is what makes close safe:
            journal into chunks) -> stop workers -> empty journal, mark cache clean
            -> release lease -> unregister -> exit
 
+A snapshot is served read-only (`open --snapshot NAME`) by a Service of its own, beside
+the volume's server if one runs: no lease (it writes nothing), a cache directory and a
+registry entry of its own, and a frozen engine (E7) over the snapshot's head:
+
+    open:  unlock -> local lock (the snapshot's cache) -> the snapshot's head
+           -> frozen engine (its map pages and journal objects) -> NBD listener
+           -> control socket -> registered -> ready
+    close: stop accepting NBD requests -> stop workers -> drop the journal copy -> exit
+
 If the drain cannot finish (cloud unreachable), the journal stays, the lease is kept (so
 another machine cannot open a volume whose newest data is here), and the next open on
 this machine resumes the upload. A journal left under an epoch that is no longer the
@@ -52,7 +61,8 @@ from cloudnbd.volume import Volume
 log = logging.getLogger(__name__)
 
 
-def private_cache_dir(root: Path, backend: str, location: str) -> Path:
+def private_cache_dir(root: Path, backend: str, location: str,
+                      snapshot: str | None = None) -> Path:
     """The volume's cache directory, created (0700) if missing.
 
     The journal in it is trusted: replayed over the cloud at open. So neither it nor
@@ -62,7 +72,7 @@ def private_cache_dir(root: Path, backend: str, location: str) -> Path:
     volume directory that is not ours, is not a plain directory, or that others may
     write to.
     """
-    path = runtime.volume_cache_dir(root, backend, location)
+    path = runtime.volume_cache_dir(root, backend, location, snapshot)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_cache_entry(root, root=True)
     try:
@@ -133,17 +143,19 @@ def purging_cache(cache_dir: Path) -> Iterator[None]:
 
 
 class Service:
-    """Everything a running volume owns."""
+    """Everything a running volume, or a snapshot of it served read-only, owns."""
 
     def __init__(self, backend: str, location: str, options: StoreOptions, vol: Volume,
-                 cache_root: Path, settings: ServeSettings) -> None:
+                 cache_root: Path, settings: ServeSettings,
+                 snapshot: str | None = None) -> None:
         self.backend = backend
         self.location = location
+        self.snapshot_name = snapshot
         self.options = options
         self.volume = vol
         self.settings = settings
         self.cache_root = cache_root
-        self.cache_dir = runtime.volume_cache_dir(cache_root, backend, location)
+        self.cache_dir = runtime.volume_cache_dir(cache_root, backend, location, snapshot)
         self.engine: Engine | None = None
         self.server: NbdServer | None = None
         self.control: ControlServer | None = None
@@ -160,8 +172,11 @@ class Service:
 
     # -- start -----------------------------------------------------------------------------
     def _prepare_cache_dir(self) -> None:
-        self.cache_dir = private_cache_dir(self.cache_root, self.backend, self.location)
+        self.cache_dir = private_cache_dir(self.cache_root, self.backend, self.location,
+                                           self.snapshot_name)
         self._lock_fd = lock_cache_dir(self.cache_dir)
+        if self.snapshot_name is not None:
+            self._drop_journal_copy()  # an earlier run's copy of the store's journal
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         id_file = self.cache_dir / "volume_id"
@@ -238,23 +253,40 @@ class Service:
                           upload_limit=self.settings.upload_limit,
                           threads_per_process=self.settings.threads_per_worker)
 
+    def _take_volume(self) -> tuple[CloudState, int]:
+        """The volume's lease, journal and head: what its engine starts from, and the
+        size."""
+        self.lease = lease_mod.acquire(self.volume.store, "open", force=self.settings.force)
+        self.notes.extend(self.lease.notes)
+        ours = self._adopt_journal(self.lease)
+        # The lease may have changed hands since the unlock: read the size again.
+        self.volume.refresh()
+        meta = self.volume.meta
+        head, head_version = self.volume.objects.get_head(meta.head)
+        freshness.check_head(meta.volume_id, head.generation)
+        return CloudState(meta.head, head, head_version, self.lease.epoch,
+                          import_journal=not ours), meta.size
+
+    def _open_snapshot(self, name: str) -> tuple[CloudState, int]:
+        """A snapshot's head (S1-S3) for a frozen engine (E7), and its size. No lease:
+        nothing is written."""
+        self.volume.refresh()
+        snap = self.volume.objects.get_snapshot(name)
+        return CloudState(self.volume.meta.head, snap.head, "", snap.head.epoch,
+                          import_journal=True, frozen=True), snap.size
+
+    def _drop_journal_copy(self) -> None:
+        shutil.rmtree(self.cache_dir / "journal", ignore_errors=True)
+
     def start(self) -> None:
         limit_malloc_retention()
         self._prepare_cache_dir()
-        self.lease = lease_mod.acquire(self.volume.store, "open", force=self.settings.force)
-        self.notes.extend(self.lease.notes)
         try:
-            ours = self._adopt_journal(self.lease)
-            # The lease may have changed hands since the unlock: read the size again.
-            self.volume.refresh()
-            meta = self.volume.meta
-            head, head_version = self.volume.objects.get_head(meta.head)
-            freshness.check_head(meta.volume_id, head.generation)
+            cloud, size = (self._take_volume() if self.snapshot_name is None
+                           else self._open_snapshot(self.snapshot_name))
             s = self.settings
             metrics = Metrics() if s.metrics else None
-            cloud = CloudState(meta.head, head, head_version, self.lease.epoch,
-                               import_journal=not ours)
-            self.engine = Engine(meta.size, meta.chunk_size, self.cache_dir, cloud,
+            self.engine = Engine(size, self.volume.meta.chunk_size, self.cache_dir, cloud,
                                  s.engine, self._make_pool,
                                  on_transfer=metrics.observe_transfer if metrics else None)
             self.engine.start()
@@ -265,9 +297,11 @@ class Service:
                                               "received": stats.fetch_wire_bytes})
             self.rates.start()
             self.volume.store.idle()  # the front's own requests are done until close
+            what = ("volume" if self.snapshot_name is None
+                    else f"snapshot {self.snapshot_name} of volume")
             self.server = NbdServer(
                 self.engine, s.server,
-                description=f"cloudnbd volume {self.volume.store.description}",
+                description=f"cloudnbd {what} {self.volume.store.description}",
                 on_request=metrics.observe_request if metrics else None)
             self.server.start()
             if metrics is not None and s.metrics:
@@ -276,7 +310,7 @@ class Service:
             self.control = ControlServer(control_socket(self.cache_dir), self._handle)
             self.control.start()
             runtime.register(self.backend, self.location, self.cache_dir,
-                             control_socket(self.cache_dir))
+                             control_socket(self.cache_dir), self.snapshot_name)
         except BaseException:
             self._abort()
             raise
@@ -308,6 +342,7 @@ class Service:
         rates, span = self.rates.rates()
         return {
             "location": self.volume.store.description,
+            "snapshot": self.snapshot_name,
             "pid": os.getpid(),
             "uptime": time.time() - self.started,
             "connections": server.connections,
@@ -321,6 +356,8 @@ class Service:
             "checkpoints": stats.checkpoints,
             "garbage_listings": stats.garbage_listings,
             "garbage_deleted": stats.garbage_deleted,
+            "snapshots": engine.snapshots,
+            "snapshot_only_bytes": engine.snapshot_only_bytes,
             "sent_wire_bytes": stats.sent_wire_bytes,
             "uploaded_bytes": stats.upload_bytes + stats.journal_bytes,
             "uploaded_wire_bytes": stats.upload_wire_bytes,
@@ -348,6 +385,9 @@ class Service:
             return self.status()
         if command == "close":
             return self.close(send, timeout=request.get("timeout"))
+        if command in ("grow", "snapshot") and self.snapshot_name is not None:
+            return {"error": f"this server serves snapshot {self.snapshot_name} "
+                             f"read-only", "exit_code": 2}
         if command == "grow":
             return self.grow(int(request["size"]))
         if command == "snapshot":
@@ -420,6 +460,9 @@ class Service:
                                  f"at {self.cache_dir} and the next open resumes uploading",
                         "exit_code": exc.exit_code}
             self.engine.stop(clean=True)
+            if self.snapshot_name is not None:
+                self._drop_journal_copy()
+                return {"done": True}
             freshness.check_head(self.volume.meta.volume_id, self.engine.head.generation)
             if self.lease is not None:
                 self.lease.release()
@@ -429,7 +472,7 @@ class Service:
                 self.rates.stop()
             if self.control is not None:
                 self.control.close()
-            runtime.unregister(self.backend, self.location)
+            runtime.unregister(self.backend, self.location, self.snapshot_name)
             self.finished.set()
 
     def _set_aside_displaced(self, exc: Displaced) -> str:

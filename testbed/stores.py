@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import platform
 import random
+import re
 import shutil
 import socket
 import struct
@@ -264,11 +265,18 @@ class FaultProxy:
 
     With `link` (testbed.link.Link), relayed connections cross a slow network: added
     round-trip time and a bandwidth cap shared by all of them (faulted requests do not).
+
+    With `hold` (a regular expression), the first request whose request line matches it
+    is held, not answered, until its client gives up or dies: `held` is set then, for a
+    test to kill the client at exactly that point. With hold_after the store gets the
+    request first (it took effect; the answer is what is held). Held requests are only
+    seen on connections that carry one request each: use rate=1.0, kinds=("pass",).
     """
 
     def __init__(self, target: str, faults: list[str], rate: float = 0.0,
                  kinds: tuple[str, ...] = (), seed: int = 0, stall: float = 1.0,
-                 link: Link | None = None) -> None:
+                 link: Link | None = None, hold: str | None = None,
+                 hold_after: bool = False) -> None:
         host, _, port = target.removeprefix("http://").rstrip("/").rpartition(":")
         self.target = (host, int(port))
         self.faults = list(faults)
@@ -277,6 +285,8 @@ class FaultProxy:
         self.injected: Counter[str] = Counter()
         self.rate, self.kinds, self.stall = rate, kinds, stall
         self.link = link
+        self.hold, self.hold_after = hold, hold_after
+        self.held = threading.Event()
         self._rng = random.Random(seed)
         self._open: set[socket.socket] = set()
         self.sock = socket.socket()
@@ -323,8 +333,24 @@ class FaultProxy:
                 head, body = _read_request(client)
             except (ConnectionError, OSError):
                 return  # the client gave up (a connection kept in its pool, unused)
+            line = head.split(b"\r\n", 1)[0]
             with self._lock:
-                self.requests[request_kind(head.split(b"\r\n", 1)[0])] += 1
+                self.requests[request_kind(line)] += 1
+                holding = (self.hold is not None and not self.held.is_set()
+                           and re.search(self.hold, line.decode()) is not None)
+                if holding:
+                    self.seen.append(line.decode())
+            if holding:
+                if self.hold_after:
+                    self._forward(head, body)
+                self.held.set()
+                try:
+                    while client.recv(65536):  # until the client gives up or dies
+                        pass
+                except OSError:
+                    pass
+                return
+            with self._lock:
                 if fault != "pass":
                     self.injected[fault] += 1
                     self.seen.append(head.split(b"\r\n", 1)[0].decode())

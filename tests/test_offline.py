@@ -659,7 +659,7 @@ def test_what_upgrade_shrink_and_rekey_write_is_served(vol: Offline) -> None:
     numbered past it (R3): a volume upgraded from version 1, written through NBD, shrunk,
     re-encrypted, and served again reads as written."""
     from tests.nbdclient import NbdClient
-    from tests.served import start
+    from testbed.served import start
 
     data = bytearray(os.urandom(16 * CHUNK))
     old_volume(vol.store, {i: bytes(data[i * CHUNK:(i + 1) * CHUNK])

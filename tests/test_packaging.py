@@ -2,7 +2,7 @@
 
 The RPM is built the way README says (`setup.py sdist --formats=bztar`, `rpmbuild -ta`),
 installed with rpm into an empty root, and what an administrator meets there is checked:
-`man cloudnbd`, the config files in /etc/cloudnbd (which must parse), the systemd unit
+`man cloudnbd`, the config files in /etc/cloudnbd (which must parse), the systemd units
 (`systemd-analyze verify` against the installed tree), and a package that imports whole.
 """
 
@@ -92,7 +92,9 @@ def test_rpm_builds_and_installs_man_page_config_and_systemd_unit(tmp_path: Path
                             capture_output=True, text=True, timeout=60).stdout.split()
     for path in ("/usr/bin/cloudnbd", "/etc/cloudnbd/cloudnbd.conf",
                  "/etc/cloudnbd/volumes.d/example.conf.sample",
-                 "/usr/lib/systemd/system/cloudnbd@.service", "/var/cache/cloudnbd"):
+                 "/usr/lib/systemd/system/cloudnbd@.service",
+                 "/usr/lib/systemd/system/cloudnbd-snapshot@.service",
+                 "/usr/lib/systemd/system/cloudnbd-snapshot@.timer", "/var/cache/cloudnbd"):
         assert path in listed and (root / path.lstrip("/")).exists(), path
     assert any(p.startswith("/usr/share/man/man1/cloudnbd.1") for p in listed)
     config = subprocess.run(["rpm", "--root", str(root), "-qc", "cloudnbd"], check=True,
@@ -135,8 +137,9 @@ def test_rpm_builds_and_installs_man_page_config_and_systemd_unit(tmp_path: Path
         if unit.is_file() and not (units / unit.name).exists():
             shutil.copy(unit, units / unit.name)
     verify = subprocess.run(["systemd-analyze", "verify", f"--root={root}",
-                             "cloudnbd@photos.service"], env=man_env, capture_output=True,
-                            text=True, timeout=120)
+                             "cloudnbd@photos.service", "cloudnbd-snapshot@photos.service",
+                             "cloudnbd-snapshot@photos.timer"], env=man_env,
+                            capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), \
         verify.stdout + verify.stderr
 

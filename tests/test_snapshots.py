@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from cloudnbd import layout, volume
+from cloudnbd import layout, lease, volume
 from cloudnbd.layout import Snapshot
 from cloudnbd.snapshots import retained
 from testbed.served import cloudnbd, start
-from tests.nbdclient import NbdClient
+from testbed.stores import free_port
+from tests.nbdclient import NbdClient, NbdError
 from tests.servers import BackendEnv
 from tests.test_offline import (
     CHUNK,
@@ -152,7 +155,9 @@ def test_engine_garbage_collection_keeps_what_a_snapshot_needs(
     something: the snapshot still exports byte for byte, and the volume too."""
     vol = Offline(backend_env, tmp_path)
     vol.init("4MiB")
+    port = free_port()
     served = start(tmp_path, backend_env.name, vol.location, vol.password,
+                   "--metrics", f":{port}",
                    "--gc-grace", "0.2", "--checkpoint-size", "64KiB",
                    "--checkpoint-age", "1",
                    *backend_env.cli_args, env=backend_env.env)
@@ -182,6 +187,27 @@ def test_engine_garbage_collection_keeps_what_a_snapshot_needs(
         client.close()
         _, exported = vol.export("s1.out", "--snapshot", "s1")
         assert_image(exported, snap_image)
+        # status: what only the snapshot keeps alive, once the head no longer moves
+        # (everything checkpointed) and a listing was done after that
+        while served.status()["store_journal_objects"]:
+            with pytest.raises(subprocess.TimeoutExpired):
+                served.process.wait(timeout=0.2)
+        listings = int(served.status()["garbage_listings"])  # type: ignore[call-overload]
+        while int(served.status()["garbage_listings"]) <= listings:  # type: ignore[call-overload]
+            with pytest.raises(subprocess.TimeoutExpired):
+                served.process.wait(timeout=0.2)
+        sizes = {info.key: info.size for info in volume.own_objects(vol.store)}
+        only_s1 = {key for key in needs(vol, "s1") - needs(vol, None)
+                   if layout.parse_key(key) is not None}
+        status = served.status()
+        assert status["snapshots"] == 1
+        assert status["snapshot_only_bytes"] == sum(sizes[key] for key in only_s1) > 0
+        text = served.cli("status", "--cache", str(served.cache)).stdout
+        assert "snapshots:     1, keeping" in text, text
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30
+                                         ).read().decode()
+        assert "\ncloudnbd_snapshots 1.0\n" in metrics, metrics
+        assert re.search(r"\ncloudnbd_snapshot_only_bytes [1-9]", metrics), metrics
     finally:
         served.close()
     _, exported = vol.export("now.out")
@@ -213,3 +239,187 @@ def test_snapshot_names_and_keys() -> None:
             layout.snapshot_key(bad)
         assert layout.snapshot_name("snapshots/" + bad) is None
     assert volume.owns("snapshots/s1") and not volume.owns("snapshots/a/b")
+
+
+def store_state(vol: Offline) -> dict[str, tuple[int, str]]:
+    """Every object of the volume: key -> (size, version)."""
+    return {info.key: (info.size, info.version) for info in volume.own_objects(vol.store)}
+
+
+def test_a_snapshot_served_read_only_beside_the_live_volume(
+        backend_env: BackendEnv, tmp_path: Path) -> None:
+    """open --snapshot s1 while the volume is open read-write, both under the same cache
+    root: a real NBD client reads s1's image byte for byte (a journal object included)
+    while the live volume is written and FLUSHed; writes to s1 are refused; the
+    snapshot server changes nothing in the store (no lease, head or object of its own)."""
+    vol = Offline(backend_env, tmp_path)
+    vol.init("4MiB")
+    live = start(tmp_path, backend_env.name, vol.location, vol.password,
+                 "--gc-grace", "0.2", *backend_env.cli_args, env=backend_env.env)
+    served_snapshot = None
+    try:
+        client = NbdClient.unix(str(live.socket))
+        image_a = bytearray(SIZE)
+        for offset, data in ((0, os.urandom(3 * CHUNK)), (30 * CHUNK + 7, os.urandom(900))):
+            client.pwrite(data, offset)  # whole chunks, and a write for the journal
+            image_a[offset:offset + len(data)] = data
+        client.flush()
+        snap(vol, "create", "s1", "--cache", str(live.cache))
+        image_b = bytearray(image_a)
+        for offset in range(0, SIZE, 8 * CHUNK):
+            piece = os.urandom(CHUNK // 2)
+            client.pwrite(piece, offset)
+            image_b[offset:offset + len(piece)] = piece
+        client.flush()
+        before = store_state(vol)
+        holder = lease.holder(vol.store)
+        assert holder is not None
+        epoch = holder.epoch
+
+        served_snapshot = start(tmp_path, backend_env.name, vol.location, vol.password,
+                                "--snapshot", "s1", "--gc-grace", "0.2",
+                                *backend_env.cli_args, env=backend_env.env,
+                                cache=live.cache)
+        listings = int(live.status()["garbage_listings"])  # type: ignore[call-overload]
+        reader = NbdClient.unix(str(served_snapshot.socket))
+        assert reader.size == SIZE and reader.flags & 2  # NBD_FLAG_READ_ONLY
+        assert reader.pread(0, SIZE) == image_a
+        for offset in range(4 * CHUNK, SIZE, 8 * CHUNK):  # the live volume goes on
+            piece = os.urandom(CHUNK)
+            client.pwrite(piece, offset)
+            image_b[offset:offset + len(piece)] = piece
+        client.flush()
+        assert b"".join(reader.pread(offset, min(5 * CHUNK, SIZE - offset))
+                        for offset in range(0, SIZE, 5 * CHUNK)) == image_a
+        for refused in (lambda: reader.pwrite(b"x" * 512, 0), lambda: reader.trim(0, 4096),
+                        lambda: reader.zero(0, 4096)):
+            with pytest.raises(NbdError):
+                refused()
+        assert reader.pread(0, 512) == image_a[:512]
+        reader.flush()  # nothing to flush: answered at once
+        # the live server's collector as the clock: two of its listings (a grace
+        # apart) since the snapshot server started, whose collector would have listed
+        while int(live.status()["garbage_listings"]) < listings + 2:  # type: ignore[call-overload]
+            with pytest.raises(subprocess.TimeoutExpired):
+                live.process.wait(timeout=0.2)
+        status = json.loads(served_snapshot.cli("status", "--cache", str(live.cache),
+                                                "--snapshot", "s1", "--json").stdout)
+        assert status["snapshot"] == "s1" and status["head_generation"] == \
+            vol.unlock().objects.get_snapshot("s1").head.generation
+        assert (status["garbage_listings"], status["commits"]) == (0, 0)
+        reader.close()
+        out = served_snapshot.close("--snapshot", "s1").stdout
+        assert "Closed snapshot s1" in out, out
+        served_snapshot = None
+        assert int(live.status()["commits"]) > 0  # type: ignore[call-overload]
+
+        after = store_state(vol)
+        holder = lease.holder(vol.store)
+        assert holder is not None and holder.epoch == epoch
+        head_key = vol.unlock().meta.head
+        changed = {key for key in before.keys() | after.keys()
+                   if before.get(key) != after.get(key)}
+        # only the live server's own: its head, and objects stamped with its epoch
+        assert {key for key in changed if key != head_key
+                and layout.stamp_epoch(key) != epoch} == set(), changed
+        client.close()
+    finally:
+        if served_snapshot is not None:
+            served_snapshot.close("--snapshot", "s1", check=False)
+        live.close()
+    _, exported = vol.export("now.out")
+    assert_image(exported, image_b)
+    _, exported = vol.export("s1.out", "--snapshot", "s1")
+    assert_image(exported, image_a)
+
+
+def test_deleting_a_snapshot_of_an_open_volume_leaves_collection_to_its_server(
+        backend_env: BackendEnv, tmp_path: Path) -> None:
+    """snapshot delete while the volume is served: the snapshot object goes at once, the
+    objects only it kept alive are deleted later by the server's collection (grace
+    0.2 s), and nothing the head needs is deleted: the volume exports byte for byte."""
+    vol = Offline(backend_env, tmp_path)
+    vol.init("4MiB")
+    served = start(tmp_path, backend_env.name, vol.location, vol.password,
+                   "--gc-grace", "0.2", "--checkpoint-age", "1",
+                   *backend_env.cli_args, env=backend_env.env)
+    try:
+        client = NbdClient.unix(str(served.socket))
+        image = bytearray(SIZE)
+        for offset in range(0, 16 * CHUNK, CHUNK):
+            piece = os.urandom(CHUNK)
+            client.pwrite(piece, offset)
+            image[offset:offset + CHUNK] = piece
+        client.flush()
+        snap(vol, "create", "s1", "--cache", str(served.cache))
+        for offset in range(0, 8 * CHUNK, CHUNK):  # s1 alone keeps the old chunks now
+            piece = os.urandom(CHUNK)
+            client.pwrite(piece, offset)
+            image[offset:offset + CHUNK] = piece
+        client.pwrite(b"j" * 500, 20 * CHUNK)  # and a journal object a checkpoint folds
+        image[20 * CHUNK:20 * CHUNK + 500] = b"j" * 500
+        client.flush()
+        while served.status()["store_journal_objects"]:
+            with pytest.raises(subprocess.TimeoutExpired):
+                served.process.wait(timeout=0.2)
+        only_s1 = needs(vol, "s1") - needs(vol, None)
+        assert len(only_s1) > 8
+        code, out, _ = snap(vol, "delete", "s1")
+        assert code == 0 and "snapshots/s1" not in own_keys(vol), out
+        deadline = time.monotonic() + 120
+        while only_s1 & own_keys(vol):
+            assert time.monotonic() < deadline, "the server never collected"
+            with pytest.raises(subprocess.TimeoutExpired):
+                served.process.wait(timeout=0.2)
+        assert needs(vol, None) <= own_keys(vol)
+        assert client.pread(0, SIZE) == image
+        client.close()
+    finally:
+        served.close()
+    _, exported = vol.export("now.out")
+    assert_image(exported, image)
+
+
+def test_rollback_across_size_changes(vol: Offline) -> None:
+    """s1 at 4 MiB, s2 at 8 MiB (grown), then the volume shrunk to 2 MiB: rolling back
+    to s2 grows it to 8 MiB with s2's image, to s1 shrinks it back to 4 MiB with s1's;
+    the states before are kept as snapshots at their own sizes; a server then serves
+    the size rolled back to."""
+    vol.init("4MiB")
+    first = {0: os.urandom(CHUNK), SIZE - 1000: os.urandom(1000)}
+    write_image(vol.tmp / "a", SIZE, first)
+    vol.import_(vol.tmp / "a")
+    snap(vol, "create", "s1")
+    vol("resize", "8MiB")
+    second = {CHUNK: os.urandom(CHUNK), 2 * SIZE - 700: os.urandom(700)}
+    write_image(vol.tmp / "b", 2 * SIZE, second)
+    vol.import_(vol.tmp / "b")
+    snap(vol, "create", "s2")
+    vol("resize", "2MiB", "--shrink", "--yes")
+    third = {5: os.urandom(CHUNK)}
+    write_image(vol.tmp / "c", SIZE // 2, third)
+    vol.import_(vol.tmp / "c")
+
+    code, out, _ = snap(vol, "rollback", "s2", "--yes")
+    assert code == 0, out
+    assert vol.info()["size"] == 2 * SIZE
+    _, exported = vol.export("two.out")
+    assert_image(exported, model(2 * SIZE, second))
+    code, out, _ = snap(vol, "rollback", "s1", "--yes", "--no-keep")
+    assert code == 0, out
+    assert vol.info()["size"] == SIZE
+    _, exported = vol.export("one.out")
+    assert_image(exported, model(SIZE, first))
+    (kept,) = [n for n in vol.unlock().objects.snapshot_names() if n not in ("s1", "s2")]
+    _, exported = vol.export("kept.out", "--snapshot", kept)
+    assert_image(exported, model(SIZE // 2, third))
+    code, out, _ = vol("verify")
+    assert code == 0 and ", 0 garbage" in out, out
+    served = start(vol.tmp, vol.env.name, vol.location, vol.password,
+                   *vol.env.cli_args, env=vol.env.env)
+    try:
+        client = NbdClient.unix(str(served.socket))
+        assert client.size == SIZE and client.pread(0, SIZE) == model(SIZE, first)
+        client.close()
+    finally:
+        served.close()

@@ -34,6 +34,10 @@ Engine invariants:
   will not see.
 - E6 The sequence numbers of this engine's writes are above every number the store's
   head or its journal objects hold, so the store's order is the order of writing.
+- E7 A frozen engine (a snapshot's head, `open --snapshot`) writes nothing to the store:
+  it refuses every write, commits nothing, writes no head and collects no garbage (its
+  collector would take every object of the volume's newer heads for garbage), and
+  holds no lease. Its local journal only copies the journal objects its head names.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from cloudnbd.engine.workers import (
     HeadTask,
     JournalPiece,
     JournalTask,
+    Listing,
     ListTask,
     Outcome,
     PageTask,
@@ -127,6 +132,8 @@ class CloudState:
     epoch: int  # our lease epoch: the high half of every stamp we make
     #: import the store's journal into the local one (it is not ours, or not the newest)
     import_journal: bool
+    #: E7: head is a snapshot's, served read-only beside the volume's own server
+    frozen: bool = False
 
 
 @dataclass
@@ -215,6 +222,10 @@ class EngineSnapshot:
     stats: EngineStats  # a copy
     displaced: str | None  # who took the volume over (E5, G3)
     worker_pids: dict[str, list[int]]  # by WorkerKind
+    #: as of the last garbage listing (None before the first, every gc_grace): the
+    #: volume's snapshots, and the bytes of the objects only they keep alive
+    snapshots: int | None = None
+    snapshot_only_bytes: int | None = None
 
 
 class Engine(BlockDevice):
@@ -277,6 +288,7 @@ class Engine(BlockDevice):
         self._gc_busy = False
         self._gc_head_version = ""  # the head version the delete in flight expects (G3)
         self._gc_doomed = 0  # and how many objects it deletes
+        self._snapshot_usage: tuple[int, int] | None = None  # (count, bytes), a listing's
         self.recovered_records = 0
         self.displaced: str | None = None  # who took the volume over
 
@@ -309,6 +321,8 @@ class Engine(BlockDevice):
                     self.recovered_records += 1
             self.journal.skip_to(max(cloud_max, self.map.max_seq) + 1)  # E6
             self._set_journal_floor_locked()
+        if self.cloud.frozen:
+            return  # E7: no write-back, commits or garbage collection, ever
         if self.recovered_records:
             log.warning("replayed %d journal records; %d chunks to upload",
                         self.recovered_records, len(self.dirty))
@@ -374,7 +388,10 @@ class Engine(BlockDevice):
         """Close: commit everything and fold the store's journal into chunks, so that
         nothing but the head and what it names remains. Raises CloudUnreachable when no
         progress was made for stall_timeout seconds (the journal keeps the data), and
-        Displaced if another server took the volume over."""
+        Displaced if another server took the volume over. A frozen engine has nothing
+        to commit (E7)."""
+        if self.cloud.frozen:
+            return
         with self._cond:
             self._flush_target = max(self._flush_target, self.journal.next_seq - 1)
             last_left, last_progress = self._backlog_locked(), time.monotonic()
@@ -482,7 +499,7 @@ class Engine(BlockDevice):
 
     @property
     def read_only(self) -> bool:
-        return self.settings.read_only
+        return self.settings.read_only or self.cloud.frozen
 
     # Everything else BlockDevice defaults to (flush, FUA, trim, zero, fast zero, cache,
     # extents) the engine does. Multi-conn is safe: one engine and one journal serve
@@ -542,6 +559,11 @@ class Engine(BlockDevice):
                 self._refuse_if_displaced()
                 self._cond.wait(timeout=1.0)
 
+    def _refuse_writes_if_frozen(self) -> None:
+        """E7, below the NBD layer's read-only export: a frozen engine never journals."""
+        if self.cloud.frozen:
+            raise DeviceError(errno.EROFS, "a snapshot is served read-only")
+
     def _refuse_if_displaced(self) -> None:
         if self.displaced is not None:
             raise DeviceError(errno.EIO, self._displaced_message())
@@ -551,6 +573,7 @@ class Engine(BlockDevice):
                 f"writes to the store")
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        self._refuse_writes_if_frozen()
         self._refuse_if_displaced()
         self._wait_for_room()
         seq, segment = self._append_write(buf, offset)
@@ -559,7 +582,8 @@ class Engine(BlockDevice):
             self._wait_durable(seq)
 
     def pwrite_now(self, buf: memoryview, offset: int) -> bool:
-        if self.journal.live_bytes >= self.settings.max_dirty or self.displaced:
+        if (self.journal.live_bytes >= self.settings.max_dirty or self.displaced
+                or self.cloud.frozen):
             return False  # backpressure (or the error): pwrite, on a pool thread
         self._append_write(buf, offset)
         return True
@@ -575,6 +599,7 @@ class Engine(BlockDevice):
              fast: bool = False) -> None:
         # Zeroing is always fast here: it is a journal record, and whole chunks that end
         # up all zeros get no object at all.
+        self._refuse_writes_if_frozen()
         self._refuse_if_displaced()
         with self._cond:
             if not self._needs_zeroing(offset, length):
@@ -589,6 +614,8 @@ class Engine(BlockDevice):
         self.zero(offset, length, fua)
 
     def flush(self) -> None:
+        if self.cloud.frozen:
+            return  # E7: nothing was written, everything read is in the store
         self._wait_durable(self.journal.next_seq - 1)
 
     def _wait_durable(self, seq: int) -> None:
@@ -1202,15 +1229,21 @@ class Engine(BlockDevice):
            wrote or read last: a writer of an earlier epoch that committed after all
            (a new holder loses to a commit between its read of the head and its first
            write) is protected, and this server learns it was displaced."""
-        if result.outcome != Outcome.DONE or self._gc_listing_round != self._gc_round:
-            if result.outcome != Outcome.DONE:
-                log.warning("garbage collection skipped: %s", result.error)
+        if result.outcome != Outcome.DONE:
+            log.warning("garbage collection skipped: %s", result.error)
+            self._gc_busy = False
+            return
+        listing: Listing = result.value
+        named = self._named_locked()
+        self._snapshot_usage = (listing.snapshots, sum(
+            size for key, size in listing.kept_sizes.items() if key not in named))
+        if self._gc_listing_round != self._gc_round:
             self._gc_busy = False
             return
         self.stats.garbage_listings += 1
         now = time.monotonic()
         epoch = self.cloud.epoch
-        garbage = {key for key in set(result.value) - self._named_locked()
+        garbage = {key for key in set(listing.unkept) - named
                    if layout.stamp_epoch(key) <= epoch}
         doomed: list[str] = []
         if self._garbage_seen is not None:
@@ -1231,13 +1264,14 @@ class Engine(BlockDevice):
         """What the engine is doing now, for status and metrics."""
         dirty_bytes, dirty_chunks, oldest = self.backlog()
         with self._cond:
-            head = self.head
+            head, usage = self.head, self._snapshot_usage
         clean = self.clean
         return EngineSnapshot(
             dirty_bytes, dirty_chunks, oldest, len(head.journal),
             sum(r.size for r in head.journal), head.generation, self.journal.bytes_on_disk,
             clean.bytes, clean.max_bytes, clean.hits, clean.misses, replace(self.stats),
-            self.displaced, {str(kind): self.pool.pids(kind) for kind in WorkerKind})
+            self.displaced, {str(kind): self.pool.pids(kind) for kind in WorkerKind},
+            *(usage or (None, None)))
 
     def wait_for_stats(self, done: Callable[[EngineStats], bool], timeout: float) -> bool:
         """Block until done(stats) holds (checked as each worker result is handled), or

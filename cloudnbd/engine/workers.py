@@ -47,7 +47,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from cloudnbd import lease, logs, zygote
+from cloudnbd import layout, lease, logs, zygote
 from cloudnbd.backends import StoreOptions, open_store
 from cloudnbd.backends.base import ObjectStore
 from cloudnbd.chunks import ChunkCodec
@@ -174,10 +174,23 @@ class ReadPageTask:
 @dataclass(frozen=True)
 class ListTask:
     """The keys of every version-3 object of the volume but the head that no snapshot
-    needs (S4; a snapshot that cannot be read fails the task: nothing is collected)."""
+    needs (S4; a snapshot that cannot be read fails the task: nothing is collected).
+    Answered with a Listing."""
 
     task_id: int
     index: int = -1
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A ListTask's answer: the listed keys no snapshot needs (the engine drops those
+    its head names: the rest is garbage), and what the snapshots keep: how many there
+    are, and the listed objects they need, with sizes (those the head does not name are
+    kept alive only by snapshots: status and metrics)."""
+
+    unkept: tuple[str, ...]
+    snapshots: int
+    kept_sizes: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -419,10 +432,12 @@ class _Worker:
         if isinstance(task, ListTask):
             # the objects first, then the snapshots: a snapshot deleted in between
             # keeps its objects one round more, never the other way round
-            listed = [info.key for info in self.objects.list_own()]
+            listed = list(self.objects.list_own())
             kept = self.objects.kept_by_snapshots(threads=2)
-            return Result(task.task_id, task.index, Outcome.DONE,
-                          value=[key for key in listed if key not in kept])
+            return Result(task.task_id, task.index, Outcome.DONE, value=Listing(
+                tuple(info.key for info in listed if info.key not in kept),
+                sum(1 for key in kept if layout.snapshot_name(key) is not None),
+                {info.key: info.size for info in listed if info.key in kept}))
         found = self.store.stat(task.head_key)
         if found is None or found.version != task.expected:
             return Result(task.task_id, task.index, Outcome.DISPLACED,
