@@ -658,8 +658,8 @@ def test_what_upgrade_shrink_and_rekey_write_is_served(vol: Offline) -> None:
     """The engine opens what the offline commands wrote, and a server's later writes are
     numbered past it (R3): a volume upgraded from version 1, written through NBD, shrunk,
     re-encrypted, and served again reads as written."""
-    from tests.nbdclient import NbdClient
     from testbed.served import start
+    from tests.nbdclient import NbdClient
 
     data = bytearray(os.urandom(16 * CHUNK))
     old_volume(vol.store, {i: bytes(data[i * CHUNK:(i + 1) * CHUNK])
