@@ -246,3 +246,34 @@ def test_only_a_run_that_stopped_uncleanly_is_reported_as_such(
     assert "did not stop cleanly" not in caplog.text
     assert not CleanCache(tmp_path, CHUNK).open(listing)  # the first run ended unmarked
     assert "previous run did not stop cleanly" in caplog.text
+
+
+def test_retries_of_every_commit_step_are_counted(tmp_path: Path) -> None:
+    """A FLUSH's journal object and head, and a checkpoint's map page, count the store's
+    retries in the engine's stats (the metrics): the cloud-fault campaign saw none
+    counted for them while the store retried them."""
+    rig = EngineRig(tmp_path, checkpoint_bytes=1)
+    store = rig.pool.worker.store  # type: ignore[union-attr]
+    failed: list[str] = []
+    real_put_if = store._put_if
+
+    def flaky_put_if(key: str, data: bytes, expected: str | None) -> str:
+        """The first write of each kind of object times out once, and is retried."""
+        fail = [key.split("/")[0] not in {k.split("/")[0] for k in failed}]
+
+        def attempt() -> str:
+            if fail.pop() if fail else False:
+                failed.append(key)
+                raise TimeoutError("the store did not answer")
+            return real_put_if(key, data, expected)
+
+        return store.retrying(f"PUT {key}", attempt)
+
+    store._put_if = flaky_put_if
+    store.is_temp_failure = lambda exc: isinstance(exc, TimeoutError)
+    rig.write(1000, b"x" * 3000)
+    rig.engine.flush()
+    rig.engine.drain()
+    kinds = sorted(k.split("/")[0] for k in failed)
+    assert "journal" in kinds and "map" in kinds and len(kinds) >= 3, kinds
+    assert rig.engine.stats.retries == len(failed)

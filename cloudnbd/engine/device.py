@@ -772,6 +772,7 @@ class Engine(BlockDevice):
 
     def _on_result(self, kind: WorkerKind, result: Result) -> None:
         with self._cond:
+            self.stats.retries += result.retries  # every task's: commit steps' too
             purpose = self._store_tasks.pop(result.task_id, None)
             if result.task_id in self._waiting_reads:
                 self._waiting_reads[result.task_id].append(result)
@@ -792,7 +793,6 @@ class Engine(BlockDevice):
         upload = self._uploading.pop(index)
         self.journal.unpin(upload.segments)
         self.clean.unpin(index)
-        self.stats.retries += result.retries
         self.stats.gets += result.base_gets
         self.stats.fetch_wire_bytes += result.base_wire_bytes
         if result.outcome == Outcome.ERROR:
@@ -824,7 +824,6 @@ class Engine(BlockDevice):
             waiter.event.set()  # readers wake whatever happened
 
     def _account_fetch_locked(self, result: Result, waiter: _Fetch) -> None:
-        self.stats.retries += result.retries
         if result.outcome == Outcome.CACHED:
             if self.on_transfer is not None:
                 self.on_transfer(WorkerKind.FETCH, result.seconds)
