@@ -84,16 +84,6 @@ class HoldingProxy(FaultProxy):
     def _pass(self, client: socket.socket, head: bytes, body: bytes) -> None:
         self._answer(client, self._forward(head, body))
 
-    @staticmethod
-    def _answer(client: socket.socket, response: bytes) -> None:
-        end = response.index(b"\r\n\r\n")
-        lines = [line for line in response[:end].split(b"\r\n")
-                 if not line.lower().startswith(b"connection:")]
-        try:
-            client.sendall(b"\r\n".join([*lines, b"Connection: close"]) + response[end:])
-        except OSError:
-            pass
-
 
 def _wait(event: threading.Event, what: str) -> None:
     if not event.wait(DEADLINE):
