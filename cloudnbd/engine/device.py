@@ -921,7 +921,7 @@ class Engine(BlockDevice):
             if target > self.head.seq:  # nothing was written since: a new head is moot
                 self.head = replace(self.head, seq=target)
             return
-        segments = {p.segment for p in pieces if not p.zero}
+        segments = {p.segment for p in pieces}  # zeros too: the worker fsyncs them (J1)
         self.journal.pin(segments)
         commit = self._commit = _Commit(target, chunks, segments)
         stamp = self._next_stamp()

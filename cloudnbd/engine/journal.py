@@ -17,8 +17,9 @@ ever copies of cloud objects). The journal is a sequence of segment files
 
 Invariants (relied on by the engine and by recovery):
 - J1 A record is acknowledged only after it is fully written to its segment (page cache);
-  a FUA write or an upload that includes a record first fsyncs its segment, so whatever
-  the cloud holds is durable in the journal until its segment is deleted.
+  a FUA write or an upload (chunk or journal object) that includes a record, a ZERO
+  record too, first fsyncs its segment, so whatever the cloud holds is durable in the
+  journal until its segment is deleted.
 - J2 Segments are deleted oldest first, and only when none of their records is still
   needed (live bytes zero, no reader pinned). The surviving segments are therefore always
   a suffix of the journal, and replaying that suffix in seq order over the cloud contents

@@ -22,7 +22,8 @@ exclusively before it replays the journal (wait_for_orphans), which waits out an
 worker still alive.
 
 Task contracts (see device.Engine):
-- an upload or a journal object reads only journal segments it has fsync'd (J1);
+- an upload or a journal object reads only journal segments it has fsync'd, and fsyncs
+  the segments of its zero pieces too (J1);
 - an upload writes the new clean file to a temporary name and renames it into place
   before the result is sent; a chunk that came out all zeros creates no object;
 - every result that puts a clean file in place carries the stamp of the object the file
@@ -285,7 +286,7 @@ class _Worker:
 
     def upload(self, task: UploadTask) -> Result:
         started = time.monotonic()
-        fds = self._segments({p.segment for p in task.pieces if not p.zero})
+        fds = self._segments({p.segment for p in task.pieces})  # J1: zero pieces too
         try:
             plain, base_wire_bytes = self._assemble(task, fds)
         finally:
@@ -336,7 +337,10 @@ class _Worker:
         """Create a journal object: the commit's data, from the local journal (J1)."""
         started = time.monotonic()
         builder = JournalBuilder()
-        fds = self._segments({p.segment for p in task.pieces if not p.zero})
+        # J1 for every record the object holds, a ZERO too: an open on this machine
+        # replays its own journal, not the store's, so a zeroing the store has but the
+        # local journal lost would bring the older data back (power-loss campaign)
+        fds = self._segments({p.segment for p in task.pieces})
         try:
             for piece in task.pieces:
                 if piece.zero:
