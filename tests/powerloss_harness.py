@@ -100,9 +100,9 @@ class PowerLossCampaign:
             cache_bytes=8 * meta.chunk_size, writeback_delay=0.05, retry_backoff=0.05,
             segment_bytes=64 * 1024,  # small segments: many rolls and deletions
             # the store's journal is folded into chunks every few FLUSHes, and garbage
-            # collected soon after: checkpoints (J4's floor moving up) and deletions
+            # collected at once: checkpoints (J4's floor moving up) and deletions
             # run during the workload, not only at a close
-            checkpoint_bytes=4 * meta.chunk_size, gc_grace=1.0)
+            checkpoint_bytes=4096, gc_grace=0.3)
         self.report = PowerLossReport()
         self.engine: Engine | None = None
         self.pool: InProcessPool | None = None
