@@ -364,12 +364,7 @@ class FaultProxy:
             elif fault in ("pass", "stall"):
                 if fault == "stall":
                     time.sleep(self.stall)  # the injected latency itself
-                response = self._forward(head, body)
-                end = response.index(b"\r\n\r\n")
-                lines = [line for line in response[:end].split(b"\r\n")
-                         if not line.lower().startswith(b"connection:")]
-                client.sendall(b"\r\n".join([*lines, b"Connection: close"])
-                               + response[end:])
+                self._answer(client, self._forward(head, body))
             elif fault in ("drop", "truncate"):
                 response = self._forward(head, body)
                 if fault == "truncate":
@@ -381,6 +376,18 @@ class FaultProxy:
                 _reset(client)
             else:
                 raise ValueError(f"unknown fault {fault!r}")
+
+    @staticmethod
+    def _answer(client: socket.socket, response: bytes) -> None:
+        """Pass the store's response on to the client, which is told the connection ends
+        with it (one request per connection)."""
+        end = response.index(b"\r\n\r\n")
+        lines = [line for line in response[:end].split(b"\r\n")
+                 if not line.lower().startswith(b"connection:")]
+        try:
+            client.sendall(b"\r\n".join([*lines, b"Connection: close"]) + response[end:])
+        except OSError:
+            pass  # the client is gone
 
     def _forward(self, head: bytes, body: bytes) -> bytes:
         """Send one request to the store and return its whole raw response."""

@@ -55,13 +55,16 @@ class PowerLossReport:
     fua_writes: int = 0
     flushes: int = 0
     records_replayed: int = 0
+    checkpoints: int = 0  # the store's journal folded into chunks and map pages
+    garbage_deleted: int = 0  # objects garbage collection deleted
     violations: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         phases = ", ".join(f"{n} {phase}" for phase, n in sorted(self.where.items()))
         return (f"power-loss campaign: {self.points} power-loss points ({phases}); "
                 f"{self.writes} writes ({self.fua_writes} FUA), {self.flushes} flushes, "
-                f"{self.records_replayed} journal records replayed; "
+                f"{self.records_replayed} journal records replayed, {self.checkpoints} "
+                f"checkpoints, {self.garbage_deleted} objects collected; "
                 f"{len(self.violations)} failures")
 
 
@@ -95,7 +98,11 @@ class PowerLossCampaign:
         self.batches = batches
         self.settings = EngineSettings(
             cache_bytes=8 * meta.chunk_size, writeback_delay=0.05, retry_backoff=0.05,
-            segment_bytes=64 * 1024)  # small segments: many rolls and deletions
+            segment_bytes=64 * 1024,  # small segments: many rolls and deletions
+            # the store's journal is folded into chunks every few FLUSHes, and garbage
+            # collected at once: checkpoints (J4's floor moving up) and deletions
+            # run during the workload, not only at a close
+            checkpoint_bytes=4096, gc_grace=0.3)
         self.report = PowerLossReport()
         self.engine: Engine | None = None
         self.pool: InProcessPool | None = None
@@ -144,10 +151,15 @@ class PowerLossCampaign:
         engine, self.engine = self.engine, None
         if engine is None:
             return
+        self._count(engine)
         engine.halt()
         if self.pool is not None:
             self.pool.stop()
             assert not self.errors, self.errors
+
+    def _count(self, engine: Engine) -> None:
+        self.report.checkpoints += engine.stats.checkpoints
+        self.report.garbage_deleted += engine.stats.garbage_deleted
 
     # -- workload ---------------------------------------------------------------------------
     def _value(self) -> bytes:
@@ -309,4 +321,5 @@ class PowerLossCampaign:
         self.verify_all(engine, settle=False)
         engine.drain()
         engine.stop(clean=True)
+        self._count(engine)
         self.engine = None

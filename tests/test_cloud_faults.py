@@ -4,7 +4,9 @@ answers after the request took effect, truncates bodies and stalls, at random.
 
 Invariant: every FLUSH that succeeds means its writes are in the store (checked by
 exporting the volume straight from the store, without the relay, after close); retries
-show in the metrics. With --flush-timeout, a FLUSH during an outage fails with EIO by
+show in the metrics (those of every request: chunks, journal objects, map pages, the
+head). The server checkpoints often (a small --checkpoint-size), so the faults meet
+commits and checkpoints alike. With --flush-timeout, a FLUSH during an outage fails with EIO by
 its deadline, and the data stays in the journal and reaches the store when it is back.
 
 The default tier runs 4 rounds per backend at a 30% fault rate; `make test-slow` runs
@@ -75,9 +77,12 @@ def run_campaign(backend: str, tmp: Path, password_file: Path,
     proxy = FaultProxy(env.target, [], rate=0.3, kinds=KINDS, seed=seed, stall=1.0)
     store_args, served_env = env.through(proxy.url)
     port = free_port()
+    # A small --checkpoint-size: every FLUSH's journal object is soon folded into chunk
+    # objects and map pages, so faults meet every kind of request a version-3 server
+    # makes during the workload (journal objects, chunks, pages, the head), not at close.
     served = start(tmp, backend, location, password_file, "--writeback-delay", "0",
-                   "--metrics", f"127.0.0.1:{port}", store_args=store_args,
-                   env=served_env)
+                   "--checkpoint-size", "64KiB", "--metrics", f"127.0.0.1:{port}",
+                   store_args=store_args, env=served_env)
     rng = random.Random(seed)
     model = bytearray(SIZE)
     writes = 0

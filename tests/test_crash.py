@@ -1,7 +1,12 @@
 """kill -9 of the front process, an uploader or a fetcher during a random workload on
-SeaweedFS, then reopen: nothing flushed is lost, nothing torn or foreign appears.
+SeaweedFS, then reopen: nothing flushed is lost, nothing torn or foreign appears. The
+front is also killed at chosen steps of a commit (a checkpoint's page or head write, the
+head write after a FLUSH's journal object, a garbage collection's DELETE), seen by a
+relay in front of the store, and machines are lost with the store's journal
+uncompacted (tests/crash_harness.py).
 
-The default tier runs 20 crash points; `make test-slow` runs 500 (pytest -m slow).
+The default tier runs 20 crash points, every kind at least once; `make test-slow` runs
+500 (pytest -m slow).
 The model's own rules are tested first, without a server: a model that is too strict
 fails the campaign at random (timing decides the order of pipelined requests), and one
 that is too loose hides lost writes.
@@ -13,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from cloudnbd import volume
+from cloudnbd.password import read_password_file
 from testbed.served import KDF, cloudnbd
-from tests.crash_harness import SECTOR, ZERO, Campaign, Model
+from tests.crash_harness import KINDS, SECTOR, TRAPS, ZERO, Campaign, CrashRelay, Model
 from tests.servers import BackendEnv, backend_env_for
 
 SIZE = 32 * 2**20
@@ -85,8 +92,15 @@ def _campaign(tmp_path: Path, env: BackendEnv, password_file: Path, seed: int) -
     location = env.new_location()
     cloudnbd("init", env.name, location, str(SIZE), "--chunk-size", "256KiB",
              *env.cli_args, "--password-file", str(password_file), *KDF, env=env.env)
-    return Campaign(tmp_path, env.name, location, password_file, env.cli_args, env.env,
-                    SIZE, seed)
+    relay = CrashRelay(env.target)
+    store_args, served_env = env.through(relay.url)
+    direct = volume.unlock(env.store(location), read_password_file(password_file))
+
+    def store_journal() -> int:
+        return len(direct.objects.get_head(direct.meta.head)[0].journal)
+
+    return Campaign(tmp_path, env.name, location, password_file, store_args, served_env,
+                    SIZE, seed, relay=relay, store_journal=store_journal)
 
 
 def test_crash_campaign_fast_tier(tmp_path: Path, password_file: Path,
@@ -96,6 +110,10 @@ def test_crash_campaign_fast_tier(tmp_path: Path, password_file: Path,
     print(report.summary())
     assert report.crash_points == 20 and report.front_kills >= 5
     assert report.machine_losses >= 2
+    assert all(report.where[kind] >= 1 for kind in KINDS), report.where
+    assert all(report.where[trap] > report.missed[trap] for trap in TRAPS), report.missed
+    assert max(report.uncompacted) >= 2, report.uncompacted
+    assert report.records_replayed > 0
     assert report.violations == []
 
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from cloudnbd import layout
+from cloudnbd.engine import localfs
 from cloudnbd.engine.cache import CleanCache
 from cloudnbd.engine.chunkmap import ChunkMap
 from cloudnbd.engine.workers import UploadTask
 from cloudnbd.reader import Image
 from tests.engine_harness import CHUNK, EngineRig
+from tests.faultfs import FaultFS, Policy
 
 pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
 
@@ -270,3 +272,57 @@ def test_garbage_collection_deletes_only_unnamed_objects_of_this_epoch_or_older(
     assert mine not in keys and older not in keys
     assert newer in keys
     assert rig.cloud_bytes()[:3 * CHUNK] == data  # every object the head names is there
+
+
+def test_retries_of_every_commit_step_are_counted(tmp_path: Path) -> None:
+    """A FLUSH's journal object and head, and a checkpoint's map page, count the store's
+    retries in the engine's stats (the metrics): the cloud-fault campaign saw none
+    counted for them while the store retried them."""
+    rig = EngineRig(tmp_path, checkpoint_bytes=1)
+    store = rig.pool.worker.store  # type: ignore[union-attr]
+    failed: list[str] = []
+    real_put_if = store._put_if
+
+    def flaky_put_if(key: str, data: bytes, expected: str | None) -> str:
+        """The first write of each kind of object times out once, and is retried."""
+        fail = [key.split("/")[0] not in {k.split("/")[0] for k in failed}]
+
+        def attempt() -> str:
+            if fail.pop() if fail else False:
+                failed.append(key)
+                raise TimeoutError("the store did not answer")
+            return real_put_if(key, data, expected)
+
+        return store.retrying(f"PUT {key}", attempt)
+
+    store._put_if = flaky_put_if
+    store.is_temp_failure = lambda exc: isinstance(exc, TimeoutError)
+    rig.write(1000, b"x" * 3000)
+    rig.engine.flush()
+    rig.engine.drain()
+    kinds = sorted(k.split("/")[0] for k in failed)
+    assert "journal" in kinds and "map" in kinds and len(kinds) >= 3, kinds
+    assert rig.engine.stats.retries == len(failed)
+
+
+def test_a_flushed_zeroing_survives_a_power_loss(tmp_path: Path) -> None:
+    """J1 for zeros: the power-loss campaign (seed 5) read old data where a FLUSHed
+    WRITE_ZEROES had been. The journal object held the ZERO record, but its local
+    segment was never fsync'd (a zero piece has no data to read, so the worker did not
+    open its segment); the power loss took the record, and the replay on this machine,
+    which trusts its own journal, brought the older write back."""
+    (tmp_path / "cache").mkdir()
+    fs = FaultFS(tmp_path / "cache", seed=1)
+    with localfs.installed(fs):
+        rig = EngineRig(tmp_path)
+        rig.write(0, b"x" * 4096)
+        rig.engine.flush()  # a journal object with the write; its segment fsync'd
+        rig.engine.zero(0, 4096, fua=False)
+        rig.engine.flush()  # a journal object with the zeroing
+        fs.power_loss(Policy.DROP)
+        rig.crash()
+        assert rig.pool is not None
+        rig.pool.stop()
+    fs.materialize()
+    rig.reopen()
+    assert rig.read(0, 4096) == bytes(4096)

@@ -12,6 +12,7 @@ import pytest
 from cloudnbd.engine import localfs
 from cloudnbd.engine.journal import HEADER_BYTES, Journal, Kind
 from cloudnbd.engine.localfs import OsLayer
+from tests.faultfs import FaultFS, Policy
 
 pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
 
@@ -116,3 +117,20 @@ def test_a_failed_deletion_stops_every_later_one(tmp_path: Path) -> None:
     assert journal.segments_on_disk() == [0, 1, 2, 3]  # nothing more deleted this run
     journal.close()
     assert [r.seq for r in Journal(tmp_path / "j").recover()] == [1, 2, 3, 4]
+
+
+def test_a_new_journal_survives_a_power_loss_with_its_synced_records(tmp_path: Path) -> None:
+    """J2: the journal directory's own name is durable before a record relies on it. The
+    power-loss campaign (seed 1) lost a journal made by the first open: its segments
+    were fsync'd into journal/, but journal/ itself was never fsync'd into the cache
+    directory, so the power loss took them all, and with them FLUSHed writes that only
+    the store's journal objects still held (an open on this machine trusts its own)."""
+    fs = FaultFS(tmp_path)
+    with localfs.installed(fs):
+        journal = Journal(tmp_path / "cache" / "journal")
+        _write(journal, 0, b"flushed")
+        journal.sync()  # what an upload or a FUA does before the store sees the record
+        fs.power_loss(Policy.DROP)
+        journal.close()
+    fs.materialize()
+    assert [r.seq for r in Journal(tmp_path / "cache" / "journal").recover()] == [1]

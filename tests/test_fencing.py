@@ -1,21 +1,24 @@
-"""A late request of a dead uploader must not undo a newer write (fencing, F1 and F2).
+"""A late request of a dead or displaced writer must not undo a newer write (fencing).
 
-An uploader killed with its PUT (or DELETE) already on its way leaves that request in
-the network: in a socket buffer, a proxy, a congested link. The engine resubmits the
-task to a new uploader, and the client goes on writing and flushing. If the old request
-reached the store after a newer upload of the same chunk, it would put the older
-contents back (or delete the chunk), and a flushed write would be lost.
+An uploader killed with its PUT already on its way leaves that request in the network:
+in a socket buffer, a proxy, a congested link. The engine resubmits the task to a new
+uploader, and the client goes on writing and flushing. On format 3 every object is
+created under a fresh name, create-if-absent (W1), so the late PUT either finds its
+object already made by the resubmitted task (412) or makes an object no head names.
 
-Every chunk write is conditional on the version the engine last saw, so the late
-request, which carries an older expected version, is refused by the store. The late
-request is played by a relay that holds the first conditional write of a chunk object
-until the test releases it, after the newer data was flushed: deterministic, against
-the real SeaweedFS and fake-gcs-server. (fake-gcs-server ignores ifGenerationMatch on
-DELETE, so the late DELETE is shown on S3 only; real GCS honours it.)
+A server displaced by another (open --force elsewhere) may still have uploads on their
+way when the new holder commits. They land, but only the head says what the image is,
+and the displaced server's head write is conditional on the version it last wrote (W2,
+E5): it fails, its FLUSH fails with EIO, and the image is the new holder's.
+
+The late request is played by a relay that holds the first write of a chunk object
+until the test releases it: deterministic, against the real SeaweedFS and
+fake-gcs-server.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -28,6 +31,7 @@ from cloudnbd import offline, volume
 from cloudnbd.password import read_password_file
 from testbed.served import KDF, Served, cloudnbd, start
 from testbed.stores import FaultProxy, _read_request
+from tests.machines import Machine
 from tests.nbdclient import CMD_FLUSH, NbdClient
 from tests.servers import BackendEnv
 
@@ -39,11 +43,13 @@ DEADLINE = 120.0
 class HoldingProxy(FaultProxy):
     """Relays every request, one per connection, except the first chunk write it sees
     whose method is in `methods`: that one is read whole, then held until release(),
-    then passed to the store, whose answer is kept in `late_answer` (its sender is
-    gone by then, so the answer goes nowhere else)."""
+    then passed to the store, whose answer is kept in `late_answer`, and passed on to its
+    sender with `deliver` (without, the sender is gone by then: killed)."""
 
-    def __init__(self, target: str, methods: tuple[bytes, ...]) -> None:
+    def __init__(self, target: str, methods: tuple[bytes, ...], deliver: bool = False
+                 ) -> None:
         self.methods = methods
+        self.deliver = deliver
         self.holding = threading.Event()
         self._release = threading.Event()
         self._took = threading.Lock()
@@ -73,16 +79,11 @@ class HoldingProxy(FaultProxy):
             response = self._forward(head, body)
             self.late_answer = response.split(b"\r\n", 1)[0]
             self.answered.set()
+            if self.deliver:
+                self._answer(client, response)
 
     def _pass(self, client: socket.socket, head: bytes, body: bytes) -> None:
-        response = self._forward(head, body)
-        end = response.index(b"\r\n\r\n")
-        lines = [line for line in response[:end].split(b"\r\n")
-                 if not line.lower().startswith(b"connection:")]
-        try:
-            client.sendall(b"\r\n".join([*lines, b"Connection: close"]) + response[end:])
-        except OSError:
-            pass
+        self._answer(client, self._forward(head, body))
 
 
 def _wait(event: threading.Event, what: str) -> None:
@@ -127,8 +128,6 @@ def _run(env: BackendEnv, tmp: Path, password: Path, methods: tuple[bytes, ...],
     served, location = _serve_through(env, proxy, tmp, password)
     client = NbdClient.unix(str(served.socket))
     try:
-        if methods == (b"DELETE",):  # the held request is the deletion of stored data
-            _write_and_flush(client, os.urandom(CHUNK))
         client.pwrite(first, 0)
         client.send(CMD_FLUSH, 0, 0)
         _wait(proxy.holding, "the first upload to reach the relay")
@@ -156,10 +155,40 @@ def test_a_late_put_of_a_killed_uploader_cannot_roll_a_chunk_back(
     assert b" 412 " in proxy.late_answer + b" ", proxy.late_answer
 
 
-@pytest.mark.parametrize("backend_env", ["s3"], indirect=True)
-def test_a_late_delete_of_a_killed_uploader_cannot_remove_newer_data(
-        backend_env: BackendEnv, tmp_path: Path, password_file: Path) -> None:
-    proxy, _ = _run(backend_env, tmp_path, password_file, (b"DELETE",),
-                    first=bytes(CHUNK))  # all zeros: the upload deletes the object
-    assert b" 412 " in proxy.late_answer + b" ", proxy.late_answer
-
+@pytest.mark.parametrize("backend_env", ["s3", "gs"], indirect=True)
+def test_a_displaced_writers_late_upload_cannot_change_the_image(
+        backend_env: BackendEnv, tmp_path: Path, password_file: Path,
+        other_machine: Machine) -> None:
+    """Server A's upload of chunk 0 is held in the relay while B, on another machine,
+    takes the volume over (--force), writes chunk 0 and FLUSHes. Then A's upload lands
+    (a new object) and A goes on to commit it: its head write is refused, its FLUSH
+    fails with EIO, and the head names B's data."""
+    env = backend_env
+    proxy = HoldingProxy(env.target, (b"PUT", b"POST"), deliver=True)
+    a, location = _serve_through(env, proxy, tmp_path, password_file)
+    client_a = NbdClient.unix(str(a.socket))
+    try:
+        client_a.pwrite(os.urandom(CHUNK), 0)  # whole: uploaded as a chunk object
+        client_a.send(CMD_FLUSH, 0, 0)
+        _wait(proxy.holding, "A's upload to reach the relay")
+        b = start(tmp_path, env.name, location, password_file, "--force",
+                  store_args=env.cli_args, env=env.env, cache=tmp_path / "cache-b",
+                  prefix=other_machine.prefix)
+        newer = os.urandom(CHUNK)
+        client_b = NbdClient.unix(str(b.socket))
+        _write_and_flush(client_b, newer)
+        client_b.close()
+        b.close()
+        proxy.release()  # A's upload lands now, and A learns it did
+        _wait(proxy.answered, "the store's answer to A's late upload")
+        assert b" 200 " in proxy.late_answer + b" ", proxy.late_answer  # a new object
+        assert client_a.recv()[1] == errno.EIO  # A's FLUSH: its head write was refused
+        assert a.status()["displaced"]
+        client_a.close()
+        closed = a.close(check=False)
+        assert closed.returncode == 9 and "taken over" in closed.stderr, closed.stderr
+    finally:
+        proxy.close()
+        if a.process.poll() is None:
+            a.kill()
+    assert _chunk_in_store(env, location, password_file) == newer

@@ -40,6 +40,7 @@ def test_power_loss_campaign_fast_tier(tmp_path: Path, request: pytest.FixtureRe
     print(f"{report.summary()} in {time.monotonic() - started:.0f}s")
     assert report.points == 24 and report.writes > 300 and report.flushes > 20
     assert report.where["workload"] >= 5 and report.records_replayed > 0
+    assert report.checkpoints > 0 and report.garbage_deleted > 0
     assert report.violations == []
 
 

@@ -840,6 +840,7 @@ class Engine(BlockDevice):
 
     def _on_result(self, kind: WorkerKind, result: Result) -> None:
         with self._cond:
+            self.stats.retries += result.retries  # every task's: commit steps' too
             purpose = self._store_tasks.pop(result.task_id, None)
             if result.task_id in self._waiting_reads:
                 self._waiting_reads[result.task_id].append(result)
@@ -882,7 +883,6 @@ class Engine(BlockDevice):
         upload = self._uploading.pop(index)
         self.journal.unpin(upload.segments)
         self.clean.unpin(index)
-        self.stats.retries += result.retries
         self.stats.gets += result.base_gets
         self.stats.fetch_wire_bytes += result.base_wire_bytes
         if result.outcome == Outcome.ERROR:
@@ -914,7 +914,6 @@ class Engine(BlockDevice):
             waiter.event.set()  # readers wake whatever happened
 
     def _account_fetch_locked(self, result: Result, waiter: _Fetch) -> None:
-        self.stats.retries += result.retries
         if result.outcome == Outcome.CACHED:
             if self.on_transfer is not None:
                 self.on_transfer(WorkerKind.FETCH, result.seconds)
@@ -1013,7 +1012,7 @@ class Engine(BlockDevice):
             if target > self.head.seq:  # nothing was written since: a new head is moot
                 self.head = replace(self.head, seq=target)
             return
-        segments = {p.segment for p in pieces if not p.zero}
+        segments = {p.segment for p in pieces}  # zeros too: the worker fsyncs them (J1)
         self.journal.pin(segments)
         commit = self._commit = _Commit(target, chunks, segments)
         stamp = self._next_stamp()

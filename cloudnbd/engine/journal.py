@@ -17,16 +17,19 @@ ever copies of cloud objects). The journal is a sequence of segment files
 
 Invariants (relied on by the engine and by recovery):
 - J1 A record is acknowledged only after it is fully written to its segment (page cache);
-  a FUA write or an upload that includes a record first fsyncs its segment, so whatever
-  the cloud holds is durable in the journal until its segment is deleted.
+  a FUA write or an upload (chunk or journal object) that includes a record, a ZERO
+  record too, first fsyncs its segment, so whatever the cloud holds is durable in the
+  journal until its segment is deleted.
 - J2 Segments are deleted oldest first, and only when none of their records is still
   needed (live bytes zero, no reader pinned). The surviving segments are therefore always
   a suffix of the journal, and replaying that suffix in seq order over the cloud contents
   yields, for every byte, either what the cloud has or something written later.
-  Creating and deleting segments is durable before anything relies on it: a new
-  segment's name is fsync'd into the directory before its first record is written (else
-  a power loss could drop a segment whose records were uploaded while an older segment
-  survives, and replaying the older one would roll the cloud back), and each deletion
+  Creating and deleting segments is durable before anything relies on it: the journal
+  directory's own name (and that of any parent made with it) is fsync'd when it is
+  made, a new segment's name is fsync'd into the directory before its first record is
+  written (else a power loss could drop a segment whose records were uploaded while an
+  older segment survives, and replaying the older one would roll the cloud back, or,
+  with the directory, every record the store's journal objects hold), and each deletion
   is fsync'd before the next (a resurrected older segment next to a deleted newer one
   would do the same). This holds whatever order the file system keeps metadata in.
 - J4 A segment is deleted only once all its records are below the floor the engine sets:
@@ -100,7 +103,12 @@ class Journal:
     def __init__(self, directory: Path, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
+        made = [d for d in (directory, *directory.parents) if not d.exists()]
         localfs.mkdir(directory, 0o700)
+        for made_dir in made:
+            # J2: a segment fsync'd into a directory whose own name is not durable is
+            # lost with it (with records the store's journal objects name: FLUSHed)
+            localfs.fsync_dir(made_dir.parent)
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
         self._live: dict[int, int] = {}  # segment -> logical bytes still needed

@@ -22,7 +22,8 @@ exclusively before it replays the journal (wait_for_orphans), which waits out an
 worker still alive.
 
 Task contracts (see device.Engine):
-- an upload or a journal object reads only journal segments it has fsync'd (J1);
+- an upload or a journal object reads only journal segments it has fsync'd, and fsyncs
+  the segments of its zero pieces too (J1);
 - an upload writes the new clean file to a temporary name and renames it into place
   before the result is sent; a chunk that came out all zeros creates no object;
 - every result that puts a clean file in place carries the stamp of the object the file
@@ -42,7 +43,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -304,8 +305,7 @@ class _Worker:
 
     def upload(self, task: UploadTask) -> Result:
         started = time.monotonic()
-        retries_before = self.store.retries
-        fds = self._segments({p.segment for p in task.pieces if not p.zero})
+        fds = self._segments({p.segment for p in task.pieces})  # J1: zero pieces too
         try:
             plain, base_wire_bytes = self._assemble(task, fds)
         finally:
@@ -317,7 +317,6 @@ class _Worker:
         return Result(task.task_id, task.index, Outcome.STORED if stored else Outcome.ZEROS,
                       size=len(plain) if stored else 0, wire_bytes=sent.wire_bytes,
                       seconds=time.monotonic() - started,
-                      retries=self.store.retries - retries_before,
                       base_gets=int(task.base == "cloud"), base_wire_bytes=base_wire_bytes,
                       version=f"{task.stamp:016x}" if stored else None)
 
@@ -345,22 +344,22 @@ class _Worker:
 
     def fetch(self, task: FetchTask) -> Result:
         started = time.monotonic()
-        retries_before = self.store.retries
         plain, wire_bytes = self.objects.get_chunk(task.index, task.stamp)
         if plain is None:
             return Result(task.task_id, task.index, Outcome.ABSENT)
         self._write_clean(task.index, plain, f"f{task.task_id}")
         return Result(task.task_id, task.index, Outcome.CACHED, size=len(plain),
                       wire_bytes=wire_bytes, seconds=time.monotonic() - started,
-                      retries=self.store.retries - retries_before,
                       version=f"{task.stamp:016x}")
 
     def journal(self, task: JournalTask) -> Result:
         """Create a journal object: the commit's data, from the local journal (J1)."""
         started = time.monotonic()
-        retries_before = self.store.retries
         builder = JournalBuilder()
-        fds = self._segments({p.segment for p in task.pieces if not p.zero})
+        # J1 for every record the object holds, a ZERO too: an open on this machine
+        # replays its own journal, not the store's, so a zeroing the store has but the
+        # local journal lost would bring the older data back (power-loss campaign)
+        fds = self._segments({p.segment for p in task.pieces})
         try:
             for piece in task.pieces:
                 if piece.zero:
@@ -376,8 +375,7 @@ class _Worker:
             builder.add_chunk(record.seq, record.index, record.stamp)
         sent = self.objects.put_journal(task.stamp, builder)
         return Result(task.task_id, task.index, Outcome.DONE, size=builder.size,
-                      wire_bytes=sent.wire_bytes, seconds=time.monotonic() - started,
-                      retries=self.store.retries - retries_before)
+                      wire_bytes=sent.wire_bytes, seconds=time.monotonic() - started)
 
     def head(self, task: HeadTask) -> Result:
         started = time.monotonic()
@@ -398,6 +396,13 @@ class _Worker:
                       seconds=time.monotonic() - started)
 
     def run(self, task: Task) -> Result:
+        """Run task; its result counts the requests the store retried for it, whatever
+        the task (chunks, journal objects, pages, the head: all show in the metrics)."""
+        retries_before = self.store.retries
+        result = self._run_reporting(task)
+        return replace(result, retries=self.store.retries - retries_before)
+
+    def _run_reporting(self, task: Task) -> Result:
         try:
             return self._run(task)
         except IntegrityError as exc:
