@@ -307,7 +307,10 @@ def cmd_resize(args: argparse.Namespace) -> None:
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
-    from cloudnbd import runtime
+    import contextlib
+
+    from cloudnbd import layout, runtime
+    from cloudnbd.runtime import default_cache_root, volume_cache_dir
     from cloudnbd.service import purging_cache
 
     store = _store(args)
@@ -316,8 +319,17 @@ def cmd_delete(args: argparse.Namespace) -> None:
     if local.running is not None:
         raise VolumeBusy(f"volume is open on this machine (pid {local.running.pid}); "
                                f"close it first; nothing was deleted")
-    # the cache a crashed server left (found by the registry), else the one named here
-    with purging_cache(local.cache_dir or _cache_dir(args)):
+    # the cache a crashed server left (found by the registry), else the one named here,
+    # and those of its snapshots served here (plaintext as well): all locked first, so
+    # that nothing is deleted while a server here uses one
+    snapshots = [name for info in store.list(layout.SNAPSHOT_PREFIX)
+                 if (name := layout.snapshot_name(info.key)) is not None]
+    root = args.cache or default_cache_root()
+    with contextlib.ExitStack() as caches:
+        caches.enter_context(purging_cache(local.cache_dir or _cache_dir(args)))
+        for name in snapshots:
+            caches.enter_context(purging_cache(
+                volume_cache_dir(root, args.backend, args.volume, name)))
         if not args.yes:
             if not sys.stdin.isatty():
                 raise UsageError("refusing to delete without confirmation: pass --yes")

@@ -59,5 +59,8 @@ def mounted(server: Served, work: Path, mkfs: list[str] | None = None
     finally:
         if loop:
             sh("losetup", "-d", loop)
-        sh("fusermount3", "-u", str(fuse_dir))
+        # The kernel lets go of a detached loop device's file a moment after losetup
+        # returns (on a loaded machine: "Device or resource busy"): unmount lazily, and
+        # nbdfuse exits once the loop device has let go.
+        sh("fusermount3", "-u", "-z", str(fuse_dir))
         fuse.wait(timeout=60)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudnbd import layout, lease, volume
+from cloudnbd import layout, lease, runtime, volume
 from cloudnbd.layout import Snapshot
 from cloudnbd.snapshots import retained
 from testbed.served import cloudnbd, start
@@ -423,3 +423,22 @@ def test_rollback_across_size_changes(vol: Offline) -> None:
         client.close()
     finally:
         served.close()
+
+
+def test_delete_purges_the_caches_of_snapshots_served_here(
+        backend_env: BackendEnv, tmp_path: Path) -> None:
+    """`open --snapshot` keeps a cache of its own (plaintext, like the volume's): `delete`
+    removes it with the volume's."""
+    vol = Offline(backend_env, tmp_path)
+    vol.init("4MiB")
+    cache = tmp_path / "cache"
+    snap(vol, "create", "s1", "--cache", str(cache))
+    served = start(tmp_path, backend_env.name, vol.location, vol.password,
+                   "--snapshot", "s1", *backend_env.cli_args, env=backend_env.env,
+                   cache=cache)
+    served.close("--snapshot", "s1")
+    kept = runtime.volume_cache_dir(cache, backend_env.name, vol.location, "s1")
+    assert kept.is_dir()
+    cloudnbd("delete", *vol.target, "--yes", "--cache", str(cache), *backend_env.cli_args,
+             env=backend_env.env)
+    assert not kept.exists()
