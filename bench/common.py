@@ -32,10 +32,23 @@ from testbed.stores import (  # noqa: E402
     start_seaweedfs,
 )
 
-__all__ = ["KDF", "S3_ACCESS_KEY", "S3_BUCKET", "S3_SECRET_KEY", "FaultProxy", "Link",
-           "Served", "cloudnbd", "fio", "fio_command", "fio_result", "machine",
-           "make_password_file", "median", "mounted", "pss_by_process", "replace_section",
-           "run", "s3_client", "start", "start_seaweedfs", "timed", "tree"]
+__all__ = ["KDF", "PRICES", "S3_ACCESS_KEY", "S3_BUCKET", "S3_SECRET_KEY",
+           "STORAGE_PER_GB_MONTH", "TIER1", "TIER1_PER_REQUEST", "TIER2",
+           "TIER2_PER_REQUEST", "FaultProxy", "Link", "Served", "cloudnbd", "fio",
+           "fio_command", "fio_result", "machine", "make_password_file", "median",
+           "mounted", "pss_by_process", "replace_section", "run", "s3_client", "start",
+           "start_seaweedfs", "timed", "tree"]
+
+# S3 Standard list prices, us-east-1 (aws.amazon.com/s3/pricing).
+STORAGE_PER_GB_MONTH = 0.023
+TIER1_PER_REQUEST = 0.005 / 1000  # PUT, COPY, POST, LIST
+TIER2_PER_REQUEST = 0.0004 / 1000  # GET, HEAD and all other requests but DELETE
+TIER1, TIER2 = ("PUT", "COPY", "POST", "LIST"), ("GET", "HEAD")
+PRICES = ("S3 Standard list prices in us-east-1 as of 2025 (aws.amazon.com/s3/pricing, "
+          "as quoted by 2024-2025 pricing guides): storage $0.023 per GB-month (first 50 "
+          "TB), PUT, COPY, POST and LIST $0.005 per 1,000 requests, GET and HEAD $0.0004 "
+          "per 1,000, DELETE free. Data transfer out of AWS is not counted (it is free to "
+          "EC2 in the same region).")
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float | None = None) -> str:

@@ -1,11 +1,12 @@
 """cloudnbd against the alternatives, in one run on one machine against one SeaweedFS:
 speed of every workload, request counts and storage turned into dollars, issue 13's
-targets for format 3 (bench/targets.py), and upload throughput on slow links. Prints the
-tables and writes them into docs/performance.md.
+targets for format 3 (bench/targets.py), upload throughput on slow links, and the cost of
+keeping daily snapshots (bench/snapshot_cost.py). Prints the tables and writes them into
+docs/performance.md.
 Run it through bench/run (which installs what is missing first).
 
     bench/run [--size-mib 1024] [--runs 3] [--seconds 10] [--contenders ...]
-              [--no-slow-links] [--no-compare] [--no-targets] [--no-docs]
+              [--no-slow-links] [--no-compare] [--no-targets] [--no-snapshots] [--no-docs]
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import slowlink
+import snapshot_cost
 import targets
 from common import (
+    PRICES,
     ROOT,
+    STORAGE_PER_GB_MONTH,
+    TIER1,
+    TIER1_PER_REQUEST,
+    TIER2,
+    TIER2_PER_REQUEST,
     FaultProxy,
     command_line,
     fio,
@@ -49,17 +57,6 @@ from workloads import (
 
 GiB = 2**30
 FS_SIZE = GiB  # the filesystem workload's volume, whatever --size-mib says
-# S3 Standard list prices, us-east-1 (aws.amazon.com/s3/pricing).
-STORAGE_PER_GB_MONTH = 0.023
-TIER1_PER_REQUEST = 0.005 / 1000  # PUT, COPY, POST, LIST
-TIER2_PER_REQUEST = 0.0004 / 1000  # GET, HEAD and all other requests but DELETE
-TIER1, TIER2 = ("PUT", "COPY", "POST", "LIST"), ("GET", "HEAD")
-PRICES = ("S3 Standard list prices in us-east-1 as of 2025 (aws.amazon.com/s3/pricing, "
-          "as quoted by 2024-2025 pricing guides): storage $0.023 per GB-month (first 50 "
-          "TB), PUT, COPY, POST and LIST $0.005 per 1,000 requests, GET and HEAD $0.0004 "
-          "per 1,000, DELETE free. Data transfer out of AWS is not counted (it is free to "
-          "EC2 in the same region).")
-
 
 @dataclass(frozen=True)
 class Metric:
@@ -370,6 +367,8 @@ def main() -> None:
                         choices=list(CONTENDERS))
     parser.add_argument("--no-compare", action="store_true", help="skip the contenders")
     parser.add_argument("--no-slow-links", action="store_true", help="skip the slow links")
+    parser.add_argument("--no-snapshots", action="store_true",
+                        help="skip the cost of keeping daily snapshots")
     parser.add_argument("--no-docs", action="store_true",
                         help="print only; leave docs/performance.md alone")
     parser.add_argument("--save", type=Path,
@@ -379,6 +378,7 @@ def main() -> None:
                              "(the runs a stopped bench/run completed; same --size-mib)")
     targets.add_arguments(parser)
     slowlink.add_arguments(parser)
+    snapshot_cost.add_arguments(parser)
     args = parser.parse_args()
     # a TERM (timeout, CI) unwinds like ^C, so no server or mount stays behind
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -409,6 +409,8 @@ def main() -> None:
                         targets.measure(args, tmp, weed.endpoint))
             if not args.no_slow_links:
                 publish("bench/run: slow links", slowlink.measure(args, tmp, weed.endpoint))
+            if not args.no_snapshots:
+                publish(snapshot_cost.SECTION, snapshot_cost.measure(args, tmp, weed.endpoint))
         finally:
             proxy.close()
             weed.stop()
