@@ -850,8 +850,10 @@ class Engine(BlockDevice):
                 self._gc_busy = False
                 if result.outcome == Outcome.DONE:
                     self.stats.garbage_deleted += self._gc_doomed
-                # G3: the head moved; unless by a commit of ours since, not by us
-                if (result.outcome == Outcome.DISPLACED
+                # G3: the head moved, and not by a commit of ours: none is in flight
+                # (a head write of ours may have landed with its answer not yet
+                # handled, or lost) and none ended since the delete was asked for
+                if (result.outcome == Outcome.DISPLACED and self._commit is None
                         and self._gc_head_version == self.cloud.head_version):
                     self._displace_locked(result.error or "another writer")
             elif purpose is not None:
