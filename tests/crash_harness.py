@@ -157,6 +157,8 @@ class CrashReport:
     flushes: int = 0
     records_replayed: int = 0
     violations: list[str] = field(default_factory=list)
+    #: the crash points after which violations were first seen: (index, kind, count)
+    violated_at: list[tuple[int, str, int]] = field(default_factory=list)
 
     def summary(self) -> str:
         kinds = ", ".join(f"{self.where[k]} {k}" for k in KINDS)
@@ -168,7 +170,9 @@ class CrashReport:
                 f"{dict(self.missed) or 'none'}; store journal objects at the losses with "
                 f"journal: {sorted(self.uncompacted)}); {self.writes} writes, "
                 f"{self.flushes} flushes, {self.records_replayed} journal records "
-                f"replayed; {len(self.violations)} failures")
+                f"replayed; {len(self.violations)} failures"
+                + (f" (first seen after crash points {self.violated_at})"
+                   if self.violated_at else ""))
 
 
 def store_request(head: bytes) -> str:
@@ -447,7 +451,11 @@ class Campaign:
         self.start(NEEDS.get(plan[0]) if plan else None)
         try:
             for i, kind in enumerate(plan):
+                before = len(self.report.violations)
                 self.crash(kind, plan[i + 1] if i + 1 < len(plan) else None)
+                if len(self.report.violations) > before:
+                    self.report.violated_at.append(
+                        (i, kind, len(self.report.violations) - before))
                 self.report.where[kind] += 1
                 self.report.crash_points += 1
             # the end: everything acknowledged reads back, and survives a clean close
