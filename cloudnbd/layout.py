@@ -28,7 +28,7 @@ import re
 import struct
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -542,18 +542,25 @@ def peek_head(blob: bytes) -> dict[str, Any]:
     return doc
 
 
+def _authenticate(doc: dict[str, Any], keys: VolumeKeys, what: str,
+                  mac_of: Callable[[VolumeKeys, bytes], str]) -> None:
+    """IntegrityError unless doc is this volume's and its `mac` (removed from doc)
+    verifies: the head's and a snapshot's rule, each under its own MAC key."""
+    if doc.get("volume_id") != keys.volume_id.hex():
+        raise IntegrityError(f"{what}: belongs to another volume "
+                             f"({doc.get('volume_id')!r}, not {keys.volume_id.hex()})")
+    mac = doc.pop("mac", None)
+    if not isinstance(mac, str) or not compare_digest(mac_of(keys, codec.canonical(doc)),
+                                                      mac):
+        raise IntegrityError(f"{what}: failed authentication (modified, or written under "
+                             f"another key)")
+
+
 def decode_head(keys: VolumeKeys, blob: bytes) -> Head:
     """The head blob holds, if it is this volume's and its MAC verifies (L2); else
     IntegrityError. Whether it is the newest is for the caller to judge (generation)."""
     doc = peek_head(blob)
-    if doc.get("volume_id") != keys.volume_id.hex():
-        raise IntegrityError(f"head: belongs to another volume ({doc.get('volume_id')!r}, "
-                             f"not {keys.volume_id.hex()})")
-    mac = doc.pop("mac", None)
-    if not isinstance(mac, str) or not compare_digest(
-            codec.head_mac(keys, codec.canonical(doc)), mac):
-        raise IntegrityError("head: failed authentication (modified, or written under "
-                             "another key)")
+    _authenticate(doc, keys, "head", codec.head_mac)
     try:
         return _head_of(keys, doc)
     except (KeyError, TypeError, ValueError) as exc:
@@ -621,14 +628,7 @@ def decode_snapshot(keys: VolumeKeys, name: str, blob: bytes) -> Snapshot:
         raise IntegrityError(f"{what}: not a JSON object (damaged or replaced)") from None
     if not isinstance(doc, dict) or doc.get("format") != SNAPSHOT_FORMAT:
         raise IntegrityError(f"{what}: not a cloudnbd snapshot")
-    if doc.get("volume_id") != keys.volume_id.hex():
-        raise IntegrityError(f"{what}: belongs to another volume "
-                             f"({doc.get('volume_id')!r}, not {keys.volume_id.hex()})")
-    mac = doc.pop("mac", None)
-    if not isinstance(mac, str) or not compare_digest(
-            codec.snapshot_mac(keys, codec.canonical(doc)), mac):
-        raise IntegrityError(f"{what}: failed authentication (modified, or written under "
-                             f"another key)")
+    _authenticate(doc, keys, what, codec.snapshot_mac)
     if doc.get("name") != name:
         raise IntegrityError(f"{what}: holds snapshot {doc.get('name')!r} (an object "
                              f"copied or renamed)")
