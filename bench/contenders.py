@@ -314,3 +314,13 @@ class LocalFile(Contender):
 
 CONTENDERS: dict[str, type[Contender]] = {
     c.name: c for c in (LocalFile, Cloudnbd, NbdkitS3, S3backer)}
+
+
+def session(device: Contender, body: Callable[[str], None]) -> None:
+    """Run body(uri) against the started device; always clean up."""
+    try:
+        body(device.start())
+        device.stop()
+    except BaseException:
+        device.abort()
+        raise

@@ -44,7 +44,7 @@ from common import (
     replace_section,
     start_seaweedfs,
 )
-from contenders import CONTENDERS, Contender
+from contenders import CONTENDERS, Contender, session
 from workloads import (
     compressible_file,
     random_file,
@@ -119,16 +119,6 @@ class Bench:
 def volume(bench: Bench, cls: type[Contender], name: str, size: int | None = None
            ) -> Contender:
     return cls(bench.tmp, bench.endpoint, bench.proxy.url, name, size or bench.size)
-
-
-def session(device: Contender, body: Callable[[str], None]) -> None:
-    """Run body(uri) against the started device; always clean up."""
-    try:
-        body(device.start())
-        device.stop()
-    except BaseException:
-        device.abort()
-        raise
 
 
 def measure_random(bench: Bench, cls: type[Contender], tag: str) -> None:

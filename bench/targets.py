@@ -32,13 +32,15 @@ from common import (
     S3_ACCESS_KEY,
     S3_BUCKET,
     S3_SECRET_KEY,
+    TIER1_PER_REQUEST,
+    TIER2_PER_REQUEST,
     FaultProxy,
     Link,
     median,
     run,
     s3_client,
 )
-from contenders import Cloudnbd, Contender, NbdkitS3, S3backer, stored_bytes
+from contenders import Cloudnbd, Contender, NbdkitS3, S3backer, session, stored_bytes
 from workloads import filesystem, random_file, write_to_durable
 
 FORMAT1_COMMIT = "29a914b"  # main with format 1: the merge before format 3
@@ -47,9 +49,6 @@ CLIENT = Path(__file__).resolve().parent / "nbd_client.py"
 MiB, GiB = 2**20, 2**30
 BLOCK = 4096
 HELD = 256 * MiB  # the data on the volume of the small-FLUSH targets
-# S3 Standard list prices (the same as bench/suite.py's tables).
-TIER1_PER_REQUEST = 0.005 / 1000  # PUT, COPY, POST, LIST
-TIER2_PER_REQUEST = 0.0004 / 1000  # GET, HEAD
 
 
 class Format3(Cloudnbd):
@@ -231,13 +230,14 @@ def plain_puts(tmp: Path, endpoint: str, count: int = 32, size: int = 64 * 1024
     return seconds
 
 
-def session(device: Contender, body: Callable[[str], None]) -> None:
+def fresh_session(device: Contender, relay: Relay, body: Callable[[str], None]) -> None:
+    """body(uri) on a new volume of device, removed afterwards with its relay."""
     try:
-        body(device.start())
-        device.stop()
-    except BaseException:
-        device.abort()
-        raise
+        device.create()
+        session(device, body)
+    finally:
+        device.remove()
+        relay.close()
 
 
 # -- the small-FLUSH targets (1 and 2) ---------------------------------------------------
@@ -360,12 +360,7 @@ def fio_fsync(targets: Targets, cls: type[Contender], held: Path) -> None:
         done = relay.mark().since(before)
         record(targets, who, "fio", seconds, done, FIO_WRITES)
 
-    try:
-        device.create()
-        session(device, body)
-    finally:
-        device.remove()
-        relay.close()
+    fresh_session(device, relay, body)
 
 
 def fs_edits(targets: Targets, cls: type[Contender]) -> None:
@@ -393,12 +388,7 @@ def fs_edits(targets: Targets, cls: type[Contender]) -> None:
             done = relay.mark().since(before)
         record(targets, who, "fs", seconds, done, FS_EDITS)
 
-    try:
-        device.create()
-        session(device, body)
-    finally:
-        device.remove()
-        relay.close()
+    fresh_session(device, relay, body)
 
 
 def record(targets: Targets, who: str, kind: str, seconds: float, done: Mark,
