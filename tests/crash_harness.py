@@ -9,6 +9,10 @@ The invariant, per 4 KiB sector:
 - any other sector reads one of: its value at the last FLUSH, or a value written to it
   since (acknowledged or still in flight at the kill);
 - nothing else: no torn sector, no data that was never written there.
+A crash that keeps the local journal replays it at open, so writes no FLUSH covered
+read back again: visible, yet still not durable. Until the next FLUSH (or a FUA write to
+the sector), a machine loss may take such a sector back to any value it could have held
+before that crash; only then, and only to those values.
 
 Besides plain kills, a "machine loss" kills the front and deletes its local cache and
 journal: then only the cloud remains, and the flushed-writes rule tests that FLUSH
@@ -72,6 +76,9 @@ class Model:
     batch: int = 0
     # sector -> (last batch that wrote it, index in allowed where that batch's values start)
     group: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: sector -> what a machine loss may bring back: its values before a crash whose
+    #: local journal survived (the replay shows them, no FLUSH has covered them yet)
+    revertible: dict[int, list[bytes]] = field(default_factory=dict)
 
     def values(self, sector: int) -> list[bytes]:
         return self.allowed.get(sector, [ZERO])
@@ -98,11 +105,13 @@ class Model:
         of its own batch (sent before or after it) and later ones may still land."""
         for i, value in enumerate(data):
             self._keep_last_group(first + i)
+            self.revertible.pop(first + i, None)
             assert value in self.allowed[first + i]
 
     def flushed(self) -> None:
         for sector in self.allowed:
             self._keep_last_group(sector)
+        self.revertible.clear()  # the replayed writes too: they are in the journal
 
     def snapshot(self, first: int, count: int) -> list[list[bytes]]:
         """What a read of these sectors may return if sent now: a FLUSH or FUA that
@@ -110,22 +119,41 @@ class Model:
         return [list(self.values(first + i)) for i in range(count)]
 
     def violations(self, read: bytes, first: int = 0,
-                   snapshot: list[list[bytes]] | None = None) -> list[str]:
+                   snapshot: list[list[bytes]] | None = None,
+                   machine_lost: bool = False) -> list[str]:
+        """Sectors of read (at sector first) that hold what they may not; machine_lost:
+        read from the store alone, after a machine loss (revertible values count)."""
         problems = []
         for i in range(len(read) // SECTOR):
             got = read[i * SECTOR:(i + 1) * SECTOR]
             options = snapshot[i] if snapshot is not None else self.values(first + i)
+            if machine_lost and got in self.revertible.get(first + i, ()):
+                continue
             if got not in options:
                 kind = "lost flushed write" if len(options) == 1 else "unexpected contents"
                 problems.append(f"sector {first + i}: {kind} (got {got[:12]!r}, "
                                 f"allowed {[o[:12] for o in options]})")
         return problems
 
-    def settle(self, read: bytes, first: int = 0) -> None:
-        """After a crash: what is there now is the new baseline."""
+    def reverted(self, read: bytes, first: int = 0) -> int:
+        """How many sectors of read a machine loss took back to a revertible value."""
+        return sum(1 for i in range(len(read) // SECTOR)
+                   if read[i * SECTOR:(i + 1) * SECTOR] not in self.values(first + i)
+                   and read[i * SECTOR:(i + 1) * SECTOR] in self.revertible.get(first + i, ()))
+
+    def settle(self, read: bytes, first: int = 0, machine_lost: bool = False) -> None:
+        """After a crash: what is there now is the new baseline of what reads return.
+        After a machine loss it came from the store, so it is durable too; otherwise
+        the values it could have held stay revertible until the next FLUSH."""
         for i in range(len(read) // SECTOR):
-            self.allowed[first + i] = [read[i * SECTOR:(i + 1) * SECTOR]]
-            self.group.pop(first + i, None)
+            sector = first + i
+            if machine_lost:
+                self.revertible.pop(sector, None)
+            else:
+                kept = self.revertible.setdefault(sector, [])
+                kept.extend(v for v in self.values(sector) if v not in kept)
+            self.allowed[sector] = [read[i * SECTOR:(i + 1) * SECTOR]]
+            self.group.pop(sector, None)
 
 
 #: crash points the relay springs (CrashRelay), and what each needs of the server
@@ -156,6 +184,8 @@ class CrashReport:
     writes: int = 0
     flushes: int = 0
     records_replayed: int = 0
+    #: sectors a machine loss took back to a value a replay had shown, no FLUSH since
+    reverted: int = 0
     violations: list[str] = field(default_factory=list)
     #: the crash points after which violations were first seen: (index, kind, count)
     violated_at: list[tuple[int, str, int]] = field(default_factory=list)
@@ -170,7 +200,8 @@ class CrashReport:
                 f"{dict(self.missed) or 'none'}; store journal objects at the losses with "
                 f"journal: {sorted(self.uncompacted)}); {self.writes} writes, "
                 f"{self.flushes} flushes, {self.records_replayed} journal records "
-                f"replayed; {len(self.violations)} failures"
+                f"replayed, {self.reverted} unflushed replayed sectors taken back by a "
+                f"machine loss; {len(self.violations)} failures"
                 + (f" (first seen after crash points {self.violated_at})"
                    if self.violated_at else ""))
 
@@ -366,7 +397,7 @@ class Campaign:
             shutil.rmtree(self.server.cache)
             self.report.machine_losses += 1
         self.start(mode)
-        self.verify_all(settle=True)
+        self.verify_all(settle=True, machine_lost=lose_machine)
 
     def spring_trap(self, trap: str) -> bool:
         """Run the workload until the relay's trap kills the front; False if it never
@@ -396,16 +427,18 @@ class Campaign:
         os.kill(self.rng.choice(pids), signal.SIGKILL)
         self.report.worker_kills += 1
 
-    def verify_all(self, settle: bool) -> None:
+    def verify_all(self, settle: bool, machine_lost: bool = False) -> None:
         assert self.client is not None
         step = 256
         for first in range(0, self.model.sectors, step):
             n = min(step, self.model.sectors - first)
             read = self.client.pread(first * SECTOR, n * SECTOR)
-            problems = self.model.violations(read, first)
-            self.report.violations += problems
+            self.report.violations += self.model.violations(read, first,
+                                                            machine_lost=machine_lost)
+            if machine_lost:
+                self.report.reverted += self.model.reverted(read, first)
             if settle:
-                self.model.settle(read, first)
+                self.model.settle(read, first, machine_lost)
 
     def _plan(self, crash_points: int) -> list[str]:
         """Every kind once (the traps only with a relay), in random order, then kinds

@@ -14,14 +14,17 @@ that is too loose hides lost writes.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from cloudnbd import volume
+from cloudnbd.engine.workers import WORKERS_LOCK, wait_for_orphans
 from cloudnbd.password import read_password_file
-from testbed.served import KDF, cloudnbd
+from testbed.served import KDF, Served, cloudnbd, start
 from tests.crash_harness import KINDS, SECTOR, TRAPS, ZERO, Campaign, CrashRelay, Model
+from tests.nbdclient import NbdClient
 from tests.servers import BackendEnv, backend_env_for
 
 SIZE = 32 * 2**20
@@ -86,6 +89,75 @@ def test_model_after_a_crash_the_read_back_value_is_the_baseline() -> None:
     model.flushed()
     assert model.violations(A + ZERO, 10) == []
     assert model.violations(B, 11)
+
+
+def test_model_a_replayed_write_stays_unflushed_until_the_next_flush() -> None:
+    """Seed 7 of the long tier, 2 runs in 5: a front kill replayed writes no FLUSH had
+    covered; the model took the read-back values as the new flushed baseline, and the
+    machine loss that followed, before any FLUSH, brought back the values the store
+    held ("30 lost flushed writes"). The server may do that: a replayed write is as
+    durable as it was before the crash (tests/test_crash.py shows the server side)."""
+    model = Model(64)
+    model.begin_batch()
+    model.wrote(10, [A, A])
+    model.flushed()
+    model.begin_batch()
+    model.wrote(10, [B, B])  # acknowledged, never flushed; then kill -9, replay
+    model.settle(B + B, 10)
+    assert model.violations(A, 10)  # the local journal keeps it: reads must show B
+    assert model.violations(A, 10, machine_lost=True) == []
+    assert model.reverted(A + B, 10) == 1
+    model.begin_batch()
+    model.wrote(11, [W])
+    model.made_durable(11, [W])  # a FUA write covers its own sector
+    assert model.violations(A, 11, machine_lost=True)
+    model.flushed()  # a FLUSH covers the replayed writes too
+    assert model.violations(A, 10, machine_lost=True)
+    model.settle(B, 10, machine_lost=True)
+    assert model.revertible == {}
+
+
+def test_a_replayed_write_is_durable_only_once_flushed(tmp_path: Path,
+                                                        password_file: Path) -> None:
+    """What the model allows, the server does: a write replayed after kill -9 and never
+    flushed is lost with the machine (the store has the older flushed value); once a
+    FLUSH after the replay covers it, it survives the machine."""
+    location = str(tmp_path / "store")
+    cloudnbd("init", "file", location, "4MiB", "--password-file", str(password_file), *KDF)
+
+    def serve() -> tuple[Served, NbdClient]:
+        served = start(tmp_path, "file", location, password_file)
+        return served, NbdClient.unix(str(served.socket))
+
+    def lose_machine(served: Served, client: NbdClient) -> None:
+        served.kill()
+        client.sock.close()
+        for lock in served.cache.glob(f"*/{WORKERS_LOCK}"):
+            wait_for_orphans(lock.parent)
+        shutil.rmtree(served.cache)
+
+    served, client = serve()
+    client.pwrite(A, 0)
+    client.flush()
+    client.pwrite(B, 0)
+    served.kill()
+    client.sock.close()
+    served, client = serve()
+    assert client.pread(0, SECTOR) == B  # replayed
+    lose_machine(served, client)
+    served, client = serve()
+    assert client.pread(0, SECTOR) == A
+    client.pwrite(B, 0)
+    served.kill()
+    client.sock.close()
+    served, client = serve()
+    assert client.pread(0, SECTOR) == B
+    client.flush()
+    lose_machine(served, client)
+    served, client = serve()
+    assert client.pread(0, SECTOR) == B
+    client.close()
+    served.close()
 
 
 def _campaign(tmp_path: Path, env: BackendEnv, password_file: Path, seed: int) -> Campaign:
