@@ -40,7 +40,7 @@ from cloudnbd.sizes import SIZE_HELP, format_size, parse_size
 if TYPE_CHECKING:
     from cloudnbd.lease import Lease
     from cloudnbd.nbd.server import ServerSettings
-    from cloudnbd.runtime import LocalState
+    from cloudnbd.runtime import Entry, LocalState
     from cloudnbd.service import ServeSettings, Service
 
 log = logging.getLogger("cloudnbd")
@@ -823,6 +823,12 @@ def cmd_snapshot(args: argparse.Namespace) -> None:
         _prune(vol, args, local)
         return
     if args.action == "delete":
+        for name in args.names:
+            served = _served_here(args, name)
+            if served is not None:
+                raise VolumeBusy(
+                    f"snapshot {name} is served on this machine (pid {served.pid}); "
+                    f"`cloudnbd close {_target(args)} --snapshot {name}` first")
         _with_lease_if_free(vol, args, local, "delete", lambda held: snapshots.delete(
             vol, args.names, held))
         print(f"Deleted snapshot{'' if len(args.names) == 1 else 's'} "
@@ -868,14 +874,33 @@ def _with_lease_if_free(vol: volume.Volume, args: argparse.Namespace, local: Loc
         held.release()
 
 
+def _served_here(args: argparse.Namespace, name: str) -> Entry | None:
+    """The live server of snapshot name on this machine (`open --snapshot`), if any:
+    deleting the snapshot would take the objects it reads."""
+    from cloudnbd import runtime
+
+    entry = runtime.lookup(args.backend, args.volume, name)
+    return entry if entry is not None and entry.alive else None
+
+
 def _prune(vol: volume.Volume, args: argparse.Namespace, local: LocalState) -> None:
     from cloudnbd import snapshots
 
     doomed: list[str] = []
+    served: list[str] = []
+
+    def spare(name: str) -> bool:
+        if _served_here(args, name) is None:
+            return False
+        served.append(name)
+        return True
+
     _with_lease_if_free(vol, args, local, "delete", lambda held: doomed.extend(
-        snapshots.prune(vol, args.keep_last, args.keep_daily, args.keep_weekly, held)))
+        snapshots.prune(vol, args.keep_last, args.keep_daily, args.keep_weekly, held,
+                        spare=spare)))
     print(f"Pruned {len(doomed)} snapshot{'' if len(doomed) == 1 else 's'}"
-          f"{': ' + ', '.join(doomed) if doomed else ''}.")
+          f"{': ' + ', '.join(doomed) if doomed else ''}"
+          f"{'; kept, as served on this machine: ' + ', '.join(served) if served else ''}.")
 
 
 def _list_snapshots(listed: list[Any], as_json: bool) -> None:

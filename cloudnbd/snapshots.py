@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -102,11 +102,13 @@ def retained(snaps: list[Snapshot], keep_last: int = 0, keep_daily: int = 0,
 
 
 def prune(vol: Volume, keep_last: int, keep_daily: int, keep_weekly: int,
-          holding_lease: bool) -> list[str]:
-    """Delete the snapshots the retention policy does not keep; their names."""
+          holding_lease: bool, spare: Callable[[str], bool] = lambda name: False
+          ) -> list[str]:
+    """Delete the snapshots the retention policy does not keep, except those spare
+    says to keep after all (served right now); their names."""
     snaps = [vol.objects.get_snapshot(name) for name in vol.objects.snapshot_names()]
     keep = retained(snaps, keep_last, keep_daily, keep_weekly)
-    doomed = sorted(s.name for s in snaps if s.name not in keep)
+    doomed = sorted(s.name for s in snaps if s.name not in keep and not spare(s.name))
     if doomed:
         delete(vol, doomed, holding_lease)
     return doomed

@@ -442,3 +442,42 @@ def test_delete_purges_the_caches_of_snapshots_served_here(
     cloudnbd("delete", *vol.target, "--yes", "--cache", str(cache), *backend_env.cli_args,
              env=backend_env.env)
     assert not kept.exists()
+
+
+def test_a_snapshot_served_here_is_neither_deleted_nor_pruned(
+        backend_env: BackendEnv, tmp_path: Path) -> None:
+    """Deleting a snapshot that `open --snapshot` serves on this machine would take the
+    objects its server reads (at once when no server of the volume runs): `snapshot
+    delete` refuses it (exit 9, naming the close that frees it), `prune` keeps it and
+    says so; both work again once it is closed."""
+    vol = Offline(backend_env, tmp_path)
+    vol.init("4MiB")
+    cache = tmp_path / "cache"
+    served = start(tmp_path, backend_env.name, vol.location, vol.password,
+                   *backend_env.cli_args, env=backend_env.env, cache=cache)
+    client = NbdClient.unix(str(served.socket))
+    image = os.urandom(2 * CHUNK)
+    client.pwrite(image, 0)
+    client.flush()
+    client.close()
+    served.close()
+    for name in ("s0", "s1", "s2"):
+        snap(vol, "create", name, "--cache", str(cache))
+    reader_server = start(tmp_path, backend_env.name, vol.location, vol.password,
+                          "--snapshot", "s1", *backend_env.cli_args, env=backend_env.env,
+                          cache=cache)
+    try:
+        code, out, err = snap(vol, "delete", "s1", "--cache", str(cache), check=False)
+        assert code == 9, (out, err)
+        assert "--snapshot s1` first" in err and len(err.strip().splitlines()) == 1, err
+        code, out, err = snap(vol, "prune", "--keep-last", "1", "--cache", str(cache))
+        assert code == 0 and "Pruned 1 snapshot: s0" in out, (out, err)
+        assert "kept, as served on this machine: s1" in out, out
+        assert vol.unlock().objects.snapshot_names() == ["s1", "s2"]
+        reader = NbdClient.unix(str(reader_server.socket))
+        assert reader.pread(0, 2 * CHUNK) == image
+        reader.close()
+    finally:
+        reader_server.close("--snapshot", "s1")
+    snap(vol, "delete", "s1", "--cache", str(cache))
+    assert vol.unlock().objects.snapshot_names() == ["s2"]
