@@ -190,6 +190,7 @@ def test_crash_campaign_fast_tier(tmp_path: Path, password_file: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 3 to 9 minutes a seed on a shared 2-core machine
 @pytest.mark.parametrize("seed", range(10))
 def test_crash_campaign_long_tier(tmp_path: Path, password_file: Path,
                                   request: pytest.FixtureRequest, seed: int) -> None:
