@@ -481,3 +481,31 @@ def test_a_snapshot_served_here_is_neither_deleted_nor_pruned(
         reader_server.close("--snapshot", "s1")
     snap(vol, "delete", "s1", "--cache", str(cache))
     assert vol.unlock().objects.snapshot_names() == ["s2"]
+
+
+def test_snapshot_figures_show_soon_after_a_snapshot_through_the_server(
+        backend_env: BackendEnv, tmp_path: Path) -> None:
+    """With the default garbage grace (15 minutes), status and metrics learn the
+    snapshot count from a listing: one comes right after a snapshot is taken through
+    the server, not a grace later."""
+    vol = Offline(backend_env, tmp_path)
+    vol.init("4MiB")
+    port = free_port()
+    served = start(tmp_path, backend_env.name, vol.location, vol.password,
+                   "--metrics", f":{port}", *backend_env.cli_args, env=backend_env.env)
+    try:
+        client = NbdClient.unix(str(served.socket))
+        client.pwrite(os.urandom(2 * CHUNK), 0)
+        client.close()
+        snap(vol, "create", "s1", "--cache", str(served.cache))
+        deadline = time.monotonic() + 60
+        while served.status()["snapshots"] != 1:
+            assert time.monotonic() < deadline, served.status()
+            with pytest.raises(subprocess.TimeoutExpired):
+                served.process.wait(timeout=0.2)
+        assert served.status()["garbage_deleted"] == 0
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30
+                                         ).read().decode()
+        assert "\ncloudnbd_snapshots 1.0\n" in metrics, metrics
+    finally:
+        served.close()

@@ -86,6 +86,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds workers get to finish at an unclean stop before they are killed.
 UNCLEAN_STOP_GRACE = 2.0
+#: The first garbage listing comes this soon after start (or gc_grace, if shorter), and
+#: one comes this soon after a snapshot is taken, so that the snapshot count and the
+#: bytes only snapshots keep alive (status, metrics) are known early. Deleting still
+#: needs two listings a grace apart (G1), so an early listing deletes nothing sooner.
+EARLY_LISTING = 30.0
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,8 @@ class EngineSnapshot:
     stats: EngineStats  # a copy
     displaced: str | None  # who took the volume over (E5, G3)
     worker_pids: dict[str, list[int]]  # by WorkerKind
-    #: as of the last garbage listing (None before the first, every gc_grace): the
+    #: as of the last garbage listing (None before the first, EARLY_LISTING after
+    #: start; then every gc_grace, and right after a snapshot is taken here): the
     #: volume's snapshots, and the bytes of the objects only they keep alive
     snapshots: int | None = None
     snapshot_only_bytes: int | None = None
@@ -284,7 +290,7 @@ class Engine(BlockDevice):
         #: round counts for nothing
         self._gc_round = 0
         self._gc_listing_round = 0
-        self._gc_at = time.monotonic() + settings.gc_grace
+        self._gc_at = time.monotonic() + min(settings.gc_grace, EARLY_LISTING)
         self._gc_busy = False
         self._gc_head_version = ""  # the head version the delete in flight expects (G3)
         self._gc_doomed = 0  # and how many objects it deletes
@@ -478,6 +484,7 @@ class Engine(BlockDevice):
         finally:
             with self._cond:
                 self._forget_garbage_locked()
+                self._gc_at = min(self._gc_at, time.monotonic() + 1.0)  # the new count
 
     def grow(self, new_size: int) -> None:
         """The volume grew (volume.json already says so): serve the new size. Connections
