@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,38 @@ def test_a_flushed_zeroing_survives_a_power_loss(tmp_path: Path) -> None:
     fs.materialize()
     rig.reopen()
     assert rig.read(0, 4096) == bytes(4096)
+
+
+def test_a_large_flush_goes_to_several_bounded_journal_objects(tmp_path: Path) -> None:
+    """The load campaign's long tier: an uploader reached 126 MiB (the bound for all
+    processes together is 198) building one journal object of a FLUSH that covered
+    tens of MiB of scattered writes. A FLUSH's journal data is now cut into objects of
+    at most journal_object_bytes, like a chunk in a worker's memory, stored side by
+    side and named by one head: no chunk is uploaded whole for it, and both another
+    machine's open and the independent reader (reader.Image) see every write."""
+    bound = 16 * 1024
+    rig = EngineRig(tmp_path, journal_object_bytes=bound, checkpoint_bytes=2**30)
+    image = bytearray(16 * CHUNK)
+    rng = random.Random(5)
+    for index in range(16):  # 12 KiB in each chunk: none is "mostly written"
+        for k in range(3):
+            offset = index * CHUNK + k * 16384 + rng.randrange(4096)
+            data = rng.randbytes(4096)
+            rig.write(offset, data)
+            image[offset:offset + 4096] = data
+    rig.engine.flush()
+    head, _ = rig.volume.objects.get_head(rig.volume.meta.head)
+    assert len(head.journal) >= 16 * 12 * 1024 // bound, head.journal
+    for ref in head.journal:
+        records, _ = rig.volume.objects.get_journal(ref.stamp, ref)
+        held = sum(len(r.data) for r in records if isinstance(r, layout.JWrite))
+        assert 0 < held <= bound, (ref, held)
+    assert rig.engine.stats.uploads == 0 and rig.engine.stats.commits == 1
+    assert rig.cloud_bytes() == image
+    rig.crash()
+    shutil.rmtree(rig.cache_dir)  # another machine: the store's journal is all there is
+    rig.reopen(import_journal=True)
+    assert rig.read(0, 16 * CHUNK) == image
+    rig.engine.drain()  # the checkpoint at close folds them all
+    assert rig.volume.objects.get_head(rig.volume.meta.head)[0].journal == ()
+    assert rig.cloud_bytes() == image

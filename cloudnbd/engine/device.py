@@ -112,9 +112,13 @@ class EngineSettings:
     #: or when its oldest object is this old
     checkpoint_bytes: int = 128 * 2**20
     checkpoint_age: float = 3600.0
-    #: a FLUSH puts at most this much data in one journal object; beyond, the chunks
-    #: with the most are uploaded whole instead
-    journal_object_bytes: int = 64 * 2**20
+    #: a FLUSH puts at most this much data in journal objects; beyond, the chunks with
+    #: the most are uploaded whole instead
+    flush_journal_bytes: int = 64 * 2**20
+    #: and at most this much in one journal object: a worker holds an object whole
+    #: (plain, then sealed) as it holds a chunk, so this keeps the memory a transfer
+    #: needs to a chunk's (docs/design.md, "Memory")
+    journal_object_bytes: int = 4 * 2**20
     #: uploaded chunks wait at most this long to be named by a commit (or until a FLUSH,
     #: a checkpoint, commit_uploads of them, or half of max_dirty in the local journal).
     #: Naming costs two PUTs (a journal object, the head) whatever it names: the fewer
@@ -159,20 +163,38 @@ TransferHook = Callable[[WorkerKind, float], None]
 
 
 @dataclass
+class _JournalPart:
+    """One journal object of a commit: its records' span, and the chunks their writes
+    touched (chunk -> last seq), for the checkpoint that folds it."""
+
+    stamp: int
+    first_seq: int
+    last_seq: int
+    touched: dict[int, int]
+    chunks: tuple[JChunk, ...] = ()
+    stored: JournalRef | None = None  # once its object is stored
+
+
+@dataclass
 class _Commit:
-    """A commit in flight: its journal object (or pages), then the head (E5)."""
+    """A commit in flight: its journal objects (or pages), then the head (E5)."""
 
     target: int  # head.seq once done (the writes it makes durable)
     chunks: tuple[JChunk, ...]  # the uploads it names
     segments: set[int]
-    journal: JournalRef | None = None  # once its object is stored
-    span: tuple[int, int, int] = (0, 0, 0)  # its journal object: stamp, first, last seq
+    parts: list[_JournalPart] = field(default_factory=list)  # in seq order
     pages: dict[int, int] = field(default_factory=dict)  # page -> stamp, a checkpoint's
     retire: tuple[JournalRef, ...] = ()  # the journal objects a checkpoint folds
-    waiting: int = 0  # page writes still in flight
+    #: its object writes in flight (task id -> the part, or None for a map page); a
+    #: result of a task not in here is from a commit given up, and changes nothing
+    waiting: dict[int, _JournalPart | None] = field(default_factory=dict)
     head: Head | None = None
     retry_head: bool = False  # the head write failed: write the same head again
-    touched: dict[int, int] = field(default_factory=dict)  # its writes: chunk -> last seq
+
+    @property
+    def journal(self) -> tuple[JournalRef, ...]:
+        """Its journal objects, in seq order, once all are stored."""
+        return tuple(p.stored for p in self.parts if p.stored is not None)
 
 
 @dataclass
@@ -993,9 +1015,9 @@ class Engine(BlockDevice):
             pieces.extend(JournalPiece(e.seq, base + e.start, e.end - e.start, e.segment,
                                        e.pos, e.zero) for e in mine)
         total = sum(n for n, _ in by_chunk)
-        if total > self.settings.journal_object_bytes:
+        if total > self.settings.flush_journal_bytes:
             for nbytes, index in sorted(by_chunk, reverse=True):
-                if total <= self.settings.journal_object_bytes:
+                if total <= self.settings.flush_journal_bytes:
                     break
                 total -= nbytes
                 waiting = True
@@ -1024,18 +1046,25 @@ class Engine(BlockDevice):
         segments = {p.segment for p in pieces}  # zeros too: the worker fsyncs them (J1)
         self.journal.pin(segments)
         commit = self._commit = _Commit(target, chunks, segments)
-        stamp = self._next_stamp()
-        seqs = [p.seq for p in pieces] + [c.seq for c in chunks]
-        commit.span = (stamp, min(seqs), max(seqs))
-        for piece in pieces:
-            _touch(commit.touched, piece.seq, piece.offset, piece.length, self.chunk_size)
-        self._submit(JournalTask(self._next_task_id(), stamp, pieces, chunks), "journal")
+        groups = _cut(pieces, self.settings.journal_object_bytes)
+        for number, group in enumerate(groups):
+            named = chunks if number == len(groups) - 1 else ()  # with the last one
+            seqs = [p.seq for p in group] + [c.seq for c in named]
+            part = _JournalPart(self._next_stamp(), min(seqs), max(seqs), {}, named)
+            for piece in group:
+                _touch(part.touched, piece.seq, piece.offset, piece.length,
+                       self.chunk_size)
+            commit.parts.append(part)
+            task = JournalTask(self._next_task_id(), part.stamp, group, named)
+            commit.waiting[task.task_id] = part
+            self._submit(task, "journal")
         self.stats.journal_bytes += sum(p.length for p in pieces if not p.zero)
 
     def _commit_step_done_locked(self, purpose: str, result: Result) -> None:
         """A journal object, map page or head of the commit in flight is written (E5)."""
         commit = self._commit
-        assert commit is not None, "a commit step answered with no commit in flight"
+        if commit is None or (purpose != "head" and result.task_id not in commit.waiting):
+            return  # an object write of a commit given up after another one failed
         if result.outcome == Outcome.DISPLACED:
             self._displace_locked(result.error or "another server")
             return
@@ -1057,20 +1086,19 @@ class Engine(BlockDevice):
         if purpose == "head":
             self._commit_done_locked(commit, str(result.value))
             return
-        if purpose == "journal":
-            commit.journal = JournalRef(*commit.span, result.wire_bytes)
+        part = commit.waiting.pop(result.task_id)
+        if part is not None:
+            part.stored = JournalRef(part.stamp, part.first_seq, part.last_seq,
+                                     result.wire_bytes)
             self.stats.journal_objects += 1
             self.stats.journal_wire_bytes += result.wire_bytes
-        else:
-            commit.waiting -= 1
-            if commit.waiting:
-                return
-        self._write_head_locked(commit)
+        if not commit.waiting:
+            self._write_head_locked(commit)
 
     def _write_head_locked(self, commit: _Commit) -> None:
         journal = tuple(r for r in self.head.journal if r not in commit.retire)
-        if commit.journal is not None and not commit.pages:
-            journal += (commit.journal,)
+        if not commit.pages:
+            journal += commit.journal  # in seq order, as a reader applies them
         pages = dict(self.head.pages)
         pages.update(commit.pages)
         for page in [p for p in pages if not self.map.page_in_use(p)] if commit.pages else []:
@@ -1093,11 +1121,11 @@ class Engine(BlockDevice):
         self._commit = None
         self.journal.unpin(commit.segments)
         self.stats.commits += 1
-        if commit.journal is not None and not commit.pages:
-            self._journal_born[commit.journal.stamp] = time.monotonic()
-            self._journal_chunks[commit.journal.stamp] = {
-                layout.chunk_key(c.index, c.stamp) for c in commit.chunks if c.stamp}
-            self._journal_touched[commit.journal.stamp] = commit.touched
+        for part in commit.parts if not commit.pages else ():
+            self._journal_born[part.stamp] = time.monotonic()
+            self._journal_chunks[part.stamp] = {
+                layout.chunk_key(c.index, c.stamp) for c in part.chunks if c.stamp}
+            self._journal_touched[part.stamp] = part.touched
         for ref in commit.retire:
             self._journal_born.pop(ref.stamp, None)
             self._journal_chunks.pop(ref.stamp, None)
@@ -1190,9 +1218,10 @@ class Engine(BlockDevice):
         commit.pages.update({page: 0 for page in pages if not self.map.page_in_use(page)})
         for page, stamp in commit.pages.items():
             if stamp:
-                commit.waiting += 1
-                self._submit(PageTask(self._next_task_id(), page, stamp,
-                                      tuple(self.map.page_entries(page))), "page")
+                task = PageTask(self._next_task_id(), page, stamp,
+                                tuple(self.map.page_entries(page)))
+                commit.waiting[task.task_id] = None
+                self._submit(task, "page")
         if not commit.waiting:
             self._write_head_locked(commit)
 
@@ -1316,6 +1345,24 @@ class Engine(BlockDevice):
         """What drain() still has to do, in the unit of its progress reports."""
         with self._cond:
             return self._backlog_locked()
+
+def _cut(pieces: tuple[JournalPiece, ...], limit: int) -> list[tuple[JournalPiece, ...]]:
+    """Pieces (in seq order) in runs of at most limit bytes of data each (a piece
+    larger than limit alone), for one journal object each; at least one run, so that
+    a commit of uploads only has an object for its CHUNK records."""
+    runs: list[tuple[JournalPiece, ...]] = []
+    run: list[JournalPiece] = []
+    held = 0
+    for piece in pieces:
+        size = 0 if piece.zero else piece.length
+        if run and held + size > limit:
+            runs.append(tuple(run))
+            run, held = [], 0
+        run.append(piece)
+        held += size
+    runs.append(tuple(run))
+    return runs
+
 
 def _touch(touched: dict[int, int], seq: int, offset: int, length: int,
            chunk_size: int) -> None:
