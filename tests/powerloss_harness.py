@@ -102,7 +102,9 @@ class PowerLossCampaign:
             # the store's journal is folded into chunks every few FLUSHes, and garbage
             # collected at once: checkpoints (J4's floor moving up) and deletions
             # run during the workload, not only at a close
-            checkpoint_bytes=4096, gc_grace=0.3)
+            checkpoint_bytes=4096, gc_grace=0.3,
+            # FLUSHes of more than 16 KiB of journal data commit several objects at once
+            journal_object_bytes=16 * 1024)
         self.report = PowerLossReport()
         self.engine: Engine | None = None
         self.pool: InProcessPool | None = None

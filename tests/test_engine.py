@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from cloudnbd import layout
 from cloudnbd.engine import localfs
 from cloudnbd.engine.cache import CleanCache
 from cloudnbd.engine.chunkmap import ChunkMap
-from cloudnbd.engine.workers import UploadTask
+from cloudnbd.engine.workers import JournalTask, Result, Task, UploadTask, WorkerKind
+from cloudnbd.errors import CloudnbdError
 from cloudnbd.reader import Image
 from tests.engine_harness import CHUNK, EngineRig
 from tests.faultfs import FaultFS, Policy
@@ -361,4 +363,74 @@ def test_a_large_flush_goes_to_several_bounded_journal_objects(tmp_path: Path) -
     assert rig.read(0, 16 * CHUNK) == image
     rig.engine.drain()  # the checkpoint at close folds them all
     assert rig.volume.objects.get_head(rig.volume.meta.head)[0].journal == ()
+    assert rig.cloud_bytes() == image
+
+
+def test_an_object_of_a_commit_given_up_counts_for_no_later_commit(tmp_path: Path) -> None:
+    """A FLUSH's journal data in two objects: the first write fails, so the commit is
+    given up and built again under new stamps, while the second write of the first
+    attempt is still on its way. It lands while the new commit waits for its own
+    objects, and must count for nothing: taken for one of them, the head could name
+    an object not yet stored."""
+    rig = EngineRig(tmp_path, journal_object_bytes=8192, retry_backoff=0.01)
+    pool = rig.pool
+    assert pool is not None
+    store = pool.worker.store
+    real_put_if = store._put_if
+    journal_puts: list[str] = []
+    # by the counter of the object's stamp: the first attempt's two objects are 1 and
+    # 2 (1 is refused, 2 held), the new attempt's 3 and 4 (3 held)
+    held = {2: threading.Event(), 3: threading.Event()}
+    arrived = {2: threading.Event(), 3: threading.Event()}
+
+    def put_if(key: str, data: bytes, expected: str | None) -> str:
+        if key.startswith("journal/"):
+            journal_puts.append(key)
+            number = int(key[-8:], 16)
+            if number == 1:
+                raise CloudnbdError("the store refused it")
+            if number in held:
+                arrived[number].set()
+                held[number].wait(timeout=30)
+        return real_put_if(key, data, expected)
+
+    store._put_if = put_if  # type: ignore[method-assign]
+    late_ids: list[int] = []
+    handled = threading.Event()
+    failures: list[str] = []
+    handle = pool.on_result
+
+    def observe(task: Task, result: Result) -> None:
+        if isinstance(task, JournalTask) and \
+                task.stamp & 0xFFFFFFFF == 2:
+            late_ids.append(task.task_id)
+
+    def on_result(kind: WorkerKind, result: Result) -> None:
+        handle(kind, result)
+        if result.task_id in late_ids:
+            handled.set()
+
+    pool.observe, pool.on_result, pool.on_failure = observe, on_result, failures.append
+    image = bytearray(16 * CHUNK)
+    for index in (1, 5):
+        data = os.urandom(6000)
+        rig.write(index * CHUNK, data)
+        image[index * CHUNK:index * CHUNK + 6000] = data
+    flushing = threading.Thread(target=rig.engine.flush)
+    flushing.start()
+    # the first attempt failed, its second object is held, and so is the first
+    # object of the new attempt
+    assert arrived[2].wait(timeout=30) and arrived[3].wait(timeout=30)
+    held[2].set()
+    assert handled.wait(timeout=30)  # the late object is stored, its result handled
+    assert failures == []
+    assert rig.engine.stats.commits == 0 and flushing.is_alive()
+    held[3].set()
+    flushing.join(timeout=30)
+    assert not flushing.is_alive() and failures == []
+    head, _ = rig.volume.objects.get_head(rig.volume.meta.head)
+    assert [ref.stamp & 0xFFFFFFFF for ref in head.journal] == [3, 4], head
+    assert len(journal_puts) == 4
+    assert rig.engine.stats.commits == 1 and rig.engine.stats.journal_objects == 2
+    rig.engine.drain()
     assert rig.cloud_bytes() == image
