@@ -20,6 +20,7 @@ from cloudnbd.errors import CloudnbdError
 from cloudnbd.reader import Image
 from tests.engine_harness import CHUNK, EngineRig
 from tests.faultfs import FaultFS, Policy
+from tests.test_format_reader import read_volume_v3
 
 pytestmark = pytest.mark.unit  # in-process: no servers, no subprocesses
 
@@ -337,7 +338,8 @@ def test_a_large_flush_goes_to_several_bounded_journal_objects(tmp_path: Path) -
     tens of MiB of scattered writes. A FLUSH's journal data is now cut into objects of
     at most journal_object_bytes, like a chunk in a worker's memory, stored side by
     side and named by one head: no chunk is uploaded whole for it, and both another
-    machine's open and the independent reader (reader.Image) see every write."""
+    machine's open, reader.Image and the independent reader of
+    tests/test_format_reader.py see every write."""
     bound = 16 * 1024
     rig = EngineRig(tmp_path, journal_object_bytes=bound, checkpoint_bytes=2**30)
     image = bytearray(16 * CHUNK)
@@ -357,6 +359,8 @@ def test_a_large_flush_goes_to_several_bounded_journal_objects(tmp_path: Path) -
         assert 0 < held <= bound, (ref, held)
     assert rig.engine.stats.uploads == 0 and rig.engine.stats.commits == 1
     assert rig.cloud_bytes() == image
+    _, sparse = read_volume_v3(rig.store.root, "pw")  # the independent reader too
+    assert b"".join(sparse.get(i, bytes(CHUNK)) for i in range(16)) == image
     rig.crash()
     shutil.rmtree(rig.cache_dir)  # another machine: the store's journal is all there is
     rig.reopen(import_journal=True)
