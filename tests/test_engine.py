@@ -191,6 +191,87 @@ def test_read_now_answers_hits_and_never_fetches_or_waits(tmp_path: Path) -> Non
     assert bytes(buf) == original
 
 
+def test_reads_follow_the_clean_file_an_upload_puts_in_place(tmp_path: Path) -> None:
+    """C7: a read after an upload replaced a chunk's clean file reads the new file, not
+    the descriptor an earlier read was lent (once the extents are dropped, a stale
+    descriptor would serve the old contents)."""
+    rig = EngineRig(tmp_path)
+    first, second = os.urandom(CHUNK), os.urandom(CHUNK)
+    rig.write(0, first)
+    rig.engine.flush()
+    assert not rig.engine.dirty and rig.read(0, CHUNK) == first  # from the clean file
+    rig.write(0, second)  # written whole: uploaded whole, its clean file replaced
+    rig.engine.flush()
+    assert not rig.engine.dirty
+    assert rig.read(0, CHUNK) == second
+    rig.engine.trim(0, CHUNK, fua=False)  # a chunk of zeros: its clean file goes
+    rig.engine.flush()
+    rig.engine.drain()
+    assert 0 not in rig.engine.clean and rig.read(0, CHUNK) == bytes(CHUNK)
+
+
+def _open_clean_files(cache: CleanCache) -> set[str]:
+    """The clean files this process holds open."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(cache.directory)):
+            found.add(target)
+    return found
+
+
+def test_a_lent_descriptor_is_closed_only_once_given_back(tmp_path: Path) -> None:
+    """C7: a clean file replaced (added) or removed (evicted) while a read holds its
+    descriptor keeps it open for that read, which reads the file it was lent; the
+    descriptor is closed when the read gives it back, and the next read opens the
+    new file."""
+    cache = CleanCache(tmp_path, 2 * CHUNK)
+    cache.open(ChunkMap(4))
+    cache.path(0).write_bytes(b"a" * CHUNK)
+    cache.added(0, CHUNK, "1")
+    held = cache.lend(0)
+    assert held is not None
+    tmp = cache.directory / ".new"
+    tmp.write_bytes(b"b" * CHUNK)
+    os.replace(tmp, cache.path(0))  # an upload puts a new file in place
+    cache.added(0, CHUNK, "2")
+    assert os.pread(held.fd, 1, 0) == b"a"  # still the file it was lent
+    fresh = cache.lend(0)
+    assert fresh is not None and os.pread(fresh.fd, 1, 0) == b"b"
+    cache.give_back(fresh)
+    assert len(_open_clean_files(cache)) == 2  # the old file, held; the new one, cached
+    cache.give_back(held)
+    assert _open_clean_files(cache) == {str(cache.path(0))}
+
+    for index in (1, 2):  # two more chunks: chunk 0, least recently used, is evicted
+        cache.path(index).write_bytes(b"c" * CHUNK)
+        cache.added(index, CHUNK, "3")
+    assert 0 not in cache and not cache.path(0).exists()
+    assert _open_clean_files(cache) == set()
+    cache.close()
+
+
+def test_the_cache_keeps_at_most_open_files_descriptors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudnbd.engine import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "OPEN_FILES", 2)
+    cache = CleanCache(tmp_path, 8 * CHUNK)
+    cache.open(ChunkMap(8))
+    for index in range(4):
+        cache.path(index).write_bytes(bytes([index]) * 10)
+        cache.added(index, 10, "1")
+        lent = cache.lend(index)
+        assert lent is not None and os.pread(lent.fd, 1, 0) == bytes([index])
+        cache.give_back(lent)
+    assert _open_clean_files(cache) == {str(cache.path(2)), str(cache.path(3))}
+    cache.close()
+    assert _open_clean_files(cache) == set()
+
+
 def test_a_clean_stop_keeps_only_files_the_store_still_holds(tmp_path: Path) -> None:
     """C6: another machine rewrote chunk 0 and deleted chunk 1 while this one was
     stopped; their clean files go at open, the others (one uploaded, one fetched)

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cloudnbd import layout
-from cloudnbd.engine.cache import CleanCache
+from cloudnbd.engine.cache import CleanCache, Opened
 from cloudnbd.engine.chunkmap import ChunkMap
 from cloudnbd.engine.extents import ChunkExtents, Extent
 from cloudnbd.engine.journal import Journal, Kind
@@ -442,6 +442,7 @@ class Engine(BlockDevice):
         if self._scheduler.ident is not None:
             self._scheduler.join(timeout=10)
         self.journal.close()
+        self.clean.close()
 
     def stop(self, clean: bool) -> None:
         """Stop workers; with clean, the journal is empty and the cache is kept."""
@@ -458,6 +459,7 @@ class Engine(BlockDevice):
         if clean and not self.dirty and not self._pending:
             self.journal.reset()
         self.journal.close()
+        self.clean.close()
         if self._clean_opened:
             self.clean.mark_clean_shutdown()
 
@@ -674,28 +676,24 @@ class Engine(BlockDevice):
     def _read_chunk(self, index: int, within: int, out: memoryview, may_wait: bool) -> bool:
         end = within + len(out)
         while True:
-            waiter = None
-            base_fd = -1
+            base: Opened | None = None
+            waiter: _Fetch | None = None
             with self._cond:
                 extents = self.dirty.get(index)
-                pieces = extents.overlapping(within, end) if extents else []
-                covered = sum(p.end - p.start for p in pieces) == len(out)
+                pieces = extents.overlapping(within, end) if extents is not None else []
+                covered = bool(pieces) and sum(p.end - p.start for p in pieces) == len(out)
                 if not covered:
-                    if self.clean.touch(index):
-                        base_fd = os.open(self.clean.path(index), os.O_RDONLY)
-                        self.clean.hits += 1
-                    elif not self._stamp_of(index):
-                        pass  # never written, or zeros
-                    elif not may_wait:
-                        return False
-                    elif index in self._uploading:
-                        self._cond.wait()  # E2: its clean file is about to appear
-                        continue
-                    else:
+                    base = self.clean.lend(index)  # C7
+                    if base is None and self._stamp_of(index):  # else: zeros
+                        if not may_wait:
+                            return False
+                        if index in self._uploading:
+                            self._cond.wait()  # E2: its clean file is about to appear
+                            continue
                         self.clean.misses += 1
                         waiter = self._request_fetch_locked(index)
-                if waiter is None:
-                    segments = {p.segment for p in pieces if not p.zero}
+                segments = {p.segment for p in pieces if not p.zero}
+                if segments and waiter is None:
                     self.journal.pin(segments)
             if waiter is not None:
                 waiter.event.wait()
@@ -703,18 +701,19 @@ class Engine(BlockDevice):
                     raise DeviceError(errno.EIO, waiter.error)
                 continue
             try:
-                self._fill(out, within, pieces, covered, base_fd)
+                self._fill(out, within, pieces, covered, base)
             finally:
-                if base_fd >= 0:
-                    os.close(base_fd)
-                self.journal.unpin(segments)
+                if base is not None:
+                    self.clean.give_back(base)
+                if segments:
+                    self.journal.unpin(segments)
             return True
 
     def _fill(self, out: memoryview, within: int, pieces: list[Extent], covered: bool,
-              base_fd: int) -> None:
+              base: Opened | None) -> None:
         if not covered:
-            if base_fd >= 0:
-                got = os.preadv(base_fd, [out], within)
+            if base is not None:
+                got = os.preadv(base.fd, [out], within)
                 if got < len(out):  # a short clean file reads as zeros past its end
                     out[got:] = self._zeros[: len(out) - got]
             else:
