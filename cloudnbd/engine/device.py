@@ -249,7 +249,10 @@ class Engine(BlockDevice):
         self.pool = make_pool(self._on_result)
         self.stats = EngineStats()
         self.on_transfer = on_transfer
-        self._cond = threading.Condition(threading.Lock())
+        #: the engine lock; hot paths take it bare (a Condition's own enter and exit are
+        #: Python calls), waiters through _cond
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self.dirty: dict[int, ChunkExtents] = {}
         self._last_write: dict[int, float] = {}
         self._uploading: dict[int, _Upload] = {}
@@ -522,30 +525,40 @@ class Engine(BlockDevice):
     # -- writes ----------------------------------------------------------------------------
     def _apply(self, kind: Kind, offset: int, length: int, seq: int, segment: int,
                data_pos: int) -> None:
-        """Lay one journal record over the extent maps (engine lock held). Pieces a chunk
-        object already holds (its map seq is at or past the record's) are skipped."""
+        """Lay one journal record over the extent maps (engine lock held)."""
         added: dict[int, int] = {}
         released: dict[int, int] = {}
-        now = time.monotonic()
+        self._lay_locked(kind == Kind.ZERO, offset, length, seq, segment, data_pos, added,
+                         released, time.monotonic())
+        self.journal.account(added, released)
+
+    def _lay_locked(self, zero: bool, offset: int, length: int, seq: int, segment: int,
+                    data_pos: int, added: dict[int, int], released: dict[int, int],
+                    now: float) -> None:
+        """Lay a record over the extent maps; add the bytes it makes live to added and
+        those it replaces to released (for Journal.account). Pieces a chunk object
+        already holds (its map seq is at or past the record's) are skipped."""
         cs = self.chunk_size
+        dirty = self.dirty
         pos, end = offset, offset + length
+        laid = 0
         while pos < end:
             index, within = divmod(pos, cs)
             n = min(cs - within, end - pos)
-            if seq <= self.map.seq(index) or (kind == Kind.ZERO and index not in self.dirty
+            extents = dirty.get(index)
+            if seq <= self.map.seq(index) or (zero and extents is None
                                                and not self._stamp_of(index)):
                 pos += n
                 continue  # folded already, or zeros everywhere: nothing to record
-            extents = self.dirty.get(index)
             if extents is None:
-                extents = self.dirty[index] = ChunkExtents()
-            zero = kind == Kind.ZERO
+                extents = dirty[index] = ChunkExtents()
             extents.add(Extent(within, within + n, seq, segment,
                                0 if zero else data_pos + (pos - offset), zero), released)
-            added[segment] = added.get(segment, 0) + n
+            laid += n
             self._last_write[index] = now
             pos += n
-        self.journal.account(added, released)
+        if laid:
+            added[segment] = added.get(segment, 0) + laid
 
     def _needs_zeroing(self, offset: int, length: int) -> bool:
         first, last = offset // self.chunk_size, (offset + length - 1) // self.chunk_size
@@ -592,7 +605,7 @@ class Engine(BlockDevice):
 
     def _append_write(self, buf: memoryview, offset: int) -> tuple[int, int]:
         """Journal a WRITE and lay it over the extent maps; (seq, segment)."""
-        with self._cond:
+        with self._lock:
             seq, segment, pos = self.journal.append(Kind.WRITE, offset, len(buf), buf)
             self._apply(Kind.WRITE, offset, len(buf), seq, segment, pos)
         return seq, segment
@@ -678,7 +691,7 @@ class Engine(BlockDevice):
         while True:
             base: Opened | None = None
             waiter: _Fetch | None = None
-            with self._cond:
+            with self._lock:
                 extents = self.dirty.get(index)
                 pieces = extents.overlapping(within, end) if extents is not None else []
                 covered = bool(pieces) and sum(p.end - p.start for p in pieces) == len(out)
@@ -1001,10 +1014,9 @@ class Engine(BlockDevice):
     def _mostly_written(self, extents: ChunkExtents) -> bool:
         """A chunk written whole, or past fold_fraction: uploading it whole beats sending
         the writes to a journal object and the chunk again at a checkpoint."""
-        if extents.covers(self.chunk_size):
-            return True
-        written = sum(e.end - e.start for e in extents.extents)
-        return written >= self.settings.fold_fraction * self.chunk_size
+        written = extents.written  # == chunk_size: covered whole (extents never overlap)
+        return written == self.chunk_size or written >= self.settings.fold_fraction * \
+            self.chunk_size
 
     def _start_commit_locked(self, target: int, pieces: tuple[JournalPiece, ...]) -> None:
         chunks = tuple(JChunk(seq, index, stamp)

@@ -36,20 +36,19 @@ def _credit(released: dict[int, int], segment: int, nbytes: int) -> None:
 
 
 class ChunkExtents:
-    """The journal extents of one chunk."""
+    """The journal extents of one chunk, with their newest seq and the bytes they cover
+    kept up to date (the write-back scheduler asks for both of every dirty chunk)."""
 
-    __slots__ = ("_starts", "extents")
+    __slots__ = ("_starts", "extents", "max_seq", "written")
 
     def __init__(self) -> None:
         self._starts: list[int] = []
         self.extents: list[Extent] = []
+        self.max_seq = 0  # the newest extent's record
+        self.written = 0  # bytes the extents cover
 
     def __len__(self) -> int:
         return len(self.extents)
-
-    @property
-    def max_seq(self) -> int:
-        return max((e.seq for e in self.extents), default=0)
 
     @property
     def min_seq(self) -> int:
@@ -74,18 +73,30 @@ class ChunkExtents:
         if i < 0 or extents[i].end <= new.start:
             i += 1
         j = i
+        count = len(extents)
+        if j == count or extents[j].start >= new.end:  # overlaps nothing (the usual case)
+            extents.insert(i, new)
+            starts.insert(i, new.start)
+            self.written += new.end - new.start
+            self.max_seq = max(self.max_seq, new.seq)
+            return
         left = right = None  # only the first and last overlapped extents can stick out
-        while j < len(extents) and extents[j].start < new.end:
+        overlapped = 0
+        while j < count and extents[j].start < new.end:
             old = extents[j]
             if old.start < new.start:
                 left = old.cut(old.start, new.start)
             if old.end > new.end:
                 right = old.cut(new.end, old.end)
-            _credit(released, old.segment, min(old.end, new.end) - max(old.start, new.start))
+            nbytes = min(old.end, new.end) - max(old.start, new.start)
+            _credit(released, old.segment, nbytes)
+            overlapped += nbytes
             j += 1
         replacement = [e for e in (left, new, right) if e is not None]
         extents[i:j] = replacement
         starts[i:j] = [e.start for e in replacement]
+        self.written += new.end - new.start - overlapped
+        self.max_seq = max(self.max_seq, new.seq)
 
     def drop_through(self, seq: int, released: dict[int, int]) -> None:
         """Forget extents whose record is <= seq (the cloud now holds them)."""
@@ -97,6 +108,8 @@ class ChunkExtents:
                 kept.append(e)
         self.extents = kept
         self._starts = [e.start for e in kept]
+        self.written = sum(e.end - e.start for e in kept)
+        self.max_seq = max((e.seq for e in kept), default=0)
 
     def overlapping(self, start: int, end: int) -> list[Extent]:
         """Extents clipped to [start, end), in order."""

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"CNBJ"
 RECORD = struct.Struct("<4sB3xQQII")
 _CRC_PART = struct.Struct("<4sB3xQQI")
+_CRC = struct.Struct("<I")
 HEADER_BYTES = RECORD.size
 DEFAULT_SEGMENT_BYTES = 64 * 2**20
 
@@ -112,12 +113,14 @@ class Journal:
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
         self._live: dict[int, int] = {}  # segment -> logical bytes still needed
+        self._live_total = 0  # their sum: every write asks for it (backpressure)
         self._pins: dict[int, int] = {}
         self._sizes: dict[int, int] = {}  # segment -> bytes written
         self._active = -1
         self._active_pos = 0
         self.next_seq = 1
         self._deletion_failed = False
+        self._rolled = False
         self._recovering = False
         self._segment_seq: dict[int, int] = {}  # segment -> its highest record seq
         self.floor: int | None = None  # J4; None: no floor (the journal alone, in tests)
@@ -137,7 +140,9 @@ class Journal:
 
         Afterwards new records go to a fresh segment, so appends never follow a torn tail.
         """
-        self._recovering = True  # segments that fall out of use go at the next account()
+        # segments that fall out of use go afterwards, once the engine has set the floor
+        # (J4: set_floor), not with none
+        self._recovering = True
         try:
             yield from self._recover_segments()
         finally:
@@ -194,6 +199,7 @@ class Journal:
             self._active, self._active_pos = number, 0
             self._live.setdefault(number, 0)
             self._sizes[number] = 0
+            self._rolled = True  # the segment it left may go at the next account()
 
     def set_floor(self, floor: int) -> None:
         """J4: the store holds every write below floor folded into chunk objects; segments
@@ -227,16 +233,14 @@ class Journal:
             if data_len:
                 assert data is not None and len(data) == length
                 crc = zlib.crc32(data, crc)
-            header = part + struct.pack("<I", crc)
             segment, pos = self._active, self._active_pos
-            fd = self._fds[segment]
-            buffers = [header, data] if data_len else [header]
-            written = localfs.pwritev(fd, buffers, pos)
+            buffers = [part, _CRC.pack(crc), data] if data_len else [part, _CRC.pack(crc)]
+            written = localfs.pwritev(self._fds[segment], buffers, pos)
             if written != HEADER_BYTES + data_len:  # short write: disk full or I/O error
                 raise OSError(f"journal: short write ({written} bytes)")
             self._active_pos += written
             self._sizes[segment] = self._active_pos
-            self._segment_seq[segment] = max(self._segment_seq.get(segment, 0), seq)
+            self._segment_seq[segment] = seq  # the highest: seq never goes down
             return seq, segment, pos + HEADER_BYTES
 
     # -- durability -----------------------------------------------------------------------
@@ -272,12 +276,20 @@ class Journal:
         """Bytes of records that became needed (added) or no longer are (overwritten, or
         uploaded: released), per segment; deletes segments that fell out of use (J2)."""
         with self._lock:
+            live = self._live
             for number, nbytes in added.items():
-                self._live[number] = self._live.get(number, 0) + nbytes
+                live[number] = live.get(number, 0) + nbytes
+                self._live_total += nbytes
+            emptied = False
             for number, nbytes in released.items():
-                self._live[number] -= nbytes
-                assert self._live[number] >= 0, "journal live accounting went negative"
-            self._delete_dead_locked()
+                left = live[number] - nbytes
+                assert left >= 0, "journal live accounting went negative"
+                live[number] = left
+                self._live_total -= nbytes
+                emptied = emptied or not left
+            if emptied or self._rolled:  # else no segment can have fallen out of use
+                self._rolled = False
+                self._delete_dead_locked()
 
     def _delete_dead_locked(self) -> None:
         # J2: oldest first, never the active segment, never a pinned one, and never again
@@ -334,8 +346,7 @@ class Journal:
 
     @property
     def live_bytes(self) -> int:
-        with self._lock:
-            return sum(self._live.values())
+        return self._live_total  # one int: no lock needed to read it
 
     def close(self) -> None:
         with self._lock:
