@@ -47,7 +47,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -591,24 +591,45 @@ class Engine(BlockDevice):
         self._refuse_writes_if_frozen()
         self._refuse_if_displaced()
         self._wait_for_room()
-        seq, segment = self._append_write(buf, offset)
+        seq, segment, _ = self._append_writes(((buf, offset),))[0]
         if fua:
             self.journal.sync({segment})
             self._wait_durable(seq)
 
     def pwrite_now(self, buf: memoryview, offset: int) -> bool:
+        return self.pwrite_many_now(((buf, offset),)) == 1
+
+    def pwrite_many_now(self, writes: Sequence[tuple[memoryview, int]]) -> int:
         if (self.journal.live_bytes >= self.settings.max_dirty or self.displaced
                 or self.cloud.frozen):
-            return False  # backpressure (or the error): pwrite, on a pool thread
-        self._append_write(buf, offset)
-        return True
+            return 0  # backpressure (or the error): pwrite, on a pool thread
+        return len(self._append_writes(writes, partial=True))
 
-    def _append_write(self, buf: memoryview, offset: int) -> tuple[int, int]:
-        """Journal a WRITE and lay it over the extent maps; (seq, segment)."""
+    def _append_writes(self, writes: Sequence[tuple[memoryview, int]], partial: bool = False
+                       ) -> list[tuple[int, int, int]]:
+        """Journal WRITEs of (data, offset) and lay them over the extent maps, under one
+        engine lock, in one pwritev per journal segment; their (seq, segment, data
+        position). With partial, an error after some were written returns those (the
+        caller's pwrite redoes the others and reports it)."""
+        placed: list[tuple[int, int, int]] = []
+        added: dict[int, int] = {}
+        released: dict[int, int] = {}
         with self._lock:
-            seq, segment, pos = self.journal.append(Kind.WRITE, offset, len(buf), buf)
-            self._apply(Kind.WRITE, offset, len(buf), seq, segment, pos)
-        return seq, segment
+            now = time.monotonic()
+            try:
+                while len(placed) < len(writes):
+                    rest = writes[len(placed):]
+                    done = self.journal.append_writes(rest)
+                    for (buf, offset), (seq, segment, pos) in zip(rest, done, strict=False):
+                        self._lay_locked(False, offset, len(buf), seq, segment, pos, added,
+                                         released, now)
+                    placed += done
+            except OSError:
+                if not partial or not placed:
+                    raise
+            finally:
+                self.journal.account(added, released)
+        return placed
 
     def zero(self, offset: int, length: int, fua: bool, may_trim: bool = True,
              fast: bool = False) -> None:

@@ -50,12 +50,13 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
 from cloudnbd.engine import localfs
+from cloudnbd.engine.localfs import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,16 @@ _CRC_PART = struct.Struct("<4sB3xQQI")
 _CRC = struct.Struct("<I")
 HEADER_BYTES = RECORD.size
 DEFAULT_SEGMENT_BYTES = 64 * 2**20
+#: records one pwritev writes at most: three buffers each, within IOV_MAX (1024)
+BATCH_RECORDS = 256
 
 
 class Kind(IntEnum):
     WRITE = 1
     ZERO = 2
+
+
+_WRITE = int(Kind.WRITE)  # a plain int where every write packs it
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,13 @@ class Record:
     length: int
     segment: int
     data_pos: int
+
+
+def _header(kind: int, seq: int, offset: int, length: int, data: Buffer
+            ) -> tuple[bytes, bytes]:
+    """A record's header, as the two buffers pwritev takes (its CRC covers data too)."""
+    part = _CRC_PART.pack(MAGIC, kind, seq, offset, length)
+    return part, _CRC.pack(zlib.crc32(data, zlib.crc32(part)))
 
 
 def _segment_name(number: int) -> str:
@@ -228,20 +241,53 @@ class Journal:
             elif seq < self.next_seq - 1:
                 raise ValueError(f"journal: record {seq} imported after {self.next_seq - 1}")
             self.next_seq = seq + 1
-            part = _CRC_PART.pack(MAGIC, kind, seq, offset, length)
-            crc = zlib.crc32(part)
             if data_len:
                 assert data is not None and len(data) == length
-                crc = zlib.crc32(data, crc)
-            segment, pos = self._active, self._active_pos
-            buffers = [part, _CRC.pack(crc), data] if data_len else [part, _CRC.pack(crc)]
-            written = localfs.pwritev(self._fds[segment], buffers, pos)
-            if written != HEADER_BYTES + data_len:  # short write: disk full or I/O error
-                raise OSError(f"journal: short write ({written} bytes)")
-            self._active_pos += written
-            self._sizes[segment] = self._active_pos
-            self._segment_seq[segment] = seq  # the highest: seq never goes down
-            return seq, segment, pos + HEADER_BYTES
+                buffers = [*_header(kind, seq, offset, length, data), data]
+            else:
+                buffers = list(_header(kind, seq, offset, length, b""))
+            pos = self._active_pos
+            self._write_locked(buffers, pos + HEADER_BYTES + data_len, seq)
+            return seq, self._active, pos + HEADER_BYTES
+
+    def append_writes(self, writes: Sequence[tuple[Buffer, int]]
+                      ) -> list[tuple[int, int, int]]:
+        """Write WRITE records of a run of (data, volume offset) in one pwritev: the first
+        and as many after it as the active segment holds, at most BATCH_RECORDS. Returns
+        their (seq, segment, data position), in order; the caller passes the rest
+        again. Not yet fsync'd. One system call and one lock for many small writes
+        instead of one each: a 4 KiB append costs 2 to 3 us so, 5 to 11 alone."""
+        with self._lock:
+            self._roll_if_needed(HEADER_BYTES + len(writes[0][0]))
+            segment = self._active
+            pos = self._active_pos
+            limit = self.segment_bytes
+            seq = self.next_seq
+            buffers: list[Buffer] = []
+            placed = []
+            for data, offset in writes[:BATCH_RECORDS]:
+                length = len(data)
+                if placed and pos + HEADER_BYTES + length > limit:
+                    break
+                buffers += (*_header(_WRITE, seq, offset, length, data), data)
+                pos += HEADER_BYTES
+                placed.append((seq, segment, pos))
+                pos += length
+                seq += 1
+            self.next_seq = seq  # numbers of a failed write are skipped, never reused
+            self._write_locked(buffers, pos, seq - 1)
+            return placed
+
+    def _write_locked(self, buffers: list[Buffer], end: int, last_seq: int) -> None:
+        """Write buffers at the active segment's end, which becomes end; last_seq is the
+        newest record among them."""
+        segment, pos = self._active, self._active_pos
+        written = localfs.pwritev(self._fds[segment], buffers, pos)
+        if written != end - pos:  # short write: disk full or I/O error
+            raise OSError(f"journal: short write ({written} bytes)")
+        self._active_pos = end
+        self._sizes[segment] = end
+        self._segment_seq[segment] = last_seq  # the highest: seq never goes down
 
     # -- durability -----------------------------------------------------------------------
     def sync(self, segments: set[int] | None = None) -> None:
