@@ -542,12 +542,15 @@ class Engine(BlockDevice):
         dirty = self.dirty
         pos, end = offset, offset + length
         laid = 0
+        # a new write numbers above every map entry (E6): only a replayed or imported
+        # record may be folded already
+        replayed = seq <= self.map.max_seq
         while pos < end:
             index, within = divmod(pos, cs)
             n = min(cs - within, end - pos)
             extents = dirty.get(index)
-            if seq <= self.map.seq(index) or (zero and extents is None
-                                               and not self._stamp_of(index)):
+            if (replayed and seq <= self.map.seq(index)) or (
+                    zero and extents is None and not self._stamp_of(index)):
                 pos += n
                 continue  # folded already, or zeros everywhere: nothing to record
             if extents is None:
