@@ -34,8 +34,8 @@ Invariants:
   file a worker renamed into place without the front learning of it). The marker is
   written only after every clean file it names is fsync'd, and a file is recorded only
   after it is in place, so a record can never pair a stale file with a newer version.
-- C7 Reads are lent descriptors the cache keeps open (at most OPEN_FILES, least
-  recently used closed first), so a warm read opens nothing. A descriptor always refers
+- C7 Reads are lent descriptors the cache keeps open (at most OPEN_FILES, the longest
+  open closed first), so a warm read opens nothing. A descriptor always refers
   to the file the cache records for its chunk: it is forgotten the moment that file is
   replaced (added), removed (discard, evict) or the cache is closed, and the next read
   opens the file anew. A forgotten descriptor that a read still holds is closed only
@@ -102,7 +102,7 @@ class CleanCache:
         # index -> (file size, version of the object it copies), least recently used first
         self._lru: OrderedDict[int, tuple[int, str | None]] = OrderedDict()
         self._pins: dict[int, int] = {}
-        self._opened: OrderedDict[int, Opened] = OrderedDict()  # least recently lent first
+        self._opened: dict[int, Opened] = {}  # in the order they were opened
         self._prefix = f"{self.directory}/"  # a str: pathlib costs more than the read
         self.bytes = 0
         self.hits = 0
@@ -173,10 +173,8 @@ class CleanCache:
             if opened is None:
                 opened = Opened(os.open(f"{self._prefix}{index:016x}", os.O_RDONLY))
                 self._opened[index] = opened
-                while len(self._opened) > OPEN_FILES:
+                while len(self._opened) > OPEN_FILES:  # the longest open goes first
                     self._retire_locked(next(iter(self._opened)))
-            else:
-                self._opened.move_to_end(index)
             opened.users += 1
             return opened
 

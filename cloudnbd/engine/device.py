@@ -84,6 +84,8 @@ from cloudnbd.nbd.device import UNALLOCATED, BlockDevice, DeviceError
 log = logging.getLogger(__name__)
 
 
+_NONE: frozenset[int] = frozenset()  # no journal segments (a read of clean data)
+
 #: Seconds workers get to finish at an unclean stop before they are killed.
 UNCLEAN_STOP_GRACE = 2.0
 
@@ -690,17 +692,24 @@ class Engine(BlockDevice):
     def _pread(self, buf: memoryview, offset: int, may_wait: bool) -> bool:
         """Fill buf; without may_wait, give up (False) at the first chunk that needs a
         fetch or an upload to finish, leaving buf partly filled."""
-        self._refuse_if_displaced()  # the store may hold newer data than our cache
+        if self.displaced is not None:  # the store may hold newer data than our cache
+            self._refuse_if_displaced()
         cs = self.chunk_size
-        done = 0
+        length = len(buf)
         sequential = offset == self._last_read_end
-        while done < len(buf):
-            index, within = divmod(offset + done, cs)
-            n = min(cs - within, len(buf) - done)
-            if not self._read_chunk(index, within, buf[done:done + n], may_wait):
+        index, within = divmod(offset, cs)
+        if within + length <= cs:  # within one chunk: the usual request
+            if not self._read_chunk(index, within, buf, may_wait):
                 return False
-            done += n
-        self._last_read_end = offset + len(buf)
+        else:
+            done = 0
+            while done < length:
+                index, within = divmod(offset + done, cs)
+                n = min(cs - within, length - done)
+                if not self._read_chunk(index, within, buf[done:done + n], may_wait):
+                    return False
+                done += n
+        self._last_read_end = offset + length
         if sequential and self.settings.readahead_chunks:
             # once per chunk the stream enters, not per request: the engine lock is what
             # concurrent readers queue on, and a request takes it at most once more
@@ -715,6 +724,7 @@ class Engine(BlockDevice):
         while True:
             base: Opened | None = None
             waiter: _Fetch | None = None
+            segments: set[int] | frozenset[int]
             with self._lock:
                 extents = self.dirty.get(index)
                 pieces = extents.overlapping(within, end) if extents is not None else []
@@ -729,7 +739,7 @@ class Engine(BlockDevice):
                             continue
                         self.clean.misses += 1
                         waiter = self._request_fetch_locked(index)
-                segments = {p.segment for p in pieces if not p.zero}
+                segments = {p.segment for p in pieces if not p.zero} if pieces else _NONE
                 if segments and waiter is None:
                     self.journal.pin(segments)
             if waiter is not None:

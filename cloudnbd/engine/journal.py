@@ -50,7 +50,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -305,12 +305,12 @@ class Journal:
         return self._fds[segment]
 
     # -- reclaiming -----------------------------------------------------------------------
-    def pin(self, segments: set[int]) -> None:
+    def pin(self, segments: Iterable[int]) -> None:
         with self._lock:
             for number in segments:
                 self._pins[number] = self._pins.get(number, 0) + 1
 
-    def unpin(self, segments: set[int]) -> None:
+    def unpin(self, segments: Iterable[int]) -> None:
         with self._lock:
             for number in segments:
                 self._pins[number] -= 1
