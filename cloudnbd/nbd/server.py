@@ -90,6 +90,10 @@ RECV_BUFFER = 128 * 1024
 #: WRITE payloads up to this size are used where they lie in the receive buffer; larger
 #: ones are received into a buffer of their own, without passing through it
 SMALL_PAYLOAD = 64 * 1024
+#: request buffers up to this size (a READ's reply, a large WRITE's payload) are better
+#: reused from the process's heap than mapped afresh for each request (engine/malloc.py:
+#: the front asks glibc for that); 2 MiB requests of qemu, 256 KiB of nbdcopy
+REUSED_BUFFER_BYTES = 2 * 2**20 + 2**16
 #: replies the reader answers itself wait in a batch, sent in one sendmsg when the
 #: receive buffer holds no complete request, or once this much payload waits
 BATCH_BYTES = 256 * 1024
