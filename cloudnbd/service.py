@@ -53,7 +53,7 @@ from cloudnbd.errors import CacheLocked, CloudnbdError, Displaced
 from cloudnbd.layout import Snapshot, utc_now
 from cloudnbd.metrics import Metrics
 from cloudnbd.nbd.device import DeviceError
-from cloudnbd.nbd.server import NbdServer, ServerSettings
+from cloudnbd.nbd.server import REUSED_BUFFER_BYTES, NbdServer, ServerSettings
 from cloudnbd.rates import RateSampler
 from cloudnbd.runtime import lock_cache_dir
 from cloudnbd.volume import Volume
@@ -279,7 +279,7 @@ class Service:
         shutil.rmtree(self.cache_dir / "journal", ignore_errors=True)
 
     def start(self) -> None:
-        limit_malloc_retention()
+        limit_malloc_retention(reuse=REUSED_BUFFER_BYTES)
         self._prepare_cache_dir()
         try:
             cloud, size = (self._take_volume() if self.snapshot_name is None

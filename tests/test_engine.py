@@ -195,6 +195,141 @@ def test_read_now_answers_hits_and_never_fetches_or_waits(tmp_path: Path) -> Non
     assert bytes(buf) == original
 
 
+def test_reads_follow_the_clean_file_an_upload_puts_in_place(tmp_path: Path) -> None:
+    """C7: a read after an upload replaced a chunk's clean file reads the new file, not
+    the descriptor an earlier read was lent (once the extents are dropped, a stale
+    descriptor would serve the old contents)."""
+    rig = EngineRig(tmp_path)
+    first, second = os.urandom(CHUNK), os.urandom(CHUNK)
+    rig.write(0, first)
+    rig.engine.flush()
+    assert not rig.engine.dirty and rig.read(0, CHUNK) == first  # from the clean file
+    rig.write(0, second)  # written whole: uploaded whole, its clean file replaced
+    rig.engine.flush()
+    assert not rig.engine.dirty
+    assert rig.read(0, CHUNK) == second
+    rig.engine.trim(0, CHUNK, fua=False)  # a chunk of zeros: its clean file goes
+    rig.engine.flush()
+    rig.engine.drain()
+    assert 0 not in rig.engine.clean and rig.read(0, CHUNK) == bytes(CHUNK)
+
+
+def _open_clean_files(cache: CleanCache) -> set[str]:
+    """The clean files this process holds open."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(cache.directory)):
+            found.add(target)
+    return found
+
+
+def test_a_lent_descriptor_is_closed_only_once_given_back(tmp_path: Path) -> None:
+    """C7: a clean file replaced (added) or removed (evicted) while a read holds its
+    descriptor keeps it open for that read, which reads the file it was lent; the
+    descriptor is closed when the read gives it back, and the next read opens the
+    new file."""
+    cache = CleanCache(tmp_path, 2 * CHUNK)
+    cache.open(ChunkMap(4))
+    cache.path(0).write_bytes(b"a" * CHUNK)
+    cache.added(0, CHUNK, "1")
+    held = cache.lend(0)
+    assert held is not None
+    tmp = cache.directory / ".new"
+    tmp.write_bytes(b"b" * CHUNK)
+    os.replace(tmp, cache.path(0))  # an upload puts a new file in place
+    cache.added(0, CHUNK, "2")
+    assert os.pread(held.fd, 1, 0) == b"a"  # still the file it was lent
+    fresh = cache.lend(0)
+    assert fresh is not None and os.pread(fresh.fd, 1, 0) == b"b"
+    cache.give_back(fresh)
+    assert len(_open_clean_files(cache)) == 2  # the old file, held; the new one, cached
+    cache.give_back(held)
+    assert _open_clean_files(cache) == {str(cache.path(0))}
+
+    for index in (1, 2):  # two more chunks: chunk 0, least recently used, is evicted
+        cache.path(index).write_bytes(b"c" * CHUNK)
+        cache.added(index, CHUNK, "3")
+    assert 0 not in cache and not cache.path(0).exists()
+    assert _open_clean_files(cache) == set()
+    cache.close()
+
+
+def test_the_cache_keeps_at_most_open_files_descriptors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudnbd.engine import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "OPEN_FILES", 2)
+    cache = CleanCache(tmp_path, 8 * CHUNK)
+    cache.open(ChunkMap(8))
+    for index in range(4):
+        cache.path(index).write_bytes(bytes([index]) * 10)
+        cache.added(index, 10, "1")
+        lent = cache.lend(index)
+        assert lent is not None and os.pread(lent.fd, 1, 0) == bytes([index])
+        cache.give_back(lent)
+    assert _open_clean_files(cache) == {str(cache.path(2)), str(cache.path(3))}
+    cache.close()
+    assert _open_clean_files(cache) == set()
+
+
+def test_a_run_of_writes_is_journaled_at_once_and_reads_back(tmp_path: Path) -> None:
+    """pwrite_many_now (the NBD reader's runs of WRITEs): every write of the run is
+    journaled and laid over the extents in order, a later one over an earlier one, and
+    the run survives a crash of the process."""
+    rig = EngineRig(tmp_path, auto=False, segment_bytes=64 * 1024)
+    rng = random.Random(3)
+    model = bytearray(rig.volume.meta.size)
+    writes = []
+    for _ in range(100):
+        offset = rng.randrange(0, 4 * CHUNK // 512) * 512
+        data = rng.randbytes(rng.choice([512, 4096, 9000]))
+        writes.append((memoryview(data), offset))
+        model[offset:offset + len(data)] = data
+    assert rig.engine.pwrite_many_now(writes) == len(writes)
+    assert len(rig.engine.journal.segments_on_disk()) > 2  # the run crossed segments
+    assert rig.read(0, 5 * CHUNK) == model[:5 * CHUNK]
+    rig.crash()
+    rig.auto = True
+    engine = rig.reopen()
+    assert engine.recovered_records == len(writes)
+    assert rig.read(0, 5 * CHUNK) == model[:5 * CHUNK]
+
+
+def test_a_run_that_fails_midway_reports_the_writes_it_made(tmp_path: Path) -> None:
+    """A run whose second journal append fails (disk full) returns the writes the first
+    made, which read back; the others are not applied (the NBD layer sends them to
+    pwrite, which reports the error), and a run failing at once raises."""
+    rig = EngineRig(tmp_path, auto=False, segment_bytes=4 * (4096 + 32))
+    writes = [(memoryview(bytes([i + 1]) * 4096), i * 4096) for i in range(8)]
+
+    class FullAfterOne(localfs.OsLayer):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def pwritev(self, fd: int, buffers, offset: int) -> int:  # type: ignore[no-untyped-def,override]
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)):
+                return os.pwritev(fd, buffers, offset)  # another test's engine
+            self.calls += 1
+            if self.calls > 1:
+                raise OSError(28, "No space left on device")
+            return os.pwritev(fd, buffers, offset)
+
+    with localfs.installed(FullAfterOne()):
+        assert rig.engine.pwrite_many_now(writes) == 4  # the first segment's four
+    assert rig.read(0, 8 * 4096) == b"".join(bytes([i + 1]) * 4096 for i in range(4)) \
+        + bytes(4 * 4096)
+    full = FullAfterOne()
+    full.calls = 1
+    with localfs.installed(full), pytest.raises(OSError):
+        rig.engine.pwrite_many_now(writes[4:])
+    assert rig.engine.pwrite_many_now(writes[4:]) == 4  # the same numbers are not reused
+    assert rig.read(0, 8 * 4096) == b"".join(bytes([i + 1]) * 4096 for i in range(8))
+
+
 def test_a_clean_stop_keeps_only_files_the_store_still_holds(tmp_path: Path) -> None:
     """C6: another machine rewrote chunk 0 and deleted chunk 1 while this one was
     stopped; their clean files go at open, the others (one uploaded, one fetched)

@@ -58,5 +58,7 @@ def test_extents_match_a_byte_model(operations: list[Op]) -> None:
         for seg, nbytes in live.items():  # released bytes add up exactly
             assert nbytes == sum(1 for m in model if m and m[1] == seg)
         assert chunk.covers(SIZE) == all(m is not None for m in model)
+        assert chunk.written == sum(1 for m in model if m is not None)
+        assert chunk.max_seq == max((m[0] for m in model if m is not None), default=0)
         low, high = start // 2, max(start // 2 + 1, end)
         assert _byte_view(chunk.overlapping(low, high))[low:high] == model[low:high]

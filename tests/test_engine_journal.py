@@ -42,6 +42,45 @@ def test_records_come_back_in_order_with_their_data(tmp_path: Path) -> None:
     assert reopened.next_seq == 22
 
 
+def test_a_run_of_writes_is_one_pwritev_per_segment_and_recovers_as_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """append_writes: the run's records go out in as few pwritev calls as the segments
+    (and BATCH_RECORDS) allow, numbered in order, and read back as single appends do."""
+    from cloudnbd.engine import journal as journal_module
+
+    monkeypatch.setattr(journal_module, "BATCH_RECORDS", 8)
+    calls: list[int] = []
+
+    class Counting(OsLayer):
+        def pwritev(self, fd: int, buffers, offset: int) -> int:  # type: ignore[no-untyped-def,override]
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)):
+                calls.append(len(buffers))  # this journal's, not another test's engine
+            return os.pwritev(fd, buffers, offset)
+
+    segment_bytes = 6 * (HEADER_BYTES + 500)  # six records of 500 bytes per segment
+    journal = Journal(tmp_path / "j", segment_bytes=segment_bytes)
+    writes = [(os.urandom(500), i * 4096) for i in range(20)]
+    placed: list[tuple[int, int, int]] = []
+    with localfs.installed(Counting()):
+        while len(placed) < len(writes):
+            placed += journal.append_writes(writes[len(placed):])
+    assert [seq for seq, _, _ in placed] == list(range(1, 21))
+    assert [segment for _, segment, _ in placed] == [0] * 6 + [1] * 6 + [2] * 6 + [3] * 2
+    assert calls == [18, 18, 18, 6]  # three buffers a record, one call per segment
+    journal.close()
+    records = list(Journal(tmp_path / "j", segment_bytes=segment_bytes).recover())
+    assert [(r.seq, r.segment, r.data_pos) for r in records] == placed
+    for record, (data, offset) in zip(records, writes, strict=True):
+        assert record.kind == Kind.WRITE and record.offset == offset
+        fd = os.open(tmp_path / "j" / f"{record.segment:016x}.log", os.O_RDONLY)
+        assert os.pread(fd, record.length, record.data_pos) == data
+        os.close(fd)
+
+    monkeypatch.setattr(journal_module, "BATCH_RECORDS", 4)
+    journal = Journal(tmp_path / "k")
+    assert len(journal.append_writes(writes)) == 4  # at most BATCH_RECORDS a call
+
+
 def test_torn_tail_and_bad_crc_are_dropped(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j")
     for i in range(5):

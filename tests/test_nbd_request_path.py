@@ -6,6 +6,7 @@ MemoryDevice variants."""
 from __future__ import annotations
 
 import errno
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +94,57 @@ def test_a_failing_append_is_reported_by_the_pool(served: tuple[raw.NbdClient, R
     assert [m for m, _ in device.calls] == ["pwrite_now", "pwrite"]
     device.fail = False
     assert client.pread(0, 4096) == bytes(4096)  # in step, nothing written
+
+
+class Runs(MemoryDevice):
+    """Records the runs of WRITEs the reader hands over; takes at most `take` of each."""
+
+    def __init__(self) -> None:
+        super().__init__(SIZE)
+        self.runs: list[tuple[int, str]] = []  # (writes in the run, thread name)
+        self.pool_writes: list[str] = []
+        self.take = 1 << 30
+
+    def pwrite_many_now(self, writes):  # type: ignore[no-untyped-def]
+        self.runs.append((len(writes), threading.current_thread().name))
+        done = min(self.take, len(writes))
+        for buf, offset in writes[:done]:
+            MemoryDevice.pwrite(self, buf, offset, False)
+        return done
+
+    def pwrite(self, buf: memoryview, offset: int, fua: bool) -> None:
+        self.pool_writes.append(threading.current_thread().name)
+        super().pwrite(buf, offset, fua)
+
+
+def test_pipelined_writes_reach_the_device_in_runs_and_a_refused_tail_goes_to_the_pool(
+        tmp_path: Path) -> None:
+    device = Runs()
+    server = NbdServer(device, ServerSettings(unix_path=tmp_path / "runs.sock", port=None))
+    server.start()
+    client = raw.NbdClient.unix(str(server.unix_path))
+    client.sock.settimeout(30)
+    try:
+        for round_, take in enumerate((1 << 30, 3)):
+            device.runs.clear()
+            device.take = take
+            data = [bytes([round_ * 32 + i]) * 4096 for i in range(32)]
+            handles = list(range(1000 * round_, 1000 * round_ + 32))
+            client.sock.sendall(b"".join(  # pipelined in one send: a few receives
+                struct.pack(">IHHQQI", raw.REQUEST_MAGIC, 0, raw.CMD_WRITE, handle,
+                            i * 4096, 4096) + data[i] for i, handle in enumerate(handles)))
+            assert sorted(client.recv()[:2] for _ in range(32)) == sorted(
+                (h, 0) for h in handles)
+            assert all(thread == "nbd-conn" for _, thread in device.runs)
+            assert max(n for n, _ in device.runs) > 1  # several writes per call
+            if take > 32:
+                assert sum(n for n, _ in device.runs) == 32 and not device.pool_writes
+            else:  # what a run could not take was written by the pool
+                refused = sum(n - min(n, take) for n, _ in device.runs)
+                assert refused and len(device.pool_writes) == refused
+                assert all(t.startswith("nbd-write") for t in device.pool_writes)
+            for i in range(32):
+                assert client.pread(i * 4096, 4096) == data[i]
+    finally:
+        client.close()
+        server.shutdown(timeout=10)

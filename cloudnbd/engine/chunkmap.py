@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from cloudnbd.layout import PAGE_CHUNKS, Entry
 
 _ENTRY = struct.Struct(">QQ")
+_SEQ = struct.Struct(">Q")  # an entry's second half
 _ZERO = Entry(0, 0)
 
 
@@ -80,8 +81,11 @@ class ChunkMap:
         self._present[index] = 1 if entry.stamp else 0
 
     def seq(self, index: int) -> int:
-        """Up to which sequence number the chunk's object (or zeros) is current."""
-        return self.get(index).seq
+        """Up to which sequence number the chunk's object (or zeros) is current (every
+        write lays its pieces over the map by it: no Entry is built)."""
+        page, within = divmod(index, PAGE_CHUNKS)
+        buf = self._pages.get(page)
+        return 0 if buf is None else _SEQ.unpack_from(buf, within * _ENTRY.size + 8)[0]
 
     def count(self) -> int:
         """How many chunks have an object."""

@@ -47,13 +47,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cloudnbd import layout
-from cloudnbd.engine.cache import CleanCache
+from cloudnbd.engine.cache import CleanCache, Opened
 from cloudnbd.engine.chunkmap import ChunkMap
 from cloudnbd.engine.extents import ChunkExtents, Extent
 from cloudnbd.engine.journal import Journal, Kind
@@ -83,6 +83,8 @@ from cloudnbd.nbd.device import UNALLOCATED, BlockDevice, DeviceError
 
 log = logging.getLogger(__name__)
 
+
+_NONE: frozenset[int] = frozenset()  # no journal segments (a read of clean data)
 
 #: Seconds workers get to finish at an unclean stop before they are killed.
 UNCLEAN_STOP_GRACE = 2.0
@@ -277,7 +279,10 @@ class Engine(BlockDevice):
         self.pool = make_pool(self._on_result)
         self.stats = EngineStats()
         self.on_transfer = on_transfer
-        self._cond = threading.Condition(threading.Lock())
+        #: the engine lock; hot paths take it bare (a Condition's own enter and exit are
+        #: Python calls), waiters through _cond
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self.dirty: dict[int, ChunkExtents] = {}
         self._last_write: dict[int, float] = {}
         self._uploading: dict[int, _Upload] = {}
@@ -470,6 +475,7 @@ class Engine(BlockDevice):
         if self._scheduler.ident is not None:
             self._scheduler.join(timeout=10)
         self.journal.close()
+        self.clean.close()
 
     def stop(self, clean: bool) -> None:
         """Stop workers; with clean, the journal is empty and the cache is kept."""
@@ -486,6 +492,7 @@ class Engine(BlockDevice):
         if clean and not self.dirty and not self._pending:
             self.journal.reset()
         self.journal.close()
+        self.clean.close()
         if self._clean_opened:
             self.clean.mark_clean_shutdown()
 
@@ -549,30 +556,43 @@ class Engine(BlockDevice):
     # -- writes ----------------------------------------------------------------------------
     def _apply(self, kind: Kind, offset: int, length: int, seq: int, segment: int,
                data_pos: int) -> None:
-        """Lay one journal record over the extent maps (engine lock held). Pieces a chunk
-        object already holds (its map seq is at or past the record's) are skipped."""
+        """Lay one journal record over the extent maps (engine lock held)."""
         added: dict[int, int] = {}
         released: dict[int, int] = {}
-        now = time.monotonic()
+        self._lay_locked(kind == Kind.ZERO, offset, length, seq, segment, data_pos, added,
+                         released, time.monotonic())
+        self.journal.account(added, released)
+
+    def _lay_locked(self, zero: bool, offset: int, length: int, seq: int, segment: int,
+                    data_pos: int, added: dict[int, int], released: dict[int, int],
+                    now: float) -> None:
+        """Lay a record over the extent maps; add the bytes it makes live to added and
+        those it replaces to released (for Journal.account). Pieces a chunk object
+        already holds (its map seq is at or past the record's) are skipped."""
         cs = self.chunk_size
+        dirty = self.dirty
         pos, end = offset, offset + length
+        laid = 0
+        # a new write numbers above every map entry (E6): only a replayed or imported
+        # record may be folded already
+        replayed = seq <= self.map.max_seq
         while pos < end:
             index, within = divmod(pos, cs)
             n = min(cs - within, end - pos)
-            if seq <= self.map.seq(index) or (kind == Kind.ZERO and index not in self.dirty
-                                               and not self._stamp_of(index)):
+            extents = dirty.get(index)
+            if (replayed and seq <= self.map.seq(index)) or (
+                    zero and extents is None and not self._stamp_of(index)):
                 pos += n
                 continue  # folded already, or zeros everywhere: nothing to record
-            extents = self.dirty.get(index)
             if extents is None:
-                extents = self.dirty[index] = ChunkExtents()
-            zero = kind == Kind.ZERO
+                extents = dirty[index] = ChunkExtents()
             extents.add(Extent(within, within + n, seq, segment,
                                0 if zero else data_pos + (pos - offset), zero), released)
-            added[segment] = added.get(segment, 0) + n
+            laid += n
             self._last_write[index] = now
             pos += n
-        self.journal.account(added, released)
+        if laid:
+            added[segment] = added.get(segment, 0) + laid
 
     def _needs_zeroing(self, offset: int, length: int) -> bool:
         first, last = offset // self.chunk_size, (offset + length - 1) // self.chunk_size
@@ -605,24 +625,45 @@ class Engine(BlockDevice):
         self._refuse_writes_if_frozen()
         self._refuse_if_displaced()
         self._wait_for_room()
-        seq, segment = self._append_write(buf, offset)
+        seq, segment, _ = self._append_writes(((buf, offset),))[0]
         if fua:
             self.journal.sync({segment})
             self._wait_durable(seq)
 
     def pwrite_now(self, buf: memoryview, offset: int) -> bool:
+        return self.pwrite_many_now(((buf, offset),)) == 1
+
+    def pwrite_many_now(self, writes: Sequence[tuple[memoryview, int]]) -> int:
         if (self.journal.live_bytes >= self.settings.max_dirty or self.displaced
                 or self.cloud.frozen):
-            return False  # backpressure (or the error): pwrite, on a pool thread
-        self._append_write(buf, offset)
-        return True
+            return 0  # backpressure (or the error): pwrite, on a pool thread
+        return len(self._append_writes(writes, partial=True))
 
-    def _append_write(self, buf: memoryview, offset: int) -> tuple[int, int]:
-        """Journal a WRITE and lay it over the extent maps; (seq, segment)."""
-        with self._cond:
-            seq, segment, pos = self.journal.append(Kind.WRITE, offset, len(buf), buf)
-            self._apply(Kind.WRITE, offset, len(buf), seq, segment, pos)
-        return seq, segment
+    def _append_writes(self, writes: Sequence[tuple[memoryview, int]], partial: bool = False
+                       ) -> list[tuple[int, int, int]]:
+        """Journal WRITEs of (data, offset) and lay them over the extent maps, under one
+        engine lock, in one pwritev per journal segment; their (seq, segment, data
+        position). With partial, an error after some were written returns those (the
+        caller's pwrite redoes the others and reports it)."""
+        placed: list[tuple[int, int, int]] = []
+        added: dict[int, int] = {}
+        released: dict[int, int] = {}
+        with self._lock:
+            now = time.monotonic()
+            try:
+                while len(placed) < len(writes):
+                    rest = writes[len(placed):]
+                    done = self.journal.append_writes(rest)
+                    for (buf, offset), (seq, segment, pos) in zip(rest, done, strict=False):
+                        self._lay_locked(False, offset, len(buf), seq, segment, pos, added,
+                                         released, now)
+                    placed += done
+            except OSError:
+                if not partial or not placed:
+                    raise
+            finally:
+                self.journal.account(added, released)
+        return placed
 
     def zero(self, offset: int, length: int, fua: bool, may_trim: bool = True,
              fast: bool = False) -> None:
@@ -680,17 +721,24 @@ class Engine(BlockDevice):
     def _pread(self, buf: memoryview, offset: int, may_wait: bool) -> bool:
         """Fill buf; without may_wait, give up (False) at the first chunk that needs a
         fetch or an upload to finish, leaving buf partly filled."""
-        self._refuse_if_displaced()  # the store may hold newer data than our cache
+        if self.displaced is not None:  # the store may hold newer data than our cache
+            self._refuse_if_displaced()
         cs = self.chunk_size
-        done = 0
+        length = len(buf)
         sequential = offset == self._last_read_end
-        while done < len(buf):
-            index, within = divmod(offset + done, cs)
-            n = min(cs - within, len(buf) - done)
-            if not self._read_chunk(index, within, buf[done:done + n], may_wait):
+        index, within = divmod(offset, cs)
+        if within + length <= cs:  # within one chunk: the usual request
+            if not self._read_chunk(index, within, buf, may_wait):
                 return False
-            done += n
-        self._last_read_end = offset + len(buf)
+        else:
+            done = 0
+            while done < length:
+                index, within = divmod(offset + done, cs)
+                n = min(cs - within, length - done)
+                if not self._read_chunk(index, within, buf[done:done + n], may_wait):
+                    return False
+                done += n
+        self._last_read_end = offset + length
         if sequential and self.settings.readahead_chunks:
             # once per chunk the stream enters, not per request: the engine lock is what
             # concurrent readers queue on, and a request takes it at most once more
@@ -703,28 +751,25 @@ class Engine(BlockDevice):
     def _read_chunk(self, index: int, within: int, out: memoryview, may_wait: bool) -> bool:
         end = within + len(out)
         while True:
-            waiter = None
-            base_fd = -1
-            with self._cond:
+            base: Opened | None = None
+            waiter: _Fetch | None = None
+            segments: set[int] | frozenset[int]
+            with self._lock:
                 extents = self.dirty.get(index)
-                pieces = extents.overlapping(within, end) if extents else []
-                covered = sum(p.end - p.start for p in pieces) == len(out)
+                pieces = extents.overlapping(within, end) if extents is not None else []
+                covered = bool(pieces) and sum(p.end - p.start for p in pieces) == len(out)
                 if not covered:
-                    if self.clean.touch(index):
-                        base_fd = os.open(self.clean.path(index), os.O_RDONLY)
-                        self.clean.hits += 1
-                    elif not self._stamp_of(index):
-                        pass  # never written, or zeros
-                    elif not may_wait:
-                        return False
-                    elif index in self._uploading:
-                        self._cond.wait()  # E2: its clean file is about to appear
-                        continue
-                    else:
+                    base = self.clean.lend(index)  # C7
+                    if base is None and self._stamp_of(index):  # else: zeros
+                        if not may_wait:
+                            return False
+                        if index in self._uploading:
+                            self._cond.wait()  # E2: its clean file is about to appear
+                            continue
                         self.clean.misses += 1
                         waiter = self._request_fetch_locked(index)
-                if waiter is None:
-                    segments = {p.segment for p in pieces if not p.zero}
+                segments = {p.segment for p in pieces if not p.zero} if pieces else _NONE
+                if segments and waiter is None:
                     self.journal.pin(segments)
             if waiter is not None:
                 waiter.event.wait()
@@ -732,18 +777,19 @@ class Engine(BlockDevice):
                     raise DeviceError(errno.EIO, waiter.error)
                 continue
             try:
-                self._fill(out, within, pieces, covered, base_fd)
+                self._fill(out, within, pieces, covered, base)
             finally:
-                if base_fd >= 0:
-                    os.close(base_fd)
-                self.journal.unpin(segments)
+                if base is not None:
+                    self.clean.give_back(base)
+                if segments:
+                    self.journal.unpin(segments)
             return True
 
     def _fill(self, out: memoryview, within: int, pieces: list[Extent], covered: bool,
-              base_fd: int) -> None:
+              base: Opened | None) -> None:
         if not covered:
-            if base_fd >= 0:
-                got = os.preadv(base_fd, [out], within)
+            if base is not None:
+                got = os.preadv(base.fd, [out], within)
                 if got < len(out):  # a short clean file reads as zeros past its end
                     out[got:] = self._zeros[: len(out) - got]
             else:
@@ -1031,10 +1077,9 @@ class Engine(BlockDevice):
     def _mostly_written(self, extents: ChunkExtents) -> bool:
         """A chunk written whole, or past fold_fraction: uploading it whole beats sending
         the writes to a journal object and the chunk again at a checkpoint."""
-        if extents.covers(self.chunk_size):
-            return True
-        written = sum(e.end - e.start for e in extents.extents)
-        return written >= self.settings.fold_fraction * self.chunk_size
+        written = extents.written  # == chunk_size: covered whole (extents never overlap)
+        return written == self.chunk_size or written >= self.settings.fold_fraction * \
+            self.chunk_size
 
     def _start_commit_locked(self, target: int, pieces: tuple[JournalPiece, ...]) -> None:
         chunks = tuple(JChunk(seq, index, stamp)

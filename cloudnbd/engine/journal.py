@@ -50,25 +50,32 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
 from cloudnbd.engine import localfs
+from cloudnbd.engine.localfs import Buffer
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"CNBJ"
 RECORD = struct.Struct("<4sB3xQQII")
 _CRC_PART = struct.Struct("<4sB3xQQI")
+_CRC = struct.Struct("<I")
 HEADER_BYTES = RECORD.size
 DEFAULT_SEGMENT_BYTES = 64 * 2**20
+#: records one pwritev writes at most: three buffers each, within IOV_MAX (1024)
+BATCH_RECORDS = 256
 
 
 class Kind(IntEnum):
     WRITE = 1
     ZERO = 2
+
+
+_WRITE = int(Kind.WRITE)  # a plain int where every write packs it
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,13 @@ class Record:
     length: int
     segment: int
     data_pos: int
+
+
+def _header(kind: int, seq: int, offset: int, length: int, data: Buffer
+            ) -> tuple[bytes, bytes]:
+    """A record's header, as the two buffers pwritev takes (its CRC covers data too)."""
+    part = _CRC_PART.pack(MAGIC, kind, seq, offset, length)
+    return part, _CRC.pack(zlib.crc32(data, zlib.crc32(part)))
 
 
 def _segment_name(number: int) -> str:
@@ -112,12 +126,14 @@ class Journal:
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
         self._live: dict[int, int] = {}  # segment -> logical bytes still needed
+        self._live_total = 0  # their sum: every write asks for it (backpressure)
         self._pins: dict[int, int] = {}
         self._sizes: dict[int, int] = {}  # segment -> bytes written
         self._active = -1
         self._active_pos = 0
         self.next_seq = 1
         self._deletion_failed = False
+        self._rolled = False
         self._recovering = False
         self._segment_seq: dict[int, int] = {}  # segment -> its highest record seq
         self.floor: int | None = None  # J4; None: no floor (the journal alone, in tests)
@@ -137,7 +153,9 @@ class Journal:
 
         Afterwards new records go to a fresh segment, so appends never follow a torn tail.
         """
-        self._recovering = True  # segments that fall out of use go at the next account()
+        # segments that fall out of use go afterwards, once the engine has set the floor
+        # (J4: set_floor), not with none
+        self._recovering = True
         try:
             yield from self._recover_segments()
         finally:
@@ -194,6 +212,7 @@ class Journal:
             self._active, self._active_pos = number, 0
             self._live.setdefault(number, 0)
             self._sizes[number] = 0
+            self._rolled = True  # the segment it left may go at the next account()
 
     def set_floor(self, floor: int) -> None:
         """J4: the store holds every write below floor folded into chunk objects; segments
@@ -222,22 +241,53 @@ class Journal:
             elif seq < self.next_seq - 1:
                 raise ValueError(f"journal: record {seq} imported after {self.next_seq - 1}")
             self.next_seq = seq + 1
-            part = _CRC_PART.pack(MAGIC, kind, seq, offset, length)
-            crc = zlib.crc32(part)
             if data_len:
                 assert data is not None and len(data) == length
-                crc = zlib.crc32(data, crc)
-            header = part + struct.pack("<I", crc)
-            segment, pos = self._active, self._active_pos
-            fd = self._fds[segment]
-            buffers = [header, data] if data_len else [header]
-            written = localfs.pwritev(fd, buffers, pos)
-            if written != HEADER_BYTES + data_len:  # short write: disk full or I/O error
-                raise OSError(f"journal: short write ({written} bytes)")
-            self._active_pos += written
-            self._sizes[segment] = self._active_pos
-            self._segment_seq[segment] = max(self._segment_seq.get(segment, 0), seq)
-            return seq, segment, pos + HEADER_BYTES
+                buffers = [*_header(kind, seq, offset, length, data), data]
+            else:
+                buffers = list(_header(kind, seq, offset, length, b""))
+            pos = self._active_pos
+            self._write_locked(buffers, pos + HEADER_BYTES + data_len, seq)
+            return seq, self._active, pos + HEADER_BYTES
+
+    def append_writes(self, writes: Sequence[tuple[Buffer, int]]
+                      ) -> list[tuple[int, int, int]]:
+        """Write WRITE records of a run of (data, volume offset) in one pwritev: the first
+        and as many after it as the active segment holds, at most BATCH_RECORDS. Returns
+        their (seq, segment, data position), in order; the caller passes the rest
+        again. Not yet fsync'd. One system call and one lock for many small writes
+        instead of one each: a 4 KiB append costs 2 to 3 us so, 5 to 11 alone."""
+        with self._lock:
+            self._roll_if_needed(HEADER_BYTES + len(writes[0][0]))
+            segment = self._active
+            pos = self._active_pos
+            limit = self.segment_bytes
+            seq = self.next_seq
+            buffers: list[Buffer] = []
+            placed = []
+            for data, offset in writes[:BATCH_RECORDS]:
+                length = len(data)
+                if placed and pos + HEADER_BYTES + length > limit:
+                    break
+                buffers += (*_header(_WRITE, seq, offset, length, data), data)
+                pos += HEADER_BYTES
+                placed.append((seq, segment, pos))
+                pos += length
+                seq += 1
+            self.next_seq = seq  # numbers of a failed write are skipped, never reused
+            self._write_locked(buffers, pos, seq - 1)
+            return placed
+
+    def _write_locked(self, buffers: list[Buffer], end: int, last_seq: int) -> None:
+        """Write buffers at the active segment's end, which becomes end; last_seq is the
+        newest record among them."""
+        segment, pos = self._active, self._active_pos
+        written = localfs.pwritev(self._fds[segment], buffers, pos)
+        if written != end - pos:  # short write: disk full or I/O error
+            raise OSError(f"journal: short write ({written} bytes)")
+        self._active_pos = end
+        self._sizes[segment] = end
+        self._segment_seq[segment] = last_seq  # the highest: seq never goes down
 
     # -- durability -----------------------------------------------------------------------
     def sync(self, segments: set[int] | None = None) -> None:
@@ -255,12 +305,12 @@ class Journal:
         return self._fds[segment]
 
     # -- reclaiming -----------------------------------------------------------------------
-    def pin(self, segments: set[int]) -> None:
+    def pin(self, segments: Iterable[int]) -> None:
         with self._lock:
             for number in segments:
                 self._pins[number] = self._pins.get(number, 0) + 1
 
-    def unpin(self, segments: set[int]) -> None:
+    def unpin(self, segments: Iterable[int]) -> None:
         with self._lock:
             for number in segments:
                 self._pins[number] -= 1
@@ -272,12 +322,20 @@ class Journal:
         """Bytes of records that became needed (added) or no longer are (overwritten, or
         uploaded: released), per segment; deletes segments that fell out of use (J2)."""
         with self._lock:
+            live = self._live
             for number, nbytes in added.items():
-                self._live[number] = self._live.get(number, 0) + nbytes
+                live[number] = live.get(number, 0) + nbytes
+                self._live_total += nbytes
+            emptied = False
             for number, nbytes in released.items():
-                self._live[number] -= nbytes
-                assert self._live[number] >= 0, "journal live accounting went negative"
-            self._delete_dead_locked()
+                left = live[number] - nbytes
+                assert left >= 0, "journal live accounting went negative"
+                live[number] = left
+                self._live_total -= nbytes
+                emptied = emptied or not left
+            if emptied or self._rolled:  # else no segment can have fallen out of use
+                self._rolled = False
+                self._delete_dead_locked()
 
     def _delete_dead_locked(self) -> None:
         # J2: oldest first, never the active segment, never a pinned one, and never again
@@ -334,8 +392,7 @@ class Journal:
 
     @property
     def live_bytes(self) -> int:
-        with self._lock:
-            return sum(self._live.values())
+        return self._live_total  # one int: no lock needed to read it
 
     def close(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 from cloudnbd.nbd.protocol import BlockState
 
@@ -64,6 +65,24 @@ class BlockDevice(ABC):
         thread. Lets the connection's reader append writes itself. buf is only lent for
         the call: it may be the server's receive buffer."""
         return False
+
+    def pwrite_many_now(self, writes: Sequence[tuple[memoryview, int]]) -> int:
+        """pwrite_now for a run of WRITEs of (buf, offset) the reader parsed from one
+        receive: writes the first of them that need no waiting and returns how many (the
+        server hands the rest to pwrite on a pool thread, which waits or reports the
+        error). It raises only if it wrote none. A device that can take a run at once
+        (the engine: one lock, one journal append) does better than this loop."""
+        done = 0
+        for buf, offset in writes:
+            try:
+                if not self.pwrite_now(buf, offset):
+                    break
+            except Exception:
+                if not done:
+                    raise
+                break
+            done += 1
+        return done
 
     @abstractmethod
     def flush(self) -> None:
