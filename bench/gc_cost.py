@@ -85,6 +85,7 @@ WAIT = 600.0  # seconds any one wait for the server may take before the run fail
 GAP = 0.5  # seconds without a request or answer that end a round (rounds are a grace apart)
 SLACK = 0.05  # seconds after a round's last answer still counted as the round (the
 #               listing's result reaches the engine and is handled)
+SLOW = 1.0  # ms: a read slower than this is counted by where in a round it began
 PASSWORD = "correct horse battery"  # testbed.served.make_password_file's
 
 
@@ -97,6 +98,7 @@ class Holdings:
     pages: int  # map pages the snapshots name, summed over the snapshots
     journals: int  # journal objects the snapshots name, summed
     garbage: int  # listed objects neither the head names nor a snapshot needs
+    distinct: int  # different map pages and journal objects among pages + journals
 
     def listing_round(self) -> Counter[str]:
         """The requests of a round that deletes nothing, on S3."""
@@ -139,6 +141,20 @@ class Reads:
     during: list[float]
     between: list[float]
     iops: float
+    #: the reads during rounds slower than SLOW ms, by the tenth of the round they began
+    #: in: even if the round slows them by competing for the CPUs, piled up at the end
+    #: if they wait for the engine to handle the listing
+    slow_by_tenth: list[int] = field(default_factory=lambda: [0] * 10)
+
+
+@dataclass
+class Session:
+    """What the server did while fio read."""
+
+    rounds: list[Round]
+    reads: Reads
+    deleted: int  # objects the server deleted
+    uploader_cpu: float  # CPU seconds its uploader processes used (nothing but rounds)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,15 +262,16 @@ def holdings(endpoint: str, location: str) -> Holdings:
     return Holdings(Counter(info.key.split("/", 1)[0] for info in listed), len(snaps),
                     sum(len(s.head.pages) for s in snaps),
                     sum(len(s.head.journal) for s in snaps),
-                    sum(1 for info in listed if info.key not in kept | named))
+                    sum(1 for info in listed if info.key not in kept | named),
+                    len({*(p for s in snaps for p in s.head.pages),
+                         *(r.stamp for s in snaps for r in s.head.journal)}))
 
 
 # -- the rounds --------------------------------------------------------------------------
 
 def measure_rounds(work: Path, proxy: FaultProxy, location: str, env: dict[str, str],
-                   cache: Path, args: argparse.Namespace) -> tuple[list[Round], Reads, int]:
-    """Serve with a short grace while fio reads; the rounds, the reads, and the objects
-    the server deleted."""
+                   cache: Path, args: argparse.Namespace) -> Session:
+    """Serve with a short grace while fio reads."""
     for path in (cache / "clean").rglob("*"):  # the reads are to find them in memory
         if path.is_file():
             path.read_bytes()
@@ -263,6 +280,8 @@ def measure_rounds(work: Path, proxy: FaultProxy, location: str, env: dict[str, 
                    env=env, cache=cache)
     timeline: list[tuple[float, str]] = []
     try:
+        uploaders = served.status()["worker_pids"]["upload"]  # type: ignore[index]
+        cpu_before = sum(cpu_seconds(pid) for pid in uploaders)
         proxy.timeline = timeline
         log = work / "reads"
         out = run("fio", "--name=r", "--ioengine=nbd", f"--uri={served.uri}",
@@ -271,13 +290,21 @@ def measure_rounds(work: Path, proxy: FaultProxy, location: str, env: dict[str, 
                   "--time_based", f"--write_lat_log={log}", "--log_avg_msec=0",
                   "--log_unix_epoch=1", "--output-format=json")
         proxy.timeline = None
-        deleted = int(served.status()["garbage_deleted"])  # type: ignore[call-overload]
+        status = served.status()
+        cpu = sum(cpu_seconds(pid) for pid in uploaders) - cpu_before
     finally:
         proxy.timeline = None
         served.close()
     rounds = split_rounds(timeline, location.split("/", 1)[1])
     iops = json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"]
-    return rounds, classify(Path(f"{log}_lat.1.log"), rounds, iops), deleted
+    return Session(rounds, classify(Path(f"{log}_lat.1.log"), rounds, iops),
+                   int(status["garbage_deleted"]), cpu)  # type: ignore[call-overload]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time process pid has used (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def split_rounds(timeline: list[tuple[float, str]], prefix: str) -> list[Round]:
@@ -313,17 +340,24 @@ def label(line: str, prefix: str) -> str:
 
 def classify(log: Path, rounds: list[Round], iops: float) -> Reads:
     """Each read of fio's latency log (completion time in ms since the epoch, latency
-    in ns) is during a round if [start, end] overlaps one."""
+    in ns) is during a round if [start, end] overlaps one; a slow one (over SLOW ms) is
+    also counted by the tenth of the round it began in."""
     windows = sorted((r.start, r.end + SLACK) for r in rounds)
-    during: list[float] = []
-    between: list[float] = []
+    reads = Reads([], [], iops)
     for line in log.read_text().splitlines():
         fields = line.split(",")
         end, latency = int(fields[0]) / 1000, int(fields[1]) / 1e9
         begin = end - latency
-        overlaps = any(s <= end and begin <= e for s, e in windows)
-        (during if overlaps else between).append(latency * 1000)
-    return Reads(during, between, iops)
+        window = next(((s, e) for s, e in windows if s <= end and begin <= e), None)
+        if window is None:
+            reads.between.append(latency * 1000)
+            continue
+        reads.during.append(latency * 1000)
+        if latency * 1000 > SLOW:
+            start, stop = window
+            tenth = int(10 * (max(begin, start) - start) / max(stop - start, 1e-3))
+            reads.slow_by_tenth[min(tenth, 9)] += 1
+    return reads
 
 
 # -- the engine lock ---------------------------------------------------------------------
@@ -382,8 +416,9 @@ def counts(counter: Counter[str]) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(counter.items())) or "none"
 
 
-def report(args: argparse.Namespace, facts: Holdings, rounds: list[Round], reads: Reads,
-           deleted: int, locks: list[tuple[int, float, float]]) -> str:
+def report(args: argparse.Namespace, facts: Holdings, session: Session,
+           locks: list[tuple[int, float, float]]) -> str:
+    rounds, reads = session.rounds, session.reads
     listing = [r for r in rounds if not r.deletes]
     deleting = [r for r in rounds if r.deletes]
     typical = Counter(tuple(sorted(r.requests.items())) for r in listing).most_common(1)
@@ -393,16 +428,18 @@ def report(args: argparse.Namespace, facts: Holdings, rounds: list[Round], reads
         f"twice (the first {facts.snapshots // 2} with the store's journal folded, the "
         f"others not); served with --gc-grace {args.grace:g} while fio read 4 KiB at "
         f"random places, queue depth 1, {args.read_iops} per second, for "
-        f"{args.read_seconds:g} s (from the local cache: no read reached the store).",
+        f"{args.read_seconds:g} s ({reads.iops:.0f} per second done; from the local "
+        f"cache: no read reached the store).",
         "",
         "| | |",
         "|---|---|",
         f"| objects listed (chunks/ map/ journal/) | {facts.listed['chunks']} / "
         f"{facts.listed['map']} / {facts.listed['journal']} |",
-        f"| snapshots; map pages / journal objects they name (summed) | {facts.snapshots}; "
-        f"{facts.pages} / {facts.journals} |",
+        f"| snapshots; map pages / journal objects they name, summed over the snapshots "
+        f"(different ones) | {facts.snapshots}; {facts.pages} / {facts.journals} "
+        f"({facts.distinct}) |",
         f"| garbage before the rounds (neither head nor snapshot needs it) | "
-        f"{facts.garbage} objects; the server deleted {deleted} |",
+        f"{facts.garbage} objects; the server deleted {session.deleted} |",
         f"| rounds seen | {len(rounds)} ({len(deleting)} deleting) |",
         f"| formula, a round that deletes nothing | {counts(facts.listing_round())} |",
         f"| measured, such a round (most common of {len(listing)}) | "
@@ -417,12 +454,16 @@ def report(args: argparse.Namespace, facts: Holdings, rounds: list[Round], reads
         "| wall time of the round that deletes | "
         + (", ".join(f"{(r.end - r.start) * 1000:.0f} ms" for r in deleting) or "-")
         + " |",
+        f"| CPU time of the uploader per round (it did nothing else) | "
+        f"{session.uploader_cpu / max(1, len(rounds)) * 1000:.0f} ms |",
         f"| reads during a round: count; p50 / p99 / max | {len(reads.during)}; "
         f"{percentile(reads.during, 0.5):.2f} / {percentile(reads.during, 0.99):.2f} / "
         f"{max(reads.during, default=float('nan')):.2f} ms |",
         f"| reads between rounds: count; p50 / p99 / max | {len(reads.between)}; "
         f"{percentile(reads.between, 0.5):.2f} / {percentile(reads.between, 0.99):.2f} / "
         f"{max(reads.between, default=float('nan')):.2f} ms |",
+        f"| reads during a round slower than {SLOW:g} ms, by tenth of the round they began "
+        f"in | {' / '.join(str(n) for n in reads.slow_by_tenth)} |",
     ]
     for chunks, held, unpickled in locks:
         lines.append(f"| engine lock held handling a listing's result, {chunks:,} chunks "
@@ -454,15 +495,14 @@ def main() -> None:
                 facts = holdings(weed.endpoint, location)
                 print(f"  prepared in {time.monotonic() - started:.0f} s: {facts}",
                       file=sys.stderr)
-                rounds, reads, deleted = measure_rounds(work, proxy, location, env, cache,
-                                                        args)
+                session = measure_rounds(work, proxy, location, env, cache, args)
         finally:
             weed.stop()
         locks = [(n, *lock_hold(tmp, n)) for n in
                  (int(v) for v in args.lock_chunks.split(",") if v)]
     text = (f"Machine: {machine()}.\n\nCommand: "
             f"`{command_line('bench/gc_cost.py', sys.argv[1:])}`\n\n"
-            + report(args, facts, rounds, reads, deleted, locks)
+            + report(args, facts, session, locks)
             + f"\n\nWall time of the run: {(time.monotonic() - started) / 60:.1f} min.")
     print(text)
     if not args.no_docs:
