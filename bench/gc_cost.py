@@ -398,8 +398,7 @@ def lock_hold(tmp: Path, chunks: int, garbage: int = 1000
     (seconds, on the garbage thread: the lock is free between holds), and seconds
     unpickling the result takes (the front's pool thread, holding the GIL); the Engine
     on a file store, its map filled in place (nothing is uploaded) and the listing
-    made up (every chunk plus garbage keys, all of them kept by a snapshot too, so the
-    snapshot figure is worked out over as many keys)."""
+    made up (every chunk plus garbage keys; no snapshot)."""
     root = tmp / f"lock-{chunks}"
     root.mkdir()
     store = FileStore(root / "store")
@@ -423,7 +422,7 @@ def lock_hold(tmp: Path, chunks: int, garbage: int = 1000
         keys = [layout.chunk_key(i, layout.stamp(1, i + 1)) for i in range(chunks)]
         keys += [layout.chunk_key(i % chunks, layout.stamp(1, chunks + 1 + i))
                  for i in range(garbage)]
-        listing = Listing(tuple(keys), 1, dict.fromkeys(keys, CHUNK))
+        listing = Listing(tuple(keys), 0, {})
         result = Result(0, -1, Outcome.DONE, value=listing)
         wire = pickle.dumps(result)
         started = time.perf_counter()
