@@ -224,8 +224,11 @@ class EngineStats:
     journal_bytes: int = 0  # plain bytes of data written to journal objects
     journal_wire_bytes: int = 0
     checkpoints: int = 0
-    garbage_deleted: int = 0
+    garbage_deleted: int = 0  # objects
     garbage_listings: int = 0
+    #: the requests of garbage collection's rounds (listing, reading the snapshots,
+    #: checking the head, deleting), by kind, as the store counted them
+    garbage_requests: dict[str, int] = field(default_factory=dict)
 
     @property
     def sent_wire_bytes(self) -> int:
@@ -887,8 +890,10 @@ class Engine(BlockDevice):
             if result.task_id in self._waiting_reads:
                 self._waiting_reads[result.task_id].append(result)
             elif purpose == "list":
+                self._count_garbage_requests_locked(result)
                 self._listing_done_locked(result)
             elif purpose == "delete":
+                self._count_garbage_requests_locked(result)
                 self._gc_busy = False
                 if result.outcome == Outcome.DONE:
                     self.stats.garbage_deleted += self._gc_doomed
@@ -906,6 +911,13 @@ class Engine(BlockDevice):
             else:
                 self._fetch_done_locked(result)
             self._cond.notify_all()
+
+    def _count_garbage_requests_locked(self, result: Result) -> None:
+        """A garbage round's requests, for the metrics (a failed task's too)."""
+        counts = dict(self.stats.garbage_requests)  # a new dict: snapshots hold the old
+        for kind, count in result.requests:
+            counts[kind] = counts.get(kind, 0) + count
+        self.stats.garbage_requests = counts
 
     def _count_store_task_locked(self, purpose: str, result: Result) -> None:
         """Heads and map pages written, for status and metrics (journal objects are
