@@ -162,7 +162,12 @@ def stamp_epoch(key: str) -> int:
     """The lease epoch of the writer that created the sealed object named key (0 for
     any other key)."""
     parsed = parse_key(key)
-    return 0 if parsed is None else parsed[2] // _U32
+    return 0 if parsed is None else epoch_of(parsed[2])
+
+
+def epoch_of(stamp: int) -> int:
+    """The lease epoch of the writer that made stamp (the high half)."""
+    return stamp // _U32
 
 
 def head_key_id(key: str) -> str | None:

@@ -141,13 +141,19 @@ class _SnapshotCollector(Collector):
                        stats.checkpoints)
         yield _gauge("cloudnbd_journal_disk_bytes", "Bytes the local journal occupies.",
                      engine.journal_disk_bytes)
+        gc = stats.garbage_requests
         yield _counters("cloudnbd_cloud_requests",
                         "Object-store requests of the engine that were answered, by kind "
-                        "(not counting retries, nor the few metadata and lease requests of "
-                        "open and close).",
+                        "(one per request: a DeleteObjects of up to 1000 objects is one "
+                        "delete, a page of a listing one list; not counting retries, nor "
+                        "the few metadata and lease requests of open and close).",
                         "kind", {"put": stats.uploads + stats.journal_objects
-                                 + stats.page_puts + stats.head_puts,
-                                 "delete": stats.garbage_deleted, "get": stats.gets})
+                                 + stats.page_puts + stats.head_puts + gc.get("put", 0),
+                                 "delete": gc.get("delete", 0),
+                                 "get": stats.gets + gc.get("get", 0),
+                                 "list": gc.get("list", 0), "head": gc.get("head", 0)})
+        yield _counter("cloudnbd_garbage_deleted_objects",
+                       "Objects garbage collection deleted.", stats.garbage_deleted)
         yield _counters("cloudnbd_cloud_objects_written",
                         "Objects written to the store, by family.",
                         "family", {"chunk": stats.uploads,

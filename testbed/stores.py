@@ -257,7 +257,10 @@ class FaultProxy:
       "pass"     relay the one request untouched (a fault-free kind for `kinds`).
     `seen` records the request line each fault hit. `requests` counts the requests of
     relayed connections by method (PUT, GET, ...), a GET of a bucket itself (a listing)
-    as LIST, for benchmarks of request costs (S3 prices LIST like PUT).
+    as LIST, for benchmarks of request costs (S3 prices LIST like PUT). Once `timeline`
+    is set to a list, relayed connections also append to it (time.time(), request line)
+    for each request as it arrives and (time.time(), "") for each piece of an answer, for
+    benchmarks that tell apart bursts of requests and time them.
 
     With `rate`, faults are instead drawn at random: every connection carries one
     request, which meets a fault from `kinds` with probability rate (seeded: `seed`);
@@ -282,6 +285,7 @@ class FaultProxy:
         self.faults = list(faults)
         self.seen: list[str] = []
         self.requests: Counter[str] = Counter()
+        self.timeline: list[tuple[float, str]] | None = None
         self.injected: Counter[str] = Counter()
         self.rate, self.kinds, self.stall = rate, kinds, stall
         self.link = link
@@ -409,13 +413,25 @@ class FaultProxy:
         with self._lock:
             self._open.update((client, upstream))
         with upstream:
-            other = threading.Thread(target=self._pipe, args=(upstream, client, False),
+            other = threading.Thread(target=self._pipe,
+                                     args=(upstream, client, False, self._answered),
                                      daemon=True)
             other.start()
-            self._pipe(client, upstream, True, _RequestCounter(self.requests, self._lock))
+            self._pipe(client, upstream, True,
+                       _RequestCounter(self.requests, self._lock, self._asked))
             other.join()
         with self._lock:
             self._open.difference_update((client, upstream))
+
+    def _asked(self, line: bytes) -> None:
+        timeline = self.timeline
+        if timeline is not None:
+            timeline.append((time.time(), line.decode(errors="replace")))
+
+    def _answered(self, data: bytes) -> None:
+        timeline = self.timeline
+        if timeline is not None:
+            timeline.append((time.time(), ""))
 
     def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool,
               on_data: Callable[[bytes], None] | None = None) -> None:
@@ -450,8 +466,9 @@ class _RequestCounter:
     find where each request on a kept-alive connection starts (head, then a
     Content-Length body)."""
 
-    def __init__(self, requests: Counter[str], lock: threading.Lock) -> None:
-        self.requests, self.lock = requests, lock
+    def __init__(self, requests: Counter[str], lock: threading.Lock,
+                 on_request: Callable[[bytes], None] | None = None) -> None:
+        self.requests, self.lock, self.on_request = requests, lock, on_request
         self.buffer, self.body_left = b"", 0
 
     def __call__(self, data: bytes) -> None:
@@ -469,6 +486,8 @@ class _RequestCounter:
             lines = head.split(b"\r\n")
             with self.lock:
                 self.requests[request_kind(lines[0])] += 1
+            if self.on_request is not None:
+                self.on_request(lines[0])
             for line in lines[1:]:
                 name, _, value = line.partition(b":")
                 if name.strip().lower() == b"content-length":

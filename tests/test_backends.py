@@ -294,6 +294,29 @@ def test_wrong_credentials_are_permission_denied(backend_env: BackendEnv) -> Non
         assert secret not in repr(S3Credentials(access_key, secret))
 
 
+def test_requests_are_counted_by_kind_for_the_thread_that_makes_them(
+        backend_env: BackendEnv) -> None:
+    """ObjectStore.counting (the metrics' cloudnbd_cloud_requests_total): one per request
+    answered, by kind, a missing object's GET included; deleting many keys is one
+    DeleteObjects request on S3, one request per key elsewhere; what another thread asks
+    of the same store meanwhile is not counted in the block."""
+    store = backend_env.store(backend_env.new_location())
+    with store.counting() as counts, ThreadPoolExecutor(1) as other:
+        store.put("chunks/a", b"x")
+        store.put("chunks/b", b"y")
+        assert store.get("chunks/a") == b"x"
+        with pytest.raises(ObjectNotFound):
+            store.get("chunks/missing")
+        assert store.stat("chunks/a") is not None
+        other.submit(store.put, "volume.json", b"z").result()
+        assert [info.key for info in store.list("chunks/")] == ["chunks/a", "chunks/b"]
+        with store.counting() as inner:
+            store.delete_many(["chunks/a", "chunks/b"])
+    deletes = 1 if backend_env.name == "s3" else 2
+    assert inner == {"delete": deletes}
+    assert counts == {"put": 2, "get": 2, "head": 1, "list": 1, "delete": deletes}
+
+
 @s3_only
 def test_delete_many_in_batches_of_1000(backend_env: BackendEnv) -> None:
     store = backend_env.store(backend_env.new_location())

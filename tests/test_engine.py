@@ -7,6 +7,8 @@ import os
 import random
 import shutil
 import threading
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,15 @@ from cloudnbd import layout
 from cloudnbd.engine import localfs
 from cloudnbd.engine.cache import CleanCache
 from cloudnbd.engine.chunkmap import ChunkMap
-from cloudnbd.engine.workers import JournalTask, Result, Task, UploadTask, WorkerKind
+from cloudnbd.engine.workers import (
+    HeadTask,
+    JournalTask,
+    Listing,
+    Result,
+    Task,
+    UploadTask,
+    WorkerKind,
+)
 from cloudnbd.errors import CloudnbdError
 from cloudnbd.reader import Image
 from tests.engine_harness import CHUNK, EngineRig
@@ -411,6 +421,117 @@ def test_garbage_collection_deletes_only_unnamed_objects_of_this_epoch_or_older(
     assert mine not in keys and older not in keys
     assert newer in keys
     assert rig.cloud_bytes()[:3 * CHUNK] == data  # every object the head names is there
+
+
+def test_reads_are_served_while_a_garbage_listing_is_handled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Garbage collection never blocks I/O (issue 14): while the engine goes through the
+    keys a listing found, which takes time in proportion to the objects of the volume,
+    a read from another thread is served. Nothing here is timed: the read either gets
+    through while the keys are being gone through, or waits for the engine's lock."""
+    rig = EngineRig(tmp_path, gc_grace=0.05)
+    data = os.urandom(CHUNK)
+    rig.write(0, data)
+    rig.engine.flush()
+    served: list[bool] = []
+
+    def read_meanwhile() -> None:
+        done = threading.Event()
+        got: list[bytes] = []
+
+        def read() -> None:
+            got.append(rig.read(0, 4096))
+            done.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        served.append(done.wait(timeout=10) and got == [data[:4096]])
+
+    class Keys(tuple[str, ...]):
+        """The listed keys; the first pass over them checks that a read gets through."""
+
+        def __iter__(self) -> Iterator[str]:
+            if not served:
+                read_meanwhile()
+            return super().__iter__()
+
+    # this engine's worker only: engines other tests left running list too
+    worker = rig.pool.worker  # type: ignore[union-attr]
+    real_run = worker.run
+
+    def run(task: Task) -> Result:
+        result = real_run(task)
+        if isinstance(result.value, Listing):
+            result = replace(result, value=replace(result.value,
+                                                   unkept=Keys(result.value.unkept)))
+        return result
+
+    monkeypatch.setattr(worker, "run", run)
+    listed = rig.engine.stats.garbage_listings
+    assert rig.engine.wait_for_stats(lambda s: s.garbage_listings > listed, 30)
+    assert served == [True]
+
+
+def test_garbage_lookups_name_what_the_head_and_the_commit_in_flight_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """G4 (engine/device.py): looked up key by key, an object is named exactly when the
+    head needs it (layout.named_keys over the stored head), before and after a
+    checkpoint, and the objects of a commit in flight are named from the start, so
+    that none is ever unnamed and then named again."""
+    rig = EngineRig(tmp_path, gc_grace=1e9)
+    engine = rig.engine
+    stray = {layout.chunk_key(9, layout.stamp(rig.epoch, 999)),  # a crashed upload
+             layout.journal_key(layout.stamp(rig.epoch, 998))}
+    for key in stray:
+        rig.store.put(key, b"never read")
+
+    def listed() -> set[str]:
+        return {info.key for info in rig.volume.objects.list_own()}
+
+    def needed() -> set[str]:
+        head, _ = rig.volume.objects.get_head(rig.volume.meta.head)
+        return rig.volume.objects.needed_by(head)
+
+    rig.write(0, os.urandom(CHUNK))  # a CHUNK record
+    rig.engine.flush()
+    rig.write(CHUNK + 10, os.urandom(100))  # a journal write
+    rig.engine.flush()
+    rig.write(0, os.urandom(CHUNK))  # replaces the first chunk object in the map
+    rig.engine.flush()
+    assert engine.head.journal and not engine.head.pages
+    assert set(engine._unnamed(listed()) or ()) == listed() - needed() == stray
+    engine.drain()  # a checkpoint folds every journal object into map pages
+    assert engine.head.pages and not engine.head.journal
+    garbage = listed() - needed()
+    assert len(garbage) > len(stray)  # the journal objects, the first chunk object
+    assert set(engine._unnamed(listed()) or ()) == garbage
+
+    worker = rig.pool.worker  # type: ignore[union-attr]
+    real_run = worker.run
+    head_asked, head_go = threading.Event(), threading.Event()
+
+    def run(task: Task) -> Result:
+        if isinstance(task, HeadTask):
+            head_asked.set()
+            head_go.wait(timeout=30)
+        return real_run(task)
+
+    monkeypatch.setattr(worker, "run", run)
+    before = listed()
+    rig.write(2 * CHUNK, os.urandom(CHUNK))
+    rig.write(3 * CHUNK, os.urandom(100))
+    flushed = threading.Thread(target=rig.engine.flush)
+    flushed.start()
+    try:
+        assert head_asked.wait(timeout=30)
+        in_flight = listed() - before  # its chunk and journal objects, stored
+        assert {layout.parse_key(k)[0] for k in in_flight} == {  # type: ignore[index]
+            layout.Kind.CHUNK, layout.Kind.JOURNAL}
+        assert engine._unnamed(in_flight) == []
+    finally:
+        head_go.set()
+        flushed.join(timeout=30)
+    assert engine._unnamed(in_flight) == []
+    assert set(engine._unnamed(listed()) or ()) == listed() - needed() == garbage
 
 
 def test_retries_of_every_commit_step_are_counted(tmp_path: Path) -> None:

@@ -9,12 +9,14 @@ import os
 import re
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from testbed.served import KDF, cloudnbd, start
+from testbed.stores import FaultProxy
 from tests.nbdclient import NbdClient
 from tests.servers import BackendEnv
 
@@ -149,3 +151,45 @@ def test_transfers_of_every_worker_process_are_counted_once(
     assert m["cloudnbd_upload_duration_seconds_count"] == 2  # the chunk, the journal
     assert m["cloudnbd_fetch_duration_seconds_count"] == 2
     assert m['cloudnbd_nbd_request_duration_seconds_count{command="write"}'] == 3
+
+
+@pytest.mark.parametrize("backend_env", ["s3"], indirect=True)
+def test_garbage_collection_deletes_are_counted_as_requests(
+        tmp_path: Path, backend_env: BackendEnv, password_file: Path) -> None:
+    """cloudnbd_cloud_requests_total counts the engine's requests by kind, as its help
+    says: the objects a checkpoint unnamed all at once are deleted by one round, in one
+    DeleteObjects request on S3, and that is one delete (the relay counts the requests);
+    the rounds' LISTs and the HEAD of the head count too."""
+    env, chunk = backend_env, 4 * 2**20
+    location = env.new_location()
+    cloudnbd("init", env.name, location, "64MiB", *env.cli_args, "--password-file",
+             str(password_file), *KDF, env=env.env)
+    port = _free_port()
+    with FaultProxy(env.target, []) as proxy:
+        args, run_env = env.through(proxy.url)
+        server = start(tmp_path, env.name, location, password_file, "--metrics",
+                       f"127.0.0.1:{port}", "--gc-grace", "0.5", "--checkpoint-age", "1",
+                       store_args=args, env=run_env)
+        try:
+            client = NbdClient.unix(str(server.socket))
+            for _ in range(2):  # the first version of each chunk is garbage after the fold
+                for index in range(4):
+                    client.pwrite(os.urandom(chunk), index * chunk)
+                client.flush()
+            client.close()
+            deadline = time.monotonic() + 120
+            while int(server.status()["garbage_deleted"]) < 4:  # type: ignore[call-overload]
+                assert time.monotonic() < deadline, "no garbage was deleted"
+                time.sleep(0.2)
+            m = _scrape(port)
+            deletes = proxy.requests["POST"] + proxy.requests["DELETE"]
+            relayed = dict(proxy.requests)  # rounds go on: these only grow after the scrape
+        finally:
+            server.close()
+    assert 1 <= deletes < 4
+    assert m['cloudnbd_cloud_requests_total{kind="delete"}'] == deletes
+    assert m["cloudnbd_garbage_deleted_objects_total"] >= 4
+    # every round lists chunks/, map/, journal/ and snapshots/; the deleting one checks
+    # the head (G3) first
+    assert 8 <= m['cloudnbd_cloud_requests_total{kind="list"}'] <= relayed["LIST"]
+    assert 1 <= m['cloudnbd_cloud_requests_total{kind="head"}'] <= relayed["HEAD"]

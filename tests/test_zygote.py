@@ -33,20 +33,23 @@ def _wait_until(condition: object, seconds: float, what: str) -> None:
 def test_remote_store_answers_like_the_store_it_wraps(tmp_path: Path) -> None:
     (tmp_path / "bucket").mkdir()
     store = RemoteStore("file", str(tmp_path / "bucket" / "vol"), StoreOptions())
-    store.put("a", b"alpha")
-    assert store.get("a") == b"alpha"
-    assert store.stat("a") is not None and store.stat("a").size == 5  # type: ignore[union-attr]
-    assert store.get_with_version("a") == (b"alpha", store.stat("a").version)  # type: ignore[union-attr]
-    assert store.stat("missing") is None
-    with pytest.raises(ObjectNotFound):
-        store.get("missing")
-    store.put_if_absent("b", b"beta")
-    with pytest.raises(PreconditionFailed):
-        store.put_if_absent("b", b"other")
-    assert store.get("b") == b"beta"
-    store.delete("b")
-    with pytest.raises(ObjectNotFound):
-        store.get("b")
+    with store.counting() as counts:  # the agent's requests count here
+        store.put("a", b"alpha")
+        assert store.get("a") == b"alpha"
+        assert store.stat("a") is not None and store.stat("a").size == 5  # type: ignore[union-attr]
+        assert store.get_with_version("a") == (b"alpha", store.stat("a").version)  # type: ignore[union-attr]
+        assert store.stat("missing") is None
+        with pytest.raises(ObjectNotFound):
+            store.get("missing")
+        store.put_if_absent("b", b"beta")
+        with pytest.raises(PreconditionFailed):
+            store.put_if_absent("b", b"other")
+        assert store.get("b") == b"beta"
+        store.delete("b")
+        with pytest.raises(ObjectNotFound):
+            store.get("b")
+        assert [info.key for info in store.list()] == ["a"]
+    assert counts == {"put": 3, "get": 5, "head": 4, "delete": 1, "list": 1}
 
 
 def test_listing_streams_in_pages_and_survives_an_abandoned_listing(tmp_path: Path) -> None:

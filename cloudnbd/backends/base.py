@@ -29,9 +29,12 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -46,6 +49,8 @@ T = TypeVar("T")
 #: in silence for the whole --timeout; elsewhere retries show in the metrics and the log.
 retry_notice: Callable[[str], None] | None = None
 NOTICE_AFTER = 1.0
+#: The kinds of request ObjectStore.counting counts.
+REQUEST_KINDS = ("get", "put", "delete", "list", "head")
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class ObjectStore(ABC):
         self.retry_policy = retry or RetryPolicy()
         #: how many retries were taken, for metrics and tests
         self.retries = 0
+        self._counting = threading.local()  # this thread's counting() block, if any
 
     # -- the interface ---------------------------------------------------------------
     def get(self, key: str) -> bytes:
@@ -184,6 +190,34 @@ class ObjectStore(ABC):
     def idle(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """No request is coming for a long while: let go of what a later request can
         take again (the agent process of a RemoteStore)."""
+
+    # -- requests -----------------------------------------------------------------------
+    @contextmanager
+    def counting(self) -> Iterator[Counter[str]]:
+        """Count the requests this thread makes through the store within the block, by
+        kind (REQUEST_KINDS): one per request sent whose answer came (an error answer,
+        such as a missing object, too; retries and requests that got no answer are not
+        counted), so one per LIST page, and one per DeleteObjects of up to 1000 keys on
+        S3. The file backend counts each file operation as one. Per thread, so that
+        tasks running side by side on one store count only their own; a block inside
+        another adds its counts to the outer one's too."""
+        counts: Counter[str] = Counter()
+        outer: Counter[str] | None = getattr(self._counting, "counts", None)
+        self._counting.counts = counts
+        try:
+            yield counts
+        finally:
+            self._counting.counts = outer
+            if outer is not None:
+                outer.update(counts)
+
+    def _answered(self, what: str, count: int = 1) -> None:
+        """count requests `what` were answered (GET, conditional PUT, DELETE (batch),
+        LIST, HEAD bucket...: the kind is its word among REQUEST_KINDS)."""
+        counts: Counter[str] | None = getattr(self._counting, "counts", None)
+        if counts is not None:
+            words = what.lower().split()
+            counts[next((w for w in words if w in REQUEST_KINDS), words[0])] += count
 
     # -- retry --------------------------------------------------------------------------
     def is_temp_failure(self, exc: BaseException) -> bool:

@@ -45,6 +45,7 @@ class FileStore(ObjectStore):
         return BackendError(f"{self.description}: {what}: {exc.strerror or exc}")
 
     def get_with_version(self, key: str) -> tuple[bytes, str]:
+        self._answered("GET")
         # A write renames a complete new file into place, so the inode opened here never
         # changes: its stat is the version of exactly the bytes read from it.
         try:
@@ -99,6 +100,7 @@ class FileStore(ObjectStore):
             return None
 
     def put(self, key: str, data: bytes) -> None:
+        self._answered("PUT")
         path = self._path(key)
         try:
             tmp = self._write_tmp(path, data)
@@ -109,6 +111,7 @@ class FileStore(ObjectStore):
             raise self._fail(f"writing {key}", exc) from exc
 
     def _put_if(self, key: str, data: bytes, expected: str | None) -> str:
+        self._answered("PUT")
         path = self._path(key)
         try:
             tmp = self._write_tmp(path, data)
@@ -136,6 +139,7 @@ class FileStore(ObjectStore):
 
     def _delete(self, key: str, expected: str | None) -> None:
         """Remove key (if at version expected, when given); a missing key is fine."""
+        self._answered("DELETE")
         path = self._path(key)
         try:
             with self._locked(path):
@@ -165,6 +169,7 @@ class FileStore(ObjectStore):
         return None if root.parent == root else FileStore(root.parent, self.retry_policy)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        self._answered("LIST")
         if not self.root.is_dir():
             return
         found: list[ObjectInfo] = []
@@ -184,6 +189,7 @@ class FileStore(ObjectStore):
         yield from sorted(found, key=lambda info: info.key)
 
     def stat(self, key: str) -> ObjectInfo | None:
+        self._answered("HEAD")
         try:
             st = self._path(key).stat()
             return ObjectInfo(key, st.st_size, _version(st))

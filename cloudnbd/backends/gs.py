@@ -88,7 +88,7 @@ class GCSStore(BucketStore):
     def _call(self, what: str, key: str | None, fn: Callable[[], T]) -> T:
         where = f"{self.description}: {what}" + (f" {key}" if key else "")
         try:
-            return self.retrying(what, fn)
+            answer = self.retrying(what, fn)
         except BackendError as exc:
             # retrying gave up on a transient failure; name the usual cause plainly
             cause = exc.__cause__
@@ -99,20 +99,26 @@ class GCSStore(BucketStore):
                                    f"({exc.message.partition(': ')[2]})") from None
             raise
         except gexc.NotFound as exc:
+            self._answered(what)
             # Only reads and deletes can miss an object; an upload's 404 is the bucket.
             if key is None or what not in ("GET", "DELETE") or not self._bucket_exists(exc):
                 raise BackendError(f"{self.description}: bucket {self.bucket_name!r} does "
                                    f"not exist") from None
             raise ObjectNotFound(f"{where}: no such object") from None
         except gexc.PreconditionFailed:
+            self._answered(what)
             raise PreconditionFailed(f"{where}: the object exists or changed since it was "
                                      f"last seen") from None
         except (gexc.Forbidden, gexc.Unauthorized) as exc:
+            self._answered(what)
             raise BackendError(f"{where}: permission denied: {exc.message}") from None
         except gexc.GoogleAPICallError as exc:
+            self._answered(what)
             raise BackendError(f"{where}: {exc.code}: {exc.message}") from None
         except google.auth.exceptions.GoogleAuthError as exc:
             raise BackendError(f"{where}: authentication failed: {exc}") from None
+        self._answered(what)
+        return answer
 
     def _bucket_exists(self, exc: gexc.NotFound) -> bool:
         """Whether the bucket exists, after a 404 on one of its objects.

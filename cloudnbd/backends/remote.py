@@ -39,9 +39,9 @@ def _agent_main(conn: multiprocessing.connection.Connection, backend: str, locat
     try:
         store = open_store(backend, location, options)
     except CloudnbdError as exc:
-        conn.send(("error", exc, 0))
+        conn.send(("error", exc, (0, {})))
         return
-    conn.send(("ok", store.description, 0))
+    conn.send(("ok", store.description, (0, {})))
     while True:
         try:
             request = conn.recv()
@@ -51,31 +51,39 @@ def _agent_main(conn: multiprocessing.connection.Connection, backend: str, locat
             store.close()
             return
         method, args = request
-        try:
-            if method == "list":  # streamed in pages: a listing can be 100k's of keys
-                page: list[ObjectInfo] = []
-                for info in store.list(*args):
-                    page.append(info)
-                    if len(page) == _LIST_PAGE:
-                        conn.send(("page", page, store.retries))
-                        page = []
-                result: Any = page
-            else:
-                result = getattr(store, method)(*args)
-            reply = ("ok", result, store.retries)
-        except CloudnbdError as exc:
-            reply = ("error", exc, store.retries)
-        except Exception as exc:  # a bug: report it as a failed request, keep serving
-            log.error("store agent: %s", traceback.format_exc())
-            reply = ("error", BackendError(f"{store.description}: {method}: {exc}"),
-                     store.retries)
+        with store.counting() as counts:
+            def tally() -> tuple[int, dict[str, int]]:
+                """The retries so far and the requests since the last reply."""
+                sent = dict(counts)
+                counts.clear()
+                return store.retries, sent
+
+            try:
+                if method == "list":  # streamed in pages: a listing can be 100k's of keys
+                    page: list[ObjectInfo] = []
+                    for info in store.list(*args):
+                        page.append(info)
+                        if len(page) == _LIST_PAGE:
+                            conn.send(("page", page, tally()))
+                            page = []
+                    result: Any = page
+                else:
+                    result = getattr(store, method)(*args)
+                reply = ("ok", result, tally())
+            except CloudnbdError as exc:
+                reply = ("error", exc, tally())
+            except Exception as exc:  # a bug: report it as a failed request, keep serving
+                log.error("store agent: %s", traceback.format_exc())
+                reply = ("error", BackendError(f"{store.description}: {method}: {exc}"),
+                         tally())
         conn.send(reply)
 
 
 class RemoteStore(ObjectStore):
     """The ObjectStore interface, served by an agent process (see the module docstring).
 
-    Retries happen in the agent, under the same RetryPolicy; `retries` mirrors its count.
+    Retries happen in the agent, under the same RetryPolicy; `retries` mirrors its count,
+    and the requests the agent made for a call count in the caller's `counting` block.
     """
 
     def __init__(self, backend: str, location: str, options: StoreOptions) -> None:
@@ -107,11 +115,13 @@ class RemoteStore(ObjectStore):
         """The agent's next message: ("ok" | "page" | "error", value)."""
         assert self._conn is not None
         try:
-            status, value, retries = self._conn.recv()
+            status, value, (retries, requests) = self._conn.recv()
         except (EOFError, OSError):
             self._stop()
             raise BackendError(f"the {self._args[0]} store agent died") from None
         self.retries = self._retries_base + retries
+        for kind, count in requests.items():
+            self._answered(kind, count)
         return status, value
 
     def _result(self) -> Any:

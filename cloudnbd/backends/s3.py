@@ -188,7 +188,7 @@ class S3Store(BucketStore):
 
     def _call(self, what: str, key: str | None, fn: Callable[[], T]) -> T:
         try:
-            return self.retrying(what, fn)
+            answer = self.retrying(what, fn)
         except BackendError as exc:
             # retrying gave up on a transient failure; name the usual cause plainly
             if isinstance(exc.__cause__, botocore.exceptions.EndpointConnectionError
@@ -197,6 +197,7 @@ class S3Store(BucketStore):
                                    f"({exc.message.partition(': ')[2]})") from None
             raise
         except botocore.exceptions.ClientError as exc:
+            self._answered(what)
             code, status = _code(exc), _status(exc)
             where = f"{self.description}: {what}" + (f" {key}" if key else "")
             if code in ("NoSuchKey", "NotFound") or (status == 404 and key is not None
@@ -218,6 +219,8 @@ class S3Store(BucketStore):
                                f"~/.aws, or the cloudnbd credentials file)") from None
         except botocore.exceptions.BotoCoreError as exc:
             raise BackendError(f"{self.description}: {what}: {short_reason(exc)}") from None
+        self._answered(what)
+        return answer
 
     # -- the interface ---------------------------------------------------------------------
     def get_with_version(self, key: str) -> tuple[bytes, str]:

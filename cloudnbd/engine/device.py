@@ -47,7 +47,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,6 +93,9 @@ UNCLEAN_STOP_GRACE = 2.0
 #: bytes only snapshots keep alive (status, metrics) are known early. Deleting still
 #: needs two listings a grace apart (G1), so an early listing deletes nothing sooner.
 EARLY_LISTING = 30.0
+#: Listed keys whose names garbage collection looks up per hold of the engine lock
+#: (G4): a few ms, the longest an NBD request waits for it, whatever the volume's size.
+GC_BATCH = 2048
 
 
 @dataclass(frozen=True)
@@ -223,8 +226,11 @@ class EngineStats:
     journal_bytes: int = 0  # plain bytes of data written to journal objects
     journal_wire_bytes: int = 0
     checkpoints: int = 0
-    garbage_deleted: int = 0
+    garbage_deleted: int = 0  # objects
     garbage_listings: int = 0
+    #: the requests of garbage collection's rounds (listing, reading the snapshots,
+    #: checking the head, deleting), by kind, as the store counted them
+    garbage_requests: dict[str, int] = field(default_factory=dict)
 
     @property
     def sent_wire_bytes(self) -> int:
@@ -300,6 +306,8 @@ class Engine(BlockDevice):
         # what this engine knows of each journal object the head names, by stamp
         self._journal_born: dict[int, float] = {}  # when committed (or read, at open)
         self._journal_chunks: dict[int, set[str]] = {}  # keys its CHUNK records name
+        #: every key some of them name, with how many do (garbage looks keys up here)
+        self._journal_named: dict[str, int] = {}
         self._journal_touched: dict[int, dict[int, int]] = {}  # chunk -> its last write
         self._counter = 0
         self._last_error: str | None = None
@@ -319,6 +327,7 @@ class Engine(BlockDevice):
         self._gc_listing_round = 0
         self._gc_at = time.monotonic() + min(settings.gc_grace, EARLY_LISTING)
         self._gc_busy = False
+        self._gc_thread: threading.Thread | None = None  # sorts a listing's keys (G4)
         self._gc_head_version = ""  # the head version the delete in flight expects (G3)
         self._gc_doomed = 0  # and how many objects it deletes
         self._snapshot_usage: tuple[int, int] | None = None  # (count, bytes), a listing's
@@ -386,7 +395,7 @@ class Engine(BlockDevice):
         now = time.monotonic()
         for ref, records in journals:
             self._journal_born[ref.stamp] = now
-            named = self._journal_chunks[ref.stamp] = set()
+            named: set[str] = set()
             touched = self._journal_touched[ref.stamp] = {}
             for record in records:
                 highest = max(highest, record.seq)
@@ -400,6 +409,7 @@ class Engine(BlockDevice):
                 _touch(touched, record.seq, record.offset, length, self.chunk_size)
                 if self.cloud.import_journal:
                     self._import_locked(record)
+            self._journal_names_locked(ref.stamp, named)
         return highest
 
     def _import_locked(self, record: JWrite | JZero) -> None:
@@ -472,18 +482,24 @@ class Engine(BlockDevice):
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        if self._scheduler.ident is not None:
-            self._scheduler.join(timeout=10)
+        self._join_threads()
         self.journal.close()
         self.clean.close()
+
+    def _join_threads(self) -> None:
+        """Wait for write-back and a garbage listing's sorting to see _stopped."""
+        if self._scheduler.ident is not None:
+            self._scheduler.join(timeout=10)
+        gc_thread = self._gc_thread
+        if gc_thread is not None:
+            gc_thread.join(timeout=10)
 
     def stop(self, clean: bool) -> None:
         """Stop workers; with clean, the journal is empty and the cache is kept."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        if self._scheduler.ident is not None:
-            self._scheduler.join(timeout=10)
+        self._join_threads()
         # An unclean stop follows a drain that gave up (or a failed start): the workers
         # may be deep in retries the journal makes pointless, and killing one is safe
         # (every request is a create-if-absent or a conditional head write), so they
@@ -920,8 +936,10 @@ class Engine(BlockDevice):
             if result.task_id in self._waiting_reads:
                 self._waiting_reads[result.task_id].append(result)
             elif purpose == "list":
-                self._garbage_listed_locked(result)
+                self._count_garbage_requests_locked(result)
+                self._listing_done_locked(result)
             elif purpose == "delete":
+                self._count_garbage_requests_locked(result)
                 self._gc_busy = False
                 if result.outcome == Outcome.DONE:
                     self.stats.garbage_deleted += self._gc_doomed
@@ -939,6 +957,13 @@ class Engine(BlockDevice):
             else:
                 self._fetch_done_locked(result)
             self._cond.notify_all()
+
+    def _count_garbage_requests_locked(self, result: Result) -> None:
+        """A garbage round's requests, for the metrics (a failed task's too)."""
+        counts = dict(self.stats.garbage_requests)  # a new dict: snapshots hold the old
+        for kind, count in result.requests:
+            counts[kind] = counts.get(kind, 0) + count
+        self.stats.garbage_requests = counts
 
     def _count_store_task_locked(self, purpose: str, result: Result) -> None:
         """Heads and map pages written, for status and metrics (journal objects are
@@ -1168,12 +1193,12 @@ class Engine(BlockDevice):
         self.stats.commits += 1
         for part in commit.parts if not commit.pages else ():
             self._journal_born[part.stamp] = time.monotonic()
-            self._journal_chunks[part.stamp] = {
-                layout.chunk_key(c.index, c.stamp) for c in part.chunks if c.stamp}
+            self._journal_names_locked(part.stamp, {
+                layout.chunk_key(c.index, c.stamp) for c in part.chunks if c.stamp})
             self._journal_touched[part.stamp] = part.touched
         for ref in commit.retire:
             self._journal_born.pop(ref.stamp, None)
-            self._journal_chunks.pop(ref.stamp, None)
+            self._journal_unnames_locked(ref.stamp)
             self._journal_touched.pop(ref.stamp, None)
         if commit.pages or commit.retire:
             self.stats.checkpoints += 1
@@ -1286,21 +1311,107 @@ class Engine(BlockDevice):
         self._gc_round += 1
         self._garbage_seen = None
 
-    def _named_locked(self) -> set[str]:
-        named = {layout.chunk_key(i, s) for i, s in self.map.stamps()}
-        named.update(layout.chunk_key(i, s) for i, (s, _, _) in self._pending.items() if s)
-        named.update(layout.chunk_key(u.task.index, u.task.stamp)
-                     for u in self._uploading.values())
-        named.update(layout.map_key(p, s) for p, s in self.head.pages)
-        for ref in self.head.journal:
-            named.add(layout.journal_key(ref.stamp))
-            named.update(self._journal_chunks.get(ref.stamp, ()))
-        return named
+    def _journal_names_locked(self, stamp: int, keys: set[str]) -> None:
+        """Journal object stamp, now named by the head, names chunk objects keys."""
+        self._journal_chunks[stamp] = keys
+        for key in keys:
+            self._journal_named[key] = self._journal_named.get(key, 0) + 1
 
-    def _garbage_listed_locked(self, result: Result) -> None:
+    def _journal_unnames_locked(self, stamp: int) -> None:
+        """Journal object stamp is no longer named by the head (a checkpoint folded it)."""
+        for key in self._journal_chunks.pop(stamp, ()):
+            left = self._journal_named[key] - 1
+            if left:
+                self._journal_named[key] = left
+            else:
+                del self._journal_named[key]
+
+    def _namer_locked(self) -> Callable[[str, layout.Kind, int, int], bool]:
+        """Whether the engine names an object (key, kind, number, stamp) now, as long as
+        the lock stays held: the head (its map, here with every chunk its journal's CHUNK
+        records fold, its pages, its journal objects and their CHUNK records), an upload
+        in flight or done and not yet committed, or the commit in flight (its journal
+        objects and pages, G4). A few look-ups per key, whatever the volume's size."""
+        table, count = self.map, len(self.map)
+        pending, uploading, by_journal = self._pending, self._uploading, self._journal_named
+        pages = dict(self.head.pages)
+        journals = {ref.stamp for ref in self.head.journal}
+        new_pages: dict[int, int] = {}
+        if self._commit is not None:
+            journals.update(part.stamp for part in self._commit.parts)
+            new_pages = self._commit.pages
+
+        def names(key: str, kind: layout.Kind, number: int, stamp: int) -> bool:
+            if kind == layout.Kind.CHUNK:
+                if number < count and table.get(number).stamp == stamp:
+                    return True
+                done = pending.get(number)
+                if done is not None and done[0] == stamp:
+                    return True
+                upload = uploading.get(number)
+                return (upload is not None and upload.task.stamp == stamp) \
+                    or key in by_journal
+            if kind == layout.Kind.MAP:
+                return pages.get(number) == stamp or new_pages.get(number) == stamp
+            return stamp in journals
+
+        return names
+
+    def _unnamed(self, keys: Iterable[str], max_epoch: int | None = None
+                 ) -> list[str] | None:
+        """Those of keys (sealed objects' keys; others are skipped) that the engine names
+        no object of, of stamps of lease epoch max_epoch or earlier if given; None if
+        the engine stopped meanwhile. Keys are parsed with the engine lock free and
+        looked up GC_BATCH at a time, each batch under one hold of the lock (G4)."""
+        found: list[str] = []
+        batch: list[tuple[str, layout.Kind, int, int]] = []
+
+        def sift() -> bool:
+            with self._cond:
+                if self._stopped:
+                    return False
+                names = self._namer_locked()
+                found.extend(item[0] for item in batch if not names(*item))
+            batch.clear()
+            return True
+
+        for key in keys:
+            parsed = layout.parse_key(key)
+            if parsed is None or (max_epoch is not None
+                                  and layout.epoch_of(parsed[2]) > max_epoch):
+                continue
+            batch.append((key, *parsed))
+            if len(batch) >= GC_BATCH and not sift():
+                return None
+        if batch and not sift():
+            return None
+        return found
+
+    def _listing_done_locked(self, result: Result) -> None:
+        """A listing came back (on the pool's thread, which also carries the commits'
+        results): its keys are sorted on a thread of their own, never under one long
+        hold of the engine lock (G4)."""
+        if result.outcome != Outcome.DONE:
+            log.warning("garbage collection skipped: %s", result.error)
+            self._gc_busy = False
+            return
+        self._gc_thread = threading.Thread(target=self._sort_listing, args=(result.value,),
+                                           name="garbage", daemon=True)
+        self._gc_thread.start()
+
+    def _sort_listing(self, listing: Listing) -> None:
+        try:
+            self._garbage_listed(listing)
+        except Exception:  # a bug: collection must not stop for good
+            log.exception("garbage collection failed")
+            with self._cond:
+                self._gc_busy = False
+                self._cond.notify_all()
+
+    def _garbage_listed(self, listing: Listing) -> None:
         """Garbage is what two listings at least a grace apart found unnamed (G1), of
         stamps no later than our lease's epoch (G2); deleted only while the head is
-        still ours (G3).
+        still ours (G3). The engine lock is held for a batch of keys at a time (G4).
 
         G1 A reader of an older head (an export elsewhere) keeps its objects a grace.
         G2 A server learns it was displaced only when a head write fails, and an idle one
@@ -1310,36 +1421,75 @@ class Engine(BlockDevice):
         G3 And the delete itself checks first that the head is still at the version we
            wrote or read last: a writer of an earlier epoch that committed after all
            (a new holder loses to a commit between its read of the head and its first
-           write) is protected, and this server learns it was displaced."""
-        if result.outcome != Outcome.DONE:
-            log.warning("garbage collection skipped: %s", result.error)
-            self._gc_busy = False
+           write) is protected, and this server learns it was displaced.
+        G4 An object unnamed at one instant is unnamed at every later one (_namer_locked
+           says what names are). What the head names at start is named from the start;
+           every name the engine gives later is a stamp it makes then (_next_stamp:
+           epoch and counter, unique), named from the same hold of the lock on:
+           an upload's chunk in _uploading, then _pending, then by the commit that takes
+           it from _pending only once its head is written and the map names it; a
+           commit's journal objects and pages in the commit in flight, then in the head.
+           A stamp that leaves the names (a chunk replaced in the map, a failed upload,
+           a commit given up, whose next attempt makes new stamps, a journal object a
+           checkpoint folds, a page rewritten) never comes back: the map and the head
+           only ever take a commit's fresh stamps. Snapshots taken here name the
+           head's objects, i.e. named ones, and drop the round (S5, below); a rollback
+           or a snapshot's objects named by another writer's head are that writer's
+           (offline, under the lease: G3 stops our delete, and kept_by_snapshots keeps
+           what any snapshot needs out of the listing). So looking keys up a batch at a
+           time, at slightly different instants, decides as one look at the end would,
+           except that an object unnamed meanwhile is kept a round more: never sooner.
+           An object found unnamed by a listing has been unnamed ever since, so the
+           next listing, 0.9 grace or more after this one's keys were looked up, finds
+           it unnamed for at least that long (G1). Counting the commit in flight's
+           objects as named keeps G4 true for them; and no listing starts while a
+           commit is in flight, so every object a listing sees was either stored
+           before it began with no commit in flight, or belongs to a commit started
+           since (named, or given up), or is another writer's.
+
+        S5 (snapshot_head) drops a round that a snapshot began during: its listing may
+        have read the snapshots before the new one existed. The snapshot figures are
+        each kept object's size if the head did not name it when looked up: by G4,
+        between the figures of one look at the start and one at the end."""
+        kept = self._unnamed(listing.kept_sizes)
+        if kept is None:
             return
-        listing: Listing = result.value
-        named = self._named_locked()
-        self._snapshot_usage = (listing.snapshots, sum(
-            size for key, size in listing.kept_sizes.items() if key not in named))
-        if self._gc_listing_round != self._gc_round:
-            self._gc_busy = False
+        usage = sum(listing.kept_sizes[key] for key in kept)
+        unnamed = self._unnamed(listing.unkept, max_epoch=self.cloud.epoch)
+        if unnamed is None:
             return
-        self.stats.garbage_listings += 1
+        garbage = set(unnamed)
+        with self._cond:
+            self._snapshot_usage = (listing.snapshots, usage)
+            current = self._gc_listing_round == self._gc_round
+            seen = self._garbage_seen
+            if not current or self._stopped:
+                self._gc_busy = False
+                self._cond.notify_all()
+                return
         now = time.monotonic()
-        epoch = self.cloud.epoch
-        garbage = {key for key in set(listing.unkept) - named
-                   if layout.stamp_epoch(key) <= epoch}
         doomed: list[str] = []
-        if self._garbage_seen is not None:
-            seen_at, seen = self._garbage_seen
-            if now - seen_at >= self.settings.gc_grace * 0.9:
-                doomed = sorted(garbage & seen)
-        self._garbage_seen = (now, garbage - set(doomed))
-        if doomed:
-            self._gc_doomed = len(doomed)
-            self._gc_head_version = self.cloud.head_version
-            self._submit(DeleteTask(self._next_task_id(), tuple(doomed), self.cloud.head_key,
-                                    self._gc_head_version), "delete")
-        else:
-            self._gc_busy = False
+        if seen is not None and now - seen[0] >= self.settings.gc_grace * 0.9:
+            doomed = sorted(garbage & seen[1])
+        garbage.difference_update(doomed)
+        with self._cond:
+            if self._stopped:
+                return
+            if self._gc_listing_round != self._gc_round:  # a snapshot began meanwhile
+                self._gc_busy = False
+                self._cond.notify_all()
+                return
+            self.stats.garbage_listings += 1
+            self._garbage_seen = (now, garbage)
+            if doomed:
+                self._gc_doomed = len(doomed)
+                self._gc_head_version = self.cloud.head_version
+                self._submit(DeleteTask(self._next_task_id(), tuple(doomed),
+                                        self.cloud.head_key, self._gc_head_version),
+                             "delete")
+            else:
+                self._gc_busy = False
+            self._cond.notify_all()
 
     # -- status ----------------------------------------------------------------------------
     def snapshot(self) -> EngineSnapshot:

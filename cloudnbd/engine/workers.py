@@ -253,6 +253,8 @@ class Result:
     #: what a task returns besides: the head's new version (head), the records of a
     #: journal object (read), keys (list)
     value: Any = None
+    #: the requests the store answered for the task, by kind (ObjectStore.counting)
+    requests: tuple[tuple[str, int], ...] = ()
 
 
 class RateLimiter:
@@ -397,10 +399,13 @@ class _Worker:
 
     def run(self, task: Task) -> Result:
         """Run task; its result counts the requests the store retried for it, whatever
-        the task (chunks, journal objects, pages, the head: all show in the metrics)."""
+        the task (chunks, journal objects, pages, the head: all show in the metrics), and
+        the requests it made, by kind."""
         retries_before = self.store.retries
-        result = self._run_reporting(task)
-        return replace(result, retries=self.store.retries - retries_before)
+        with self.store.counting() as requests:
+            result = self._run_reporting(task)
+        return replace(result, retries=self.store.retries - retries_before,
+                       requests=tuple(sorted(requests.items())))
 
     def _run_reporting(self, task: Task) -> Result:
         try:
