@@ -2,9 +2,10 @@
 the same disk, in one run: nbdcopy sequential write and read, fio 4 KiB random read and
 write at queue depth 16 (issue 15's table). Prints Markdown tables, medians of --runs
 runs: the four ratios to nbdkit with the p99 latencies, then every metric. cloudnbd uses
-the file backend; the cloud is not what is measured here. Before each measurement of a
-cloudnbd the bench waits until it has uploaded everything (nothing dirty), so a read is
-not measured against the uploads of the write before it.
+the file backend; the cloud is not what is measured here. Before each measurement (of
+any contender) the bench waits until every cloudnbd has uploaded what it will (nothing
+dirty, or no upload for 1.5 s), so nothing is measured against the uploads of an earlier
+write, the contender's own or another's.
 
     python bench/nbd_local.py [--runs 3] [--size-mib 512] [--seconds 10] [--iodepth 16]
                               [--baseline DIR] [--save results.json]
@@ -53,9 +54,18 @@ def nbdkit(image: Path, command: str) -> str:
 
 
 def _settle(served: Served) -> None:
-    """Wait until the server has uploaded every write (its uploaders compete for the
-    CPU with whatever is measured next)."""
-    while served.status()["dirty_chunks"]:
+    """Wait until the server has uploaded what it will upload (its uploaders compete
+    for the CPU with whatever is measured next): nothing dirty, or no upload for three
+    polls in a row (1.5 s, past the write-back delay). A chunk written less than half
+    stays in the journal until a checkpoint (docs/design.md), so "nothing dirty" may
+    not come after random writes."""
+    quiet, uploads = 0, -1
+    while quiet < 3:
+        status = served.status()
+        if not status["dirty_chunks"]:
+            return
+        quiet = quiet + 1 if status["uploads"] == uploads else 0
+        uploads = status["uploads"]
         time.sleep(0.5)
 
 
@@ -93,10 +103,18 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, list[flo
         return fio_command(uri, rw, args.seconds, size, args.iodepth)
 
     back = tmp / "back.img"
+
+    def settle() -> None:
+        """Every cloudnbd, not only the one measured next: another's uploads of its
+        random writes would compete for the CPU with any contender."""
+        for served in servers.values():
+            _settle(served)
+
     try:
         for _ in range(args.runs):
             for who in results:
                 served = servers.get(who)
+                settle()
                 if served is None:
                     # nbdkit starts in milliseconds; its start-up is inside these times
                     t_write = timed("nbdkit", "-U", "-", "file", f"file={image}", "--run",
@@ -104,18 +122,17 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, list[flo
                     t_read = timed("nbdkit", "-U", "-", "file", f"file={image}", "--run",
                                    f"nbdcopy $uri {back}")
                 else:
-                    _settle(served)
                     t_write = timed("nbdcopy", str(source), served.uri)
-                    _settle(served)
+                    settle()
                     t_read = timed("nbdcopy", served.uri, str(back))
                 add(who, "nbdcopy write MiB/s", args.size_mib / t_write)
                 add(who, "nbdcopy read MiB/s", args.size_mib / t_read)
                 for rw in ("randread", "randwrite"):
+                    settle()
                     if served is None:
                         # no argument has a space; $uri is for the shell nbdkit --run uses
                         out = nbdkit(image, " ".join(fio("$uri", rw)))
                     else:
-                        _settle(served)
                         out = run(*fio(served.uri, rw))
                     iops, p99 = fio_result(out, rw)
                     add(who, f"{rw} IOPS", iops)

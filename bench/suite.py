@@ -198,8 +198,14 @@ def measure_filesystem(bench: Bench, cls: type[Contender], tag: str) -> None:
         device.remove()
 
 
-def compare(bench: Bench, names: list[str], runs: int, save: Path | None) -> None:
-    """Every workload of every contender, `runs` times. A workload that fails is
+#: the workloads of the comparison, by the name --workloads takes
+WORKLOADS = {"random": measure_random, "compressible": measure_compressible,
+             "filesystem": measure_filesystem}
+
+
+def compare(bench: Bench, names: list[str], runs: int, save: Path | None,
+            workloads: list[str]) -> None:
+    """The workloads of every contender, `runs` times. A workload that fails is
     reported (bench.failures) and its run left out of the medians."""
     for index in range(runs):
         order = names[index % len(names):] + names[:index % len(names)]  # spread drift
@@ -207,14 +213,13 @@ def compare(bench: Bench, names: list[str], runs: int, save: Path | None) -> Non
             cls = CONTENDERS[name]
             tag = f"{name.replace(' ', '-').lower()}-{index}"
             print(f"run {index + 1}/{runs}: {name}", file=sys.stderr, flush=True)
-            for workloads in (measure_random, measure_compressible, measure_filesystem):
+            for workload in workloads:
                 try:
-                    workloads(bench, cls, tag)
+                    WORKLOADS[workload](bench, cls, tag)
                 except Exception as exc:
                     traceback.print_exc()
                     reason = str(exc).strip().splitlines()[-1][:200]
-                    bench.failures.append(f"run {index + 1}, {name}, "
-                                          f"{workloads.__name__}: {reason}")
+                    bench.failures.append(f"run {index + 1}, {name}, {workload}: {reason}")
             print("  " + ", ".join(f"{key} {values[-1]:,.2f}" for key, values
                                    in bench.results.get(name, {}).items()),
                   file=sys.stderr, flush=True)
@@ -355,6 +360,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="each fio run")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS),
                         choices=list(CONTENDERS))
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS),
+                        choices=list(WORKLOADS), help="the contenders' workloads to run")
     parser.add_argument("--no-compare", action="store_true", help="skip the contenders")
     parser.add_argument("--no-slow-links", action="store_true", help="skip the slow links")
     parser.add_argument("--no-snapshots", action="store_true",
@@ -417,7 +424,7 @@ def contenders(args: argparse.Namespace, tmp: Path, endpoint: str, proxy: FaultP
     files, tree_bytes = source_tree(tmp / "tree.tar")
     bench = Bench(tmp, endpoint, proxy, size, args.seconds, tmp / "random.img",
                   tmp / "text.img", tmp / "tree.tar")
-    compare(bench, args.contenders, args.runs, args.save)
+    compare(bench, args.contenders, args.runs, args.save, args.workloads)
     return comparison(bench, args.contenders, size_label, files, tree_bytes)
 
 

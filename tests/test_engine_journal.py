@@ -173,3 +173,27 @@ def test_a_new_journal_survives_a_power_loss_with_its_synced_records(tmp_path: P
         journal.close()
     fs.materialize()
     assert [r.seq for r in Journal(tmp_path / "cache" / "journal").recover()] == [1]
+
+
+def test_records_checksummed_by_either_crc32_read_back_by_the_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal's CRC-32 comes from zlib-ng when it is installed, else from zlib:
+    the same function, so a journal written with one is read with the other."""
+    import zlib
+
+    from zlib_ng.zlib_ng import crc32 as ng_crc32
+
+    from cloudnbd.engine import journal as journal_module
+
+    data = os.urandom(300_000)
+    assert journal_module.crc32 is ng_crc32  # the fast one is what the journal uses
+    assert ng_crc32(memoryview(data)[7:], 12345) == zlib.crc32(data[7:], 12345)
+    for writer, reader in ((ng_crc32, zlib.crc32), (zlib.crc32, ng_crc32)):
+        directory = tmp_path / writer.__module__
+        monkeypatch.setattr(journal_module, "crc32", writer)
+        journal = Journal(directory)
+        _write(journal, 4096, data)
+        journal.close()
+        monkeypatch.setattr(journal_module, "crc32", reader)
+        records = list(Journal(directory).recover())
+        assert [(r.seq, r.offset, r.length) for r in records] == [(1, 4096, len(data))]

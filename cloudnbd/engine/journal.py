@@ -12,7 +12,7 @@ ever copies of cloud objects). The journal is a sequence of segment files
     8      8    seq: strictly increasing over the journal's life
     16     8    volume offset
     24     4    length in bytes
-    28     4    CRC-32 (zlib) of bytes 0..27 and the data
+    28     4    CRC-32 (zlib's) of bytes 0..27 and the data
     32     n    data (WRITE only; n = length)
 
 Invariants (relied on by the engine and by recovery):
@@ -49,7 +49,6 @@ import logging
 import os
 import struct
 import threading
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -57,6 +56,12 @@ from pathlib import Path
 
 from cloudnbd.engine import localfs
 from cloudnbd.engine.localfs import Buffer
+
+try:  # zlib's CRC-32, computed about four times faster (carry-less multiplication): every
+    # byte written is checksummed on the request path
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # the same values, from the standard library
+    from zlib import crc32
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +99,7 @@ def _header(kind: int, seq: int, offset: int, length: int, data: Buffer
             ) -> tuple[bytes, bytes]:
     """A record's header, as the two buffers pwritev takes (its CRC covers data too)."""
     part = _CRC_PART.pack(MAGIC, kind, seq, offset, length)
-    return part, _CRC.pack(zlib.crc32(data, zlib.crc32(part)))
+    return part, _CRC.pack(crc32(data, crc32(part)))
 
 
 def _segment_name(number: int) -> str:
@@ -178,9 +183,9 @@ class Journal:
                 data_len = length if kind == Kind.WRITE else 0
                 if pos + HEADER_BYTES + data_len > size:
                     break
-                check = zlib.crc32(header[: _CRC_PART.size])
+                check = crc32(header[: _CRC_PART.size])
                 if data_len:
-                    check = zlib.crc32(os.pread(fd, data_len, pos + HEADER_BYTES), check)
+                    check = crc32(os.pread(fd, data_len, pos + HEADER_BYTES), check)
                 if check != crc:
                     break
                 yield Record(Kind(kind), seq, offset, length, number, pos + HEADER_BYTES)
