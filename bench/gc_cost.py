@@ -39,14 +39,12 @@ import math
 import os
 import pickle
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +65,7 @@ from common import (
     start,
     start_seaweedfs,
 )
+from snapshot_cost import folded, until
 from workloads import random_file
 
 from cloudnbd import layout, volume
@@ -83,7 +82,6 @@ from testbed.stores import request_kind
 MiB = 2**20
 CHUNK = 4 * MiB  # the default chunk size
 SECTION = "bench/gc_cost.py: garbage collection"  # its place in docs/performance.md
-WAIT = 600.0  # seconds any one wait for the server may take before the run fails
 GAP = 0.5  # seconds without a request or answer that end a round (rounds are a grace apart)
 SLACK = 0.05  # seconds after a round's last answer still counted as the round (the
 #               listing's result reaches the engine and is handled)
@@ -232,24 +230,8 @@ def snapshot(served: Served, location: str, password: Path, store_args: list[str
     print(f"  snapshot {day}", file=sys.stderr)
 
 
-def folded(status: dict[str, object]) -> bool:
-    return not status["dirty_bytes"] and not status["store_journal_objects"]
-
-
 def flushed(status: dict[str, object]) -> bool:
     return not status["dirty_bytes"]
-
-
-def until(served: Served, done: Callable[[dict[str, object]], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not done(served.status()):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"waited {WAIT:.0f} s for {what}")
-        try:
-            served.process.wait(timeout=0.3)
-        except subprocess.TimeoutExpired:
-            continue
-        raise RuntimeError(f"the server exited while waiting for {what}")
 
 
 def holdings(endpoint: str, location: str) -> Holdings:
