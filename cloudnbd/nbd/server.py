@@ -587,8 +587,10 @@ class _Connection:
         self.in_flight = 0
         self.in_flight_bytes = 0
         # WRITEs the reader gathered from its receive buffer, payload in place, to append
-        # as one run (_write_batch): (handle, offset, payload); reader thread only
-        self.writes: list[tuple[int, int, memoryview]] = []
+        # as one run (_write_batch): (payload, offset) as the device takes them, and
+        # their handles; reader thread only
+        self.writes: list[tuple[memoryview, int]] = []
+        self.write_handles: list[int] = []
         # replies the reader answered itself and has not sent yet (reader thread only)
         self.batch: list[Part] = []
         self.batch_requests = 0
@@ -1023,7 +1025,8 @@ class _Connection:
         if length <= SMALL_PAYLOAD and not flags & FUA:
             self._room(0)
             payload = inbox.take(length)  # first: taking may append the run so far
-            self.writes.append((handle, offset, payload))  # appended with its run, in place
+            self.writes.append((payload, offset))  # appended with its run, in place
+            self.write_handles.append(handle)
             self.batch_requests += 1
             return
         self._write_batch()  # in order: the run before this one
@@ -1057,21 +1060,20 @@ class _Connection:
         pwritev) and batch their replies. Those it cannot take without waiting go to the
         write pool with a copy of their payload (the buffer is reused), as does a run
         the device failed: the pool writes them again and reports the error."""
-        writes = self.writes
+        writes, handles = self.writes, self.write_handles
         if not writes:
             return
-        self.writes = []
+        self.writes, self.write_handles = [], []
         started = time.monotonic()
         try:
-            done = self.device.pwrite_many_now([(payload, offset)
-                                                for _, offset, payload in writes])
+            done = self.device.pwrite_many_now(writes)
         except Exception:
             done = 0
-        for handle, _, _ in writes[:done]:
+        for handle in handles[:done]:
             self._observe(WRITE, started)
             self.batch += self._done_reply(handle)
         self.batch_requests -= len(writes) - done
-        for handle, offset, payload in writes[done:]:
+        for handle, (payload, offset) in zip(handles[done:], writes[done:], strict=True):
             length = len(payload)
             self._room(length)
             copy = bytearray(payload)
