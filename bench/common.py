@@ -30,6 +30,7 @@ from testbed.stores import (  # noqa: E402
     FaultProxy,
     s3_client,
     start_seaweedfs,
+    weed_binary,
 )
 
 __all__ = ["KDF", "PRICES", "S3_ACCESS_KEY", "S3_BUCKET", "S3_SECRET_KEY",
@@ -37,7 +38,7 @@ __all__ = ["KDF", "PRICES", "S3_ACCESS_KEY", "S3_BUCKET", "S3_SECRET_KEY",
            "TIER2_PER_REQUEST", "FaultProxy", "Link", "Served", "cloudnbd", "fio",
            "fio_command", "fio_result", "machine", "make_password_file", "median",
            "mounted", "pss_by_process", "replace_section", "run", "s3_client", "start",
-           "start_seaweedfs", "timed", "tree"]
+           "start_seaweedfs", "timed", "tree", "weed_binary"]
 
 # S3 Standard list prices, us-east-1 (aws.amazon.com/s3/pricing).
 STORAGE_PER_GB_MONTH = 0.023

