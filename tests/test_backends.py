@@ -398,3 +398,34 @@ def test_s3_puts_do_not_wait_for_100_continue(backend_env: BackendEnv) -> None:
     store.put_if("head-0000000000000001", b"head", None)
     assert len(sent) == 2
     assert all("Expect" not in headers for headers in sent), sent
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("jitter", [0.0, 0.5, 1.0])
+def test_a_request_failing_to_its_deadline_tells_the_terminal_once_before_giving_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jitter: float) -> None:
+    """Whatever the backoff's jitter draws, a request that keeps failing says so (once)
+    before the user has waited NOTICE_AFTER seconds in silence. With the least jitter the
+    backoff used to jump from just under NOTICE_AFTER to giving up, saying nothing."""
+    from cloudnbd.backends import base
+    from cloudnbd.backends.file import FileStore
+
+    clock = [0.0]
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(base.time, "sleep",
+                        lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    monkeypatch.setattr(base.random, "uniform", lambda low, high: low + jitter * (high - low))
+    notices: list[tuple[float, str]] = []
+    monkeypatch.setattr(base, "retry_notice", lambda line: notices.append((clock[0], line)))
+    store = FileStore(tmp_path, retry=RetryPolicy(deadline=4))
+    monkeypatch.setattr(store, "is_temp_failure", lambda exc: True)
+
+    def refused() -> None:
+        clock[0] += 0.001  # a refused connection answers at once
+        raise ConnectionRefusedError("refused")
+
+    with pytest.raises(BackendError, match="HEAD failed after"):
+        store.retrying("HEAD", refused)
+    assert len(notices) == 1, notices
+    when, line = notices[0]
+    assert when <= base.NOTICE_AFTER and line.endswith("retrying for up to 4s"), notices

@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Told once, in one line, when a request has kept failing for NOTICE_AFTER seconds and
-#: is still being retried. The CLI points it at a terminal, so that a user is not left
-#: in silence for the whole --timeout; elsewhere retries show in the metrics and the log.
+#: Told once, in one line, when a request that keeps failing is about to be retried past
+#: NOTICE_AFTER seconds from its first attempt. The CLI points it at a terminal, so that
+#: a user is not left in silence for the whole --timeout; elsewhere retries show in the
+#: metrics and the log.
 retry_notice: Callable[[str], None] | None = None
 NOTICE_AFTER = 1.0
 #: The kinds of request ObjectStore.counting counts.
@@ -245,13 +246,17 @@ class ObjectStore(ABC):
                         f"{short_reason(exc)}"
                     ) from exc
                 self.retries += 1
-                if retry_notice is not None and not noticed and elapsed >= NOTICE_AFTER:
+                pause = random.uniform(0, delay) + delay / 2
+                # Said before the pause that would keep the user waiting in silence past
+                # NOTICE_AFTER, not after it: the backoff can jump from under NOTICE_AFTER
+                # straight to giving up.
+                if retry_notice is not None and not noticed and elapsed + pause >= NOTICE_AFTER:
                     noticed = True
                     retry_notice(f"{self.description}: {what} failed ({short_reason(exc)}); "
                                  f"retrying for up to {policy.deadline:.0f}s")
                 log.debug("%s: %s failed (%s); retrying in %.2fs", self.description, what,
-                          short_reason(exc), delay)
-                time.sleep(random.uniform(0, delay) + delay / 2)
+                          short_reason(exc), pause)
+                time.sleep(pause)
                 delay = min(delay * 2, policy.max_delay)
 
 
