@@ -12,9 +12,10 @@ rewritten twice once more, so that there is garbage no snapshot keeps. Until the
 server collects nothing (--gc-grace 3600).
 
 Then the server is reopened with a short --gc-grace, so that a round comes every grace
-(the first lists, the second deletes what the first found, the later ones find
-nothing), while fio reads 4 KiB at random places of the volume at a fixed rate (all
-from the local cache: no read reaches the store). The relay's timeline splits the
+(the first lists, the second deletes what the first found, the third finds nothing, and
+the later ones are quiet: one LIST of the snapshots), while fio reads 4 KiB at random
+places of the volume at a fixed rate (all from the local cache: no read reaches the
+store). The relay's timeline splits the
 store's requests into rounds (bursts), and a read counts as during a round if it
 overlapped one. The counts are set beside the formula of docs/performance.md, computed
 from what the store holds (listed objects, snapshots, the map pages and journal objects
@@ -100,8 +101,13 @@ class Holdings:
     garbage: int  # listed objects neither the head names nor a snapshot needs
     distinct: int  # different map pages and journal objects among pages + journals
 
+    def quiet_round(self) -> Counter[str]:
+        """The requests of a quiet round (G5 in engine/device.py): the head and the
+        snapshots are as the last listing, which found nothing unnamed, left them."""
+        return Counter({"LIST": max(1, math.ceil(self.snapshots / 1000))})
+
     def listing_round(self) -> Counter[str]:
-        """The requests of a round that deletes nothing, on S3."""
+        """The requests of a round that lists everything and deletes nothing, on S3."""
         lists = sum(max(1, math.ceil(self.listed[kind] / 1000))
                     for kind in ("chunks", "map", "journal"))
         return Counter({"LIST": lists + max(1, math.ceil(self.snapshots / 1000)),
@@ -132,6 +138,10 @@ class Round:
     @property
     def deletes(self) -> bool:
         return "POST" in self.kinds
+
+    @property
+    def quiet(self) -> bool:
+        return set(self.requests) == {"LIST snapshots/"}
 
 
 @dataclass
@@ -438,7 +448,8 @@ def counts(counter: Counter[str]) -> str:
 def report(args: argparse.Namespace, facts: Holdings, session: Session,
            locks: list[tuple[int, float, int, float, float]]) -> str:
     rounds, reads = session.rounds, session.reads
-    listing = [r for r in rounds if not r.deletes]
+    quiet = [r for r in rounds if r.quiet]
+    listing = [r for r in rounds if not r.deletes and not r.quiet]
     deleting = [r for r in rounds if r.deletes]
     typical = Counter(tuple(sorted(r.requests.items())) for r in listing).most_common(1)
     lines = [
@@ -459,14 +470,22 @@ def report(args: argparse.Namespace, facts: Holdings, session: Session,
         f"({facts.distinct}) |",
         f"| garbage before the rounds (neither head nor snapshot needs it) | "
         f"{facts.garbage} objects; the server deleted {session.deleted} |",
-        f"| rounds seen | {len(rounds)} ({len(deleting)} deleting) |",
-        f"| formula, a round that deletes nothing | {counts(facts.listing_round())} |",
+        f"| rounds seen | {len(rounds)} ({len(deleting)} deleting, {len(quiet)} quiet) |",
+        f"| formula, a quiet round | {counts(facts.quiet_round())} |",
+        "| measured, the quiet rounds | "
+        + ("; ".join(sorted({counts(r.requests) for r in quiet})) or "none") + " |",
+        f"| formula, a round that lists and deletes nothing | "
+        f"{counts(facts.listing_round())} |",
         f"| measured, such a round (most common of {len(listing)}) | "
         + (counts(Counter(dict(typical[0][0]))) if typical else "none") + " |",
         f"| formula, the round that deletes | {counts(facts.deleting_round())} |",
         "| measured, the round that deletes | "
         + ("; ".join(counts(r.requests) for r in deleting) or "none") + " |",
-        "| wall time of a round that deletes nothing (median / max) | "
+        "| wall time of a quiet round (median / max) | "
+        + (f"{statistics.median(r.end - r.start for r in quiet) * 1000:.0f} ms / "
+           f"{max(r.end - r.start for r in quiet) * 1000:.0f} ms" if quiet else "-")
+        + " |",
+        "| wall time of a round that lists and deletes nothing (median / max) | "
         + (f"{statistics.median(r.end - r.start for r in listing) * 1000:.0f} ms / "
            f"{max(r.end - r.start for r in listing) * 1000:.0f} ms" if listing else "-")
         + " |",

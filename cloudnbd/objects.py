@@ -21,6 +21,10 @@ from cloudnbd.errors import IntegrityError, ObjectNotFound, PreconditionFailed, 
 from cloudnbd.layout import Entry, Head, JournalBuilder, JournalRef, Record, Snapshot
 from cloudnbd.pool import results
 
+#: What one LIST of the snapshot objects says: (key, size, store version) of each, in key
+#: order. Equal answers mean no snapshot was created, deleted or replaced in between.
+SnapshotMarks = tuple[tuple[str, int, str], ...]
+
 
 @dataclass(frozen=True)
 class Sent:
@@ -141,11 +145,18 @@ class VolumeObjects:
             return None
         return layout.decode_snapshot(self.keys, name, blob)
 
-    def snapshot_names(self) -> list[str]:
+    def snapshot_names(self, marks: SnapshotMarks | None = None) -> list[str]:
         """The names of the volume's snapshots, in key order (unauthenticated: each is
-        checked when it is read)."""
-        return [name for info in self.store.list(layout.SNAPSHOT_PREFIX)
-                if (name := layout.snapshot_name(info.key)) is not None]
+        checked when it is read): from marks if given, else from a listing."""
+        return [layout.snapshot_name(key) or "" for key, _, _ in
+                (marks if marks is not None else self.snapshot_marks())]
+
+    def snapshot_marks(self) -> SnapshotMarks:
+        """Key, size and store version of every snapshot object, in key order: one LIST
+        whose answer changes whenever a snapshot is created, deleted or replaced."""
+        return tuple((info.key, info.size, info.version)
+                     for info in self.store.list(layout.SNAPSHOT_PREFIX)
+                     if layout.snapshot_name(info.key) is not None)
 
     def delete_snapshot(self, name: str) -> None:
         self.store.delete(layout.snapshot_key(name))
@@ -160,13 +171,15 @@ class VolumeObjects:
         by_page = {page: pages[(page, stamp)] for page, stamp in head.pages}
         return layout.named_keys(head, by_page, journals)  # type: ignore[arg-type]
 
-    def kept_by_snapshots(self, threads: int = 8) -> set[str]:
+    def kept_by_snapshots(self, threads: int = 8, marks: SnapshotMarks | None = None
+                          ) -> set[str]:
         """Every key some snapshot needs, the snapshots' own keys included (S4): garbage
         collection must delete none of them. IntegrityError if a snapshot, or an object
         it names, cannot be read: nothing may be collected then, as what it needs is
-        unknown (a damaged snapshot stops collection until it is deleted)."""
+        unknown (a damaged snapshot stops collection until it is deleted). marks, if
+        given, is the snapshot listing to use (snapshot_marks), else one is made."""
         kept: set[str] = set()
-        for name in self.snapshot_names():
+        for name in self.snapshot_names(marks):
             snap = self.find_snapshot(name)
             if snap is not None:  # else deleted since the listing
                 kept.add(layout.snapshot_key(name))

@@ -355,6 +355,7 @@ class Service:
             "commits": stats.commits,
             "checkpoints": stats.checkpoints,
             "garbage_listings": stats.garbage_listings,
+            "garbage_quiet_rounds": stats.garbage_quiet_rounds,
             "garbage_deleted": stats.garbage_deleted,
             "snapshots": engine.snapshots,
             "snapshot_only_bytes": engine.snapshot_only_bytes,

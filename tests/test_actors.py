@@ -305,14 +305,20 @@ def test_concurrent_metadata_updates_lose_nothing(backend_env: BackendEnv) -> No
     volume.unlock(store, "fourth")
 
 
-def _wait_for_listings(served: Served, count: int) -> None:
-    """Until served's garbage collector has listed the store count more times (each
-    listing is a result the engine handled; the bound only guards a hang)."""
-    start_at = served.status()["garbage_listings"]
+def _wait_for_rounds(served: Served, count: int) -> None:
+    """Until served's garbage collector has done count more rounds, full listings or
+    quiet ones (each a result the engine handled; the bound only guards a hang)."""
+    start_at = served.garbage_rounds()
     deadline = time.monotonic() + 120
-    while served.status()["garbage_listings"] < start_at + count:
-        assert time.monotonic() < deadline, "the garbage collector did not list the store"
+    while served.garbage_rounds() < start_at + count:
+        assert time.monotonic() < deadline, "the garbage collector did not run"
         time.sleep(0.1)  # polling a condition, bounded by the deadline
+
+
+def _snapshot(env: BackendEnv, action: str, location: str, password: Path, *args: str,
+              prefix: Sequence[str] = ()) -> None:
+    cloudnbd("snapshot", action, env.name, location, *args, *env.cli_args,
+             "--password-file", str(password), env=env.env, prefix=prefix)
 
 
 def test_a_displaced_idle_server_never_collects_the_new_holders_objects(
@@ -327,6 +333,7 @@ def test_a_displaced_idle_server_never_collects_the_new_holders_objects(
     client_a = NbdClient.unix(str(a.socket))
     client_a.pwrite(os.urandom(CHUNK), 0)
     client_a.flush()
+    _snapshot(env, "create", location, password_file, "s0", "--cache", str(a.cache))
 
     b = _serve(env, tmp_path, location, password_file, "b", "--force",
                prefix=other_machine.prefix)
@@ -338,7 +345,15 @@ def test_a_displaced_idle_server_never_collects_the_new_holders_objects(
     client_b.close()
     b.close()  # a checkpoint: new chunk objects and map pages, B's head names them
 
-    _wait_for_listings(a, 3)  # two listings at least a grace apart saw B's objects
+    # An idle collector lists only the snapshots while they and its head stay as they
+    # were (G5); a snapshot deleted on B's machine makes it list everything again,
+    # and no snapshot keeps B's objects.
+    listed = int(a.status()["garbage_listings"])  # type: ignore[call-overload]
+    _snapshot(env, "delete", location, password_file, "s0", prefix=other_machine.prefix)
+    # a round in flight, the full listing, and two more: had that listing taken B's
+    # objects for garbage, they would be full listings too, and the last would delete
+    _wait_for_rounds(a, 4)
+    assert int(a.status()["garbage_listings"]) >= listed + 1  # type: ignore[call-overload]
     image = _export(env, tmp_path, location, password_file)
     assert image[:3 * CHUNK] == data
     assert image[5 * CHUNK + SECTOR:5 * CHUNK + 2 * SECTOR] == data[:SECTOR]

@@ -27,6 +27,7 @@ from cloudnbd.engine.workers import (
     WorkerKind,
 )
 from cloudnbd.errors import CloudnbdError
+from cloudnbd.layout import Snapshot
 from cloudnbd.reader import Image
 from tests.engine_harness import CHUNK, EngineRig
 from tests.faultfs import FaultFS, Policy
@@ -408,12 +409,12 @@ def test_garbage_collection_deletes_only_unnamed_objects_of_this_epoch_or_older(
     rig = EngineRig(tmp_path, gc_grace=0.05)
     data = os.urandom(3 * CHUNK)
     rig.write(0, data)
-    rig.engine.flush()
     mine = layout.chunk_key(9, layout.stamp(rig.epoch, 999))  # a crashed upload of ours
     older = layout.journal_key(layout.stamp(rig.epoch - 1 if rig.epoch > 1 else 0, 5))
     newer = layout.chunk_key(9, layout.stamp(rig.epoch + 1, 1))  # a newer holder's
     for key in (mine, older, newer):
         rig.store.put(key, b"not really sealed: it is never read")
+    rig.engine.flush()  # a new head: the rounds after it list everything (G5)
     listed = rig.engine.stats.garbage_listings
     assert rig.engine.wait_for_stats(lambda s: s.garbage_listings >= listed + 3, 30)
     assert rig.engine.wait_for_stats(lambda s: s.garbage_deleted >= 2, 30)
@@ -421,6 +422,42 @@ def test_garbage_collection_deletes_only_unnamed_objects_of_this_epoch_or_older(
     assert mine not in keys and older not in keys
     assert newer in keys
     assert rig.cloud_bytes()[:3 * CHUNK] == data  # every object the head names is there
+
+
+def test_an_idle_volume_costs_one_list_a_round_until_its_head_or_snapshots_change(
+        tmp_path: Path) -> None:
+    """G5 (engine/device.py): after a listing that found nothing unnamed, and while the
+    head and the snapshots stay as they were, a round is one LIST of the snapshots and
+    nothing else. A snapshot deleted by another process brings the full listing back,
+    and what only that snapshot kept is collected."""
+    rig = EngineRig(tmp_path, gc_grace=0.05, checkpoint_bytes=1)  # fold every commit
+    rig.write(0, os.urandom(CHUNK))
+    rig.engine.flush()
+    with rig.engine.snapshot_head() as (head, size):
+        rig.volume.objects.put_snapshot(Snapshot("s1", layout.utc_now(), size, head))
+    rig.write(0, os.urandom(CHUNK))  # chunk 0's first object: once folded, only s1's
+    rig.engine.flush()
+    assert rig.engine.wait_for_stats(lambda s: not rig.engine.head.journal, 30)
+    quiet_from = rig.engine.snapshot().stats.garbage_quiet_rounds
+    assert rig.engine.wait_for_stats(lambda s: s.garbage_quiet_rounds >= quiet_from + 2, 30)
+    before = rig.engine.snapshot().stats
+    assert rig.engine.wait_for_stats(
+        lambda s: s.garbage_quiet_rounds >= before.garbage_quiet_rounds + 3, 30)
+    after = rig.engine.snapshot().stats
+    quiet = after.garbage_quiet_rounds - before.garbage_quiet_rounds
+    spent = {kind: count - before.garbage_requests.get(kind, 0)
+             for kind, count in after.garbage_requests.items()}
+    assert after.garbage_listings == before.garbage_listings  # nothing changed
+    assert {kind: count for kind, count in spent.items() if count} == {"list": quiet}
+
+    def chunk_zero_objects() -> list[str]:
+        return [info.key for info in rig.store.list("chunks/")
+                if (found := layout.parse_key(info.key)) and found[1] == 0]
+
+    assert len(chunk_zero_objects()) == 2
+    rig.volume.objects.delete_snapshot("s1")  # as `snapshot delete` does beside a server
+    assert rig.engine.wait_for_stats(lambda s: s.garbage_deleted > after.garbage_deleted, 30)
+    assert chunk_zero_objects() == [layout.chunk_key(0, rig.engine.map.get(0).stamp)]
 
 
 def test_reads_are_served_while_a_garbage_listing_is_handled(
@@ -432,7 +469,6 @@ def test_reads_are_served_while_a_garbage_listing_is_handled(
     rig = EngineRig(tmp_path, gc_grace=0.05)
     data = os.urandom(CHUNK)
     rig.write(0, data)
-    rig.engine.flush()
     served: list[bool] = []
 
     def read_meanwhile() -> None:
@@ -466,8 +502,8 @@ def test_reads_are_served_while_a_garbage_listing_is_handled(
         return result
 
     monkeypatch.setattr(worker, "run", run)
-    listed = rig.engine.stats.garbage_listings
-    assert rig.engine.wait_for_stats(lambda s: s.garbage_listings > listed, 30)
+    rig.engine.flush()  # a new head: a full listing follows (G5)
+    assert rig.engine.wait_for_stats(lambda s: bool(served), 30)
     assert served == [True]
 
 

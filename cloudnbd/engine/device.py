@@ -80,6 +80,7 @@ from cloudnbd.engine.workers import (
 from cloudnbd.errors import CloudUnreachable, Displaced, IntegrityError
 from cloudnbd.layout import Entry, Head, JChunk, JournalRef, JWrite, JZero, Record
 from cloudnbd.nbd.device import UNALLOCATED, BlockDevice, DeviceError
+from cloudnbd.objects import SnapshotMarks
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,8 @@ class EngineStats:
     checkpoints: int = 0
     garbage_deleted: int = 0  # objects
     garbage_listings: int = 0
+    #: rounds answered by one LIST of the snapshots, nothing having changed (G5)
+    garbage_quiet_rounds: int = 0
     #: the requests of garbage collection's rounds (listing, reading the snapshots,
     #: checking the head, deleting), by kind, as the store counted them
     garbage_requests: dict[str, int] = field(default_factory=dict)
@@ -330,6 +333,10 @@ class Engine(BlockDevice):
         self._gc_thread: threading.Thread | None = None  # sorts a listing's keys (G4)
         self._gc_head_version = ""  # the head version the delete in flight expects (G3)
         self._gc_doomed = 0  # and how many objects it deletes
+        self._gc_listing_head = ""  # the head version when the listing in flight began
+        #: (head version, snapshot marks) of the last listing that found nothing
+        #: unnamed, while they are still what the next one should find (G5)
+        self._gc_quiet: tuple[str, SnapshotMarks] | None = None
         self._snapshot_usage: tuple[int, int] | None = None  # (count, bytes), a listing's
         self.recovered_records = 0
         self.displaced: str | None = None  # who took the volume over
@@ -1304,12 +1311,16 @@ class Engine(BlockDevice):
         self._gc_busy = True
         self._gc_at = time.monotonic() + self.settings.gc_grace
         self._gc_listing_round = self._gc_round
-        self._submit(ListTask(self._next_task_id()), "list")
+        self._gc_listing_head = self.cloud.head_version
+        quiet = self._gc_quiet
+        unless = quiet[1] if quiet is not None and quiet[0] == self._gc_listing_head else None
+        self._submit(ListTask(self._next_task_id(), unless), "list")
 
     def _forget_garbage_locked(self) -> None:
         """Start garbage collection over: deleting needs two listings from now (S5)."""
         self._gc_round += 1
         self._garbage_seen = None
+        self._gc_quiet = None
 
     def _journal_names_locked(self, stamp: int, keys: set[str]) -> None:
         """Journal object stamp, now named by the head, names chunk objects keys."""
@@ -1395,6 +1406,11 @@ class Engine(BlockDevice):
             log.warning("garbage collection skipped: %s", result.error)
             self._gc_busy = False
             return
+        if result.value.unchanged:  # G5: nothing can have become garbage
+            self.stats.garbage_quiet_rounds += 1
+            self._gc_busy = False
+            self._cond.notify_all()
+            return
         self._gc_thread = threading.Thread(target=self._sort_listing, args=(result.value,),
                                            name="garbage", daemon=True)
         self._gc_thread.start()
@@ -1447,6 +1463,16 @@ class Engine(BlockDevice):
            before it began with no commit in flight, or belongs to a commit started
            since (named, or given up), or is another writer's.
 
+        G5 A listing that finds nothing unnamed (nothing to delete, nothing awaiting its
+           second listing) leaves the head version it began at and the snapshots it
+           read; while a round begins at that head version and one LIST of the
+           snapshots answers the same, that LIST is the round. Nothing can have become
+           garbage meanwhile: a stamp leaves the names only by a commit of ours (the
+           head moves), a snapshot's deletion (the LIST differs), or a stamp dropped
+           before any head took it, whose chunk stays dirty until a commit names its
+           new stamp (the head moves). Others leave objects of earlier epochs, there
+           and listed since our open, or of later ones (G2). Skipping only delays.
+
         S5 (snapshot_head) drops a round that a snapshot began during: its listing may
         have read the snapshots before the new one existed. The snapshot figures are
         each kept object's size if the head did not name it when looked up: by G4,
@@ -1481,6 +1507,8 @@ class Engine(BlockDevice):
                 return
             self.stats.garbage_listings += 1
             self._garbage_seen = (now, garbage)
+            self._gc_quiet = None if garbage or doomed else \
+                (self._gc_listing_head, listing.marks)
             if doomed:
                 self._gc_doomed = len(doomed)
                 self._gc_head_version = self.cloud.head_version

@@ -58,7 +58,7 @@ from cloudnbd.engine.journal import segment_path
 from cloudnbd.engine.malloc import limit_malloc_retention
 from cloudnbd.errors import CloudnbdError, IntegrityError, PreconditionFailed
 from cloudnbd.layout import Entry, Head, JChunk, JournalBuilder
-from cloudnbd.objects import VolumeObjects
+from cloudnbd.objects import SnapshotMarks, VolumeObjects
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,11 @@ class ReadPageTask:
 class ListTask:
     """The keys of every version-3 object of the volume but the head that no snapshot
     needs (S4; a snapshot that cannot be read fails the task: nothing is collected).
-    Answered with a Listing."""
+    Answered with a Listing. With unless, the snapshots are listed first, and if they
+    are still what unless says, nothing more is done (G5 in engine/device.py)."""
 
     task_id: int
+    unless: SnapshotMarks | None = None
     index: int = -1
 
 
@@ -192,6 +194,10 @@ class Listing:
     unkept: tuple[str, ...]
     snapshots: int
     kept_sizes: dict[str, int]
+    #: the snapshot listing the kept objects come from
+    marks: SnapshotMarks = ()
+    #: the snapshots were what the task's unless said: nothing else was listed
+    unchanged: bool = False
 
 
 @dataclass(frozen=True)
@@ -440,20 +446,28 @@ class _Worker:
             return Result(task.task_id, task.index, Outcome.DONE,
                           value=self.objects.get_page(task.page, task.stamp))
         if isinstance(task, ListTask):
-            # the objects first, then the snapshots: a snapshot deleted in between
-            # keeps its objects one round more, never the other way round
-            listed = list(self.objects.list_own())
-            kept = self.objects.kept_by_snapshots(threads=2)
-            return Result(task.task_id, task.index, Outcome.DONE, value=Listing(
-                tuple(info.key for info in listed if info.key not in kept),
-                sum(1 for key in kept if layout.snapshot_name(key) is not None),
-                {info.key: info.size for info in listed if info.key in kept}))
+            return Result(task.task_id, task.index, Outcome.DONE, value=self.listing(task))
         found = self.store.stat(task.head_key)
         if found is None or found.version != task.expected:
             return Result(task.task_id, task.index, Outcome.DISPLACED,
                           error=_holder_description(self.store))
         self.store.delete_many(task.keys)
         return Result(task.task_id, task.index, Outcome.DONE)
+
+    def listing(self, task: ListTask) -> Listing:
+        """A ListTask's answer: one LIST of the snapshots when they are as task.unless
+        says; else the objects first, then the snapshots (a snapshot deleted in between
+        keeps its objects one round more, never the other way round)."""
+        if task.unless is not None:
+            marks = self.objects.snapshot_marks()
+            if marks == task.unless:
+                return Listing((), 0, {}, marks, unchanged=True)
+        listed = list(self.objects.list_own())
+        marks = self.objects.snapshot_marks()
+        kept = self.objects.kept_by_snapshots(threads=2, marks=marks)
+        return Listing(tuple(info.key for info in listed if info.key not in kept),
+                       sum(1 for key in kept if layout.snapshot_name(key) is not None),
+                       {info.key: info.size for info in listed if info.key in kept}, marks)
 
 
 def _holder_description(store: ObjectStore) -> str:
