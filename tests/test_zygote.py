@@ -80,7 +80,19 @@ def test_agent_stops_when_idle_and_a_dead_agent_is_reported_then_replaced(
     assert second != first
     os.kill(second, signal.SIGKILL)
     with pytest.raises(BackendError, match="agent died"):
+        store.get("k")  # seen on the answer, or on the request if the agent was gone
+    assert store.get("k") == b"v"
+    third = store._process
+    os.kill(third.pid, signal.SIGKILL)
+    third.join()  # gone for sure: the request itself meets a closed pipe
+    with pytest.raises(BackendError, match="agent died"):
         store.get("k")
+    assert store.get("k") == b"v"
+    fourth = store._process
+    os.kill(fourth.pid, signal.SIGKILL)
+    fourth.join()
+    with pytest.raises(BackendError, match="agent died"):
+        next(store.list(""))
     assert store.get("k") == b"v"
 
 

@@ -20,7 +20,7 @@ import os
 import threading
 import traceback
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from cloudnbd import zygote
 from cloudnbd.backends import StoreOptions, open_store
@@ -111,14 +111,27 @@ class RemoteStore(ObjectStore):
             self._stop()
             raise
 
+    def _send(self, request: tuple[str, tuple[Any, ...]]) -> None:
+        """Send the agent a request, starting one if none runs."""
+        if self._conn is None:
+            self._start()
+        assert self._conn is not None
+        try:
+            self._conn.send(request)
+        except OSError:  # the agent is gone and its end of the pipe closed
+            self._died()
+
+    def _died(self) -> NoReturn:
+        self._stop()
+        raise BackendError(f"the {self._args[0]} store agent died") from None
+
     def _receive(self) -> tuple[str, Any]:
         """The agent's next message: ("ok" | "page" | "error", value)."""
         assert self._conn is not None
         try:
             status, value, (retries, requests) = self._conn.recv()
         except (EOFError, OSError):
-            self._stop()
-            raise BackendError(f"the {self._args[0]} store agent died") from None
+            self._died()
         self.retries = self._retries_base + retries
         for kind, count in requests.items():
             self._answered(kind, count)
@@ -132,10 +145,7 @@ class RemoteStore(ObjectStore):
 
     def _call(self, method: str, *args: Any) -> Any:
         with self._lock:
-            if self._conn is None:
-                self._start()
-            assert self._conn is not None
-            self._conn.send((method, args))
+            self._send((method, args))
             return self._result()
 
     def _stop(self) -> None:
@@ -181,10 +191,7 @@ class RemoteStore(ObjectStore):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         with self._lock:
-            if self._conn is None:
-                self._start()
-            assert self._conn is not None
-            self._conn.send(("list", (prefix,)))
+            self._send(("list", (prefix,)))
             status = "page"
             try:
                 while status == "page":
