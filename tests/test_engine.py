@@ -507,6 +507,28 @@ def test_reads_are_served_while_a_garbage_listing_is_handled(
     assert served == [True]
 
 
+def test_the_garbage_thread_is_published_only_once_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """halt() and stop() join the thread sorting a listing without the engine lock: the
+    thread they find must be a started one (a power-loss campaign met "cannot join
+    thread before it is started"). Looked at from the moment the thread is started."""
+    rig = EngineRig(tmp_path, gc_grace=0.05)
+    seen: list[bool] = []
+
+    class Watched(threading.Thread):
+        def start(self) -> None:
+            if self.name == "garbage":
+                published = rig.engine._gc_thread
+                seen.append(published is None or published.ident is not None)
+            super().start()
+
+    monkeypatch.setattr(threading, "Thread", Watched)
+    rig.write(0, os.urandom(CHUNK))
+    rig.engine.flush()  # a new head: a full listing follows, sorted on its thread
+    assert rig.engine.wait_for_stats(lambda s: bool(seen), 30)
+    assert all(seen), seen
+
+
 def test_garbage_lookups_name_what_the_head_and_the_commit_in_flight_name(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """G4 (engine/device.py): looked up key by key, an object is named exactly when the

@@ -1411,9 +1411,13 @@ class Engine(BlockDevice):
             self._gc_busy = False
             self._cond.notify_all()
             return
-        self._gc_thread = threading.Thread(target=self._sort_listing, args=(result.value,),
-                                           name="garbage", daemon=True)
-        self._gc_thread.start()
+        if self._stopped:
+            self._gc_busy = False
+            return
+        thread = threading.Thread(target=self._sort_listing, args=(result.value,),
+                                  name="garbage", daemon=True)
+        thread.start()
+        self._gc_thread = thread  # published started: stop and halt join it unlocked
 
     def _sort_listing(self, listing: Listing) -> None:
         try:
