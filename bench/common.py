@@ -22,7 +22,14 @@ sys.path.insert(0, str(ROOT))
 from testbed.fs import mounted  # noqa: E402
 from testbed.link import Link  # noqa: E402
 from testbed.procs import pss_by_process, tree  # noqa: E402
-from testbed.served import KDF, Served, cloudnbd, make_password_file, start  # noqa: E402
+from testbed.served import (  # noqa: E402
+    KDF,
+    Served,
+    cloudnbd,
+    garbage_rounds,
+    make_password_file,
+    start,
+)
 from testbed.stores import (  # noqa: E402
     S3_ACCESS_KEY,
     S3_BUCKET,
@@ -36,7 +43,7 @@ from testbed.stores import (  # noqa: E402
 __all__ = ["KDF", "PRICES", "S3_ACCESS_KEY", "S3_BUCKET", "S3_SECRET_KEY",
            "STORAGE_PER_GB_MONTH", "TIER1", "TIER1_PER_REQUEST", "TIER2",
            "TIER2_PER_REQUEST", "FaultProxy", "Link", "Served", "cloudnbd", "fio",
-           "fio_command", "fio_result", "machine", "make_password_file", "median",
+           "fio_command", "fio_result", "garbage_rounds", "machine", "make_password_file", "median",
            "mounted", "pss_by_process", "replace_section", "run", "s3_client", "start",
            "start_seaweedfs", "timed", "tree", "weed_binary"]
 

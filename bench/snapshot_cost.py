@@ -42,6 +42,7 @@ from common import (
     Served,
     cloudnbd,
     command_line,
+    garbage_rounds,
     machine,
     make_password_file,
     replace_section,
@@ -155,8 +156,8 @@ def volume_history(tmp: Path, endpoint: str, pattern: Pattern, size: int, days: 
         served = start(work, "s3", location, password, "--gc-grace", "1",
                        store_args=store_args, env=env, cache=work / "cache")
         try:
-            before = rounds(served.status())
-            until(served, lambda s: rounds(s) >= before + 3,
+            before = served.garbage_rounds()
+            until(served, lambda s: garbage_rounds(s) >= before + 3,
                   "three rounds of garbage collection")
             status = served.status()
         finally:
@@ -185,12 +186,6 @@ def change(uri: str, pattern: Pattern, size: int, changed: int, seed: int) -> No
 def folded(status: dict[str, object]) -> bool:
     """Everything written is uploaded and the store's journal folded into chunks."""
     return not status["dirty_bytes"] and not status["store_journal_objects"]
-
-
-def rounds(status: dict[str, object]) -> int:
-    """Garbage-collection rounds done, full listings and quiet ones (G5)."""
-    return (int(status["garbage_listings"])  # type: ignore[call-overload]
-            + int(status["garbage_quiet_rounds"]))  # type: ignore[call-overload]
 
 
 def until(served: Served, done: Callable[[dict[str, object]], bool], what: str) -> None:

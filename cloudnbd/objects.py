@@ -148,8 +148,8 @@ class VolumeObjects:
     def snapshot_names(self, marks: SnapshotMarks | None = None) -> list[str]:
         """The names of the volume's snapshots, in key order (unauthenticated: each is
         checked when it is read): from marks if given, else from a listing."""
-        return [layout.snapshot_name(key) or "" for key, _, _ in
-                (marks if marks is not None else self.snapshot_marks())]
+        return [name for key, _, _ in (marks if marks is not None else self.snapshot_marks())
+                if (name := layout.snapshot_name(key)) is not None]
 
     def snapshot_marks(self) -> SnapshotMarks:
         """Key, size and store version of every snapshot object, in key order: one LIST

@@ -95,10 +95,14 @@ class Served:
         return json.loads(self.cli("status", "--cache", str(self.cache), "--json").stdout)
 
     def garbage_rounds(self) -> int:
-        """Rounds of garbage collection done, full listings and quiet ones (G5): a clock
-        that ticks once a --gc-grace, idle or not."""
-        status = self.status()
-        return int(status["garbage_listings"]) + int(status["garbage_quiet_rounds"])  # type: ignore[call-overload]
+        return garbage_rounds(self.status())
+
+
+def garbage_rounds(status: dict[str, object]) -> int:
+    """Rounds of garbage collection a server's status counts, full listings and quiet
+    ones (G5): a clock that ticks once a --gc-grace, idle or not."""
+    return (int(status["garbage_listings"])  # type: ignore[call-overload]
+            + int(status["garbage_quiet_rounds"]))  # type: ignore[call-overload]
 
 
 def start(tmp: Path, backend: str, location: str, password_file: Path | None, *extra: str,
